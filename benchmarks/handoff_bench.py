@@ -1,0 +1,102 @@
+"""Cross-thread hand-off micro-benchmark: cppnp ``queue_in_loop`` vs ``call_soon_threadsafe``.
+
+The loop runs in the main thread; a producer thread submits N no-op callbacks
+(cppnp ``loop.queue_in_loop(cb)``, asyncio/uvloop ``loop.call_soon_threadsafe(cb)``).
+The clock starts just before the first submit and stops when the loop has run the
+N-th callback: ``calls_per_s = N / elapsed``.  The producer is started from inside
+the running loop, so the loop is already waiting when submits begin.  Run it pinned
+to one core (both threads then share it, as they share the GIL anyway).
+
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def handoff(submit: Callable[[Callable[[], None]], Any], start_in_loop: Callable[[Callable[[], None]], Any],
+            run: Callable[[], None], stop: Callable[[], None], n: int) -> dict[str, float]:
+    """Submit *n* callbacks from another thread; time until the loop ran them all."""
+    ran = 0
+    t_first = 0.0
+    t_last = 0.0
+    t_submitted = 0.0
+
+    def cb() -> None:
+        nonlocal ran, t_last
+        ran += 1
+        if ran == n:
+            t_last = time.perf_counter()
+            stop()
+
+    def producer() -> None:
+        nonlocal t_first, t_submitted
+        t_first = time.perf_counter()
+        for _ in range(n):
+            submit(cb)
+        t_submitted = time.perf_counter()
+
+    thread = threading.Thread(target=producer, name="producer")
+    start_in_loop(thread.start)
+    run()
+    thread.join()
+    if ran != n:
+        raise RuntimeError(f"only {ran} of {n} callbacks ran")
+    return {"calls_per_s": round(n / (t_last - t_first)), "elapsed_s": round(t_last - t_first, 4),
+            "submit_s": round(t_submitted - t_first, 4)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the hand-off test for ``--impl`` and print one JSON line."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--impl", choices=("cppnp", "asyncio", "uvloop"), required=True)
+    p.add_argument("--n", type=int, default=1_000_000, help="callbacks to hand off")
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    out: dict[str, Any] = {"bench": "handoff", "impl": args.impl, "n": args.n,
+                           "python": platform.python_version(),
+                           "switch_interval_s": sys.getswitchinterval()}
+    try:
+        if args.impl == "cppnp":
+            from cppnp import EventLoop
+
+            loop = EventLoop()
+            try:
+                out.update(handoff(loop.queue_in_loop, loop.queue_in_loop, loop.loop,
+                                   loop.quit, args.n))
+            finally:
+                loop.close()
+        else:
+            import asyncio
+
+            if args.impl == "uvloop":
+                import uvloop
+
+                aloop = uvloop.new_event_loop()
+            else:
+                aloop = asyncio.new_event_loop()
+            try:
+                out.update(handoff(aloop.call_soon_threadsafe, aloop.call_soon,
+                                   aloop.run_forever, aloop.stop, args.n))
+            finally:
+                aloop.close()
+    except Exception as exc:  # report, don't crash the runner's JSON parsing
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        print(json.dumps(out), flush=True)
+        return 1
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

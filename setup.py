@@ -1,0 +1,63 @@
+"""Build the Cython core: one extension per component (see README, Development)."""
+
+import os
+import sys
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+MODULES = [
+    "buffer",
+    "channel",
+    "task",
+    "pending",
+    "timer_queue",
+    "blocking_queue",
+    "socket_ops",
+    "event_loop",
+    "tcp_connection",
+    "tcp_server",
+    "thread_pool",
+]
+
+if not sys.platform.startswith("linux"):
+    sys.exit("cppnp needs Linux (epoll, eventfd, accept4)")
+
+DEBUG = os.environ.get("CPPNP_DEBUG") == "1"
+SANITIZE = os.environ.get("CPPNP_SANITIZE") == "1"
+# Warnings are errors in our own builds (make, CI); a user's compiler may differ.
+STRICT = os.environ.get("CPPNP_STRICT") == "1"
+
+cflags = ["-Wall", "-Wno-unused-function"]
+ldflags = []
+if STRICT:
+    cflags.append("-Werror")
+if DEBUG or SANITIZE:
+    cflags += ["-O0", "-g3", "-fno-omit-frame-pointer", "-UNDEBUG"]
+else:
+    cflags += ["-O2"]
+if SANITIZE:
+    cflags += ["-fsanitize=address,undefined"]
+    ldflags += ["-fsanitize=address,undefined"]
+
+extensions = [
+    Extension(
+        f"_core.{name}",
+        [f"src/_core/{name}.pyx"],
+        include_dirs=["src/_core/includes"],
+        extra_compile_args=cflags,
+        extra_link_args=ldflags,
+        define_macros=[("CPPNP_DEBUG", "1" if DEBUG else "0")],
+    )
+    for name in MODULES
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        include_path=["src"],
+        compiler_directives={"language_level": 3, "embedsignature": True},
+        annotate=DEBUG,
+        build_dir="build/cython",
+    ),
+)

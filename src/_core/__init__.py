@@ -1,0 +1,1 @@
+"""Private Cython core of cppnp; import cppnp instead."""

@@ -1,0 +1,38 @@
+# Buffer: muduo's Buffer (muduo/net/Buffer.h) in C memory.
+#
+# | prependable bytes |  readable bytes  |  writable bytes  |
+# |                   |     (CONTENT)    |                  |
+# 0      <=       _reader     <=     _writer      <=      _cap
+#
+# Storage comes from PyMem_RawMalloc so the loop can readv() into it with the GIL released.
+# Storage is allocated lazily (an idle connection owns no buffer memory).  While a
+# memoryview of the buffer is exported, storage is never freed or moved by a realloc: a
+# grow copies to a new block and parks the old one until the last export is released.
+
+cdef class Buffer:
+    cdef:
+        char* _data
+        size_t _cap
+        size_t _reader
+        size_t _writer
+        Py_ssize_t _exports
+        void** _orphans           # blocks replaced while exported, freed on last release
+        size_t _n_orphans
+
+    cdef inline size_t readable(self) noexcept nogil:
+        return self._writer - self._reader
+
+    cdef inline char* begin_read(self) noexcept nogil:
+        return self._data + self._reader
+
+    cdef int ensure_writable(self, size_t n) except -1
+    cdef int _park(self, void* block) except -1
+    cdef int append_ptr(self, const char* p, size_t n) except -1
+    cdef int consume(self, size_t n) except -1
+    cdef int clear(self) except -1
+    cdef int release_storage(self) except -1
+    # One readv() into the writable region plus a 64 KiB stack spill area; the GIL is
+    # released around the call.  Returns bytes read, 0 on EOF, -1 with *err set.
+    cdef Py_ssize_t read_fd(self, int fd, int* err) except -2
+    # One send(MSG_NOSIGNAL) of the readable region; consumes what was written.
+    cdef Py_ssize_t write_fd(self, int fd, int* err) except -2

@@ -1,0 +1,394 @@
+# cython: language_level=3, embedsignature=True
+"""Buffer: a byte buffer in C memory with cheap prepend (muduo's Buffer)."""
+
+cimport cython
+from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_FillInfo, PyBuffer_Release
+from cpython.buffer cimport PyObject_GetBuffer, PyBUF_SIMPLE
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+
+from _core.includes.linux cimport (
+    EAGAIN, EINTR, MSG_NOSIGNAL, errno, iovec, memchr, memcpy, memmem, memmove, readv, send,
+)
+from _core.includes.sys cimport cppnp_atomic_add, cppnp_atomic_load
+
+include "includes/consts.pxi"
+
+cdef int64_t _live_buffers = 0
+cdef char _empty = 0
+
+
+def live_buffers():
+    """Return how many Buffer objects are alive (a leak check for tests)."""
+    return cppnp_atomic_load(&_live_buffers)
+
+
+cdef inline object _as_bytes_like(object data):
+    if isinstance(data, str):
+        return (<str>data).encode("utf-8")
+    return data
+
+
+@cython.auto_pickle(False)
+@cython.final
+cdef class Buffer:
+    """A growable byte buffer: prependable | readable | writable (muduo's Buffer).
+
+    The loop reads socket data into a connection's input Buffer and passes it to
+    ``on_message(conn, buf)``; take what you need with :meth:`retrieve_as_bytes`,
+    :meth:`retrieve_all` or :meth:`peek` + :meth:`retrieve`.  Bytes you leave stay for the
+    next call.  ``memoryview(buf)`` and :meth:`peek` are zero-copy read-only views of the
+    readable bytes; a view's *contents* are only defined until the buffer is next changed
+    (a grow never frees memory under a live view, so reading a stale view is safe, just
+    meaningless).  Not thread-safe: use a Buffer from one thread at a time (the loop
+    thread, for connection buffers).
+    """
+
+    def __cinit__(self):
+        self._data = NULL
+        self._cap = 0
+        self._reader = CHEAP_PREPEND
+        self._writer = CHEAP_PREPEND
+        self._exports = 0
+        self._orphans = NULL
+        self._n_orphans = 0
+        cppnp_atomic_add(&_live_buffers, 1)
+
+    def __init__(self, data=None):
+        """Create a buffer, optionally holding a copy of *data* (bytes-like or str)."""
+        if data is not None:
+            self.append(data)
+
+    def __dealloc__(self):
+        cdef size_t i
+        for i in range(self._n_orphans):
+            PyMem_RawFree(self._orphans[i])
+        PyMem_RawFree(self._orphans)
+        PyMem_RawFree(self._data)
+        cppnp_atomic_add(&_live_buffers, -1)
+
+    # -- C-level API (loop thread) -------------------------------------------------------
+
+    cdef int ensure_writable(self, size_t n) except -1:
+        cdef size_t readable = self._writer - self._reader
+        cdef size_t need, newcap
+        cdef char* block
+        if self._data != NULL and self._cap - self._writer >= n:
+            return 0
+        if self._data != NULL and self._reader - CHEAP_PREPEND + (self._cap - self._writer) >= n \
+                and self._exports == 0:
+            # Enough room overall: move the readable bytes to the front (muduo makeSpace).
+            memmove(self._data + CHEAP_PREPEND, self._data + self._reader, readable)
+            self._reader = CHEAP_PREPEND
+            self._writer = CHEAP_PREPEND + readable
+            return 0
+        if n > (<size_t>-1) // 4:
+            raise MemoryError("Buffer cannot grow by %d bytes" % n)
+        need = CHEAP_PREPEND + readable + n
+        newcap = self._cap if self._cap else INITIAL_SIZE
+        while newcap < need:
+            newcap *= 2
+        if self._exports == 0:
+            if self._reader != CHEAP_PREPEND and self._data != NULL:
+                memmove(self._data + CHEAP_PREPEND, self._data + self._reader, readable)
+            block = <char*>PyMem_RawRealloc(self._data, newcap)
+            if block == NULL:
+                raise MemoryError()
+        else:
+            # A view is exported: never free or move the block under it.
+            block = <char*>PyMem_RawMalloc(newcap)
+            if block == NULL:
+                raise MemoryError()
+            if readable:
+                memcpy(block + CHEAP_PREPEND, self._data + self._reader, readable)
+            self._park(self._data)
+        self._data = block
+        self._cap = newcap
+        self._reader = CHEAP_PREPEND
+        self._writer = CHEAP_PREPEND + readable
+        return 0
+
+    cdef int _park(self, void* block) except -1:
+        cdef void** grown
+        if block == NULL:
+            return 0
+        grown = <void**>PyMem_RawRealloc(self._orphans, (self._n_orphans + 1) * sizeof(void*))
+        if grown == NULL:
+            raise MemoryError()
+        self._orphans = grown
+        self._orphans[self._n_orphans] = block
+        self._n_orphans += 1
+        return 0
+
+    cdef int append_ptr(self, const char* p, size_t n) except -1:
+        if n == 0:
+            return 0
+        self.ensure_writable(n)
+        memcpy(self._data + self._writer, p, n)
+        self._writer += n
+        return 0
+
+    cdef int consume(self, size_t n) except -1:
+        if n < self._writer - self._reader:
+            self._reader += n
+        else:
+            self._reader = CHEAP_PREPEND
+            self._writer = CHEAP_PREPEND
+        return 0
+
+    cdef int clear(self) except -1:
+        self._reader = CHEAP_PREPEND
+        self._writer = CHEAP_PREPEND
+        return 0
+
+    cdef int release_storage(self) except -1:
+        """Give back the storage of an empty buffer (no views may be exported)."""
+        if self._exports == 0 and self._writer == self._reader and self._data != NULL:
+            PyMem_RawFree(self._data)
+            self._data = NULL
+            self._cap = 0
+            self._reader = CHEAP_PREPEND
+            self._writer = CHEAP_PREPEND
+        return 0
+
+    cdef Py_ssize_t read_fd(self, int fd, int* err) except -2:
+        cdef char extrabuf[EXTRA_BUF]
+        cdef iovec vec[2]
+        cdef size_t writable = 0
+        cdef Py_ssize_t n
+        cdef int iovcnt
+        if self._data != NULL:
+            if self._exports == 0 and self._reader == self._writer:
+                self._reader = CHEAP_PREPEND
+                self._writer = CHEAP_PREPEND
+            writable = self._cap - self._writer
+        vec[0].iov_base = self._data + self._writer if self._data != NULL else NULL
+        vec[0].iov_len = writable
+        vec[1].iov_base = extrabuf
+        vec[1].iov_len = EXTRA_BUF
+        # With 64 KiB of spill area, one readv reads up to writable + 64 KiB: this saves
+        # an ioctl(FIONREAD) per read (muduo Buffer::readFd).
+        iovcnt = 2 if writable < EXTRA_BUF else 1
+        with nogil:
+            while True:
+                n = readv(fd, &vec[0] if writable else &vec[1], iovcnt if writable else 1)
+                if n >= 0 or errno != EINTR:
+                    break
+        if n < 0:
+            err[0] = errno
+            return -1
+        if <size_t>n <= writable:
+            self._writer += n
+        else:
+            self._writer = self._cap if self._data != NULL else self._writer
+            self.append_ptr(extrabuf, n - writable)
+        return n
+
+    cdef Py_ssize_t write_fd(self, int fd, int* err) except -2:
+        cdef Py_ssize_t n
+        cdef size_t len_ = self._writer - self._reader
+        cdef const char* p = self._data + self._reader
+        if len_ == 0:
+            return 0
+        with nogil:
+            while True:
+                n = send(fd, p, len_, MSG_NOSIGNAL)
+                if n >= 0 or errno != EINTR:
+                    break
+        if n < 0:
+            err[0] = errno
+            return -1
+        self.consume(n)
+        return n
+
+    # -- Python API ------------------------------------------------------------------------
+
+    def readable_bytes(self):
+        """Return how many bytes can be read."""
+        return self._writer - self._reader
+
+    def writable_bytes(self):
+        """Return how many bytes can be appended without growing the storage."""
+        return self._cap - self._writer if self._data != NULL else 0
+
+    def prependable_bytes(self):
+        """Return how many bytes can be prepended without moving data."""
+        return self._reader
+
+    def __len__(self):
+        return self._writer - self._reader
+
+    def __bool__(self):
+        return self._writer != self._reader
+
+    def __repr__(self):
+        return "<Buffer readable=%d capacity=%d>" % (self._writer - self._reader, self._cap)
+
+    def peek(self):
+        """Return a zero-copy read-only memoryview of the readable bytes.
+
+        The view's contents are defined until the buffer is next modified (retrieve,
+        append, or the loop reading more data); copy with ``bytes(view)`` to keep them.
+        """
+        return memoryview(self)
+
+    def retrieve(self, Py_ssize_t n):
+        """Discard the first *n* readable bytes (``0 <= n <= readable_bytes()``)."""
+        if n < 0 or <size_t>n > self._writer - self._reader:
+            raise ValueError("retrieve(%d) with %d readable bytes" % (n, self._writer - self._reader))
+        self.consume(n)
+
+    def retrieve_all(self):
+        """Remove and return all readable bytes as ``bytes``."""
+        cdef size_t n = self._writer - self._reader
+        if n == 0:
+            return b""
+        out = PyBytes_FromStringAndSize(self._data + self._reader, n)
+        self.clear()
+        return out
+
+    def retrieve_as_bytes(self, Py_ssize_t n):
+        """Remove and return the first *n* readable bytes as ``bytes``."""
+        if n < 0 or <size_t>n > self._writer - self._reader:
+            raise ValueError(
+                "retrieve_as_bytes(%d) with %d readable bytes" % (n, self._writer - self._reader))
+        if n == 0:
+            return b""
+        out = PyBytes_FromStringAndSize(self._data + self._reader, n)
+        self.consume(n)
+        return out
+
+    def find_crlf(self, Py_ssize_t start=0):
+        """Return the offset of the first ``b"\\r\\n"`` at or after *start*, or -1."""
+        cdef size_t n = self._writer - self._reader
+        cdef const char* hit
+        if start < 0 or <size_t>start > n:
+            raise ValueError("start %d out of range 0..%d" % (start, n))
+        if n - start < 2:
+            return -1
+        hit = <const char*>memmem(self._data + self._reader + start, n - start, b"\r\n", 2)
+        return -1 if hit == NULL else hit - (self._data + self._reader)
+
+    def find_eol(self, Py_ssize_t start=0):
+        """Return the offset of the first ``b"\\n"`` at or after *start*, or -1."""
+        cdef size_t n = self._writer - self._reader
+        cdef const char* hit
+        if start < 0 or <size_t>start > n:
+            raise ValueError("start %d out of range 0..%d" % (start, n))
+        if n == <size_t>start:
+            return -1
+        hit = <const char*>memchr(self._data + self._reader + start, 10, n - start)
+        return -1 if hit == NULL else hit - (self._data + self._reader)
+
+    def append(self, data):
+        """Append a copy of *data* (a bytes-like object, or str encoded as UTF-8)."""
+        cdef Py_buffer view
+        data = _as_bytes_like(data)
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            self.append_ptr(<const char*>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    def prepend(self, data):
+        """Insert a copy of *data* in front of the readable bytes (e.g. a length header)."""
+        cdef Py_buffer view
+        cdef size_t readable, n
+        cdef char* block
+        data = _as_bytes_like(data)
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            n = view.len
+            if n == 0:
+                return
+            if self._data == NULL:
+                self.ensure_writable(0)
+            if self._reader < n:
+                # Not enough prependable room: move the readable bytes up.
+                readable = self._writer - self._reader
+                self.ensure_writable(n)
+                if self._exports:
+                    block = <char*>PyMem_RawMalloc(self._cap)
+                    if block == NULL:
+                        raise MemoryError()
+                    memcpy(block + CHEAP_PREPEND + n, self._data + self._reader, readable)
+                    self._park(self._data)
+                    self._data = block
+                else:
+                    memmove(self._data + CHEAP_PREPEND + n, self._data + self._reader, readable)
+                self._reader = CHEAP_PREPEND + n
+                self._writer = self._reader + readable
+            self._reader -= n
+            memcpy(self._data + self._reader, view.buf, n)
+        finally:
+            PyBuffer_Release(&view)
+
+    def peek_int32(self):
+        """Return the first 4 readable bytes as a big-endian signed int (not consumed)."""
+        if self._writer - self._reader < 4:
+            raise ValueError("peek_int32 needs 4 readable bytes, have %d"
+                             % (self._writer - self._reader))
+        cdef const unsigned char* p = <const unsigned char*>(self._data + self._reader)
+        cdef uint32_t v = ((<uint32_t>p[0]) << 24) | ((<uint32_t>p[1]) << 16) \
+            | ((<uint32_t>p[2]) << 8) | p[3]
+        return <int>v
+
+    def read_int32(self):
+        """Remove and return the first 4 readable bytes as a big-endian signed int."""
+        v = self.peek_int32()
+        self.consume(4)
+        return v
+
+    def append_int32(self, int value):
+        """Append *value* as 4 big-endian bytes."""
+        self.append((<uint32_t>value).to_bytes(4, "big"))
+
+    def prepend_int32(self, int value):
+        """Prepend *value* as 4 big-endian bytes."""
+        self.prepend((<uint32_t>value).to_bytes(4, "big"))
+
+    def shrink(self, Py_ssize_t reserve=0):
+        """Shrink the storage to the readable bytes plus *reserve* (muduo Buffer::shrink)."""
+        cdef size_t readable = self._writer - self._reader
+        cdef char* block
+        if reserve < 0:
+            raise ValueError("reserve must be >= 0")
+        if self._exports:
+            raise BufferError("cannot shrink a Buffer while a memoryview of it exists")
+        if readable == 0 and reserve == 0:
+            self.release_storage()
+            return
+        block = <char*>PyMem_RawMalloc(CHEAP_PREPEND + readable + reserve)
+        if block == NULL:
+            raise MemoryError()
+        if readable:
+            memcpy(block + CHEAP_PREPEND, self._data + self._reader, readable)
+        PyMem_RawFree(self._data)
+        self._data = block
+        self._cap = CHEAP_PREPEND + readable + reserve
+        self._reader = CHEAP_PREPEND
+        self._writer = CHEAP_PREPEND + readable
+
+    def __getbuffer__(self, Py_buffer* view, int flags):
+        if flags & PyBUF_WRITABLE:
+            raise BufferError("Buffer views are read-only")
+        cdef char* start = self._data + self._reader if self._data != NULL else &_empty
+        PyBuffer_FillInfo(view, self, start, self._writer - self._reader, 1, flags)
+        self._exports += 1
+
+    def __releasebuffer__(self, Py_buffer* view):
+        cdef size_t i
+        self._exports -= 1
+        if self._exports == 0 and self._n_orphans:
+            for i in range(self._n_orphans):
+                PyMem_RawFree(self._orphans[i])
+            PyMem_RawFree(self._orphans)
+            self._orphans = NULL
+            self._n_orphans = 0
+
+    # -- seed/muduo-compatible names: same objects as the snake_case methods --
+    readableBytes = readable_bytes
+    retrieveAll = retrieve_all
+    findCRLF = find_crlf
+    findEOL = find_eol

@@ -1,0 +1,24 @@
+# cython: language_level=3, embedsignature=True
+"""Channel: base of everything the loop polls (internal)."""
+
+cimport cython
+from libc.stdint cimport uint32_t
+
+
+@cython.auto_pickle(False)
+cdef class Channel:
+    """Base class of the objects registered with an EventLoop's epoll (internal)."""
+
+    def __cinit__(self):
+        self.fd = -1
+        self.interest = 0
+        self.token = 0
+
+    cdef int handle_event(self, uint32_t revents) except -1:
+        return 0
+
+    cdef int run_functor(self, object arg) except -1:
+        return 0
+
+    cdef int on_loop_closed(self) except -1:
+        return 0

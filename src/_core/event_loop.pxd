@@ -1,0 +1,60 @@
+# EventLoop: the reactor, at most one per thread (muduo's EventLoop).
+#
+# One iteration: poll (epoll_wait, GIL released) -> dispatch I/O events -> run expired
+# timers -> run pending functors.  Timers run before functors so a functor queued by a
+# timer callback (a send, a write-complete) runs in the same iteration.
+from libc.stdint cimport int64_t, uint32_t
+
+from _core.blocking_queue cimport BlockingQueue
+from _core.channel cimport Channel
+from _core.includes.linux cimport epoll_event
+from _core.pending cimport PendingFunctors
+from _core.timer_queue cimport TimerQueue
+
+
+cdef class EventLoop:
+    cdef:
+        int _epfd
+        unsigned long _thread_id        # PyThread_get_thread_ident() of the owning thread
+        int64_t _quit                   # atomic: set by quit() from any thread
+        bint _looping
+        bint _closed
+        PendingFunctors _pending        # list + pymutex + eventfd
+        TimerQueue _timers
+        set _channels                   # registered channels (keeps them alive)
+        epoll_event* _events
+        # While dispatching a batch: where we are, so remove_channel can invalidate the
+        # batch's later events for a channel it removes.
+        bint _dispatching
+        int _dispatch_index
+        int _dispatch_count
+        int64_t _next_timer_id          # atomic
+        list _deferred_notify           # worker queues to wake before the next poll
+        # Counters (written on the loop thread only).
+        readonly unsigned long long callback_errors
+        readonly unsigned long long dropped_sends
+        readonly unsigned long long dropped_bytes
+        readonly unsigned long long dropped_functors
+        readonly unsigned long long iterations
+        object __weakref__
+
+    cdef inline bint in_loop_thread(self) noexcept
+
+    cdef int assert_in_loop_thread(self, str what) except -1
+    cdef int update_channel(self, Channel ch, uint32_t interest) except -1
+    cdef int remove_channel(self, Channel ch) except -1
+    # Queue fn(arg) (or fn.run_functor(arg) for a Channel) to run on the loop thread.
+    cdef int queue(self, object fn, object arg) except -1
+    cdef int report_error(self, str where) except -1
+    cdef int count_drop(self, Py_ssize_t nbytes) noexcept
+    # Wake q's waiting workers just before the loop next blocks (loop thread only).
+    cdef int defer_notify(self, BlockingQueue q) except -1
+    cdef int _flush_notify(self) except -1
+    cdef int _run_once(self, int max_timeout) except -1
+    cdef int _run_timers(self) except -1
+    cdef int _run_pending(self) except -1
+    cdef int64_t _add_timer(self, double when, double interval, object cb) except -1
+
+
+# The EventLoop whose loop() is running on the calling thread, or None.
+cdef EventLoop running_loop()

@@ -1,0 +1,533 @@
+# cython: language_level=3, embedsignature=True
+"""EventLoop: the epoll reactor, at most one per thread."""
+
+cimport cython
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
+from cpython.ref cimport PyObject
+from libc.math cimport isinf, isnan
+from libc.stdint cimport int64_t, uint32_t
+
+from _core.blocking_queue cimport BlockingQueue
+from _core.channel cimport Channel
+from _core.includes.linux cimport (
+    EINTR, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN, close,
+    epoll_create1, epoll_ctl, epoll_event, epoll_wait, errno,
+)
+from _core.includes.sys cimport (
+    cppnp_atomic_add, cppnp_atomic_load, cppnp_atomic_store, cppnp_monotonic,
+)
+from _core.pending cimport PendingFunctors
+from _core.task cimport as_callback
+from _core.timer_queue cimport TimerQueue
+
+include "includes/consts.pxi"
+
+import logging
+import os
+import threading
+import weakref
+
+cdef extern from "pythread.h":
+    unsigned long PyThread_get_thread_ident() nogil
+
+cdef extern from *:
+    """
+    /* The loop running on this thread (borrowed: set only while loop() runs). */
+    static __thread PyObject *cppnp_tls_running_loop = NULL;
+    """
+    PyObject* cppnp_tls_running_loop
+
+cdef object _logger = logging.getLogger("cppnp")
+cdef object _NOARG = object()
+
+# One loop per thread (muduo's t_loopInThisThread): thread ident -> weakref to the loop.
+cdef object _registry_lock = threading.Lock()
+cdef dict _registry = {}
+
+
+def _noarg():
+    """The marker for a functor queued without an argument (internal)."""
+    return _NOARG
+
+
+def time():
+    """Return the loop clock: seconds on the monotonic clock (same as time.monotonic())."""
+    return cppnp_monotonic()
+
+
+@cython.auto_pickle(False)
+cdef class EventLoop:
+    """Reactor, at most one per thread (muduo's EventLoop).
+
+    The loop belongs to the thread that creates it.  ``loop()`` runs iterations of:
+    poll (epoll_wait, GIL released) -> dispatch I/O -> run expired timers -> run pending
+    functors, until ``quit()``.  All socket I/O, sends, write-complete callbacks and timer
+    changes happen on that thread; other threads hand work over with ``queue_in_loop``
+    (the seed's ``QueueLoop``), which appends to a mutex-protected vector and wakes the
+    loop through an eventfd.  Exceptions from callbacks are logged on the ``cppnp`` logger
+    and counted in ``callback_errors``; KeyboardInterrupt and SystemExit propagate out of
+    ``loop()``, after which the loop can be run again or closed.
+    """
+
+    def __cinit__(self):
+        self._epfd = -1
+        self._events = NULL
+        self._channels = set()
+        self._timers = TimerQueue()
+        self._next_timer_id = 0
+        self._quit = 0
+        self._deferred_notify = []
+
+    def __init__(self):
+        """Create a loop owned by the calling thread.
+
+        Raises RuntimeError if this thread already has an open EventLoop.
+        """
+        cdef epoll_event ev
+        if self._epfd >= 0:
+            raise RuntimeError("EventLoop.__init__ called twice")
+        self._thread_id = PyThread_get_thread_ident()
+        with _registry_lock:
+            ref = _registry.get(self._thread_id)
+            other = ref() if ref is not None else None
+            if other is not None and not (<EventLoop>other)._closed:
+                raise RuntimeError(
+                    "another EventLoop exists in this thread (%r); close it first" % other)
+            self._epfd = epoll_create1(EPOLL_CLOEXEC)
+            if self._epfd < 0:
+                raise OSError(errno, "epoll_create1() failed: " + os.strerror(errno))
+            try:
+                self._pending = PendingFunctors()
+            except BaseException:
+                close(self._epfd)
+                self._epfd = -1
+                raise
+            self._events = <epoll_event*>PyMem_RawMalloc(MAX_EVENTS * sizeof(epoll_event))
+            if self._events == NULL:
+                raise MemoryError()
+            ev.events = EPOLLIN
+            ev.data.ptr = <void*>self      # the wakeup eventfd is marked by the loop itself
+            if epoll_ctl(self._epfd, EPOLL_CTL_ADD, self._pending.wakeup_fd, &ev) < 0:
+                raise OSError(errno, "epoll_ctl(eventfd) failed: " + os.strerror(errno))
+            _registry[self._thread_id] = weakref.ref(self)
+
+    def __dealloc__(self):
+        # No Python calls here: only release what C owns.
+        if self._epfd >= 0:
+            close(self._epfd)
+        PyMem_RawFree(self._events)
+
+    def __repr__(self):
+        state = "closed" if self._closed else ("running" if self._looping else "idle")
+        return "<EventLoop %s thread=%d channels=%d timers=%d>" % (
+            state, self._thread_id, len(self._channels), len(self._timers))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- thread affinity ----------------------------------------------------------------
+
+    cdef inline bint in_loop_thread(self) noexcept:
+        return PyThread_get_thread_ident() == self._thread_id
+
+    cdef int assert_in_loop_thread(self, str what) except -1:
+        if PyThread_get_thread_ident() != self._thread_id:
+            raise RuntimeError(
+                "%s must be called from the loop thread (loop thread %d, caller %d)"
+                % (what, self._thread_id, PyThread_get_thread_ident()))
+        return 0
+
+    def is_in_loop_thread(self):
+        """Return True if the caller is the loop's thread.  Thread-safe."""
+        return PyThread_get_thread_ident() == self._thread_id
+
+    @property
+    def thread_id(self):
+        """The ident (threading.get_ident()) of the thread that owns the loop."""
+        return self._thread_id
+
+    @property
+    def closed(self):
+        """True once close() has run."""
+        return self._closed
+
+    @property
+    def running(self):
+        """True while loop() runs."""
+        return self._looping
+
+    # -- running ------------------------------------------------------------------------
+
+    def loop(self):
+        """Run the loop until quit() is called.
+
+        If quit() was called before loop(), one iteration runs (queued functors and due
+        timers are not lost) and loop() returns.  Loop thread only.
+        """
+        global cppnp_tls_running_loop
+        self.assert_in_loop_thread("EventLoop.loop()")
+        if self._closed:
+            raise RuntimeError("loop() on a closed EventLoop")
+        if self._looping:
+            raise RuntimeError("loop() is already running (no nested loops)")
+        self._looping = True
+        cppnp_tls_running_loop = <PyObject*>self
+        try:
+            while True:
+                self._run_once(-1)
+                if cppnp_atomic_load(&self._quit):
+                    break
+        finally:
+            cppnp_tls_running_loop = NULL
+            self._looping = False
+            cppnp_atomic_store(&self._quit, 0)
+            self._flush_notify()
+
+    def run_once(self, timeout=None):
+        """Run one iteration, waiting at most *timeout* seconds for I/O.  Loop thread only."""
+        global cppnp_tls_running_loop
+        self.assert_in_loop_thread("EventLoop.run_once()")
+        if self._closed:
+            raise RuntimeError("run_once() on a closed EventLoop")
+        if self._looping:
+            raise RuntimeError("run_once() inside loop()")
+        cdef double t = -1.0 if timeout is None else timeout
+        if isnan(t):
+            raise ValueError("timeout is NaN")
+        self._looping = True
+        cppnp_tls_running_loop = <PyObject*>self
+        try:
+            self._run_once(-1 if t < 0 else <int>min(t * 1000.0, 2147483647.0))
+        finally:
+            cppnp_tls_running_loop = NULL
+            self._looping = False
+            self._flush_notify()
+
+    def quit(self):
+        """Make loop() return after the current iteration.  Thread-safe."""
+        cppnp_atomic_store(&self._quit, 1)
+        if not self.in_loop_thread() and not self._closed:
+            self._pending.wakeup()
+
+    cdef int _run_once(self, int max_timeout) except -1:
+        cdef int timeout, n, i
+        cdef void* p
+        cdef Channel ch
+        timeout = self._timers.timeout_ms(cppnp_monotonic())
+        if max_timeout >= 0 and (timeout < 0 or timeout > max_timeout):
+            timeout = max_timeout
+        if timeout != 0 and (self._pending.has_items() or cppnp_atomic_load(&self._quit)):
+            timeout = 0
+        self._flush_notify()
+        # A signal that arrived while Python code ran is handled before we block.
+        PyErr_CheckSignals()
+        with nogil:
+            n = epoll_wait(self._epfd, self._events, MAX_EVENTS, timeout)
+        if n < 0:
+            if errno != EINTR:
+                raise OSError(errno, "epoll_wait() failed: " + os.strerror(errno))
+            # Run Python-level signal handlers now (KeyboardInterrupt is raised here).
+            PyErr_CheckSignals()
+            n = 0
+        self.iterations += 1
+        self._dispatch_count = n
+        self._dispatching = True
+        try:
+            i = 0
+            while i < self._dispatch_count:
+                self._dispatch_index = i
+                p = self._events[i].data.ptr
+                if p == <void*>self:
+                    self._pending.drain_wakeup()
+                elif p != NULL:
+                    ch = <Channel>p
+                    ch.handle_event(self._events[i].events)
+                i += 1
+        finally:
+            self._dispatching = False
+        self._run_timers()
+        self._run_pending()
+        return 0
+
+    cdef int _run_timers(self) except -1:
+        cdef list expired = self._timers.pop_expired(cppnp_monotonic())
+        cdef Py_ssize_t i = 0, n = len(expired)
+        cdef int64_t seq
+        try:
+            while i < n:
+                seq = expired[i]
+                i += 1
+                cb = self._timers.take(seq)
+                if cb is None:
+                    continue        # cancelled by an earlier callback in this pass
+                try:
+                    cb()
+                except Exception:
+                    self.report_error("timer callback %r" % (cb,))
+        finally:
+            if i < n:
+                # A BaseException escaped: one-shot timers not yet run fire next time.
+                self._timers.restore(expired[i:], cppnp_monotonic())
+        return 0
+
+    cdef int _run_pending(self) except -1:
+        cdef list items = self._pending.swap()
+        cdef Py_ssize_t i = 0, n = len(items)
+        try:
+            while i < n:
+                fn = items[i]
+                arg = items[i + 1]
+                i += 2
+                try:
+                    if isinstance(fn, Channel):
+                        (<Channel>fn).run_functor(arg)
+                    elif arg is _NOARG:
+                        fn()
+                    else:
+                        fn(arg)
+                except Exception:
+                    self.report_error("pending functor %r" % (fn,))
+        finally:
+            if i < n:
+                self._pending.put_back(items[i:])
+        return 0
+
+    # -- channels (internal) ------------------------------------------------------------
+
+    cdef int update_channel(self, Channel ch, uint32_t interest) except -1:
+        cdef epoll_event ev
+        cdef int op
+        if self._closed:
+            raise RuntimeError("EventLoop is closed")
+        ev.events = interest
+        ev.data.ptr = <void*>ch
+        if ch.token == 0:
+            op = EPOLL_CTL_ADD
+        else:
+            if ch.interest == interest:
+                return 0
+            op = EPOLL_CTL_MOD
+        if epoll_ctl(self._epfd, op, ch.fd, &ev) < 0:
+            raise OSError(errno, "epoll_ctl(fd %d) failed: %s" % (ch.fd, os.strerror(errno)))
+        if ch.token == 0:
+            ch.token = 1
+            self._channels.add(ch)
+        ch.interest = interest
+        return 0
+
+    cdef int remove_channel(self, Channel ch) except -1:
+        cdef int i
+        if ch.token == 0:
+            return 0
+        if self._epfd >= 0 and ch.fd >= 0:
+            epoll_ctl(self._epfd, EPOLL_CTL_DEL, ch.fd, NULL)
+        ch.token = 0
+        ch.interest = 0
+        if self._dispatching:
+            # Events for this channel later in the current batch must not be delivered:
+            # the channel may be gone, and its fd number may already belong to another.
+            for i in range(self._dispatch_index + 1, self._dispatch_count):
+                if self._events[i].data.ptr == <void*>ch:
+                    self._events[i].data.ptr = NULL
+        self._channels.discard(ch)
+        return 0
+
+    # -- functors -----------------------------------------------------------------------
+
+    cdef int queue(self, object fn, object arg) except -1:
+        self._pending.append(fn, arg, self.in_loop_thread())
+        return 0
+
+    def queue_in_loop(self, cb):
+        """Queue *cb* (callable, IRun0 or Task) to run on the loop thread, after the I/O
+        and timers of the current iteration (the seed's ``QueueLoop``).  Thread-safe.
+        """
+        fn = as_callback(cb)
+        if self._closed:
+            raise RuntimeError("queue_in_loop() on a closed EventLoop")
+        self._pending.append(fn, _NOARG, self.in_loop_thread())
+
+    def run_in_loop(self, cb):
+        """Run *cb* now if called on the loop thread, else queue it (queue_in_loop).
+
+        Thread-safe.
+        """
+        fn = as_callback(cb)
+        if self.in_loop_thread():
+            fn()
+        else:
+            if self._closed:
+                raise RuntimeError("run_in_loop() on a closed EventLoop")
+            self._pending.append(fn, _NOARG, False)
+
+    @property
+    def pending_functors(self):
+        """How many functors are queued and not yet run."""
+        return len(self._pending)
+
+    # -- timers -------------------------------------------------------------------------
+
+    def time(self):
+        """Return the loop clock (seconds, monotonic; the clock run_at() uses).  Thread-safe."""
+        return cppnp_monotonic()
+
+    cdef int64_t _add_timer(self, double when, double interval, object cb) except -1:
+        cdef int64_t seq
+        fn = as_callback(cb)
+        if isnan(when):
+            raise ValueError("timer deadline is NaN")
+        if self._closed:
+            raise RuntimeError("cannot add a timer to a closed EventLoop")
+        seq = cppnp_atomic_add(&self._next_timer_id, 1)
+        if self.in_loop_thread():
+            self._timers.add(seq, when, interval, fn)
+        else:
+            self._pending.append(self._add_timer_in_loop, (seq, when, interval, fn), False)
+        return seq
+
+    def _add_timer_in_loop(self, tuple args):
+        self._timers.add(args[0], args[1], args[2], args[3])
+
+    def run_at(self, double when, cb):
+        """Run *cb* once at loop time *when* (see time()); return its timer id.
+
+        A deadline in the past runs in the next iteration; ``inf`` never fires.  Timers
+        with equal deadlines fire in the order they were added.  Thread-safe.
+        """
+        return self._add_timer(when, 0.0, cb)
+
+    def run_after(self, double delay, cb):
+        """Run *cb* once, *delay* seconds from now; return its timer id.
+
+        A delay <= 0 runs in the next iteration.  Thread-safe.
+        """
+        if isnan(delay):
+            raise ValueError("timer delay is NaN")
+        return self._add_timer(cppnp_monotonic() + (delay if delay > 0 else 0.0), 0.0, cb)
+
+    def run_every(self, double interval, cb):
+        """Run *cb* every *interval* seconds, first after one interval; return its id.
+
+        Deadlines do not drift: each one is the previous deadline plus *interval*.  If the
+        loop stalls past several deadlines the timer fires once and resumes on its grid.
+        Thread-safe.
+        """
+        if not interval > 0 or isinf(interval):
+            raise ValueError("run_every() interval must be a positive finite number, got %r"
+                             % (interval,))
+        return self._add_timer(cppnp_monotonic() + interval, interval, cb)
+
+    def cancel_timer(self, timer_id):
+        """Cancel a timer by id; unknown or finished ids are ignored.
+
+        On the loop thread the cancel takes effect at once, also from inside the timer's
+        own callback (that stops a repeating timer).  From another thread it is queued to
+        the loop, so a timer due at that moment may still run once.  Thread-safe.
+        """
+        cdef int64_t seq = timer_id
+        if self._closed:
+            return
+        if self.in_loop_thread():
+            self._timers.cancel(seq)
+        else:
+            self._pending.append(self._cancel_timer_in_loop, seq, False)
+
+    def _cancel_timer_in_loop(self, int64_t seq):
+        self._timers.cancel(seq)
+
+    @property
+    def timer_count(self):
+        """How many timers are scheduled (cancelled ones excluded)."""
+        return len(self._timers)
+
+    # -- errors and counters ------------------------------------------------------------
+
+    cdef int report_error(self, str where) except -1:
+        self.callback_errors += 1
+        _logger.error("Exception in %s", where, exc_info=True)
+        return 0
+
+    cdef int count_drop(self, Py_ssize_t nbytes) noexcept:
+        self.dropped_sends += 1
+        self.dropped_bytes += nbytes
+        return 0
+
+    cdef int defer_notify(self, BlockingQueue q) except -1:
+        cdef object item
+        for item in self._deferred_notify:
+            if item is q:
+                return 0
+        self._deferred_notify.append(q)
+        return 0
+
+    cdef int _flush_notify(self) except -1:
+        cdef BlockingQueue q
+        if self._deferred_notify:
+            for q in self._deferred_notify:
+                q.notify()
+            del self._deferred_notify[:]
+        return 0
+
+    def stats(self):
+        """Return a dict of the loop's counters (a snapshot).  Thread-safe."""
+        return {
+            "channels": len(self._channels),
+            "timers": len(self._timers),
+            "pending_functors": len(self._pending),
+            "callback_errors": self.callback_errors,
+            "dropped_sends": self.dropped_sends,
+            "dropped_bytes": self.dropped_bytes,
+            "dropped_functors": self.dropped_functors,
+            "iterations": self.iterations,
+        }
+
+    # -- closing ------------------------------------------------------------------------
+
+    def close(self):
+        """Close the loop: registered channels are closed, queued functors and timers are
+        dropped (counted in ``dropped_functors``), and the epoll fd and eventfd are closed.
+
+        Idempotent.  Raises RuntimeError while loop() runs.  Loop thread, or any thread
+        once the loop has stopped.
+        """
+        cdef Channel ch
+        if self._closed:
+            return
+        if self._looping:
+            raise RuntimeError("cannot close a running EventLoop; call quit() first")
+        self._closed = True
+        try:
+            for ch in list(self._channels):
+                try:
+                    ch.on_loop_closed()
+                except Exception:
+                    self.report_error("closing %r" % (ch,))
+                self.remove_channel(ch)
+        finally:
+            self.dropped_functors += self._pending.close()
+            self._timers = TimerQueue()
+            if self._epfd >= 0:
+                close(self._epfd)
+                self._epfd = -1
+            with _registry_lock:
+                ref = _registry.get(self._thread_id)
+                if ref is not None and ref() is self:
+                    del _registry[self._thread_id]
+
+    # -- seed-compatible names: same objects as the snake_case methods --
+    QueueLoop = queue_in_loop
+    runAt = run_at
+    runAfter = run_after
+    runEvery = run_every
+    cancelTimer = cancel_timer
+    isInMainThread = is_in_loop_thread
+
+
+cdef EventLoop running_loop():
+    if cppnp_tls_running_loop == NULL:
+        return None
+    return <EventLoop>cppnp_tls_running_loop

@@ -1,0 +1,9 @@
+# Atomics and the monotonic clock, from cppnp_sys.h.
+from libc.stdint cimport int64_t
+
+cdef extern from "cppnp_sys.h" nogil:
+    int64_t cppnp_atomic_load(int64_t* p)
+    void cppnp_atomic_store(int64_t* p, int64_t v)
+    int64_t cppnp_atomic_add(int64_t* p, int64_t v)
+    bint cppnp_atomic_cas(int64_t* p, int64_t expected, int64_t desired)
+    double cppnp_monotonic()

@@ -1,0 +1,25 @@
+# PendingFunctors: the loop's mutex-protected functor vector and its eventfd wakeup
+# (the seed's _pendingFunctors / QueueLoop / DoPendingFunctors).
+#
+# Items are stored flat as (fn, arg) pairs.  Any thread may append; only the loop thread
+# swaps the list out (under the lock) and runs it (outside the lock).  The eventfd is
+# written only when a thread other than the loop appends and no wakeup is outstanding
+# since the last swap: many appends between two loop passes cost one write().
+cimport cython
+
+
+cdef class PendingFunctors:
+    cdef:
+        cython.pymutex _lock
+        list _items
+        bint _wake_outstanding
+        readonly int wakeup_fd
+
+    cdef int append(self, object fn, object arg, bint from_loop_thread) except -1
+    cdef list swap(self)
+    cdef int put_back(self, list items) except -1
+    cdef bint has_items(self) except -1
+    cdef int wakeup(self) except -1
+    cdef void _write_wakeup(self) noexcept
+    cdef int drain_wakeup(self) except -1
+    cdef int close(self) except -1

@@ -1,0 +1,92 @@
+# cython: language_level=3, embedsignature=True
+"""PendingFunctors: mutex-guarded functor list + eventfd wakeup (internal)."""
+
+cimport cython
+from libc.stdint cimport uint64_t
+
+from _core.includes.linux cimport (
+    EAGAIN, EFD_CLOEXEC, EFD_NONBLOCK, EINTR, close, errno, eventfd, read, write,
+)
+
+
+@cython.auto_pickle(False)
+@cython.final
+cdef class PendingFunctors:
+    """The loop's cross-thread functor queue.  Internal: use EventLoop.queue_in_loop."""
+
+    def __cinit__(self):
+        self._items = []
+        self._wake_outstanding = False
+        self.wakeup_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+        if self.wakeup_fd < 0:
+            import os
+            raise OSError(errno, "eventfd() failed: " + os.strerror(errno))
+
+    def __dealloc__(self):
+        if self.wakeup_fd >= 0:
+            close(self.wakeup_fd)
+
+    def __len__(self):
+        with self._lock:
+            return len(self._items) // 2
+
+    cdef int append(self, object fn, object arg, bint from_loop_thread) except -1:
+        with self._lock:
+            self._items.append(fn)
+            self._items.append(arg)
+            # The loop thread itself never needs a wakeup: it checks has_items() before
+            # it polls.  Another thread wakes it once per swap at most.  The write happens
+            # under the lock so that close() can never race it onto a reused fd number.
+            if not from_loop_thread and not self._wake_outstanding:
+                self._wake_outstanding = True
+                self._write_wakeup()
+        return 0
+
+    cdef list swap(self):
+        cdef list items
+        with self._lock:
+            items = self._items
+            self._items = []
+            self._wake_outstanding = False
+        return items
+
+    cdef int put_back(self, list items) except -1:
+        """Put unrun items back at the front (a BaseException interrupted the pass)."""
+        with self._lock:
+            self._items[:0] = items
+        return 0
+
+    cdef bint has_items(self) except -1:
+        with self._lock:
+            return len(self._items) != 0
+
+    cdef int wakeup(self) except -1:
+        with self._lock:
+            self._write_wakeup()
+        return 0
+
+    cdef void _write_wakeup(self) noexcept:
+        # Caller holds the lock.  A non-blocking 8-byte eventfd write: it cannot block, so
+        # the GIL is kept.  EAGAIN means the counter is saturated: the loop is awake anyway.
+        cdef uint64_t one = 1
+        if self.wakeup_fd >= 0:
+            while write(self.wakeup_fd, &one, sizeof(one)) < 0 and errno == EINTR:
+                pass
+
+    cdef int drain_wakeup(self) except -1:
+        cdef uint64_t value
+        cdef int fd = self.wakeup_fd
+        with nogil:
+            while read(fd, &value, sizeof(value)) < 0 and errno == EINTR:
+                pass
+        return 0
+
+    cdef int close(self) except -1:
+        cdef list items
+        with self._lock:
+            items = self._items
+            self._items = []
+            if self.wakeup_fd >= 0:
+                close(self.wakeup_fd)
+                self.wakeup_fd = -1
+        return len(items) // 2

@@ -1,0 +1,259 @@
+# cython: language_level=3, embedsignature=True
+"""TcpServer: accepts TCP connections and hands them to a handler (ICppnpUsr)."""
+
+cimport cython
+from libc.stdint cimport uint32_t
+
+from _core.event_loop cimport EventLoop
+from _core.includes.linux cimport (
+    ECONNABORTED, EAGAIN, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM, EPOLLIN, EPROTO, EPERM,
+    IPPROTO_TCP, O_CLOEXEC, O_RDONLY, SO_KEEPALIVE, SOL_SOCKET, TCP_NODELAY, close, open,
+    sockaddr_storage,
+)
+from _core.includes.sys cimport cppnp_monotonic
+from _core.socket_ops cimport accept_nonblocking, set_bool_opt
+from _core.tcp_connection cimport (
+    ConnectionOwner, Handlers, TcpConnection, new_connection, resolve_handlers,
+)
+
+import logging
+import os
+import socket
+
+cdef object _logger = logging.getLogger("cppnp")
+
+# At most this many accepts per readable event, so a connection storm cannot starve the
+# I/O of connections already open (the listener stays readable: level-triggered).
+DEF MAX_ACCEPTS_PER_EVENT = 256
+
+
+@cython.auto_pickle(False)
+@cython.final
+cdef class TcpServer(ConnectionOwner):
+    """Listens on *address* and serves each accepted connection with *handler*.
+
+    *handler* is an ICppnpUsr (or any object with some of its methods): the server calls
+    ``on_connection``, ``on_message``, ``on_write_complete``, ``on_high_water_mark`` and
+    ``on_close`` on the loop thread.  One handler object serves every connection; keep
+    per-connection state in ``conn.context``.
+    """
+
+    def __cinit__(self):
+        self.fd = -1
+        self._idle_fd = -1
+        self._connections = {}
+
+    def __init__(self, EventLoop loop not None, address, handler, *, name=None,
+                 bint reuse_port=False, int backlog=1024, bint tcp_nodelay=True,
+                 bint keepalive=False):
+        """Prepare a server on (host, port); port 0 picks a free port (see ``address``).
+
+        Nothing is bound until start().  Thread-safe to construct.
+        """
+        if not isinstance(address, tuple) or len(address) != 2:
+            raise TypeError("address must be a (host, port) tuple, got %r" % (address,))
+        host, port = address
+        if not isinstance(host, str):
+            raise TypeError("host must be a str, got %r" % (type(host).__name__,))
+        if not isinstance(port, int) or isinstance(port, bool):
+            raise TypeError("port must be an int, got %r" % (type(port).__name__,))
+        if not 0 <= port <= 65535:
+            raise ValueError("port must be in 0..65535, got %d" % port)
+        if backlog < 1:
+            raise ValueError("backlog must be >= 1, got %d" % backlog)
+        if handler is None:
+            raise TypeError("handler must be an ICppnpUsr (or an object with its methods)")
+        self._loop = loop
+        self._address = (host, port)
+        self._handler = handler
+        self._handlers = resolve_handlers(handler)
+        self.name = name if name is not None else "TcpServer-%s:%d" % (host, port)
+        self._reuse_port = reuse_port
+        self._backlog = backlog
+        self._tcp_nodelay = tcp_nodelay
+        self._keepalive = keepalive
+
+    def __dealloc__(self):
+        if self.fd >= 0:
+            close(self.fd)
+        if self._idle_fd >= 0:
+            close(self._idle_fd)
+
+    def __repr__(self):
+        return "<TcpServer %s %s connections=%d>" % (
+            self.name, self._bound or self._address, len(self._connections))
+
+    @property
+    def address(self):
+        """The bound (host, port) after start() (the real port if 0 was asked), else the
+        requested address."""
+        if self._bound is not None:
+            return self._bound[:2]
+        return self._address
+
+    @property
+    def loop(self):
+        return self._loop
+
+    @property
+    def handler(self):
+        return self._handler
+
+    @property
+    def connection_count(self):
+        """How many connections are open (accepted and not yet released)."""
+        return len(self._connections)
+
+    def connections(self):
+        """Return a list of the open connections (loop thread only)."""
+        return list(self._connections.values())
+
+    def start(self):
+        """Bind and listen now (errors raise here), and start accepting on the loop.
+
+        Calling it twice is harmless.  Thread-safe.
+        """
+        if self._started:
+            return
+        if self._stopped:
+            raise RuntimeError("a stopped TcpServer cannot be restarted")
+        host, port = self._address
+        infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                                   0, socket.AI_PASSIVE)
+        family, kind, proto, _, sockaddr = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self._reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(sockaddr)
+            sock.listen(self._backlog)
+            sock.setblocking(False)
+            self._bound = sock.getsockname()
+        except BaseException:
+            sock.close()
+            raise
+        self.fd = sock.detach()
+        self._idle_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
+        self._started = True
+        if self._loop.in_loop_thread():
+            self._listen_in_loop()
+        else:
+            self._loop.queue(self, 1)
+
+    cdef int _listen_in_loop(self) except -1:
+        if self.fd >= 0 and not self._stopped:
+            self._loop.update_channel(self, EPOLLIN)
+        return 0
+
+    def stop(self):
+        """Stop listening and force-close every open connection.  Thread-safe.
+
+        Connections with ThreadPool tasks in flight are released when those finish.
+        """
+        if self._loop.in_loop_thread():
+            self._stop_in_loop()
+        elif not self._loop.closed:
+            self._loop.queue(self, 2)
+        else:
+            self._stop_in_loop()
+
+    cdef int _stop_in_loop(self) except -1:
+        if self._stopped:
+            return 0
+        self._stopped = True
+        if self.fd >= 0:
+            if not self._loop.closed:
+                self._loop.remove_channel(self)
+            close(self.fd)
+            self.fd = -1
+        if self._idle_fd >= 0:
+            close(self._idle_fd)
+            self._idle_fd = -1
+        for conn in list(self._connections.values()):
+            if not self._loop.closed:
+                conn.force_close()
+        return 0
+
+    cdef int run_functor(self, object arg) except -1:
+        if arg == 1:
+            self._listen_in_loop()
+        elif arg == 2:
+            self._stop_in_loop()
+        return 0
+
+    cdef int handle_event(self, uint32_t revents) except -1:
+        self._accept_some()
+        return 0
+
+    cdef int _accept_some(self) except -1:
+        cdef sockaddr_storage peer
+        cdef int err = 0, connfd, i
+        cdef TcpConnection conn
+        for i in range(MAX_ACCEPTS_PER_EVENT):
+            if self.fd < 0:
+                return 0
+            connfd = accept_nonblocking(self.fd, &peer, &err)
+            if connfd < 0:
+                if err == EAGAIN or err == EINTR:
+                    return 0
+                if err == ECONNABORTED or err == EPROTO or err == EPERM:
+                    self.accept_errors += 1
+                    continue            # the peer gave up before we accepted: next one
+                if err == EMFILE or err == ENFILE:
+                    self._shed_one(err)
+                    return 0
+                self.accept_errors += 1
+                self._log_accept_error(err)
+                return 0
+            self.accepted += 1
+            try:
+                if self._tcp_nodelay:
+                    set_bool_opt(connfd, IPPROTO_TCP, TCP_NODELAY, True)
+                if self._keepalive:
+                    set_bool_opt(connfd, SOL_SOCKET, SO_KEEPALIVE, True)
+            except OSError:
+                pass        # the peer may already be gone; the first read will tell
+            conn = new_connection(self._loop, connfd, self, self._handlers, &peer, self.name)
+            self._connections[conn.id] = conn
+            conn.start()
+        return 0
+
+    cdef int _shed_one(self, int err) except -1:
+        """Out of fds: accept the pending connection on the spare fd and close it at once
+        (muduo's idleFd trick), so the listener does not spin on a readable backlog."""
+        cdef sockaddr_storage peer
+        cdef int e = 0, connfd
+        self.accept_errors += 1
+        self._log_accept_error(err)
+        if self._idle_fd < 0:
+            return 0
+        close(self._idle_fd)
+        self._idle_fd = -1
+        connfd = accept_nonblocking(self.fd, &peer, &e)
+        if connfd >= 0:
+            close(connfd)
+            self.shed_connections += 1
+        self._idle_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
+        return 0
+
+    cdef _log_accept_error(self, int err):
+        cdef double now = cppnp_monotonic()
+        if now - self._last_emfile_log >= 1.0:     # at most one line a second
+            self._last_emfile_log = now
+            _logger.warning("%s: accept() failed: %s", self.name, os.strerror(err))
+
+    cdef int remove_connection(self, TcpConnection conn) except -1:
+        self._connections.pop(conn.id, None)
+        return 0
+
+    cdef int on_loop_closed(self) except -1:
+        self._stopped = True
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+        if self._idle_fd >= 0:
+            close(self._idle_fd)
+            self._idle_fd = -1
+        self._connections.clear()
+        return 0

@@ -1,0 +1,68 @@
+"""ICppnpUsr: the callback interface a server's handler implements."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+if TYPE_CHECKING:
+    from _core.buffer import Buffer
+    from _core.tcp_connection import TcpConnection
+
+__all__ = ["ICppnpUsr"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _noop(func: _F) -> _F:
+    # The core skips callbacks marked this way instead of calling them.
+    func.__cppnp_noop__ = True  # type: ignore[attr-defined]
+    return func
+
+
+class ICppnpUsr:
+    """Subclass and override the callbacks you need; the rest cost nothing.
+
+    Every callback runs on the loop thread.  Call order for one connection::
+
+        on_connection -> [on_message | on_write_complete | on_high_water_mark]* -> on_close
+
+    Exceptions raised by a callback are logged on the ``cppnp`` logger and counted in
+    ``EventLoop.callback_errors``; the loop keeps serving.
+    """
+
+    __slots__ = ()
+
+    @_noop
+    def on_connection(self, conn: TcpConnection) -> None:
+        """Called when a connection has been accepted, before any on_message."""
+
+    def on_message(self, conn: TcpConnection, buf: Buffer) -> None:
+        """Called when data arrived; *buf* holds it and everything not yet retrieved.
+
+        Take what you need (``buf.retrieve_all()``, ``buf.retrieve_as_bytes(n)``); what
+        you leave stays for the next call.  The default discards the data.
+        """
+        buf.retrieve_all()
+
+    on_message.__cppnp_discard__ = True  # type: ignore[attr-defined]
+
+    @_noop
+    def on_write_complete(self, conn: TcpConnection) -> None:
+        """Called when everything sent so far has been handed to the kernel."""
+
+    @_noop
+    def on_high_water_mark(self, conn: TcpConnection, queued_bytes: int) -> None:
+        """Called when the output buffer grows past ``conn.high_water_mark``.
+
+        A slow reader: consider ``conn.stop_reading()`` until on_write_complete.
+        """
+
+    @_noop
+    def on_close(self, conn: TcpConnection) -> None:
+        """Called once when the connection is released (socket closed, no task in flight)."""
+
+    # -- seed-compatible names (the seed's EchoServer overrides OnMessage) --
+    # Subclasses override the snake_case names; these aliases only make the seed's
+    # spelling callable on an ICppnpUsr.
+    OnMessage = on_message
+    OnWriteComplete = on_write_complete
