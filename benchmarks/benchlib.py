@@ -156,6 +156,23 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def cpu_ticks(cpu: int) -> tuple[int, int, int]:
+    """(busy, steal, total) jiffies of one CPU from ``/proc/stat``.
+
+    busy is user + nice + system (irq/softirq time is left out: loopback packet
+    processing lands there and is not charged to any process); total counts every
+    column.
+    """
+    with open("/proc/stat", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(f"cpu{cpu} "):
+                v = [int(x) for x in line.split()[1:9]]
+                user, nice, system, idle, iowait, irq, softirq, steal = v
+                busy = user + nice + system
+                return busy, steal, busy + idle + iowait + irq + softirq + steal
+    raise RuntimeError(f"cpu{cpu} not in /proc/stat")
+
+
 def proc_rss_bytes(pid: int) -> int:
     """VmRSS of *pid* in bytes."""
     with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
@@ -266,7 +283,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 20.0) -> int:
         """Start the server and wait for ``listening on HOST:PORT``; return the port."""
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "wb")  # closed in stop()
         self._log.write(f"$ {' '.join(self.argv)}\n".encode())
         self._log.flush()
         try:
@@ -288,6 +305,8 @@ class ServerProcess:
             return False
 
         if not read_lines(proc, time.monotonic() + timeout, on_line):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(1.0)  # EOF on stdout can come just before the exit status
             rc = proc.poll()
             self.stop()
             why = f"exited with status {rc}" if rc is not None else f"silent for {timeout:.0f} s"
@@ -420,4 +439,5 @@ def machine_info(python: str = sys.executable) -> dict[str, Any]:
         "gcc": _first_line(["gcc", "--version"]),
         "git_commit": _first_line(["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"]),
         "taskset": shutil.which("taskset") is not None,
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }

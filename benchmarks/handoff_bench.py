@@ -22,9 +22,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+Submit = Callable[[Callable[[], None]], Any]
 
-def handoff(submit: Callable[[Callable[[], None]], Any], start_in_loop: Callable[[Callable[[], None]], Any],
-            run: Callable[[], None], stop: Callable[[], None], n: int) -> dict[str, float]:
+
+def handoff(submit: Submit, start_in_loop: Submit, run: Callable[[], None],
+            stop: Callable[[], None], n: int) -> dict[str, float]:
     """Submit *n* callbacks from another thread; time until the loop ran them all."""
     ran = 0
     t_first = 0.0
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             import asyncio
 
+            aloop: asyncio.AbstractEventLoop
             if args.impl == "uvloop":
                 import uvloop
 

@@ -76,7 +76,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = "")
     sep = ["---:" if a == "r" else ":---" for a in aligns]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines + [""]
+    return [*lines, ""]
 
 
 def echo_tables(r: Results) -> list[str]:
@@ -258,7 +258,7 @@ def plot(data: dict[str, Any], path: Path) -> bool:
         vals = [r.echo(n, size, conns, key) for n in names]
         bars = ax.barh(names, [v or 0 for v in vals],
                        color=[_color(n) for n in names])
-        for bar, v in zip(bars, vals, strict=True):
+        for bar, v in zip(bars, vals):
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
                     f" {fmt(v, digits)}", va="center", fontsize=8)
         ax.set_title(title)
@@ -273,7 +273,7 @@ def plot(data: dict[str, Any], path: Path) -> bool:
         xs = [j + i * width for j in range(len(r.sizes))]
         vals = [r.echo(name, s, per_size_conns, "rt_per_s") for s in r.sizes]
         ax.bar(xs, [v or 0 for v in vals], width, label=name, color=_color(name))
-        for x, v in zip(xs, vals, strict=True):
+        for x, v in zip(xs, vals):
             ax.text(x, v or 0, fmt(v) if v else NA, ha="center", va="bottom", fontsize=7,
                     rotation=90)
     ax.set_xticks([j + width * (len(main) - 1) / 2 for j in range(len(r.sizes))])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
 import shutil
 import signal
 import statistics
@@ -38,7 +39,8 @@ QUICK_CONNS = (10, 100)
 MICRO_BENCHES = ("timers", "handoff", "idle")
 MICRO_IMPLS = ("cppnp", "asyncio", "uvloop")
 MEDIAN_KEYS = ("rt_per_s", "mb_per_s", "p50_us", "p90_us", "p99_us", "p999_us", "mean_us",
-               "cpu_us_per_rt", "server_cpu_pct", "client_cpu_pct")
+               "cpu_us_per_rt", "server_cpu_pct", "client_cpu_pct", "server_core_other_pct",
+               "server_core_steal_pct")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -117,7 +119,8 @@ def cells_for(spec: ServerSpec, args: argparse.Namespace) -> list[tuple[int, int
 
 
 def run_cell(loadgen: Path, server: ServerProcess, size: int, conns: int,
-             args: argparse.Namespace, client_cpu: int | None) -> dict[str, Any]:
+             args: argparse.Namespace, server_cpu: int | None,
+             client_cpu: int | None) -> dict[str, Any]:
     """Run the load generator against *server*; sample the server's CPU at the window edges."""
     argv = [*benchlib.pin_prefix(client_cpu), str(loadgen), "--host", benchlib.HOST,
             "--port", str(server.port), "--conns", str(conns), "--size", str(size),
@@ -127,12 +130,15 @@ def run_cell(loadgen: Path, server: ServerProcess, size: int, conns: int,
                             stderr=subprocess.PIPE, start_new_session=True)
     benchlib.track(proc)
     marks: dict[str, float] = {}
+    core: dict[str, tuple[int, int, int]] = {}
     result: dict[str, Any] = {}
 
     def on_line(line: str) -> bool:
         if line.startswith("# window-"):
             try:
                 marks[line[2:]] = benchlib.proc_cpu_seconds(server.pid)
+                if server_cpu is not None:
+                    core[line[2:]] = benchlib.cpu_ticks(server_cpu)
             except OSError:
                 pass  # server gone; reported below
         elif line.startswith("{"):
@@ -158,6 +164,14 @@ def run_cell(loadgen: Path, server: ServerProcess, size: int, conns: int,
         rec["server_cpu_s"] = round(cpu, 3)
         rec["cpu_us_per_rt"] = round(cpu / result["round_trips"] * 1e6, 3)
         rec["server_cpu_pct"] = round(100 * cpu / result.get("window_s", args.duration), 1)
+        if "window-start" in core and "window-end" in core:
+            # Whatever else ran on the server's core during the window (other processes,
+            # hypervisor steal): a noise indicator, not subtracted from anything.
+            (b0, s0, t0), (b1, s1, t1) = core["window-start"], core["window-end"]
+            ticks = max(1, t1 - t0)
+            other = (b1 - b0) - cpu * benchlib.CLK_TCK
+            rec["server_core_other_pct"] = round(max(0.0, 100 * other / ticks), 1)
+            rec["server_core_steal_pct"] = round(100 * (s1 - s0) / ticks, 1)
     problems = []
     if not result:
         problems.append(f"no result from loadgen (rc {rc})")
@@ -198,17 +212,20 @@ def run_echo_matrix(args: argparse.Namespace, specs: list[ServerSpec], loadgen: 
                 server.start()
             except benchlib.ServerStartError as exc:
                 failed[spec.name] = str(exc)
-                print(f"[{spec.name}] FAILED to start: {str(exc).splitlines()[0]}", flush=True)
+                lines = str(exc).strip().splitlines()
+                print(f"[{spec.name}] FAILED to start: {lines[0]} {lines[-1].strip()}", flush=True)
                 done += len(cells)
                 continue
             try:
                 for size, conns in cells:
                     done += 1
-                    if not server.alive():
-                        rec = {"size": size, "conns": conns, "ok": False,
-                               "problems": [f"server not running (status {server.proc.poll() if server.proc else None})"]}
+                    if server.alive():
+                        rec = run_cell(loadgen, server, size, conns, args, server_cpu,
+                                       client_cpu)
                     else:
-                        rec = run_cell(loadgen, server, size, conns, args, client_cpu)
+                        status = server.proc.poll() if server.proc else None
+                        rec = {"size": size, "conns": conns, "ok": False,
+                               "problems": [f"server not running (status {status})"]}
                     rec = {"server": spec.name, "repeat": rep, **rec}
                     echo["runs"].append(rec)
                     print(progress_line(rec, done, total, started), flush=True)
@@ -278,7 +295,8 @@ def run_micro(args: argparse.Namespace, cpu: int | None, results: dict[str, Any]
                             "wall_s": round(time.monotonic() - t0, 2)})
                 micro["runs"].append(res)
                 summary = res.get("error") or ", ".join(
-                    f"{k}={v}" for k, v in res.items() if k.endswith("_per_s") or k == "bytes_per_conn")
+                    f"{k}={v}" for k, v in res.items()
+                    if k.endswith("_per_s") or k == "bytes_per_conn")
                 print(f"[micro r{rep}] {bench:<8} {impl:<8} {summary}", flush=True)
     micro["medians"] = micro_medians(micro["runs"])
 
@@ -366,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         benchlib.stop_all()
     results["elapsed_s"] = round(time.monotonic() - t0, 1)
+    results["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["echo"]["medians"] = medians(results["echo"]["runs"])
     if not results["micro"]["medians"]:
         results["micro"]["medians"] = micro_medians(results["micro"]["runs"])

@@ -61,6 +61,7 @@ def make_bench(impl: str) -> Bench:
 
     import asyncio
 
+    aloop: asyncio.AbstractEventLoop
     if impl == "uvloop":
         import uvloop
 

@@ -1,0 +1,66 @@
+# cppnp developer targets.  `make demo` and `make test` work on a fresh Debian 12 machine
+# with python3 (3.9-3.13), python3-venv and gcc: each creates its own virtualenv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+BUILD_DEPS := "setuptools>=68" "Cython>=3.1,<4" wheel
+export CPPNP_STRICT ?= 1
+
+.PHONY: demo test venv install build debug sanitize lint wheel bench bench-quick soak clean distclean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(BUILD_DEPS)
+
+venv: $(PY)
+
+# Build the package from source and install it into the venv (not editable: the tests
+# run against what a user's pip would install).
+install: $(PY)
+	$(PIP) install -q --no-build-isolation ".[test]"
+
+demo: install
+	$(PY) -m cppnp demo
+	$(PY) -m cppnp demo --threads 0
+
+test: install
+	$(PIP) install -q "ruff>=0.5" "cython-lint>=0.16" "mypy>=1.8"
+	cd tests && ../$(PY) -m pytest -q -p no:cacheprovider .
+
+# In-place build for hacking: PYTHONPATH=src python ...
+build: $(PY)
+	$(PY) setup.py build_ext --inplace -j 2
+
+debug: $(PY)
+	CPPNP_DEBUG=1 $(PY) setup.py build_ext --inplace -j 2 --force
+
+lint: $(PY)
+	$(PIP) install -q "ruff>=0.5" "cython-lint>=0.16" "mypy>=1.8"
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/cython-lint src/_core
+	$(VENV)/bin/mypy
+
+# A manylinux-tagged wheel: build, then auditwheel repair (cibuildwheel needs a container
+# engine, which these machines lack; its config in pyproject.toml is kept valid).
+wheel: $(PY)
+	$(PIP) install -q build auditwheel
+	rm -rf dist wheelhouse
+	$(PY) -m build --wheel --no-isolation
+	$(VENV)/bin/auditwheel repair --wheel-dir wheelhouse dist/*.whl
+	ls -l wheelhouse
+
+bench: install
+	$(PIP) install -q -r benchmarks/requirements.txt
+	$(PY) benchmarks/run.py
+
+bench-quick: install
+	$(PIP) install -q -r benchmarks/requirements.txt
+	$(PY) benchmarks/run.py --quick
+
+clean:
+	rm -rf build dist wheelhouse src/*.egg-info src/_core/*.c src/_core/*.so src/_core/*.html
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Small runnable servers: ``python -m cppnp <name>`` (echo, discard, daytime, timers, demo)."""

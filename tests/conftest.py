@@ -1,0 +1,131 @@
+"""Shared fixtures: a loop in its own thread, servers on 127.0.0.1:0, and a teardown
+accounting check (no connection, Buffer, fd or thread left behind)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import pytest
+
+import cppnp
+from cppnp import EventLoop, EventLoopThread, TcpServer
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.005) -> Any:
+    """Poll *pred* until it is truthy; fail the test after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met within %.1f s: %r" % (timeout, pred))
+        time.sleep(interval)
+
+
+def call_in_loop(loop: EventLoop, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Run *fn* on the loop thread and return its result (or raise its exception)."""
+    done = threading.Event()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed back to the caller
+            box["error"] = exc
+        finally:
+            done.set()
+
+    loop.queue_in_loop(run)
+    assert done.wait(timeout), "loop did not run the functor"
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+class ServerThread:
+    """A TcpServer with *handler* on an EventLoop in its own thread."""
+
+    def __init__(self, handler: Any, **kwargs: Any) -> None:
+        self.handler = handler
+        self.server: TcpServer | None = None
+
+        def init(loop: EventLoop) -> None:
+            self.server = TcpServer(loop, ("127.0.0.1", 0), handler, **kwargs)
+            self.server.start()
+
+        self.thread = EventLoopThread(init, name="test-loop")
+        self.loop = self.thread.start()
+        assert self.server is not None
+        self.address = self.server.address
+
+    def connect(self, timeout: float = 10.0) -> socket.socket:
+        s = socket.create_connection(self.address, timeout=timeout)
+        return s
+
+    def stats(self) -> dict[str, Any]:
+        return self.loop.stats()
+
+    def connection_count(self) -> int:
+        assert self.server is not None
+        return int(call_in_loop(self.loop, lambda: self.server.connection_count))
+
+    def stop(self) -> None:
+        if self.server is not None and not self.loop.closed:
+            call_in_loop(self.loop, self.server.stop)
+        self.thread.stop()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., ServerThread]]:
+    """serve(handler, **TcpServer kwargs) -> ServerThread; stopped at teardown."""
+    started: list[ServerThread] = []
+
+    def make(handler: Any, **kwargs: Any) -> ServerThread:
+        st = ServerThread(handler, **kwargs)
+        started.append(st)
+        return st
+
+    yield make
+    for st in started:
+        st.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test ends with no connection, Buffer, fd or thread left behind."""
+    gc.collect()
+    fds = fd_count()
+    threads = threading.active_count()
+    conns = cppnp.live_connections()
+    bufs = cppnp.live_buffers()
+    yield
+    if request.node.get_closest_marker("no_leak_check"):
+        return
+
+    def settled() -> bool:
+        gc.collect()
+        return (fd_count() <= fds and threading.active_count() <= threads
+                and cppnp.live_connections() <= conns and cppnp.live_buffers() <= bufs)
+
+    deadline = time.monotonic() + 5
+    while not settled() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fd_count() <= fds, "fds leaked: %d -> %d" % (fds, fd_count())
+    assert threading.active_count() <= threads, "threads leaked: %s" % threading.enumerate()
+    assert cppnp.live_connections() <= conns, "TcpConnection objects leaked"
+    assert cppnp.live_buffers() <= bufs, "Buffer objects leaked"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "no_leak_check: skip the teardown accounting check")
