@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-BUILD_DEPS := "setuptools>=68" "Cython>=3.1,<4" wheel
+BUILD_DEPS := "setuptools>=77" "Cython>=3.1,<4" wheel
 export CPPNP_STRICT ?= 1
 
 .PHONY: demo test venv install build debug sanitize lint wheel bench bench-quick soak clean distclean
@@ -39,7 +39,7 @@ debug: $(PY)
 lint: $(PY)
 	$(PIP) install -q "ruff>=0.5" "cython-lint>=0.16" "mypy>=1.8"
 	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/cython-lint src/_core
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/cython-lint src/_core
 	$(VENV)/bin/mypy
 
 # A manylinux-tagged wheel: build, then auditwheel repair (cibuildwheel needs a container

@@ -16,6 +16,9 @@
  * there.  At the end ONE JSON line is printed on stdout.  Diagnostics go to
  * stderr.
  *
+ * A connection whose oldest unanswered message is more than 1 s old at the end
+ * counts as "stalled" (the server lost or withheld data).
+ *
  * Exit status: 0 ok, 1 echo mismatch, 2 every connection failed, 3 hard
  * timeout (warmup + duration + 10 s), 64 usage error.
  *
@@ -502,6 +505,22 @@ int main(int argc, char **argv)
     }
 
     double window = (double)(win_end_ns - win_start_ns) / 1e9;
+    /* A connection whose oldest unanswered message is over a second old has most
+     * likely lost data in the server (a silent stall, not a mismatch). */
+    uint64_t end_ns = now_ns();
+    int stalled = 0;
+    for (int i = 0; i < n_conns; i++) {
+        struct conn *c = &conns[i];
+        uint64_t sent_total = c->send_seq * msg_size + c->send_off;
+        uint64_t got_total = c->recv_seq * msg_size + c->recv_off;
+        if (c->state == ST_ACTIVE && got_total < sent_total &&
+            end_ns - c->sent_ns[c->recv_seq % (uint64_t)depth] > 1000000000ull) {
+            stalled++;
+            if (stalled <= 5)
+                fprintf(stderr, "loadgen: conn %u stalled: %llu bytes sent, %llu echoed\n",
+                        c->id, (unsigned long long)sent_total, (unsigned long long)got_total);
+        }
+    }
     for (int i = 0; i < n_conns; i++) {
         if (conns[i].state == ST_CONNECTING)
             connect_errors++, errors++;
@@ -516,7 +535,8 @@ int main(int argc, char **argv)
     printf("{\"rt_per_s\": %.1f, \"mb_per_s\": %.3f, \"p50_us\": %.1f, \"p90_us\": %.1f, "
            "\"p99_us\": %.1f, \"p999_us\": %.1f, \"max_us\": %.1f, \"mean_us\": %.1f, "
            "\"round_trips\": %llu, \"errors\": %llu, \"connect_errors\": %llu, "
-           "\"mismatches\": %llu, \"conns\": %d, \"connected\": %d, \"alive_at_end\": %d, "
+           "\"mismatches\": %llu, \"stalled\": %d, \"conns\": %d, \"connected\": %d, "
+           "\"alive_at_end\": %d, "
            "\"size\": %zu, \"mode\": \"%s\", \"depth\": %d, \"window_s\": %.3f, "
            "\"warmup_s\": %.3f, \"client_cpu_pct\": %.1f}\n",
            (double)round_trips / window, (double)bytes_echoed / window / 1e6,
@@ -524,7 +544,7 @@ int main(int argc, char **argv)
            hist_quantile_us(0.999), (double)hist_max_ns / 1000.0,
            hist_total ? hist_sum_ns / (double)hist_total / 1000.0 : 0.0,
            (unsigned long long)round_trips, (unsigned long long)errors,
-           (unsigned long long)connect_errors, (unsigned long long)mismatches, n_conns,
+           (unsigned long long)connect_errors, (unsigned long long)mismatches, stalled, n_conns,
            connected, alive, msg_size, mode, depth, window, warmup_s,
            elapsed > 0 ? 100.0 * client_cpu / elapsed : 0.0);
     fflush(stdout);

@@ -179,6 +179,8 @@ def run_cell(loadgen: Path, server: ServerProcess, size: int, conns: int,
         problems.append(f"{result['mismatches']} echo mismatches")
     if result and not result.get("round_trips"):
         problems.append("no round trips")
+    if result.get("stalled"):
+        problems.append(f"{result['stalled']} stalled connections (echo lost or withheld)")
     if result.get("errors"):
         problems.append(f"{result['errors']} connection errors")
     if not server.alive():

@@ -6,10 +6,10 @@ from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_FillInfo, PyBuffer_Release
 from cpython.buffer cimport PyObject_GetBuffer, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t
 
 from _core.includes.linux cimport (
-    EAGAIN, EINTR, MSG_NOSIGNAL, errno, iovec, memchr, memcpy, memmem, memmove, readv, send,
+    EINTR, MSG_NOSIGNAL, errno, iovec, memchr, memcpy, memmem, memmove, readv, send,
 )
 from _core.includes.sys cimport cppnp_atomic_add, cppnp_atomic_load
 
@@ -236,7 +236,8 @@ cdef class Buffer:
     def retrieve(self, Py_ssize_t n):
         """Discard the first *n* readable bytes (``0 <= n <= readable_bytes()``)."""
         if n < 0 or <size_t>n > self._writer - self._reader:
-            raise ValueError("retrieve(%d) with %d readable bytes" % (n, self._writer - self._reader))
+            raise ValueError(
+                "retrieve(%d) with %d readable bytes" % (n, self._writer - self._reader))
         self.consume(n)
 
     def retrieve_all(self):

@@ -5,8 +5,9 @@ cimport cython
 from libc.stdint cimport uint64_t
 
 from _core.includes.linux cimport (
-    EAGAIN, EFD_CLOEXEC, EFD_NONBLOCK, EINTR, close, errno, eventfd, read, write,
+    EFD_CLOEXEC, EFD_NONBLOCK, EINTR, errno, eventfd, read, write,
 )
+from _core.includes.linux cimport close as close_fd
 
 
 @cython.auto_pickle(False)
@@ -24,7 +25,7 @@ cdef class PendingFunctors:
 
     def __dealloc__(self):
         if self.wakeup_fd >= 0:
-            close(self.wakeup_fd)
+            close_fd(self.wakeup_fd)
 
     def __len__(self):
         with self._lock:
@@ -87,6 +88,6 @@ cdef class PendingFunctors:
             items = self._items
             self._items = []
             if self.wakeup_fd >= 0:
-                close(self.wakeup_fd)
+                close_fd(self.wakeup_fd)
                 self.wakeup_fd = -1
         return len(items) // 2

@@ -6,14 +6,14 @@ from libc.stdint cimport uint32_t
 
 from _core.event_loop cimport EventLoop
 from _core.includes.linux cimport (
-    ECONNABORTED, EAGAIN, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM, EPOLLIN, EPROTO, EPERM,
+    ECONNABORTED, EAGAIN, EINTR, EMFILE, ENFILE, EPOLLIN, EPROTO, EPERM,
     IPPROTO_TCP, O_CLOEXEC, O_RDONLY, SO_KEEPALIVE, SOL_SOCKET, TCP_NODELAY, close, open,
     sockaddr_storage,
 )
 from _core.includes.sys cimport cppnp_monotonic
 from _core.socket_ops cimport accept_nonblocking, set_bool_opt
 from _core.tcp_connection cimport (
-    ConnectionOwner, Handlers, TcpConnection, new_connection, resolve_handlers,
+    ConnectionOwner, TcpConnection, new_connection, resolve_handlers,
 )
 
 import logging
@@ -188,9 +188,9 @@ cdef class TcpServer(ConnectionOwner):
 
     cdef int _accept_some(self) except -1:
         cdef sockaddr_storage peer
-        cdef int err = 0, connfd, i
+        cdef int err = 0, connfd
         cdef TcpConnection conn
-        for i in range(MAX_ACCEPTS_PER_EVENT):
+        for _ in range(MAX_ACCEPTS_PER_EVENT):
             if self.fd < 0:
                 return 0
             connfd = accept_nonblocking(self.fd, &peer, &err)

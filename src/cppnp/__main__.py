@@ -23,7 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_term)
     pool = None
     with EventLoop() as loop:
-        if args.cmd == "echo" and args.threads > 0 or args.cmd == "echo" and args.fib > 0:
+        if args.cmd == "echo" and (args.threads > 0 or args.fib > 0):
             from cppnp import TcpServer
 
             pool = ThreadPool(args.threads, name="worker")
