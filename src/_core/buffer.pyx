@@ -295,7 +295,7 @@ cdef class Buffer:
     def prepend(self, data):
         """Insert a copy of *data* in front of the readable bytes (e.g. a length header)."""
         cdef Py_buffer view
-        cdef size_t readable, n
+        cdef size_t readable, n, need, newcap
         cdef char* block
         data = _as_bytes_like(data)
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
@@ -303,24 +303,34 @@ cdef class Buffer:
             n = view.len
             if n == 0:
                 return
-            if self._data == NULL:
-                self.ensure_writable(0)
-            if self._reader < n:
-                # Not enough prependable room: move the readable bytes up.
-                readable = self._writer - self._reader
-                self.ensure_writable(n)
-                if self._exports:
-                    block = <char*>PyMem_RawMalloc(self._cap)
-                    if block == NULL:
-                        raise MemoryError()
+            if self._data != NULL and self._reader >= n:
+                self._reader -= n
+                memcpy(self._data + self._reader, view.buf, n)
+                return
+            # Not enough room in front: lay out [CHEAP_PREPEND | data | readable].
+            readable = self._writer - self._reader
+            if n > (<size_t>-1) // 4:
+                raise MemoryError("Buffer cannot grow by %d bytes" % n)
+            need = CHEAP_PREPEND + n + readable
+            if self._data == NULL or self._cap < need or self._exports:
+                newcap = self._cap if self._cap > INITIAL_SIZE else INITIAL_SIZE
+                while newcap < need:
+                    newcap *= 2
+                block = <char*>PyMem_RawMalloc(newcap)
+                if block == NULL:
+                    raise MemoryError()
+                if readable:
                     memcpy(block + CHEAP_PREPEND + n, self._data + self._reader, readable)
-                    self._park(self._data)
-                    self._data = block
+                if self._exports:
+                    self._park(self._data)      # a view still points into it
                 else:
-                    memmove(self._data + CHEAP_PREPEND + n, self._data + self._reader, readable)
-                self._reader = CHEAP_PREPEND + n
-                self._writer = self._reader + readable
-            self._reader -= n
+                    PyMem_RawFree(self._data)
+                self._data = block
+                self._cap = newcap
+            else:
+                memmove(self._data + CHEAP_PREPEND + n, self._data + self._reader, readable)
+            self._reader = CHEAP_PREPEND
+            self._writer = CHEAP_PREPEND + n + readable
             memcpy(self._data + self._reader, view.buf, n)
         finally:
             PyBuffer_Release(&view)

@@ -56,5 +56,7 @@ cdef class EventLoop:
     cdef int64_t _add_timer(self, double when, double interval, object cb) except -1
 
 
+# > 0 while some loop thread waits to get the GIL back after epoll_wait.
+cdef int64_t* loop_gil_flag() noexcept nogil
 # The EventLoop whose loop() is running on the calling thread, or None.
 cdef EventLoop running_loop()

@@ -39,6 +39,11 @@ cdef extern from *:
     PyObject* cppnp_tls_running_loop
 
 cdef object _logger = logging.getLogger("cppnp")
+
+# How many loop threads are between epoll_wait's return and getting the GIL back.  Worker
+# threads read it and step aside (loop_gil_flag), so the I/O thread is not starved by
+# workers handing the GIL to each other for a whole switch interval.
+cdef int64_t _loops_wanting_gil = 0
 cdef object _NOARG = object()
 
 # One loop per thread (muduo's t_loopInThisThread): thread ident -> weakref to the loop.
@@ -227,6 +232,9 @@ cdef class EventLoop:
         PyErr_CheckSignals()
         with nogil:
             n = epoll_wait(self._epfd, self._events, MAX_EVENTS, timeout)
+            # We are about to wait for the GIL: ask workers to let us have it first.
+            cppnp_atomic_add(&_loops_wanting_gil, 1)
+        cppnp_atomic_add(&_loops_wanting_gil, -1)
         if n < 0:
             if errno != EINTR:
                 raise OSError(errno, "epoll_wait() failed: " + os.strerror(errno))
@@ -254,25 +262,17 @@ cdef class EventLoop:
         return 0
 
     cdef int _run_timers(self) except -1:
-        cdef list expired = self._timers.pop_expired(cppnp_monotonic())
-        cdef Py_ssize_t i = 0, n = len(expired)
-        cdef int64_t seq
-        try:
-            while i < n:
-                seq = expired[i]
-                i += 1
-                cb = self._timers.take(seq)
-                if cb is None:
-                    continue        # cancelled by an earlier callback in this pass
-                try:
-                    cb()
-                except Exception:
-                    self.report_error("timer callback %r" % (cb,))
-        finally:
-            if i < n:
-                # A BaseException escaped: one-shot timers not yet run fire next time.
-                self._timers.restore(expired[i:], cppnp_monotonic())
-        return 0
+        cdef double now = cppnp_monotonic()
+        # Timers added by these callbacks wait for the next iteration (no starvation).
+        cdef int64_t cutoff = cppnp_atomic_load(&self._next_timer_id) + 1
+        while True:
+            cb = self._timers.pop_due(now, cutoff)
+            if cb is None:
+                return 0
+            try:
+                cb()
+            except Exception:
+                self.report_error("timer callback %r" % (cb,))
 
     cdef int _run_pending(self) except -1:
         cdef list items = self._pending.swap()
@@ -509,7 +509,7 @@ cdef class EventLoop:
                 self.remove_channel(ch)
         finally:
             self.dropped_functors += self._pending.close()
-            self._timers = TimerQueue()
+            self._timers.clear()
             if self._epfd >= 0:
                 close(self._epfd)
                 self._epfd = -1
@@ -525,6 +525,10 @@ cdef class EventLoop:
     runEvery = run_every
     cancelTimer = cancel_timer
     isInMainThread = is_in_loop_thread
+
+
+cdef int64_t* loop_gil_flag() noexcept nogil:
+    return &_loops_wanting_gil
 
 
 cdef EventLoop running_loop():

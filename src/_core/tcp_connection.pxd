@@ -49,6 +49,7 @@ cdef class TcpConnection(Channel):
         bint _shutdown_requested    # shutdown(): SHUT_WR once the output buffer drains
         bint _shut_wr_done
         bint _finish_queued
+        bint _finish_confirmed      # the release check passed once (two-phase, see _finish)
         Buffer _input
         Buffer _output
         int64_t _pending_tasks      # atomic: pool tasks referring to this connection

@@ -39,8 +39,9 @@ cdef enum:
     OP_KEEPALIVE_ON = 10
     OP_KEEPALIVE_OFF = 11
 
-# Input buffers above this size are given back to the allocator once drained.
-DEF KEEP_INPUT_CAPACITY = 65536
+# Input buffers above this size are given back to the allocator once drained (a
+# connection that keeps receiving large messages keeps a buffer that fits them).
+DEF KEEP_INPUT_CAPACITY = 262144
 
 
 def live_connections():
@@ -482,6 +483,12 @@ cdef class TcpConnection(Channel):
         cppnp_atomic_store(&self._release_wanted, 1)
         if cppnp_atomic_load(&self._pending_tasks) > 0:
             return 0            # the last task_finished() queues OP_FINISH
+        if not self._finish_confirmed:
+            # A task that finished just now may have queued its reply behind this functor:
+            # check once more from the back of the queue, after every such reply.
+            self._finish_confirmed = True
+            self._try_finish()
+            return 0
         if self._state == CONNECTED:
             self._close_socket()
         self._release()

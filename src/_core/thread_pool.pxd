@@ -1,4 +1,5 @@
 # ThreadPool: worker threads running Tasks from a BlockingQueue (the seed's ThreadPool).
+cimport cython
 from libc.stdint cimport int64_t
 
 from _core.blocking_queue cimport BlockingQueue
@@ -22,7 +23,8 @@ cdef class ThreadPool:
         Py_ssize_t _max_queue
         BlockingQueue _queue
         list _threads
-        object _lock            # guards _strands (a core lock, not the GIL)
+        cython.pymutex _mutex   # guards _strands (a core lock, not the GIL)
+        object _start_lock      # serialises start()/stop()
         dict _strands           # key -> deque of jobs waiting behind the running one
         bint _started
         bint _stopping
@@ -36,6 +38,7 @@ cdef class ThreadPool:
         int64_t* _per_worker    # tasks run by each worker (each slot written by one thread)
 
     cdef int _submit(self, _Job job) except -1
+    cdef int _run_inline(self, _Job job) except -1
     cdef int _put(self, _Job job) except -1
     cdef int _run_job(self, _Job job, int index) except -1
     cdef int _finish_job(self, _Job job, bint discarded) except -1

@@ -7,7 +7,7 @@ from cpython.ref cimport Py_DECREF, PyObject
 from libc.stdint cimport int64_t
 
 from _core.blocking_queue cimport BlockingQueue
-from _core.event_loop cimport EventLoop, running_loop
+from _core.event_loop cimport EventLoop, loop_gil_flag, running_loop
 from _core.includes.sys cimport cppnp_atomic_add, cppnp_atomic_cas, cppnp_atomic_load
 from _core.task cimport Task
 from _core.tcp_connection cimport TcpConnection
@@ -15,6 +15,9 @@ from _core.tcp_connection cimport TcpConnection
 import collections
 import logging
 import threading
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
 
 cdef object _logger = logging.getLogger("cppnp")
 
@@ -81,7 +84,7 @@ cdef class ThreadPool:
     def __cinit__(self):
         self._threads = []
         self._strands = {}
-        self._lock = threading.Lock()
+        self._start_lock = threading.Lock()
         self._per_worker = NULL
 
     def __init__(self, int num_threads=0, *, str name="cppnp-worker", Py_ssize_t max_queue=0):
@@ -120,7 +123,7 @@ cdef class ThreadPool:
 
     def start(self):
         """Start the worker threads (the seed's ``Start``).  Idempotent.  Thread-safe."""
-        with self._lock:
+        with self._start_lock:
             if self._started:
                 return
             if self._stopping:
@@ -143,7 +146,7 @@ cdef class ThreadPool:
         """
         cdef list jobs
         cdef _Job job
-        with self._lock:
+        with self._start_lock:
             if threading.current_thread() in self._threads:
                 raise RuntimeError("ThreadPool.stop() called from one of its own workers")
             self._stopping = True
@@ -151,19 +154,22 @@ cdef class ThreadPool:
                 self._discarding = True
         if not drain:
             jobs = self._queue.drain()
-            with self._lock:
+            with self._mutex:
                 for backlog in self._strands.values():
                     jobs.extend(backlog)
                 self._strands.clear()
             for job in jobs:
+                cppnp_atomic_add(&self._queued, -1)
                 self._finish_job(job, True)
-        if not self._started:
-            # Never started: run (or discard) what was queued right here.
-            for job in self._queue.drain():
-                if drain:
+        elif not self._started:
+            # Never started: run what was queued right here (strand successors are queued
+            # as their predecessors finish, so drain until nothing is left).
+            while True:
+                jobs = self._queue.drain()
+                if not jobs:
+                    break
+                for job in jobs:
                     self._run_job(job, self.num_threads)
-                else:
-                    self._finish_job(job, True)
         self._queue.close()
         ok = True
         for t in self._threads:
@@ -187,7 +193,7 @@ cdef class ThreadPool:
             if job.conn is not None:
                 job.conn.task_started()
             cppnp_atomic_add(&self._queued, 1)
-            self._run_job(job, 0)
+            self._run_inline(job)
             return
         if self._max_queue:
             if cppnp_atomic_add(&self._queued, 1) > self._max_queue:
@@ -200,10 +206,34 @@ cdef class ThreadPool:
             job.conn.task_started()
         self._submit(job)
 
+    cdef int _run_inline(self, _Job job) except -1:
+        """Single-thread mode: run now in the caller, keeping the strand rule if another
+        thread is running a task with the same key (then the task joins its backlog and
+        that thread runs it next)."""
+        if job.key is not None:
+            with self._mutex:
+                backlog = self._strands.get(job.key)
+                if backlog is not None:
+                    backlog.append(job)
+                    return 0
+                self._strands[job.key] = collections.deque()
+        while job is not None:
+            self._run_job(job, 0)
+            if job.key is None:
+                return 0
+            with self._mutex:
+                backlog = self._strands.get(job.key)
+                if backlog:
+                    job = backlog.popleft()
+                else:
+                    self._strands.pop(job.key, None)
+                    job = None
+        return 0
+
     cdef int _submit(self, _Job job) except -1:
         if job.key is None:
             return self._put(job)
-        with self._lock:
+        with self._mutex:
             backlog = self._strands.get(job.key)
             if backlog is not None:
                 backlog.append(job)     # runs when the strand's current task finishes
@@ -263,7 +293,7 @@ cdef class ThreadPool:
 
     cdef int _strand_next(self, object key) except -1:
         cdef _Job nxt = None
-        with self._lock:
+        with self._mutex:
             backlog = self._strands.get(key)
             if backlog is None:
                 return 0
@@ -335,16 +365,27 @@ cdef class ThreadPool:
     AddTask = add_task
 
 
+cdef inline void _yield_to_loop(int64_t* flag) noexcept nogil:
+    # A loop thread is waiting for the GIL: let it take the GIL before we do (bounded,
+    # in case it waits for a GIL held by some other thread).
+    cdef int spins = 0
+    while cppnp_atomic_load(flag) > 0 and spins < 1000:
+        sched_yield()
+        spins += 1
+
+
 def _worker_main(ThreadPool pool, int index):
     """A worker: wait (GIL released) for a batch of jobs, run them, repeat."""
     cdef PyObject* items[MAX_BATCH]
     cdef Py_ssize_t n, i
     cdef BlockingQueue queue = pool._queue
     cdef Py_ssize_t share = pool.num_threads
+    cdef int64_t* flag = loop_gil_flag()
     cdef _Job job
     while True:
         with nogil:
             n = queue.take(items, MAX_BATCH, share)
+            _yield_to_loop(flag)
         if n == 0:
             return
         for i in range(n):
@@ -352,3 +393,7 @@ def _worker_main(ThreadPool pool, int index):
             Py_DECREF(job)          # take() handed over the queue's reference
             items[i] = NULL
             pool._run_job(job, index)
+            if cppnp_atomic_load(flag) > 0:
+                with nogil:         # hand the GIL to the waiting loop thread
+                    _yield_to_loop(flag)
+        job = None      # an idle worker must not keep its last connection alive

@@ -3,6 +3,7 @@
 
 cimport cython
 from cpython.mem cimport PyMem_RawFree, PyMem_RawRealloc
+from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from libc.math cimport ceil, floor, isinf
 from libc.stdint cimport int64_t
 
@@ -23,37 +24,48 @@ cdef class TimerQueue:
         self._heap = NULL
         self._size = 0
         self._cap = 0
-        self._dead = 0
-        self._timers = {}
 
     def __dealloc__(self):
+        cdef Py_ssize_t i
+        for i in range(self._size):
+            Py_DECREF(<object>self._heap[i].callback)
         PyMem_RawFree(self._heap)
+        cppnp_id_set_free(&self._live)
 
     def __len__(self):
-        return len(self._timers)
+        return self._live.count
 
-    cdef int _push(self, double when, int64_t seq) except -1:
+    cdef Py_ssize_t count(self) noexcept:
+        return self._live.count
+
+    cdef int clear(self) except -1:
+        """Drop every timer (the loop is closing)."""
+        cdef Py_ssize_t i, n = self._size
+        self._size = 0
+        cppnp_id_set_free(&self._live)
+        for i in range(n):
+            Py_DECREF(<object>self._heap[i].callback)
+        return 0
+
+    cdef int _push(self, TimerEntry* e) except -1:
         cdef Py_ssize_t i, parent
-        cdef TimerEntry e
         cdef TimerEntry* grown
         if self._size == self._cap:
             grown = <TimerEntry*>PyMem_RawRealloc(
-                self._heap, (self._cap * 2 + 16) * sizeof(TimerEntry))
+                self._heap, (self._cap * 2 + 64) * sizeof(TimerEntry))
             if grown == NULL:
                 raise MemoryError()
             self._heap = grown
-            self._cap = self._cap * 2 + 16
-        e.when = when
-        e.seq = seq
+            self._cap = self._cap * 2 + 64
         i = self._size
         self._size += 1
         while i > 0:
             parent = (i - 1) >> 1
-            if not _less(&e, &self._heap[parent]):
+            if not _less(e, &self._heap[parent]):
                 break
             self._heap[i] = self._heap[parent]
             i = parent
-        self._heap[i] = e
+        self._heap[i] = e[0]
         return 0
 
     cdef void _sift_down(self, Py_ssize_t i) noexcept nogil:
@@ -72,54 +84,59 @@ cdef class TimerQueue:
         self._heap[i] = e
 
     cdef void _pop(self) noexcept nogil:
+        """Remove the top entry (the caller has taken or released its reference)."""
         self._size -= 1
         if self._size > 0:
             self._heap[0] = self._heap[self._size]
             self._sift_down(0)
 
     cdef int _compact(self) except -1:
-        """Drop dead entries and re-heapify (asyncio's rule: when over half is dead)."""
+        """Drop dead entries and re-heapify."""
         cdef Py_ssize_t i, j = 0
-        timers = self._timers
+        cdef list dead = []
         for i in range(self._size):
-            if self._heap[i].seq in timers:
+            if cppnp_id_set_contains(&self._live, self._heap[i].seq):
                 self._heap[j] = self._heap[i]
                 j += 1
+            else:
+                dead.append(<object>self._heap[i].callback)
+                Py_DECREF(<object>self._heap[i].callback)
         self._size = j
-        self._dead = 0
         i = self._size // 2 - 1
         while i >= 0:
             self._sift_down(i)
             i -= 1
-        return 0
+        return 0    # `dead` releases the callbacks last, after the heap is consistent
 
     cdef int add(self, int64_t seq, double when, double interval, object callback) except -1:
-        self._timers[seq] = [callback, interval]
-        self._push(when, seq)
+        cdef TimerEntry e
+        e.when = when
+        e.seq = seq
+        e.interval = interval
+        e.callback = <PyObject*>callback
+        if cppnp_id_set_add(&self._live, seq) < 0:
+            raise MemoryError()
+        self._push(&e)
+        Py_INCREF(callback)
         return 0
 
     cdef bint cancel(self, int64_t seq) except -1:
-        if self._timers.pop(seq, None) is None:
+        if not cppnp_id_set_remove(&self._live, seq):
             return False
-        self._dead += 1
-        if self._dead > MIN_COMPACT and self._dead * 2 > self._size:
+        if self._size - <Py_ssize_t>self._live.count > MIN_COMPACT \
+                and (self._size - <Py_ssize_t>self._live.count) * 2 > self._size:
             self._compact()
         return True
 
-    cdef object take(self, int64_t seq):
-        cdef list entry = self._timers.get(seq)
-        if entry is None:
-            return None
-        if entry[1] == 0.0:
-            del self._timers[seq]
-        return entry[0]
-
     cdef int timeout_ms(self, double now) except -2:
         cdef double delta
+        cdef object cb
         # Dead entries at the top would only cause an early wakeup: drop them first.
-        while self._size and self._heap[0].seq not in self._timers:
+        while self._size and not cppnp_id_set_contains(&self._live, self._heap[0].seq):
+            cb = <object>self._heap[0].callback
+            Py_DECREF(cb)
             self._pop()
-            self._dead -= 1
+            cb = None
         if self._size == 0:
             return -1
         if isinf(self._heap[0].when):
@@ -132,37 +149,33 @@ cdef class TimerQueue:
         # Round up: waking a fraction of a millisecond early would spin.
         return <int>ceil(delta)
 
-    cdef list pop_expired(self, double now):
+    cdef object pop_due(self, double now, int64_t cutoff):
         cdef TimerEntry top
-        cdef list expired = []
-        cdef double interval, nxt
-        cdef list entry
-        timers = self._timers
-        while self._size and self._heap[0].when <= now:
+        cdef double nxt
+        cdef object cb
+        while self._size:
             top = self._heap[0]
-            self._pop()
-            entry = timers.get(top.seq)
-            if entry is None:
-                self._dead -= 1
+            if top.when > now or top.seq >= cutoff:
+                return None
+            cb = <object>top.callback      # a new reference; the heap's one is below
+            if not cppnp_id_set_remove(&self._live, top.seq):
+                Py_DECREF(cb)              # cancelled: drop the heap's reference
+                self._pop()
                 continue
-            interval = entry[1]
-            if interval > 0:
-                # No drift: the next deadline is the previous deadline plus the interval,
+            if top.interval > 0:
+                # No drift: the next deadline is the previous one plus the interval,
                 # skipping whole periods the loop missed (one catch-up fire, not a burst).
-                nxt = top.when + interval
+                nxt = top.when + top.interval
                 if nxt <= now:
-                    nxt = top.when + (floor((now - top.when) / interval) + 1) * interval
-                self._push(nxt, top.seq)
-            expired.append(top.seq)
-        return expired
-
-    cdef int restore(self, list seqs, double now) except -1:
-        cdef int64_t seq
-        for seq in seqs:
-            entry = self._timers.get(seq)
-            if entry is not None and entry[1] == 0.0:
-                self._push(now, seq)
-        return 0
+                    nxt = top.when + (floor((now - top.when) / top.interval) + 1) * top.interval
+                cppnp_id_set_add(&self._live, top.seq)
+                self._heap[0].when = nxt
+                self._sift_down(0)         # the entry keeps its reference
+            else:
+                Py_DECREF(cb)              # the heap's reference goes; `cb` keeps one
+                self._pop()
+            return cb
+        return None
 
     def _heap_size(self):
         """Heap entries, live and dead (for tests of the compaction bound)."""
