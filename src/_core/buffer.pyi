@@ -1,8 +1,7 @@
-from typing import Union
 
 from typing_extensions import Buffer as _BufferLike
 
-_Data = Union[_BufferLike, str]
+_Data = _BufferLike | str
 
 def live_buffers() -> int: ...
 

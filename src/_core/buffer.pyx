@@ -76,7 +76,7 @@ cdef class Buffer:
         cdef char* block
         if self._data != NULL and self._cap - self._writer >= n:
             return 0
-        if self._data != NULL and self._reader - CHEAP_PREPEND + (self._cap - self._writer) >= n \
+        if self._data != NULL and self._cap >= CHEAP_PREPEND + readable + n \
                 and self._exports == 0:
             # Enough room overall: move the readable bytes to the front (muduo makeSpace).
             memmove(self._data + CHEAP_PREPEND, self._data + self._reader, readable)

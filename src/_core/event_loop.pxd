@@ -22,6 +22,7 @@ cdef class EventLoop:
         PendingFunctors _pending        # list + pymutex + eventfd
         TimerQueue _timers
         set _channels                   # registered channels (keeps them alive)
+        set _attached                   # servers: told when the loop closes, even if stopped
         epoll_event* _events
         # While dispatching a batch: where we are, so remove_channel can invalidate the
         # batch's later events for a channel it removes.
@@ -34,7 +35,6 @@ cdef class EventLoop:
         readonly unsigned long long callback_errors
         readonly unsigned long long dropped_sends
         readonly unsigned long long dropped_bytes
-        readonly unsigned long long dropped_functors
         readonly unsigned long long iterations
         object __weakref__
 
@@ -43,6 +43,7 @@ cdef class EventLoop:
     cdef int assert_in_loop_thread(self, str what) except -1
     cdef int update_channel(self, Channel ch, uint32_t interest) except -1
     cdef int remove_channel(self, Channel ch) except -1
+    cdef int attach(self, Channel ch) except -1
     # Queue fn(arg) (or fn.run_functor(arg) for a Channel) to run on the loop thread.
     cdef int queue(self, object fn, object arg) except -1
     cdef int report_error(self, str where) except -1

@@ -79,6 +79,7 @@ cdef class EventLoop:
         self._epfd = -1
         self._events = NULL
         self._channels = set()
+        self._attached = set()
         self._timers = TimerQueue()
         self._next_timer_id = 0
         self._quit = 0
@@ -336,6 +337,12 @@ cdef class EventLoop:
         self._channels.discard(ch)
         return 0
 
+    cdef int attach(self, Channel ch) except -1:
+        if self._closed:
+            raise RuntimeError("EventLoop is closed")
+        self._attached.add(ch)
+        return 0
+
     # -- functors -----------------------------------------------------------------------
 
     cdef int queue(self, object fn, object arg) except -1:
@@ -481,15 +488,22 @@ cdef class EventLoop:
             "callback_errors": self.callback_errors,
             "dropped_sends": self.dropped_sends,
             "dropped_bytes": self.dropped_bytes,
-            "dropped_functors": self.dropped_functors,
+            "dropped_functors": self._pending.dropped,
             "iterations": self.iterations,
         }
 
     # -- closing ------------------------------------------------------------------------
 
+    @property
+    def dropped_functors(self):
+        """Functors dropped because the loop was closed (queued before or after close)."""
+        return self._pending.dropped
+
     def close(self):
-        """Close the loop: registered channels are closed, queued functors and timers are
-        dropped (counted in ``dropped_functors``), and the epoll fd and eventfd are closed.
+        """Close the loop: servers and connections are closed (without callbacks: a
+        connection still open or waiting for tasks is just released), queued functors and timers are
+        dropped (counted in ``dropped_functors``; functors queued later, e.g. sends from
+        workers, are dropped and counted too), and the epoll fd and eventfd are closed.
 
         Idempotent.  Raises RuntimeError while loop() runs.  Loop thread, or any thread
         once the loop has stopped.
@@ -501,14 +515,17 @@ cdef class EventLoop:
             raise RuntimeError("cannot close a running EventLoop; call quit() first")
         self._closed = True
         try:
-            for ch in list(self._channels):
+            # Servers first: they release their connections, registered or not (a
+            # connection waiting for pool tasks has no channel any more).
+            for ch in list(self._attached) + list(self._channels):
                 try:
                     ch.on_loop_closed()
                 except Exception:
                     self.report_error("closing %r" % (ch,))
                 self.remove_channel(ch)
+            self._attached.clear()
         finally:
-            self.dropped_functors += self._pending.close()
+            self._pending.close()
             self._timers.clear()
             if self._epfd >= 0:
                 close(self._epfd)

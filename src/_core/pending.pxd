@@ -14,7 +14,10 @@ cdef class PendingFunctors:
         list _items
         bint _wake_outstanding
         readonly int wakeup_fd
+        bint _closed
+        readonly unsigned long long dropped     # functors refused or discarded by close()
 
+    # Returns 1 if queued, 0 if the queue is closed (the functor is dropped and counted).
     cdef int append(self, object fn, object arg, bint from_loop_thread) except -1
     cdef list swap(self)
     cdef int put_back(self, list items) except -1

@@ -33,6 +33,9 @@ cdef class PendingFunctors:
 
     cdef int append(self, object fn, object arg, bint from_loop_thread) except -1:
         with self._lock:
+            if self._closed:
+                self.dropped += 1       # the loop is gone: nothing will ever run it
+                return 0
             self._items.append(fn)
             self._items.append(arg)
             # The loop thread itself never needs a wakeup: it checks has_items() before
@@ -41,7 +44,7 @@ cdef class PendingFunctors:
             if not from_loop_thread and not self._wake_outstanding:
                 self._wake_outstanding = True
                 self._write_wakeup()
-        return 0
+        return 1
 
     cdef list swap(self):
         cdef list items
@@ -85,9 +88,11 @@ cdef class PendingFunctors:
     cdef int close(self) except -1:
         cdef list items
         with self._lock:
+            self._closed = True
             items = self._items
             self._items = []
+            self.dropped += len(items) // 2
             if self.wakeup_fd >= 0:
                 close_fd(self.wakeup_fd)
                 self.wakeup_fd = -1
-        return len(items) // 2
+        return 0

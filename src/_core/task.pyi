@@ -1,4 +1,4 @@
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 class IRun0:
     def run0(self) -> Any: ...
@@ -8,7 +8,7 @@ class IRun2:
 
 class Task:
     target: Any
-    def __init__(self, target: Union[IRun0, IRun2, Task, Callable[..., Any]],
+    def __init__(self, target: IRun0 | IRun2 | Task | Callable[..., Any],
                  *args: Any) -> None: ...
     def do_task(self) -> Any: ...
     def __call__(self) -> Any: ...
@@ -18,6 +18,6 @@ class Task:
     def param(self) -> Any: ...
     DoTask = do_task
 
-Callback = Union[Callable[[], Any], IRun0, Task]
+Callback = Callable[[], Any] | IRun0 | Task
 
 def as_callback(cb: Callback) -> Callable[[], Any]: ...

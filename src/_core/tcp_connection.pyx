@@ -78,6 +78,10 @@ cdef class Handlers:
     pass
 
 
+cdef Handlers _NO_HANDLERS = Handlers.__new__(Handlers)
+_NO_HANDLERS.discard_input = True
+
+
 @cython.auto_pickle(False)
 cdef class ConnectionOwner(Channel):
     cdef int remove_connection(self, TcpConnection conn) except -1:
@@ -559,10 +563,14 @@ cdef class TcpConnection(Channel):
         return 0
 
     cdef int on_loop_closed(self) except -1:
+        """The loop is closing: close the socket and release, without callbacks."""
         if self._state == CONNECTED:
             self._close_socket()
         self._state = RELEASED
         self._owner = None
+        self._handlers = _NO_HANDLERS      # break cycles through the user's handler
+        self._input.clear()
+        self._input.release_storage()
         return 0
 
     # -- seed-compatible names: same objects as the snake_case methods --

@@ -1,4 +1,4 @@
-from typing import Any, Optional
+from typing import Any
 
 from _core.event_loop import EventLoop
 from _core.tcp_connection import TcpConnection
@@ -9,7 +9,7 @@ class TcpServer:
     accept_errors: int
     shed_connections: int
     def __init__(self, loop: EventLoop, address: tuple[str, int], handler: Any, *,
-                 name: Optional[str] = ..., reuse_port: bool = ..., backlog: int = ...,
+                 name: str | None = ..., reuse_port: bool = ..., backlog: int = ...,
                  tcp_nodelay: bool = ..., keepalive: bool = ...) -> None: ...
     @property
     def address(self) -> tuple[str, int]: ...

@@ -44,7 +44,7 @@ cdef class TcpServer(ConnectionOwner):
         self._connections = {}
 
     def __init__(self, EventLoop loop not None, address, handler, *, name=None,
-                 bint reuse_port=False, int backlog=1024, bint tcp_nodelay=True,
+                 bint reuse_port=False, backlog=1024, bint tcp_nodelay=True,
                  bint keepalive=False):
         """Prepare a server on (host, port); port 0 picks a free port (see ``address``).
 
@@ -59,6 +59,8 @@ cdef class TcpServer(ConnectionOwner):
             raise TypeError("port must be an int, got %r" % (type(port).__name__,))
         if not 0 <= port <= 65535:
             raise ValueError("port must be in 0..65535, got %d" % port)
+        if not isinstance(backlog, int) or isinstance(backlog, bool):
+            raise TypeError("backlog must be an int, got %r" % (type(backlog).__name__,))
         if backlog < 1:
             raise ValueError("backlog must be >= 1, got %d" % backlog)
         if handler is None:
@@ -113,10 +115,10 @@ cdef class TcpServer(ConnectionOwner):
 
         Calling it twice is harmless.  Thread-safe.
         """
-        if self._started:
-            return
         if self._stopped:
             raise RuntimeError("a stopped TcpServer cannot be restarted")
+        if self._started:
+            return
         host, port = self._address
         infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
                                    0, socket.AI_PASSIVE)
@@ -136,6 +138,7 @@ cdef class TcpServer(ConnectionOwner):
         self.fd = sock.detach()
         self._idle_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
         self._started = True
+        self._loop.attach(self)
         if self._loop.in_loop_thread():
             self._listen_in_loop()
         else:
@@ -248,12 +251,16 @@ cdef class TcpServer(ConnectionOwner):
         return 0
 
     cdef int on_loop_closed(self) except -1:
+        cdef TcpConnection conn
         self._stopped = True
         if self.fd >= 0:
+            self._loop.remove_channel(self)
             close(self.fd)
             self.fd = -1
         if self._idle_fd >= 0:
             close(self._idle_fd)
             self._idle_fd = -1
+        for conn in list(self._connections.values()):
+            conn.on_loop_closed()
         self._connections.clear()
         return 0

@@ -139,8 +139,8 @@ cdef class TimerQueue:
             cb = None
         if self._size == 0:
             return -1
-        if isinf(self._heap[0].when):
-            return -1
+        if isinf(self._heap[0].when) and self._heap[0].when > 0:
+            return -1           # +inf never fires
         delta = (self._heap[0].when - now) * 1000.0
         if delta <= 0:
             return 0
