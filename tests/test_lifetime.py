@@ -346,6 +346,7 @@ class TriggerHandler(LifetimeHandler):
         wait_in_worker(lambda: self.pool.completed >= self.completed_target)
 
 
+@pytest.mark.parametrize("pool", [4], ids=["pool4"], indirect=True)
 def test_half_close_reply_not_lost_when_task_finishes_during_the_eof_pass(
         serve: Any, pool: ThreadPool, caplog: pytest.LogCaptureFixture) -> None:
     """The release of a half-closed connection must not overtake a reply its last task
@@ -355,9 +356,8 @@ def test_half_close_reply_not_lost_when_task_finishes_during_the_eof_pass(
     one poll returns [A: EOF, B: data].  A's EOF queues the release check; B's
     on_message lets A's task reply and finish before the loop reaches its functors.
     A must still get its reply before EOF (if epoll reports B first, the race is not
-    provoked and the test passes trivially)."""
-    if pool.num_threads == 0:
-        pytest.skip("needs a task in flight on a worker")
+    provoked and the test passes trivially).  Pool mode only: it needs a task in flight
+    on a worker while the loop thread runs."""
     h = TriggerHandler(pool)
     st = start_server(serve, h, caplog)
     live = baseline_live()
@@ -389,6 +389,85 @@ def test_half_close_reply_not_lost_when_task_finishes_during_the_eof_pass(
         assert got == reply_of(f), "round %d: a half-closed peer lost its reply" % it
         assert h.wait_closed(a_id)["dropped_sends"] == 0
         h.wait_closed(b_id)
+    assert_clean(st, pool, h, live, caplog)
+
+
+class RelayHandler(LifetimeHandler):
+    """Data on the relay connection is forwarded to the target connection through the
+    pool (a chat-style broadcast): Task(self, frame, target)."""
+
+    def __init__(self, pool: ThreadPool) -> None:
+        super().__init__(pool)
+        self.relay_id = -1
+        self.target: Any = None                        # weakref to the target conn
+        self.busy = threading.Event()                  # holds the one worker awake
+        self.target_state: list[tuple[bool, bool]] = []
+
+    def on_message(self, conn: Any, buf: Any) -> None:
+        if conn.id != self.relay_id:
+            super().on_message(conn, buf)
+            return
+        buf.retrieve_all()
+        target = self.target()
+        if target is None:                             # released and gone already
+            self.target_state.append((False, True))
+            self.busy.set()
+            return
+        self.target_state.append((target.connected, target.closed))
+        done = self.pool.completed + 2
+        with self.lock:
+            self.added[target.id] += 1
+        self.pool.add_task(Task(self, frame(b"q", 0, 9, 9), target))
+        self.busy.set()                                # the awake worker runs it next
+        wait_in_worker(lambda: self.pool.completed >= done)
+
+
+@pytest.mark.parametrize("pool", [1], ids=["pool1"], indirect=True)
+def test_half_closed_peer_gets_replies_of_a_task_added_before_its_release(
+        serve: Any, pool: ThreadPool, caplog: pytest.LogCaptureFixture) -> None:
+    """A task added for a half-closed connection that is not released yet (still
+    ``connected``, not ``closed``) is counted on it, so its reply must be written before
+    the connection is released -- also when the task is added and finishes between
+    the loop's first and second look at the finished connection.
+
+    Pass k: A's EOF queues the release check, a timer makes B's data arrive; pass k+1:
+    B's on_message hands a reply for A to the (already awake) worker, which sends and
+    finishes before the loop reaches its functors."""
+    h = RelayHandler(pool)
+    st = start_server(serve, h, caplog)
+    live = baseline_live()
+    for it in range(3):
+        h.busy = threading.Event()
+        a = st.connect()
+        b = st.connect()
+        a_id, b_id = h.conn_id(a), h.conn_id(b)
+        h.target = h.refs[a_id]
+        h.relay_id = b_id
+        pool.add_task(h.busy.wait, TIMEOUT)            # the worker stays awake: no wakeup
+        wait_for(lambda: pool.running == 1, TIMEOUT)
+        parked, release = threading.Event(), threading.Event()
+
+        def park(parked: threading.Event = parked, release: threading.Event = release,
+                 b: socket.socket = b) -> None:
+            parked.set()
+            release.wait(TIMEOUT)
+            # Fires after the I/O of the next pass (the one that reads A's EOF).
+            st.loop.run_after(0, lambda: b.sendall(b"relay"))
+
+        st.loop.queue_in_loop(park)
+        assert parked.wait(TIMEOUT)
+        a.shutdown(socket.SHUT_WR)
+        time.sleep(0.05)                               # let the FIN reach the server
+        release.set()
+        got = recv_to_eof(a)
+        a.close()
+        b.close()
+        h.wait_closed(a_id)
+        h.wait_closed(b_id)
+        connected, closed = h.target_state[-1]
+        if connected and not closed:                   # the task was added in time
+            assert got == reply_of(frame(b"q", 0, 9, 9)), (
+                "round %d: reply of a task added before the release was dropped" % it)
     assert_clean(st, pool, h, live, caplog)
 
 
@@ -469,12 +548,15 @@ def test_peer_resets_or_closes_with_tasks_in_flight(
 # -- a late reply never reaches a newer connection on the same fd number -----------------
 
 
-@pytest.mark.parametrize("late", ["pool-task", "held-reference"])
+# A task blocked in single-thread mode would block the loop thread: there the late
+# reply comes from a thread of our own holding a reference to the connection.
+@pytest.mark.parametrize("pool,late", [(4, "pool-task"), (4, "held-reference"),
+                                       (0, "held-reference")],
+                         ids=["pool4-pool-task", "pool4-held-reference",
+                              "single-held-reference"], indirect=["pool"])
 def test_late_reply_never_reaches_a_connection_reusing_the_fd(
         setup: Any, pool: ThreadPool, late: str, caplog: pytest.LogCaptureFixture) -> None:
     st, h = setup
-    if late == "pool-task" and h.single:
-        pytest.skip("a blocked task would block the loop thread in single-thread mode")
     live = baseline_live()
     rounds = 12
     reused = 0

@@ -79,6 +79,22 @@ def assert_all_dead(refs: dict[int, Any], timeout: float = 3.0) -> None:
         len(alive), len(refs))
 
 
+@pytest.fixture
+def new_pool() -> Any:
+    """new_pool(n, name) -> a started ThreadPool, stopped at teardown."""
+    pools: list[ThreadPool] = []
+
+    def make(n: int, name: str) -> ThreadPool:
+        pool = ThreadPool(n, name=name)
+        pools.append(pool)
+        pool.start()
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.stop(drain=False, timeout=TIMEOUT)
+
+
 class FramedEcho(ICppnpUsr, IRun2):
     """Parses complete frames out of the input buffer and hands each one to the pool
     as Task(self, frame, conn); the task echoes the frame."""
@@ -234,44 +250,40 @@ def run_clients(address: Any, seed: int, threads: int, per_thread: int,
 
 @pytest.mark.parametrize("nthreads,seed", [(4, 1), (4, 2), (0, 3)],
                          ids=["pool4-seed1", "pool4-seed2", "single-seed3"])
-def test_stress_random_disconnects(serve: Any, nthreads: int, seed: int,
+def test_stress_random_disconnects(serve: Any, new_pool: Any, nthreads: int, seed: int,
                                    caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, logger="cppnp")
     gc.collect()
     live_before = cppnp.live_connections()
-    pool = ThreadPool(nthreads, name="stress-worker")
-    pool.start()
-    try:
-        h = FramedEcho(pool, seed, pause_probability=0.2 if nthreads else 0.0)
-        st = serve(h)
-        errors: list[str] = []
-        outcome: Counter[str] = Counter()
-        run_clients(st.address, seed, threads=CLIENT_THREADS, per_thread=CONNS_PER_THREAD,
-                    errors=errors, outcome=outcome)
-        assert errors == [], "seed %d: %s" % (seed, errors[:5])
-        wait_for(lambda: st.connection_count() == 0, TIMEOUT)
-        wait_for(lambda: pool.queued == 0 and pool.running == 0, TIMEOUT)
-        assert sum(outcome[f] for f in ("live", "half", "close", "reset")) == CONNS
-        assert outcome["live"] and outcome["half"] and outcome["reset"] + outcome["close"]
-        assert outcome["verified"] >= 2000, outcome
-        assert h.on_message_calls > 0
-        assert len(h.opened) == CONNS and set(h.opened.values()) == {1}
-        assert set(h.closes) == set(h.opened) and set(h.closes.values()) == {1}
-        total_dropped = 0
-        for cid, info in h.close_info.items():
-            assert info["pending"] == 0 and info["all_ended"], (cid, info)
-            assert info["bytes_sent"] + info["dropped_bytes"] == info["reply_bytes"], info
-            total_dropped += info["dropped_sends"]
-        stats = st.stats()
-        assert stats["dropped_sends"] == total_dropped
-        assert stats["callback_errors"] == 0
-        assert pool.failed == 0
-        assert pool.completed == sum(h.added.values())
-        assert cppnp_errors(caplog) == []
-        assert_all_dead(h.refs)
-        assert cppnp.live_connections() == live_before
-    finally:
-        pool.stop(drain=False, timeout=TIMEOUT)
+    pool = new_pool(nthreads, "stress-worker")
+    h = FramedEcho(pool, seed, pause_probability=0.2 if nthreads else 0.0)
+    st = serve(h)
+    errors: list[str] = []
+    outcome: Counter[str] = Counter()
+    run_clients(st.address, seed, threads=CLIENT_THREADS, per_thread=CONNS_PER_THREAD,
+                errors=errors, outcome=outcome)
+    assert errors == [], "seed %d: %s" % (seed, errors[:5])
+    wait_for(lambda: st.connection_count() == 0, TIMEOUT)
+    wait_for(lambda: pool.queued == 0 and pool.running == 0, TIMEOUT)
+    assert sum(outcome[f] for f in ("live", "half", "close", "reset")) == CONNS
+    assert outcome["live"] and outcome["half"] and outcome["reset"] + outcome["close"]
+    assert outcome["verified"] >= 2000, outcome
+    assert h.on_message_calls > 0
+    assert len(h.opened) == CONNS and set(h.opened.values()) == {1}
+    assert set(h.closes) == set(h.opened) and set(h.closes.values()) == {1}
+    total_dropped = 0
+    for cid, info in h.close_info.items():
+        assert info["pending"] == 0 and info["all_ended"], (cid, info)
+        assert info["bytes_sent"] + info["dropped_bytes"] == info["reply_bytes"], info
+        total_dropped += info["dropped_sends"]
+    stats = st.stats()
+    assert stats["dropped_sends"] == total_dropped
+    assert stats["callback_errors"] == 0
+    assert pool.failed == 0
+    assert pool.completed == sum(h.added.values())
+    assert cppnp_errors(caplog) == []
+    assert_all_dead(h.refs)
+    assert cppnp.live_connections() == live_before
 
 
 # -- ThreadPool.stop() with connection tasks queued ----------------------------------------
@@ -293,11 +305,10 @@ class GatedEcho(FramedEcho):
 
 
 @pytest.mark.parametrize("drain", [True, False], ids=["drain", "discard"])
-def test_pool_stop_with_connection_tasks_queued(serve: Any, drain: bool,
+def test_pool_stop_with_connection_tasks_queued(serve: Any, new_pool: Any, drain: bool,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, logger="cppnp")
-    pool = ThreadPool(2, name="stop-worker")
-    pool.start()
+    pool = new_pool(2, "stop-worker")
     h = GatedEcho(pool)
     st = serve(h)
     socks = [st.connect() for _ in range(6)]
@@ -388,15 +399,14 @@ class ChattyTask(ICppnpUsr, IRun2):
                 time.sleep(0.0002)
 
 
-def test_loop_quit_while_workers_still_send(serve: Any,
+def test_loop_quit_while_workers_still_send(serve: Any, new_pool: Any,
                                             caplog: pytest.LogCaptureFixture) -> None:
     """Workers blocked mid-task while the loop stops and closes; then every one of
     them sends after the close.  Nothing raises, nothing hangs, and every late send is
     accounted for (a dropped send or a dropped functor), none left queued on the
     closed loop."""
     caplog.set_level(logging.ERROR, logger="cppnp")
-    pool = ThreadPool(4, name="quit-worker")
-    pool.start()
+    pool = new_pool(4, "quit-worker")
     h = ChattyTask(pool, before=3, after=10)
     h.gate = threading.Event()
     st = serve(h)
@@ -432,11 +442,10 @@ def test_loop_quit_while_workers_still_send(serve: Any,
 
 @pytest.mark.parametrize("seed", [11, 12, 13])
 def test_loop_quit_at_a_random_moment_while_workers_send(
-        serve: Any, seed: int, caplog: pytest.LogCaptureFixture) -> None:
+        serve: Any, new_pool: Any, seed: int, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, logger="cppnp")
     rng = random.Random(seed)
-    pool = ThreadPool(4, name="quit-worker")
-    pool.start()
+    pool = new_pool(4, "quit-worker")
     h = ChattyTask(pool, before=0, after=rng.randint(20, 200))
     st = serve(h)
     socks = [st.connect() for _ in range(6)]
@@ -459,13 +468,12 @@ def test_loop_quit_at_a_random_moment_while_workers_send(
     assert_all_dead({i: r for i, r in enumerate(h.refs)})
 
 
-def test_stop_server_then_pool_with_tasks_in_flight(serve: Any,
+def test_stop_server_then_pool_with_tasks_in_flight(serve: Any, new_pool: Any,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     """server.stop() force-closes connections whose tasks are still running: they are
     released (on_close once) when the tasks finish, their replies dropped and counted."""
     caplog.set_level(logging.ERROR, logger="cppnp")
-    pool = ThreadPool(2, name="stop-worker")
-    pool.start()
+    pool = new_pool(2, "stop-worker")
     h = GatedEcho(pool)
     st = serve(h)
     socks = [st.connect() for _ in range(3)]

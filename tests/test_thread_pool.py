@@ -414,7 +414,7 @@ def test_same_key_runs_one_at_a_time_in_order(make_pool: Any, nthreads: int) -> 
 
 def test_same_key_from_concurrent_submitters_never_overlaps(make_pool: Any,
                                                             nthreads: int) -> None:
-    """"Tasks sharing a key run one at a time in order" -- also when several threads
+    """Tasks sharing a key run one at a time in order -- also when several threads
     submit them, and in single-thread mode (where each runs in its own caller)."""
     pool = make_pool(nthreads)
     probe = StrandProbe()

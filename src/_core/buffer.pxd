@@ -4,7 +4,7 @@
 # |                   |     (CONTENT)    |                  |
 # 0      <=       _reader     <=     _writer      <=      _cap
 #
-# Storage comes from PyMem_RawMalloc so the loop can readv() into it with the GIL released.
+# Storage comes from PyMem_RawMalloc (C memory that needs no GIL to be touched).
 # Storage is allocated lazily (an idle connection owns no buffer memory).  While a
 # memoryview of the buffer is exported, storage is never freed or moved by a realloc: a
 # grow copies to a new block and parks the old one until the last export is released.
@@ -31,8 +31,8 @@ cdef class Buffer:
     cdef int consume(self, size_t n) except -1
     cdef int clear(self) except -1
     cdef int release_storage(self) except -1
-    # One readv() into the writable region plus a 64 KiB stack spill area; the GIL is
-    # released around the call.  Returns bytes read, 0 on EOF, -1 with *err set.
+    # One readv() into the writable region plus a 64 KiB stack spill area, on a
+    # non-blocking fd.  Returns bytes read, 0 on EOF, -1 with *err set.
     cdef Py_ssize_t read_fd(self, int fd, int* err) except -2
     # One send(MSG_NOSIGNAL) of the readable region; consumes what was written.
     cdef Py_ssize_t write_fd(self, int fd, int* err) except -2

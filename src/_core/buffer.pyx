@@ -170,11 +170,12 @@ cdef class Buffer:
         # With 64 KiB of spill area, one readv reads up to writable + 64 KiB: this saves
         # an ioctl(FIONREAD) per read (muduo Buffer::readFd).
         iovcnt = 2 if writable < EXTRA_BUF else 1
-        with nogil:
-            while True:
-                n = readv(fd, &vec[0] if writable else &vec[1], iovcnt if writable else 1)
-                if n >= 0 or errno != EINTR:
-                    break
+        # The fd is non-blocking, so readv never waits: the GIL is kept (releasing it would
+        # hand it to a waiting worker in the middle of the loop's dispatch).
+        while True:
+            n = readv(fd, &vec[0] if writable else &vec[1], iovcnt if writable else 1)
+            if n >= 0 or errno != EINTR:
+                break
         if n < 0:
             err[0] = errno
             return -1
@@ -191,11 +192,10 @@ cdef class Buffer:
         cdef const char* p = self._data + self._reader
         if len_ == 0:
             return 0
-        with nogil:
-            while True:
-                n = send(fd, p, len_, MSG_NOSIGNAL)
-                if n >= 0 or errno != EINTR:
-                    break
+        while True:        # non-blocking: never waits, so the GIL is kept (see read_fd)
+            n = send(fd, p, len_, MSG_NOSIGNAL)
+            if n >= 0 or errno != EINTR:
+                break
         if n < 0:
             err[0] = errno
             return -1

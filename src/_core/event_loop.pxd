@@ -45,6 +45,7 @@ cdef class EventLoop:
     cdef int remove_channel(self, Channel ch) except -1
     cdef int attach(self, Channel ch) except -1
     # Queue fn(arg) (or fn.run_functor(arg) for a Channel) to run on the loop thread.
+    # Returns 1, or 0 if the loop is closed (the functor is dropped and counted).
     cdef int queue(self, object fn, object arg) except -1
     cdef int report_error(self, str where) except -1
     cdef int count_drop(self, Py_ssize_t nbytes) noexcept

@@ -346,8 +346,7 @@ cdef class EventLoop:
     # -- functors -----------------------------------------------------------------------
 
     cdef int queue(self, object fn, object arg) except -1:
-        self._pending.append(fn, arg, self.in_loop_thread())
-        return 0
+        return self._pending.append(fn, arg, self.in_loop_thread())
 
     def queue_in_loop(self, cb):
         """Queue *cb* (callable, IRun0 or Task) to run on the loop thread, after the I/O

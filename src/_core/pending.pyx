@@ -80,9 +80,8 @@ cdef class PendingFunctors:
     cdef int drain_wakeup(self) except -1:
         cdef uint64_t value
         cdef int fd = self.wakeup_fd
-        with nogil:
-            while read(fd, &value, sizeof(value)) < 0 and errno == EINTR:
-                pass
+        while read(fd, &value, sizeof(value)) < 0 and errno == EINTR:   # non-blocking
+            pass
         return 0
 
     cdef int close(self) except -1:

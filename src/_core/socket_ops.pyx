@@ -30,12 +30,12 @@ cdef object sockaddr_to_tuple(const sockaddr* sa):
 cdef int accept_nonblocking(int fd, sockaddr_storage* addr, int* err) noexcept:
     cdef socklen_t alen
     cdef int connfd
-    with nogil:
-        while True:
-            alen = sizeof(sockaddr_storage)
-            connfd = accept4(fd, <sockaddr*>addr, &alen, SOCK_NONBLOCK | SOCK_CLOEXEC)
-            if connfd >= 0 or errno != EINTR:
-                break
+    # The listening fd is non-blocking: accept4 never waits, so the GIL is kept.
+    while True:
+        alen = sizeof(sockaddr_storage)
+        connfd = accept4(fd, <sockaddr*>addr, &alen, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        if connfd >= 0 or errno != EINTR:
+            break
     if connfd < 0:
         err[0] = errno
     return connfd

@@ -5,9 +5,10 @@
 # It is released -- fd closed, on_close called once, forgotten by its server -- only when
 #   (the peer closed, or a fault or force_close() closed the socket) AND _pending_tasks == 0
 #   AND (for a peer that only half-closed) every queued reply has been written.
-# The release decision is always taken by a functor (OP_FINISH) run from the pending-functor
-# queue, so replies a worker queued before it finished are written (or dropped) first, and
-# user callbacks never run from inside send().
+# A worker's reply is counted in _queued_sends before its task is counted finished, so when
+# the loop sees _pending_tasks == 0 every reply of a finished task is already counted: the
+# release also waits for _queued_sends == 0.  The decision is taken by a functor
+# (OP_FINISH), so user callbacks never run from inside send().
 from libc.stdint cimport int64_t, uint32_t
 
 from _core.buffer cimport Buffer
@@ -49,11 +50,11 @@ cdef class TcpConnection(Channel):
         bint _shutdown_requested    # shutdown(): SHUT_WR once the output buffer drains
         bint _shut_wr_done
         bint _finish_queued
-        bint _finish_confirmed      # the release check passed once (two-phase, see _finish)
         Buffer _input
         Buffer _output
         int64_t _pending_tasks      # atomic: pool tasks referring to this connection
-        int64_t _release_wanted     # atomic: the loop waits for _pending_tasks == 0
+        int64_t _queued_sends       # atomic: sends queued by other threads, not yet written
+        int64_t _release_wanted     # atomic: the loop waits for both counts to reach 0
         Py_ssize_t _high_water_mark
         sockaddr_storage _peer
         object _peer_address

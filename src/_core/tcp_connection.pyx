@@ -267,7 +267,11 @@ cdef class TcpConnection(Channel):
                 data = PyBytes_FromStringAndSize(<const char*>view.buf, view.len)
         finally:
             PyBuffer_Release(&view)
-        self._loop.queue(self, data)
+        # Counted before it is queued (and so before the caller's task is counted
+        # finished): see the lifetime notes in tcp_connection.pxd.
+        cppnp_atomic_add(&self._queued_sends, 1)
+        if not self._loop.queue(self, data):
+            cppnp_atomic_add(&self._queued_sends, -1)   # the loop is closed: dropped
 
     cdef int _drop(self, Py_ssize_t nbytes) noexcept:
         self.dropped_sends += 1
@@ -282,11 +286,10 @@ cdef class TcpConnection(Channel):
             self._drop(n)
             return 0
         if len(self._output) == 0:
-            with nogil:
-                while True:
-                    written = send(fd, p, n, MSG_NOSIGNAL)
-                    if written >= 0 or errno != EINTR:
-                        break
+            while True:     # non-blocking: never waits, so the GIL is kept
+                written = send(fd, p, n, MSG_NOSIGNAL)
+                if written >= 0 or errno != EINTR:
+                    break
             if written < 0:
                 if errno != EAGAIN:
                     self._drop(n)
@@ -487,12 +490,8 @@ cdef class TcpConnection(Channel):
         cppnp_atomic_store(&self._release_wanted, 1)
         if cppnp_atomic_load(&self._pending_tasks) > 0:
             return 0            # the last task_finished() queues OP_FINISH
-        if not self._finish_confirmed:
-            # A task that finished just now may have queued its reply behind this functor:
-            # check once more from the back of the queue, after every such reply.
-            self._finish_confirmed = True
-            self._try_finish()
-            return 0
+        if cppnp_atomic_load(&self._queued_sends) > 0:
+            return 0            # replies still queued: the last one calls _try_finish
         if self._state == CONNECTED:
             self._close_socket()
         self._release()
@@ -523,6 +522,9 @@ cdef class TcpConnection(Channel):
                 self._send_in_loop(<const char*>view.buf, view.len)
             finally:
                 PyBuffer_Release(&view)
+                if cppnp_atomic_add(&self._queued_sends, -1) == 0 \
+                        and cppnp_atomic_load(&self._release_wanted):
+                    self._try_finish()
         elif type(arg) is tuple:
             self._do_op(arg[0], arg[1])
         else:
