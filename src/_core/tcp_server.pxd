@@ -17,6 +17,7 @@ cdef class TcpServer(ConnectionOwner):
         bint _keepalive
         bint _started
         bint _stopped
+        bint _paused                   # listener unpolled after an accept error
         int _idle_fd                   # /dev/null, spent to shed a connection on EMFILE
         dict _connections              # id -> TcpConnection
         double _last_emfile_log
@@ -29,4 +30,5 @@ cdef class TcpServer(ConnectionOwner):
     cdef int _listen_in_loop(self) except -1
     cdef int _stop_in_loop(self) except -1
     cdef int _shed_one(self, int err) except -1
+    cdef int _pause_accepting(self) except -1
     cdef _log_accept_error(self, int err)

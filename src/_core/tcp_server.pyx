@@ -25,6 +25,8 @@ cdef object _logger = logging.getLogger("cppnp")
 # At most this many accepts per readable event, so a connection storm cannot starve the
 # I/O of connections already open (the listener stays readable: level-triggered).
 DEF MAX_ACCEPTS_PER_EVENT = 256
+# Seconds the listener rests after an accept error that would otherwise repeat at once.
+DEF ACCEPT_RETRY_DELAY = 0.1
 
 
 @cython.auto_pickle(False)
@@ -203,11 +205,14 @@ cdef class TcpServer(ConnectionOwner):
                 if err == ECONNABORTED or err == EPROTO or err == EPERM:
                     self.accept_errors += 1
                     continue            # the peer gave up before we accepted: next one
-                if err == EMFILE or err == ENFILE:
+                if (err == EMFILE or err == ENFILE) and self._idle_fd >= 0:
                     self._shed_one(err)
                     return 0
+                # Out of fds with no spare, or out of kernel memory: the backlog stays
+                # readable, so stop polling the listener for a while instead of spinning.
                 self.accept_errors += 1
                 self._log_accept_error(err)
+                self._pause_accepting()
                 return 0
             self.accepted += 1
             try:
@@ -239,6 +244,20 @@ cdef class TcpServer(ConnectionOwner):
             self.shed_connections += 1
         self._idle_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
         return 0
+
+    cdef int _pause_accepting(self) except -1:
+        if self.fd >= 0 and not self._paused:
+            self._paused = True
+            self._loop.update_channel(self, 0)
+            self._loop.run_after(ACCEPT_RETRY_DELAY, self._resume_accepting)
+        return 0
+
+    def _resume_accepting(self):
+        self._paused = False
+        if self._idle_fd < 0:
+            self._idle_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
+        if self.fd >= 0 and not self._stopped:
+            self._loop.update_channel(self, EPOLLIN)
 
     cdef _log_accept_error(self, int err):
         cdef double now = cppnp_monotonic()
