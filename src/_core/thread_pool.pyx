@@ -124,10 +124,10 @@ cdef class ThreadPool:
     def start(self):
         """Start the worker threads (the seed's ``Start``).  Idempotent.  Thread-safe."""
         with self._start_lock:
-            if self._started:
-                return
             if self._stopping:
                 raise RuntimeError("a stopped ThreadPool cannot be restarted")
+            if self._started:
+                return
             self._started = True
             for i in range(self.num_threads):
                 t = threading.Thread(target=_worker_main, args=(self, i),
