@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 BUILD_DEPS := "setuptools>=77" "Cython>=3.1,<4" wheel
 export CPPNP_STRICT ?= 1
 
-.PHONY: demo test venv install build debug sanitize lint wheel bench bench-quick soak clean distclean
+.PHONY: demo test test-ft venv install build debug sanitize lint wheel bench bench-quick soak clean distclean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,3 +64,13 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV)
+
+# The suite on a free-threaded CPython 3.13t with the GIL off (builds 3.13t offline with
+# ../shared/tools/free-threaded-python.sh the first time, about 3 minutes).
+FT_VENV ?= .venv-ft
+test-ft:
+	@py=$$(bash ../shared/tools/free-threaded-python.sh) && \
+	  [ -x $(FT_VENV)/bin/python ] || $$py -m venv $(FT_VENV)
+	$(FT_VENV)/bin/pip install -q $(BUILD_DEPS) pytest pytest-timeout "hypothesis<6.140"
+	$(FT_VENV)/bin/pip install -q --no-build-isolation .
+	cd tests && PYTHON_GIL=0 ../$(FT_VENV)/bin/python -m pytest -q -p no:cacheprovider .

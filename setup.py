@@ -27,6 +27,7 @@ DEBUG = os.environ.get("CPPNP_DEBUG") == "1"
 SANITIZE = os.environ.get("CPPNP_SANITIZE") == "1"
 # Warnings are errors in our own builds (make, CI); a user's compiler may differ.
 STRICT = os.environ.get("CPPNP_STRICT") == "1"
+FREETHREADING = os.environ.get("CPPNP_FREETHREADING", "1") == "1"
 
 cflags = ["-Wall", "-Wno-unused-function"]
 ldflags = []
@@ -56,7 +57,13 @@ setup(
     ext_modules=cythonize(
         extensions,
         include_path=["src"],
-        compiler_directives={"language_level": 3, "embedsignature": True},
+        compiler_directives={
+            "language_level": 3,
+            "embedsignature": True,
+            # Shared state rests on the core's own locks and atomics (see README): the
+            # modules do not need the GIL, so a free-threaded CPython keeps it off.
+            "freethreading_compatible": FREETHREADING,
+        },
         annotate=DEBUG,
         build_dir="build/cython",
     ),
