@@ -163,20 +163,23 @@ cdef class TcpServer(ConnectionOwner):
         else:
             self._stop_in_loop()
 
-    cdef int _stop_in_loop(self) except -1:
-        if self._stopped:
-            return 0
+    cdef int _close_listener(self) except -1:
         self._stopped = True
         if self.fd >= 0:
-            if not self._loop.closed:
-                self._loop.remove_channel(self)
+            self._loop.remove_channel(self)
             close(self.fd)
             self.fd = -1
         if self._idle_fd >= 0:
             close(self._idle_fd)
             self._idle_fd = -1
-        for conn in list(self._connections.values()):
-            if not self._loop.closed:
+        return 0
+
+    cdef int _stop_in_loop(self) except -1:
+        if self._stopped:
+            return 0
+        self._close_listener()
+        if not self._loop.closed:
+            for conn in list(self._connections.values()):
                 conn.force_close()
         return 0
 
@@ -271,14 +274,7 @@ cdef class TcpServer(ConnectionOwner):
 
     cdef int on_loop_closed(self) except -1:
         cdef TcpConnection conn
-        self._stopped = True
-        if self.fd >= 0:
-            self._loop.remove_channel(self)
-            close(self.fd)
-            self.fd = -1
-        if self._idle_fd >= 0:
-            close(self._idle_fd)
-            self._idle_fd = -1
+        self._close_listener()
         for conn in list(self._connections.values()):
             conn.on_loop_closed()
         self._connections.clear()
