@@ -90,11 +90,13 @@ cdef class Buffer:
         while newcap < need:
             newcap *= 2
         if self._exports == 0:
-            if self._reader != CHEAP_PREPEND and self._data != NULL:
-                memmove(self._data + CHEAP_PREPEND, self._data + self._reader, readable)
+            # Grow first, then move: the reader may sit inside the prepend area (after a
+            # prepend), and moving the bytes up to CHEAP_PREPEND needs the larger block.
             block = <char*>PyMem_RawRealloc(self._data, newcap)
             if block == NULL:
                 raise MemoryError()
+            if self._reader != CHEAP_PREPEND and self._data != NULL:
+                memmove(block + CHEAP_PREPEND, block + self._reader, readable)
         else:
             # A view is exported: never free or move the block under it.
             block = <char*>PyMem_RawMalloc(newcap)

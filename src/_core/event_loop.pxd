@@ -30,6 +30,8 @@ cdef class EventLoop:
         int _dispatch_index
         int _dispatch_count
         int64_t _next_timer_id          # atomic
+        int _pid                        # the process that created the loop (fork check)
+        double _slice_start             # when the loop last (re)took the GIL
         list _deferred_notify           # worker queues to wake before the next poll
         # Counters (written on the loop thread only).
         readonly unsigned long long callback_errors
@@ -53,6 +55,7 @@ cdef class EventLoop:
     cdef int defer_notify(self, BlockingQueue q) except -1
     cdef int _flush_notify(self) except -1
     cdef int _run_once(self, int max_timeout) except -1
+    cdef int _share_gil(self) except -1
     cdef int _run_timers(self) except -1
     cdef int _run_pending(self) except -1
     cdef int64_t _add_timer(self, double when, double interval, object cb) except -1
@@ -60,5 +63,9 @@ cdef class EventLoop:
 
 # > 0 while some loop thread waits to get the GIL back after epoll_wait.
 cdef int64_t* loop_gil_flag() noexcept nogil
+# > 0 while some worker thread is about to take the GIL.
+cdef int64_t* worker_gil_flag() noexcept nogil
+# Log the exception being handled at ERROR on the "cppnp" logger, never raising.
+cdef void log_exception(str fmt, object arg) noexcept
 # The EventLoop whose loop() is running on the calling thread, or None.
 cdef EventLoop running_loop()

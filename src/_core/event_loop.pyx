@@ -28,6 +28,12 @@ import os
 import threading
 import weakref
 
+cdef extern from "<unistd.h>" nogil:
+    int getpid()
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
 cdef extern from "pythread.h":
     unsigned long PyThread_get_thread_ident() nogil
 
@@ -44,6 +50,12 @@ cdef object _logger = logging.getLogger("cppnp")
 # threads read it and step aside (loop_gil_flag), so the I/O thread is not starved by
 # workers handing the GIL to each other for a whole switch interval.
 cdef int64_t _loops_wanting_gil = 0
+# How many worker threads are about to take the GIL (set by ThreadPool workers).  The loop
+# hands the GIL over after LOOP_SLICE seconds of dispatch while one waits, so a loop that
+# always has input cannot starve the workers (a GIL convoy: the running thread re-wins the
+# GIL until CPython forces a switch every 5 ms).
+cdef int64_t _workers_wanting_gil = 0
+DEF LOOP_SLICE = 0.0002
 cdef object _NOARG = object()
 
 # One loop per thread (muduo's t_loopInThisThread): thread ident -> weakref to the loop.
@@ -84,6 +96,9 @@ cdef class EventLoop:
         self._next_timer_id = 0
         self._quit = 0
         self._deferred_notify = []
+        # Until __init__ succeeds the loop counts as closed, so an object made with
+        # EventLoop.__new__ raises RuntimeError instead of touching missing state.
+        self._closed = True
 
     def __init__(self):
         """Create a loop owned by the calling thread.
@@ -97,7 +112,9 @@ cdef class EventLoop:
         with _registry_lock:
             ref = _registry.get(self._thread_id)
             other = ref() if ref is not None else None
-            if other is not None and not (<EventLoop>other)._closed:
+            # A loop inherited through fork() belongs to the parent: it does not count.
+            if other is not None and not (<EventLoop>other)._closed \
+                    and (<EventLoop>other)._pid == getpid():
                 raise RuntimeError(
                     "another EventLoop exists in this thread (%r); close it first" % other)
             self._epfd = epoll_create1(EPOLL_CLOEXEC)
@@ -117,6 +134,8 @@ cdef class EventLoop:
             if epoll_ctl(self._epfd, EPOLL_CTL_ADD, self._pending.wakeup_fd, &ev) < 0:
                 raise OSError(errno, "epoll_ctl(eventfd) failed: " + os.strerror(errno))
             _registry[self._thread_id] = weakref.ref(self)
+            self._pid = getpid()
+            self._closed = False
 
     def __dealloc__(self):
         # No Python calls here: only release what C owns.
@@ -245,6 +264,7 @@ cdef class EventLoop:
         self.iterations += 1
         self._dispatch_count = n
         self._dispatching = True
+        self._slice_start = cppnp_monotonic()
         try:
             i = 0
             while i < self._dispatch_count:
@@ -256,10 +276,21 @@ cdef class EventLoop:
                     ch = <Channel>p
                     ch.handle_event(self._events[i].events)
                 i += 1
+                self._share_gil()
         finally:
             self._dispatching = False
         self._run_timers()
         self._run_pending()
+        return 0
+
+    cdef inline int _share_gil(self) except -1:
+        """After LOOP_SLICE of work while a worker waits for the GIL, let it have a turn."""
+        if cppnp_atomic_load(&_workers_wanting_gil) > 0 \
+                and cppnp_monotonic() - self._slice_start >= LOOP_SLICE:
+            with nogil:
+                _hand_gil_to_workers()
+            cppnp_atomic_add(&_loops_wanting_gil, -1)
+            self._slice_start = cppnp_monotonic()
         return 0
 
     cdef int _run_timers(self) except -1:
@@ -292,6 +323,7 @@ cdef class EventLoop:
                         fn(arg)
                 except Exception:
                     self.report_error("pending functor %r" % (fn,))
+                self._share_gil()
         finally:
             if i < n:
                 self._pending.put_back(items[i:])
@@ -324,7 +356,9 @@ cdef class EventLoop:
         cdef int i
         if ch.token == 0:
             return 0
-        if self._epfd >= 0 and ch.fd >= 0:
+        # After fork() the epoll instance is shared with the parent: a child closing its
+        # inherited loop must not take the parent's fds out of it.
+        if self._epfd >= 0 and ch.fd >= 0 and getpid() == self._pid:
             epoll_ctl(self._epfd, EPOLL_CTL_DEL, ch.fd, NULL)
         ch.token = 0
         ch.interest = 0
@@ -346,6 +380,8 @@ cdef class EventLoop:
     # -- functors -----------------------------------------------------------------------
 
     cdef int queue(self, object fn, object arg) except -1:
+        if self._pending is None:
+            return 0
         return self._pending.append(fn, arg, self.in_loop_thread())
 
     def queue_in_loop(self, cb):
@@ -373,7 +409,7 @@ cdef class EventLoop:
     @property
     def pending_functors(self):
         """How many functors are queued and not yet run."""
-        return len(self._pending)
+        return len(self._pending) if self._pending is not None else 0
 
     # -- timers -------------------------------------------------------------------------
 
@@ -454,7 +490,7 @@ cdef class EventLoop:
 
     cdef int report_error(self, str where) except -1:
         self.callback_errors += 1
-        _logger.error("Exception in %s", where, exc_info=True)
+        log_exception("Exception in %s", where)
         return 0
 
     cdef int count_drop(self, Py_ssize_t nbytes) noexcept:
@@ -483,11 +519,11 @@ cdef class EventLoop:
         return {
             "channels": len(self._channels),
             "timers": len(self._timers),
-            "pending_functors": len(self._pending),
+            "pending_functors": self.pending_functors,
             "callback_errors": self.callback_errors,
             "dropped_sends": self.dropped_sends,
             "dropped_bytes": self.dropped_bytes,
-            "dropped_functors": self._pending.dropped,
+            "dropped_functors": self.dropped_functors,
             "iterations": self.iterations,
         }
 
@@ -496,7 +532,7 @@ cdef class EventLoop:
     @property
     def dropped_functors(self):
         """Functors dropped because the loop was closed (queued before or after close)."""
-        return self._pending.dropped
+        return self._pending.dropped if self._pending is not None else 0
 
     def close(self):
         """Close the loop: servers and connections are closed (without callbacks: a
@@ -524,7 +560,8 @@ cdef class EventLoop:
                 self.remove_channel(ch)
             self._attached.clear()
         finally:
-            self._pending.close()
+            if self._pending is not None:
+                self._pending.close()
             self._timers.clear()
             if self._epfd >= 0:
                 close(self._epfd)
@@ -545,6 +582,30 @@ cdef class EventLoop:
 
 cdef int64_t* loop_gil_flag() noexcept nogil:
     return &_loops_wanting_gil
+
+
+cdef int64_t* worker_gil_flag() noexcept nogil:
+    return &_workers_wanting_gil
+
+
+cdef inline void _hand_gil_to_workers() noexcept nogil:
+    # Called without the GIL: wait (bounded) until a waiting worker has taken it, then
+    # announce that the loop wants it back (the worker yields after its own slice).
+    cdef int64_t before = cppnp_atomic_load(&_workers_wanting_gil)
+    cdef int spins = 0
+    while cppnp_atomic_load(&_workers_wanting_gil) >= before and spins < 200:
+        sched_yield()
+        spins += 1
+    cppnp_atomic_add(&_loops_wanting_gil, 1)
+
+
+cdef void log_exception(str fmt, object arg) noexcept:
+    """Log the exception being handled; a failing log handler or filter must not take the
+    loop (or a worker) down with it: the error is still counted by the caller."""
+    try:
+        _logger.error(fmt, arg, exc_info=True)
+    except Exception:
+        pass
 
 
 cdef EventLoop running_loop():

@@ -70,6 +70,7 @@ cdef class TcpConnection(Channel):
         object __weakref__
 
     cdef int start(self) except -1
+    cdef int _check_created(self) except -1
     cdef int task_started(self) noexcept
     cdef int task_finished(self) except -1
     cdef int _send_in_loop(self, const char* p, Py_ssize_t n) except -1

@@ -150,6 +150,11 @@ cdef class TcpConnection(Channel):
                 self._loop.report_error("on_connection of %r" % (self,))
         return 0
 
+    cdef int _check_created(self) except -1:
+        if self._loop is None:
+            raise RuntimeError("this TcpConnection was not created by a TcpServer")
+        return 0
+
     # -- state --------------------------------------------------------------------------
 
     @property
@@ -225,7 +230,9 @@ cdef class TcpConnection(Channel):
 
     @property
     def input_buffer(self):
-        """The input Buffer passed to on_message (loop thread only)."""
+        """The input Buffer passed to on_message.  Loop thread only."""
+        self._check_created()
+        self._loop.assert_in_loop_thread("TcpConnection.input_buffer")
         return self._input
 
     @property
@@ -250,6 +257,7 @@ cdef class TcpConnection(Channel):
         the data is copied and the write is queued to the loop; replies one thread sends
         go out in the order it sent them.  Thread-safe.
         """
+        self._check_created()
         cdef Py_buffer view
         if isinstance(data, str):
             data = (<str>data).encode("utf-8")
@@ -318,6 +326,7 @@ cdef class TcpConnection(Channel):
         Sends after this are dropped.  The connection is released when the peer closes
         too.  Thread-safe.
         """
+        self._check_created()
         self._loop.queue(self, OP_SHUTDOWN)
 
     def force_close(self):
@@ -325,10 +334,12 @@ cdef class TcpConnection(Channel):
 
         on_close runs once no ThreadPool task for this connection is in flight.
         """
+        self._check_created()
         self._loop.queue(self, OP_FORCE_CLOSE)
 
     def stop_reading(self):
         """Stop reading input (flow control); a peer reset is still noticed.  Thread-safe."""
+        self._check_created()
         if self._loop.in_loop_thread():
             self._do_op(OP_STOP_READING, None)
         else:
@@ -336,6 +347,7 @@ cdef class TcpConnection(Channel):
 
     def start_reading(self):
         """Resume reading input after stop_reading().  Thread-safe."""
+        self._check_created()
         if self._loop.in_loop_thread():
             self._do_op(OP_START_READING, None)
         else:
@@ -348,6 +360,7 @@ cdef class TcpConnection(Channel):
 
     def set_tcp_no_delay(self, bint on):
         """Set TCP_NODELAY (on by default for accepted connections).  Thread-safe."""
+        self._check_created()
         op = OP_NODELAY_ON if on else OP_NODELAY_OFF
         if self._loop.in_loop_thread():
             self._do_op(op, None)
@@ -356,6 +369,7 @@ cdef class TcpConnection(Channel):
 
     def set_keep_alive(self, bint on):
         """Set SO_KEEPALIVE.  Thread-safe."""
+        self._check_created()
         op = OP_KEEPALIVE_ON if on else OP_KEEPALIVE_OFF
         if self._loop.in_loop_thread():
             self._do_op(op, None)
@@ -400,8 +414,13 @@ cdef class TcpConnection(Channel):
         if self._state == CONNECTED and revents & EPOLLOUT:
             self._handle_write()
         if self._state == CONNECTED and (revents & EPOLLHUP) and not (revents & EPOLLIN):
-            # Both directions are down (e.g. RST while reading was paused).
-            self._fault(0)
+            if not self._reading and not self._peer_closed:
+                # Both directions are down but the user paused reading: unread data may
+                # still be in the socket.  EPOLLHUP cannot be masked, so leave epoll until
+                # start_reading() (which reads what is left, then the EOF).
+                self._loop.remove_channel(self)
+            else:
+                self._fault(0)
         return 0
 
     cdef int _handle_read(self) except -1:
@@ -446,8 +465,11 @@ cdef class TcpConnection(Channel):
         """The socket failed (reset, EPIPE, ...): close it, drop queued output."""
         if self._state != CONNECTED:
             return 0
-        if err:
-            _logger.debug("connection %s: %s", self.name, os.strerror(err))
+        if err and _logger.isEnabledFor(logging.DEBUG):
+            try:
+                _logger.debug("connection %s: %s", self.name, os.strerror(err))
+            except Exception:
+                pass            # a failing log handler must not stop the teardown
         self._close_socket()
         self._try_finish()
         return 0
@@ -535,7 +557,13 @@ cdef class TcpConnection(Channel):
         if op == OP_FINISH:
             self._finish()
         elif op == OP_WRITE_COMPLETE:
-            if self._state == CONNECTED and self._handlers.on_write_complete is not None:
+            # Only if it is still true: a later send may have queued output meanwhile, or
+            # workers' sends may still be on their way to the loop (the last of them to be
+            # written queues another one).  This is what makes "stop_reading on high water,
+            # start_reading on write complete" bound the output with a worker pool too.
+            if self._state == CONNECTED and len(self._output) == 0 \
+                    and cppnp_atomic_load(&self._queued_sends) <= 0 \
+                    and self._handlers.on_write_complete is not None:
                 try:
                     self._handlers.on_write_complete(self)
                 except Exception:

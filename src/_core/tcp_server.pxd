@@ -29,6 +29,7 @@ cdef class TcpServer(ConnectionOwner):
     cdef int _accept_some(self) except -1
     cdef int _listen_in_loop(self) except -1
     cdef int _close_listener(self) except -1
+    cdef int _check_created(self) except -1
     cdef int _stop_in_loop(self) except -1
     cdef int _shed_one(self, int err) except -1
     cdef int _pause_accepting(self) except -1

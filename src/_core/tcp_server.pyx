@@ -109,18 +109,28 @@ cdef class TcpServer(ConnectionOwner):
         return len(self._connections)
 
     def connections(self):
-        """Return a list of the open connections (loop thread only)."""
+        """Return a list of the open connections.  Loop thread only."""
+        self._check_created()
+        self._loop.assert_in_loop_thread("TcpServer.connections()")
         return list(self._connections.values())
+
+    cdef int _check_created(self) except -1:
+        if self._loop is None:
+            raise RuntimeError("TcpServer.__init__ was not called")
+        return 0
 
     def start(self):
         """Bind and listen now (errors raise here), and start accepting on the loop.
 
         Calling it twice is harmless.  Thread-safe.
         """
+        self._check_created()
         if self._stopped:
             raise RuntimeError("a stopped TcpServer cannot be restarted")
         if self._started:
             return
+        if self._loop.closed:
+            raise RuntimeError("TcpServer.start() on a closed EventLoop")
         host, port = self._address
         infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
                                    0, socket.AI_PASSIVE)
@@ -156,6 +166,7 @@ cdef class TcpServer(ConnectionOwner):
 
         Connections with ThreadPool tasks in flight are released when those finish.
         """
+        self._check_created()
         if self._loop.in_loop_thread():
             self._stop_in_loop()
         elif not self._loop.closed:
@@ -266,7 +277,10 @@ cdef class TcpServer(ConnectionOwner):
         cdef double now = cppnp_monotonic()
         if now - self._last_emfile_log >= 1.0:     # at most one line a second
             self._last_emfile_log = now
-            _logger.warning("%s: accept() failed: %s", self.name, os.strerror(err))
+            try:
+                _logger.warning("%s: accept() failed: %s", self.name, os.strerror(err))
+            except Exception:
+                pass        # a failing log handler must not stop the acceptor
 
     cdef int remove_connection(self, TcpConnection conn) except -1:
         self._connections.pop(conn.id, None)

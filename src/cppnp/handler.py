@@ -48,7 +48,12 @@ class ICppnpUsr:
 
     @_noop
     def on_write_complete(self, conn: TcpConnection) -> None:
-        """Called when everything sent so far has been handed to the kernel."""
+        """Called when everything sent so far has been handed to the kernel.
+
+        "Sent so far" includes sends queued from other threads (workers) that the loop has
+        not written yet, so pausing input on high water and resuming here bounds the
+        output also with a ThreadPool.
+        """
 
     @_noop
     def on_high_water_mark(self, conn: TcpConnection, queued_bytes: int) -> None:

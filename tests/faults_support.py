@@ -1,0 +1,224 @@
+"""Helpers shared by the fault suite (tests/test_faults_*.py).
+
+``Ledger`` is the per-test accounting check that complements conftest's ``no_leaks``
+(fds, threads, live connections and Buffers): at the end of a test every watched server
+has no connection left, every watched loop has no timer and no pending functor, every
+watched pool has nothing queued or running (and is stopped and joined), and the
+``cppnp`` logger recorded nothing at WARNING or above that the test did not declare.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import struct
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from conftest import ServerThread, call_in_loop, wait_for
+from cppnp import EventLoop, ThreadPool
+
+TIMEOUT = 20.0
+POOL_SIZES = [0, 4]
+POOL_IDS = ["single", "pool4"]
+
+
+# -- sockets ------------------------------------------------------------------------------
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(min(n - len(out), 1 << 20))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+def recv_until_eof(sock: socket.socket, limit: int = 256 << 20) -> bytes:
+    """Everything until EOF; a reset after some data ends the read too."""
+    out = bytearray()
+    while len(out) <= limit:
+        try:
+            chunk = sock.recv(1 << 20)
+        except ConnectionResetError:
+            return bytes(out)
+        if not chunk:
+            return bytes(out)
+        out += chunk
+    raise AssertionError("more than %d bytes before EOF" % limit)
+
+
+def rst_close(sock: socket.socket) -> None:
+    """Close with SO_LINGER (1, 0): the peer gets an RST instead of a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def small_rcvbuf_client(address: Any, size: int = 4096) -> socket.socket:
+    """A client whose receive window stays small (set before connect: no autotuning)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    s.settimeout(TIMEOUT)
+    s.connect(address)
+    return s
+
+
+def park_loop(loop: EventLoop) -> Any:
+    """Block *loop* inside a functor until the returned release() is called."""
+    import threading
+
+    parked, go = threading.Event(), threading.Event()
+
+    def park() -> None:
+        parked.set()
+        go.wait(TIMEOUT)
+
+    loop.queue_in_loop(park)
+    assert parked.wait(TIMEOUT), "the loop did not reach the parking functor"
+
+    def release() -> None:
+        go.set()
+
+    return release
+
+
+def iterations_while_idle(st: ServerThread, seconds: float = 0.3) -> int:
+    """Loop iterations during *seconds* of nothing to do (stats() does not wake it)."""
+    call_in_loop(st.loop, lambda: None)
+    call_in_loop(st.loop, lambda: None)
+    before = int(st.loop.stats()["iterations"])
+    time.sleep(seconds)
+    return int(st.loop.stats()["iterations"]) - before
+
+
+# -- subprocesses -------------------------------------------------------------------------
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
+    env.pop("PYTHONWARNINGS", None)
+    return env
+
+
+def run_child(code: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run *code* in a fresh interpreter; fail (with its output) if it hangs."""
+    try:
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                              text=True, timeout=timeout, env=child_env(), cwd="/")
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail("child hung: stdout=%r stderr=%r" % (exc.stdout, exc.stderr))
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of process *pid* (all its threads), in seconds."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+# -- accounting -----------------------------------------------------------------------------
+
+
+class Ledger:
+    """What a test must leave behind: nothing.  See the module docstring."""
+
+    def __init__(self, caplog: pytest.LogCaptureFixture) -> None:
+        self.caplog = caplog
+        caplog.set_level(logging.WARNING, logger="cppnp")
+        self.servers: list[ServerThread] = []
+        self.loops: list[EventLoop] = []
+        self.pools: list[ThreadPool] = []
+        self.expected: list[tuple[str, int | None]] = []
+
+    # -- registration --
+    def server(self, st: ServerThread) -> ServerThread:
+        self.servers.append(st)
+        return st
+
+    def loop(self, loop: EventLoop) -> EventLoop:
+        self.loops.append(loop)
+        return loop
+
+    def pool(self, n: int, **kw: Any) -> ThreadPool:
+        """A started ThreadPool, stopped and joined by the final check."""
+        p = ThreadPool(n, **kw)
+        p.start()
+        self.pools.append(p)
+        return p
+
+    def expect(self, pattern: str, count: int | None = None) -> None:
+        """Declare log records matching *pattern* (regex on the message and the exception
+        type name) as expected; *count*: exactly that many (None: any number)."""
+        self.expected.append((pattern, count))
+
+    # -- the check --
+    def records(self) -> list[logging.LogRecord]:
+        every = [r for when in ("setup", "call", "teardown")
+                 for r in self.caplog.get_records(when)]  # type: ignore[arg-type]
+        return [r for r in every
+                if r.name.startswith("cppnp") and r.levelno >= logging.WARNING]
+
+    @staticmethod
+    def _text(r: logging.LogRecord) -> str:
+        if r.exc_info and r.exc_info[0]:
+            return "%s %s: %s" % (r.getMessage(), r.exc_info[0].__name__, r.exc_info[1])
+        return r.getMessage()
+
+    def matching(self, pattern: str) -> list[logging.LogRecord]:
+        return [r for r in self.records() if re.search(pattern, self._text(r))]
+
+    def check(self) -> None:
+        for st in self.servers:
+            loop = st.loop
+            if loop.closed:
+                assert st.server is not None and st.server.connection_count == 0
+                assert loop.pending_functors == 0, "functors left on a closed loop"
+                continue
+            wait_for(lambda st=st: st.connection_count() == 0, TIMEOUT)
+            wait_for(lambda loop=loop: call_in_loop(loop, lambda: (
+                loop.timer_count, loop.pending_functors)) == (0, 0), TIMEOUT)
+        for loop in self.loops:
+            if not loop.closed and not loop.running:
+                assert loop.timer_count == 0, "timers left behind"
+                assert loop.pending_functors == 0, "functors left behind"
+        for p in self.pools:
+            wait_for(lambda p=p: p.queued == 0 and p.running == 0, TIMEOUT)
+            assert p.stop(drain=False, timeout=TIMEOUT), "pool workers did not exit"
+            assert (p.queued, p.running) == (0, 0)
+        unexpected = []
+        for r in self.records():
+            if not any(re.search(pat, self._text(r)) for pat, _ in self.expected):
+                unexpected.append(self._text(r))
+        assert unexpected == [], "unexpected cppnp log records: %r" % unexpected[:5]
+        for pat, count in self.expected:
+            if count is not None:
+                got = len(self.matching(pat))
+                assert got == count, "%d log records match %r, expected %d" % (got, pat, count)
+
+    def forget_records(self) -> None:
+        """Drop tracebacks: they reference frames holding connections (leak check)."""
+        for when in ("setup", "call", "teardown"):
+            for r in self.caplog.get_records(when):  # type: ignore[arg-type]
+                r.msg, r.args = r.getMessage(), None        # args may hold a Task
+                r.exc_info = None
+
+
+def ledger_fixture(caplog: pytest.LogCaptureFixture) -> Any:
+    """Body of each test file's ``ledger`` fixture (a generator)."""
+    led = Ledger(caplog)
+    try:
+        yield led
+        led.check()
+    finally:
+        for p in led.pools:
+            p.stop(drain=False, timeout=TIMEOUT)
+        led.forget_records()
