@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +32,37 @@ def wait_for(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0
         if time.monotonic() > deadline:
             raise AssertionError("condition not met within %.1f s: %r" % (timeout, pred))
         time.sleep(interval)
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Read exactly *n* bytes (fewer only if the peer closes first)."""
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(min(n - len(out), 1 << 20))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+def recv_until_eof(sock: socket.socket, limit: int = 256 << 20) -> bytes:
+    """Everything until EOF; a reset after some data ends the read too."""
+    out = bytearray()
+    while len(out) <= limit:
+        try:
+            chunk = sock.recv(1 << 20)
+        except ConnectionResetError:
+            return bytes(out)
+        if not chunk:
+            return bytes(out)
+        out += chunk
+    raise AssertionError("more than %d bytes before EOF" % limit)
+
+
+def rst_close(sock: socket.socket) -> None:
+    """Close with SO_LINGER (1, 0): the peer gets an RST instead of a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 def call_in_loop(loop: EventLoop, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
@@ -99,6 +131,14 @@ def serve() -> Iterator[Callable[..., ServerThread]]:
     yield make
     for st in started:
         st.stop()
+
+
+@pytest.fixture
+def ledger(caplog: pytest.LogCaptureFixture) -> Iterator[Any]:
+    """The fault suite's accounting check (faults_support.Ledger)."""
+    from faults_support import ledger_fixture
+
+    yield from ledger_fixture(caplog)
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -21,7 +20,14 @@ from typing import Any
 
 import pytest
 
-from conftest import ServerThread, call_in_loop, wait_for
+from conftest import (  # noqa: F401  (re-exported for the fault tests)
+    ServerThread,
+    call_in_loop,
+    recv_exact,
+    recv_until_eof,
+    rst_close,
+    wait_for,
+)
 from cppnp import EventLoop, ThreadPool
 
 TIMEOUT = 20.0
@@ -30,36 +36,6 @@ POOL_IDS = ["single", "pool4"]
 
 
 # -- sockets ------------------------------------------------------------------------------
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(min(n - len(out), 1 << 20))
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
-
-
-def recv_until_eof(sock: socket.socket, limit: int = 256 << 20) -> bytes:
-    """Everything until EOF; a reset after some data ends the read too."""
-    out = bytearray()
-    while len(out) <= limit:
-        try:
-            chunk = sock.recv(1 << 20)
-        except ConnectionResetError:
-            return bytes(out)
-        if not chunk:
-            return bytes(out)
-        out += chunk
-    raise AssertionError("more than %d bytes before EOF" % limit)
-
-
-def rst_close(sock: socket.socket) -> None:
-    """Close with SO_LINGER (1, 0): the peer gets an RST instead of a FIN."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 def small_rcvbuf_client(address: Any, size: int = 4096) -> socket.socket:

@@ -24,7 +24,6 @@ from faults_support import (
     POOL_IDS,
     POOL_SIZES,
     TIMEOUT,
-    ledger_fixture,
     recv_exact,
     recv_until_eof,
     rst_close,
@@ -33,10 +32,6 @@ from faults_support import (
 
 Serve = Callable[..., ServerThread]
 
-
-@pytest.fixture
-def ledger(caplog: pytest.LogCaptureFixture) -> Any:
-    yield from ledger_fixture(caplog)
 
 
 def rss_bytes() -> int:

@@ -27,7 +27,6 @@ from faults_support import (
     POOL_SIZES,
     TIMEOUT,
     iterations_while_idle,
-    ledger_fixture,
     park_loop,
     recv_exact,
     recv_until_eof,
@@ -37,10 +36,6 @@ from faults_support import (
 
 Serve = Callable[..., ServerThread]
 
-
-@pytest.fixture
-def ledger(caplog: pytest.LogCaptureFixture) -> Any:
-    yield from ledger_fixture(caplog)
 
 
 @pytest.fixture(params=POOL_SIZES, ids=POOL_IDS)

@@ -18,14 +18,10 @@ import pytest
 
 from conftest import ServerThread, fd_count, wait_for
 from cppnp import Buffer, EventLoop, ICppnpUsr, IRun2, Task, TcpConnection, TcpServer, ThreadPool
-from faults_support import POOL_IDS, POOL_SIZES, TIMEOUT, ledger_fixture, run_child
+from faults_support import POOL_IDS, POOL_SIZES, TIMEOUT, run_child
 
 Serve = Callable[..., ServerThread]
 
-
-@pytest.fixture
-def ledger(caplog: pytest.LogCaptureFixture) -> Any:
-    yield from ledger_fixture(caplog)
 
 
 # -- H1: exit without closing anything --------------------------------------------------------

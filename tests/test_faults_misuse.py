@@ -18,17 +18,12 @@ from faults_support import (
     POOL_IDS,
     POOL_SIZES,
     TIMEOUT,
-    ledger_fixture,
     recv_exact,
     run_child,
 )
 
 Serve = Callable[..., ServerThread]
 
-
-@pytest.fixture
-def ledger(caplog: pytest.LogCaptureFixture) -> Any:
-    yield from ledger_fixture(caplog)
 
 
 class Keeper(ICppnpUsr):

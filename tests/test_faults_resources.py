@@ -26,7 +26,6 @@ from cppnp import Buffer, ICppnpUsr, TcpConnection, TcpServer
 from faults_support import (
     TIMEOUT,
     child_env,
-    ledger_fixture,
     park_loop,
     proc_cpu_seconds,
     recv_exact,
@@ -35,10 +34,6 @@ from faults_support import (
 
 Serve = Callable[..., ServerThread]
 
-
-@pytest.fixture
-def ledger(caplog: pytest.LogCaptureFixture) -> Any:
-    yield from ledger_fixture(caplog)
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ from faults_support import (
     POOL_SIZES,
     TIMEOUT,
     child_env,
-    ledger_fixture,
     recv_exact,
     recv_until_eof,
     run_child,
@@ -35,10 +34,6 @@ from faults_support import (
 
 Serve = Callable[..., ServerThread]
 
-
-@pytest.fixture
-def ledger(caplog: pytest.LogCaptureFixture) -> Any:
-    yield from ledger_fixture(caplog)
 
 
 def default_sigint() -> None:

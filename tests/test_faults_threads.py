@@ -33,7 +33,6 @@ from faults_support import (
     POOL_IDS,
     POOL_SIZES,
     TIMEOUT,
-    ledger_fixture,
     recv_exact,
     recv_until_eof,
     run_child,
@@ -42,10 +41,6 @@ from faults_support import (
 
 Serve = Callable[..., ServerThread]
 
-
-@pytest.fixture
-def ledger(caplog: pytest.LogCaptureFixture) -> Any:
-    yield from ledger_fixture(caplog)
 
 
 @pytest.fixture(params=POOL_SIZES, ids=POOL_IDS)

@@ -24,14 +24,10 @@ from cppnp import (
     TcpConnection,
     ThreadPool,
 )
-from faults_support import POOL_IDS, POOL_SIZES, TIMEOUT, ledger_fixture, recv_exact
+from faults_support import POOL_IDS, POOL_SIZES, TIMEOUT, recv_exact
 
 Serve = Callable[..., ServerThread]
 
-
-@pytest.fixture
-def ledger(caplog: pytest.LogCaptureFixture) -> Any:
-    yield from ledger_fixture(caplog)
 
 
 class TimerUser(ICppnpUsr, IRun2):

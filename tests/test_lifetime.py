@@ -18,7 +18,6 @@ import gc
 import logging
 import random
 import socket
-import struct
 import threading
 import time
 import weakref
@@ -28,7 +27,7 @@ from typing import Any
 import pytest
 
 import cppnp
-from conftest import call_in_loop, wait_for
+from conftest import call_in_loop, rst_close, wait_for
 from cppnp import ICppnpUsr, IRun2, Task, ThreadPool
 
 TIMEOUT = 20.0
@@ -176,12 +175,6 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
     return bytes(data)
 
 
-def reset(sock: socket.socket) -> None:
-    """Close with SO_LINGER (1, 0): the peer gets an RST, not a FIN."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
 def send_chunked(sock: socket.socket, data: bytes, rng: random.Random) -> None:
     """Send in random pieces so the server sees partial and merged frames."""
     i = 0
@@ -274,7 +267,7 @@ def test_peer_closes_before_anything_was_read(setup: Any, pool: ThreadPool,
         if how.startswith("accepted"):
             cid = h.conn_id(s)                         # accepted and registered first
             if how.endswith("reset"):
-                reset(s)
+                rst_close(s)
             else:
                 s.close()
         else:                                          # maybe before the accept
@@ -492,7 +485,7 @@ def test_peer_closes_after_everything_was_answered(
             assert recv_to_eof(s) == b""
             s.close()
         elif how == "reset":
-            reset(s)
+            rst_close(s)
         else:
             s.close()
         info = h.wait_closed(cid)
@@ -528,7 +521,7 @@ def test_peer_resets_or_closes_with_tasks_in_flight(
             assert conn is not None and conn.pending_tasks == n   # all n held in flight
             del conn
         if how == "reset":
-            reset(s)
+            rst_close(s)
         else:
             s.close()
         info = h.wait_closed(cid)
@@ -567,7 +560,7 @@ def test_late_reply_never_reaches_a_connection_reusing_the_fd(
         a.sendall(frame(b"g" if late == "pool-task" else b"h", 0, 1, it))
         wait_for(lambda a_id=a_id: h.added[a_id] == 1, TIMEOUT)
         a_fd = h.opened[a_id][1]
-        reset(a)
+        rst_close(a)
         if late == "pool-task":
             ref = h.refs[a_id]
             wait_for(lambda ref=ref: ref() is None or ref().fileno == -1, TIMEOUT)

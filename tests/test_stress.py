@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 import cppnp
-from conftest import call_in_loop, wait_for
+from conftest import call_in_loop, rst_close, wait_for
 from cppnp import ICppnpUsr, IRun2, Task, ThreadPool
 
 TIMEOUT = 30.0
@@ -38,11 +38,6 @@ def make_frame(cid: int, seq: int, size: int) -> bytes:
     filler = bytes((cid * 31 + seq * 7 + k) % 251 for k in range(size))
     payload = head + filler
     return struct.pack("!I", len(payload)) + payload
-
-
-def reset(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 def recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -224,7 +219,7 @@ class Client:
                 self.fail("a reply that is not ours, or out of order")
         finally:
             if self.fate == "reset":
-                reset(s)
+                rst_close(s)
             else:
                 s.close()
         self.outcome[self.fate] += 1

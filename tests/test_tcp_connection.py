@@ -6,13 +6,12 @@ from __future__ import annotations
 import array
 import random
 import socket
-import struct
 import threading
 from typing import Any, Callable
 
 import pytest
 
-from conftest import ServerThread, call_in_loop, wait_for
+from conftest import ServerThread, call_in_loop, recv_exact, recv_until_eof, rst_close, wait_for
 from cppnp import Buffer, ICppnpUsr, TcpConnection
 
 Serve = Callable[..., ServerThread]
@@ -20,34 +19,8 @@ Serve = Callable[..., ServerThread]
 # -- helpers ------------------------------------------------------------------------------
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(min(n - len(out), 1 << 20))
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
-
-
-def recv_until_eof(sock: socket.socket, limit: int = 64 << 20) -> bytes:
-    out = bytearray()
-    while len(out) <= limit:
-        chunk = sock.recv(1 << 20)
-        if not chunk:
-            return bytes(out)
-        out += chunk
-    raise AssertionError("more than %d bytes before EOF" % limit)
-
-
 def pattern(n: int, seed: int = 0) -> bytes:
     return random.Random(seed * 7919 + n).randbytes(n)
-
-
-def rst_close(sock: socket.socket) -> None:
-    """Close with SO_LINGER (1, 0): the peer gets an RST instead of a FIN."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 def small_rcvbuf_client(st: ServerThread, size: int = 4096) -> socket.socket:

@@ -15,32 +15,12 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import ServerThread, call_in_loop, wait_for
+from conftest import ServerThread, call_in_loop, recv_exact, recv_until_eof, wait_for
 from cppnp import Buffer, EventLoop, ICppnpUsr, TcpConnection, TcpServer
 
 Serve = Callable[..., ServerThread]
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(min(n - len(out), 1 << 20))
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
-
-
-def recv_until_eof(sock: socket.socket, limit: int = 64 << 20) -> bytes:
-    out = bytearray()
-    while len(out) <= limit:
-        chunk = sock.recv(1 << 20)
-        if not chunk:
-            return bytes(out)
-        out += chunk
-    raise AssertionError("more than %d bytes before EOF" % limit)
 
 
 def pattern(n: int, seed: int = 0) -> bytes:
