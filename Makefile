@@ -59,6 +59,17 @@ bench-quick: install
 	$(PIP) install -q -r benchmarks/requirements.txt
 	$(PY) benchmarks/run.py --quick
 
+# ASan+UBSan build (CPPNP_SANITIZE=1, own venv .venv-asan), whole suite with the runtimes
+# preloaded; fails on a test failure or any sanitizer report.
+sanitize:
+	PYTHON=$(PYTHON) scripts/sanitize.sh
+
+# Mixed-load soak against a server in a child process (not part of `make test`).
+SOAK_SECONDS ?= 120
+soak: install
+	mkdir -p build
+	$(PY) benchmarks/soak.py --seconds $(SOAK_SECONDS) --json build/soak.json
+
 clean:
 	rm -rf build dist wheelhouse src/*.egg-info src/_core/*.c src/_core/*.so src/_core/*.html
 

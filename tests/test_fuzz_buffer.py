@@ -16,6 +16,7 @@ bad access instead.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
@@ -48,9 +49,14 @@ MAX_HELD = 6
 # -- running in a forked child -------------------------------------------------------------
 
 
-def run_forked(fn: Callable[[str], None], timeout: float = 120.0) -> None:
+def run_forked(fn: Callable[[str], None], timeout: float = 90.0, stall: float = 20.0) -> None:
     """Run ``fn(step_log_path)`` in a forked child and fail with its traceback, or with the
-    signal that killed it and the last steps it logged."""
+    signal that killed it and the last steps it logged.
+
+    The child is killed if it logs no step for *stall* seconds (after heap corruption,
+    glibc malloc can hang on a garbage lock instead of aborting) or runs longer than
+    *timeout* (below pytest-timeout's 120 s); it is never left behind, whatever happens.
+    """
     fd, step_log = tempfile.mkstemp(prefix="cppnp-fuzz-buffer-", suffix=".log")
     os.close(fd)
     r, w = os.pipe()
@@ -69,20 +75,32 @@ def run_forked(fn: Callable[[str], None], timeout: float = 120.0) -> None:
             os._exit(code)
     os.close(w)
     out = b""
+    reaped = False
     try:
-        deadline = time.monotonic() + timeout
+        start = last_step = time.monotonic()
+        logged = 0
         while True:
-            ready, _, _ = select.select([r], [], [], max(deadline - time.monotonic(), 0))
-            if not ready:
+            ready, _, _ = select.select([r], [], [], 1.0)
+            now = time.monotonic()
+            if ready:
+                chunk = os.read(r, 65536)
+                if not chunk:
+                    break
+                out += chunk
+                continue
+            size = os.stat(step_log).st_size
+            if size != logged:
+                logged, last_step = size, now
+            if now - last_step > stall or now - start > timeout:
+                why = ("logged no step for %.0f s (a hang: heap corruption?)" % stall
+                       if now - last_step > stall else "did not finish within %.0f s" % timeout)
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-                pytest.fail("fuzz child did not finish within %s s\n%s"
-                            % (timeout, last_example(step_log)), pytrace=False)
-            chunk = os.read(r, 65536)
-            if not chunk:
-                break
-            out += chunk
+                reaped = True
+                pytest.fail("fuzz child %s; steps of the last example:\n%s"
+                            % (why, last_example(step_log)), pytrace=False)
         _, status = os.waitpid(pid, 0)
+        reaped = True
         if os.WIFSIGNALED(status):
             pytest.fail("fuzz child killed by signal %d (memory corruption?); steps of the "
                         "last example:\n%s" % (os.WTERMSIG(status), last_example(step_log)),
@@ -92,6 +110,10 @@ def run_forked(fn: Callable[[str], None], timeout: float = 120.0) -> None:
                 os.WEXITSTATUS(status), out.decode(errors="replace"),
                 "" if out else last_example(step_log)), pytrace=False)
     finally:
+        if not reaped:                # e.g. pytest-timeout interrupted us: no orphan
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
         os.close(r)
         os.unlink(step_log)
 
@@ -529,4 +551,4 @@ def test_buffer_stateful_fuzz() -> None:
                                    HealthCheck.filter_too_much],
         ))
 
-    run_forked(body, timeout=300)
+    run_forked(body)

@@ -127,7 +127,8 @@ cdef class Buffer:
         if n == 0:
             return 0
         self.ensure_writable(n)
-        memcpy(self._data + self._writer, p, n)
+        # memmove: *p may be a (stale) view of this very buffer, overlapping the target.
+        memmove(self._data + self._writer, p, n)
         self._writer += n
         return 0
 
@@ -307,7 +308,7 @@ cdef class Buffer:
                 return
             if self._data != NULL and self._reader >= n:
                 self._reader -= n
-                memcpy(self._data + self._reader, view.buf, n)
+                memmove(self._data + self._reader, view.buf, n)     # view may alias self
                 return
             # Not enough room in front: lay out [CHEAP_PREPEND | data | readable].
             readable = self._writer - self._reader
@@ -333,7 +334,7 @@ cdef class Buffer:
                 memmove(self._data + CHEAP_PREPEND + n, self._data + self._reader, readable)
             self._reader = CHEAP_PREPEND
             self._writer = CHEAP_PREPEND + n + readable
-            memcpy(self._data + self._reader, view.buf, n)
+            memmove(self._data + self._reader, view.buf, n)     # view may alias self
         finally:
             PyBuffer_Release(&view)
 
