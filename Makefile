@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 BUILD_DEPS := "setuptools>=77" "Cython>=3.1,<4" wheel
 export CPPNP_STRICT ?= 1
 
-.PHONY: demo test test-ft venv install build debug sanitize lint wheel bench bench-quick soak clean distclean
+.PHONY: demo test check test-ft venv install build debug sanitize lint wheel bench bench-quick soak clean distclean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ demo: install
 test: install
 	$(PIP) install -q "ruff>=0.5" "cython-lint>=0.16" "mypy>=1.8"
 	cd tests && ../$(PY) -m pytest -q -p no:cacheprovider .
+
+# Everything CI runs (.ci/run): the suite, the suite again under ASan+UBSan, a 30 s soak.
+check: test
+	PYTHON=$(PYTHON) scripts/sanitize.sh
+	mkdir -p build
+	$(PY) benchmarks/soak.py --seconds 30 --json build/soak.json
 
 # In-place build for hacking: PYTHONPATH=src python ...
 build: $(PY)
