@@ -470,3 +470,30 @@ def test_idle_connections_do_not_make_the_loop_spin(serve: Serve) -> None:
         for s in clients:
             s.close()
     wait_for(lambda: st.connection_count() == 0)
+
+
+def test_stop_accepting_keeps_open_connections(serve: Serve) -> None:
+    """stop_accepting() closes the listener; an open connection still echoes; stop() then
+    force-closes it."""
+    st = serve(Echo())
+    assert st.server is not None
+    server = st.server
+    with st.connect() as s:
+        s.sendall(b"hi")
+        assert recv_exact(s, 2) == b"hi"
+        assert server.accepting
+        server.stop_accepting()                   # from another thread: queued to the loop
+        wait_for(lambda: not server.accepting)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(st.address, timeout=5).close()
+        s.sendall(b"still here")
+        assert recv_exact(s, 10) == b"still here"
+        with pytest.raises(RuntimeError):
+            call_in_loop(st.loop, server.start)
+        call_in_loop(st.loop, server.stop)
+        s.settimeout(10)
+        try:
+            assert recv_until_eof(s) == b""
+        except ConnectionResetError:
+            pass
+    wait_for(lambda: st.connection_count() == 0)

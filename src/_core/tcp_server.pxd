@@ -16,7 +16,8 @@ cdef class TcpServer(ConnectionOwner):
         bint _tcp_nodelay
         bint _keepalive
         bint _started
-        bint _stopped
+        bint _stopped                  # stop(): listener closed, connections force-closed
+        bint _listener_closed          # stop_accepting() or stop()
         bint _paused                   # listener unpolled after an accept error
         int _idle_fd                   # /dev/null, spent to shed a connection on EMFILE
         dict _connections              # id -> TcpConnection

@@ -125,7 +125,7 @@ cdef class TcpServer(ConnectionOwner):
         Calling it twice is harmless.  Thread-safe.
         """
         self._check_created()
-        if self._stopped:
+        if self._stopped or self._listener_closed:
             raise RuntimeError("a stopped TcpServer cannot be restarted")
         if self._started:
             return
@@ -157,7 +157,7 @@ cdef class TcpServer(ConnectionOwner):
             self._loop.queue(self, 1)
 
     cdef int _listen_in_loop(self) except -1:
-        if self.fd >= 0 and not self._stopped:
+        if self.fd >= 0 and not self._listener_closed:
             self._loop.update_channel(self, EPOLLIN)
         return 0
 
@@ -174,8 +174,26 @@ cdef class TcpServer(ConnectionOwner):
         else:
             self._stop_in_loop()
 
+    def stop_accepting(self):
+        """Close the listening socket; open connections carry on (a graceful stop's first
+        step: stop accepting, let in-flight work finish, then stop()).
+
+        After it, ``accepting`` is False, ``connection_count`` tells what is left, and
+        start() raises.  Thread-safe.
+        """
+        self._check_created()
+        if self._loop.in_loop_thread() or self._loop.closed:
+            self._close_listener()
+        else:
+            self._loop.queue(self, 3)
+
+    @property
+    def accepting(self):
+        """Whether the listener is open (started, not stopped).  Thread-safe."""
+        return self._started and self.fd >= 0
+
     cdef int _close_listener(self) except -1:
-        self._stopped = True
+        self._listener_closed = True
         if self.fd >= 0:
             self._loop.remove_channel(self)
             close(self.fd)
@@ -188,6 +206,7 @@ cdef class TcpServer(ConnectionOwner):
     cdef int _stop_in_loop(self) except -1:
         if self._stopped:
             return 0
+        self._stopped = True
         self._close_listener()
         if not self._loop.closed:
             for conn in list(self._connections.values()):
@@ -199,6 +218,8 @@ cdef class TcpServer(ConnectionOwner):
             self._listen_in_loop()
         elif arg == 2:
             self._stop_in_loop()
+        elif arg == 3:
+            self._close_listener()
         return 0
 
     cdef int handle_event(self, uint32_t revents) except -1:
@@ -270,7 +291,7 @@ cdef class TcpServer(ConnectionOwner):
         self._paused = False
         if self._idle_fd < 0:
             self._idle_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
-        if self.fd >= 0 and not self._stopped:
+        if self.fd >= 0 and not self._listener_closed:
             self._loop.update_channel(self, EPOLLIN)
 
     cdef _log_accept_error(self, int err):
@@ -288,6 +309,7 @@ cdef class TcpServer(ConnectionOwner):
 
     cdef int on_loop_closed(self) except -1:
         cdef TcpConnection conn
+        self._stopped = True
         self._close_listener()
         for conn in list(self._connections.values()):
             conn.on_loop_closed()
