@@ -3,9 +3,12 @@
 One loop thread does all I/O (EventLoop); a ThreadPool runs the user's work; replies
 come back to the loop through its pending functors.  Users implement an ICppnpUsr,
 serve it with a TcpServer, and hand work to a ThreadPool as Tasks (IRun0 / IRun2).
-"""
 
-import logging
+Errors raised by callbacks and tasks are logged on the ``cppnp`` logger with their
+traceback.  Until the application configures logging, they reach stderr through
+logging's last-resort handler (as asyncio's do); once it does, they go where it says,
+once.  cppnp adds no handler of its own.
+"""
 
 from _core.buffer import live_buffers
 from _core.tcp_connection import live_connections
@@ -34,5 +37,3 @@ __all__ = [
     "live_buffers",
     "live_connections",
 ]
-
-logging.getLogger("cppnp").addHandler(logging.NullHandler())

@@ -26,7 +26,8 @@ class ICppnpUsr:
 
         on_connection -> [on_message | on_write_complete | on_high_water_mark]* -> on_close
 
-    Exceptions raised by a callback are logged on the ``cppnp`` logger and counted in
+    Exceptions raised by a callback are logged on the ``cppnp`` logger (stderr, with the
+    traceback, if the application configured no logging) and counted in
     ``EventLoop.callback_errors``; the loop keeps serving.
     """
 
@@ -34,13 +35,18 @@ class ICppnpUsr:
 
     @_noop
     def on_connection(self, conn: TcpConnection) -> None:
-        """Called when a connection has been accepted, before any on_message."""
+        """Called when a connection has been accepted, before any on_message.
+
+        Loop thread only.
+        """
 
     def on_message(self, conn: TcpConnection, buf: Buffer) -> None:
         """Called when data arrived; *buf* holds it and everything not yet retrieved.
 
         Take what you need (``buf.retrieve_all()``, ``buf.retrieve_as_bytes(n)``); what
         you leave stays for the next call.  The default discards the data.
+
+        Loop thread only.
         """
         buf.retrieve_all()
 
@@ -53,6 +59,8 @@ class ICppnpUsr:
         "Sent so far" includes sends queued from other threads (workers) that the loop has
         not written yet, so pausing input on high water and resuming here bounds the
         output also with a ThreadPool.
+
+        Loop thread only.
         """
 
     @_noop
@@ -60,11 +68,16 @@ class ICppnpUsr:
         """Called when the output buffer grows past ``conn.high_water_mark``.
 
         A slow reader: consider ``conn.stop_reading()`` until on_write_complete.
+
+        Loop thread only.
         """
 
     @_noop
     def on_close(self, conn: TcpConnection) -> None:
-        """Called once when the connection is released (socket closed, no task in flight)."""
+        """Called once when the connection is released (socket closed, no task in flight).
+
+        Loop thread only.
+        """
 
     # -- seed-compatible names (the seed's EchoServer overrides OnMessage) --
     # Subclasses override the snake_case names; these aliases only make the seed's
