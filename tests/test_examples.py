@@ -1,5 +1,6 @@
-"""Examples: echo, discard and daytime each serve one exchange; timers.run() output; the
-`python -m cppnp` command line serves and exits cleanly on SIGINT/SIGTERM."""
+"""The teaching examples (top-level examples/: each runs as a script and serves one
+exchange) and the ``cppnp`` command line (src/cppnp/cli: it serves and exits cleanly on
+SIGINT/SIGTERM); the library never imports the command line."""
 
 from __future__ import annotations
 
@@ -9,105 +10,15 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from typing import Any, Callable
+from pathlib import Path
 
 import pytest
 
-from conftest import call_in_loop, wait_for
-from cppnp import EventLoop, EventLoopThread, TcpServer
-from cppnp.examples import daytime, discard, echo, timers
+from conftest import recv_exact, recv_until_eof
 
-# -- helpers ------------------------------------------------------------------------------
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
-
-
-def recv_until_eof(sock: socket.socket) -> bytes:
-    out = bytearray()
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return bytes(out)
-        out += chunk
-
-
-@pytest.fixture
-def example() -> Iterator[Callable[[Callable[..., TcpServer]], tuple[EventLoop, TcpServer]]]:
-    """example(module.serve) -> (loop, server), served from a loop thread on port 0."""
-    threads: list[tuple[EventLoopThread, TcpServer]] = []
-
-    def start(serve_fn: Callable[..., TcpServer]) -> tuple[EventLoop, TcpServer]:
-        lt = EventLoopThread(lambda lp: serve_fn(lp, "127.0.0.1", 0), name="example")
-        lp = lt.start()
-        server = lt.result
-        assert isinstance(server, TcpServer)
-        threads.append((lt, server))
-        return lp, server
-
-    yield start
-    for lt, server in threads:
-        call_in_loop(lt.loop, server.stop)
-        lt.stop()
-
-
-# -- the example servers -----------------------------------------------------------------------
-
-
-def test_echo_example(example: Any) -> None:
-    lp, server = example(echo.serve)
-    assert server.name == "echo"
-    with socket.create_connection(server.address, timeout=10) as s:
-        s.sendall(b"hello, echo\r\n")
-        assert recv_exact(s, 13) == b"hello, echo\r\n"
-    wait_for(lambda: call_in_loop(lp, lambda: server.connection_count) == 0)
-
-
-def test_discard_example(example: Any) -> None:
-    lp, server = example(discard.serve)
-    data = b"d" * 100_000
-    with socket.create_connection(server.address, timeout=10) as s:
-        s.sendall(data)
-        handler = server.handler
-        wait_for(lambda: call_in_loop(lp, lambda: handler.discarded) == len(data))
-        s.shutdown(socket.SHUT_WR)
-        assert recv_until_eof(s) == b""          # nothing ever comes back
-    wait_for(lambda: call_in_loop(lp, lambda: server.connection_count) == 0)
-
-
-def test_daytime_example(example: Any) -> None:
-    lp, server = example(daytime.serve)
-    with socket.create_connection(server.address, timeout=10) as s:
-        text = recv_until_eof(s).decode("ascii")   # one line, then the server's FIN
-    assert re.fullmatch(r"\w+, \w+ \d{2}, \d{4} \d{2}:\d{2}:\d{2}-.*\r\n", text), text
-    wait_for(lambda: call_in_loop(lp, lambda: server.connection_count) == 0)
-
-
-def test_timers_example() -> None:
-    with EventLoop() as lp:
-        lines = timers.run(lp, ticks=5, interval=0.02)
-        assert lp.timer_count == 0
-    ticks = [line for line in lines if line.startswith("tick ")]
-    assert [t.split()[1] for t in ticks] == ["1", "2", "3", "4", "5"]
-    offsets = [int(re.search(r"\+(\d+) ms", t).group(1)) for t in ticks]  # type: ignore[union-attr]
-    assert offsets == sorted(offsets)
-    for k, ms in enumerate(offsets, 1):
-        assert ms >= k * 20 - 1                  # never before its deadline
-    assert "worker timer ran on the loop thread: True" in lines
-    assert "never" not in lines
-    assert lines[-1] == "main thread %s" % threading.current_thread().name
-
-
-# -- the command line ---------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+TIMEOUT = 20.0
 
 
 def _default_sigint() -> None:
@@ -116,11 +27,26 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _cli(*args: str) -> subprocess.Popen[str]:
+def _env() -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "cppnp", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd="/",
-                            preexec_fn=_default_sigint)
+    env.pop("PYTHONPATH", None)  # what is installed, not the source tree
+    return env
+
+
+def _spawn(*argv: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd="/",
+        preexec_fn=_default_sigint,
+    )
+
+
+def _cli(*args: str) -> subprocess.Popen[str]:
+    return _spawn("-m", "cppnp", *args)
 
 
 def _listening(proc: subprocess.Popen[str]) -> tuple[str, int]:
@@ -137,7 +63,7 @@ def _listening(proc: subprocess.Popen[str]) -> tuple[str, int]:
 def _finish(proc: subprocess.Popen[str], sig: int) -> tuple[int, str, str]:
     proc.send_signal(sig)
     try:
-        out, err = proc.communicate(timeout=20)
+        out, err = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
@@ -145,8 +71,126 @@ def _finish(proc: subprocess.Popen[str], sig: int) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
-@pytest.mark.parametrize("args", [(), ("--threads", "2", "--fib", "5")],
-                         ids=["single-thread", "pool"])
+def _reap(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+# -- examples/ ------------------------------------------------------------------------------
+
+EXAMPLE_TESTS = {
+    "echo.py": "test_example_echo",
+    "discard.py": "test_example_discard",
+    "daytime.py": "test_example_daytime",
+    "seed_echo.py": "test_example_seed_echo",
+    "timers.py": "test_example_timers",
+}
+
+
+def test_every_example_has_a_test() -> None:
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(EXAMPLE_TESTS)
+    for name in EXAMPLE_TESTS.values():
+        assert callable(globals()[name]), name
+
+
+def _example(name: str, *args: str) -> tuple[subprocess.Popen[str], tuple[str, int]]:
+    proc = _spawn(str(EXAMPLES / name), "0", *args)
+    return proc, _listening(proc)
+
+
+def test_example_echo() -> None:
+    proc, address = _example("echo.py")
+    try:
+        with socket.create_connection(address, timeout=10) as s:
+            for msg in (b"hello, echo\r\n", bytes(range(256)) * 400):
+                s.sendall(msg)
+                assert recv_exact(s, len(msg)) == msg
+        rc, out, err = _finish(proc, signal.SIGINT)
+    finally:
+        _reap(proc)
+    assert (rc, out, err) == (0, "", "")
+
+
+def test_example_discard() -> None:
+    proc, address = _example("discard.py")
+    try:
+        data = b"d" * 100_000
+        with socket.create_connection(address, timeout=10) as s:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(s) == b""  # nothing ever comes back
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert re.fullmatch(r"\S+ closed; 100000 bytes discarded so far\n", line), line
+        rc, _, err = _finish(proc, signal.SIGINT)
+    finally:
+        _reap(proc)
+    assert (rc, err) == (0, "")
+
+
+def test_example_daytime() -> None:
+    proc, address = _example("daytime.py")
+    try:
+        with socket.create_connection(address, timeout=10) as s:
+            text = recv_until_eof(s).decode("ascii")  # one line, then the server's FIN
+        assert re.fullmatch(r"\w+, \w+ \d{2}, \d{4} \d{2}:\d{2}:\d{2}-.*\r\n", text), text
+        rc, _, err = _finish(proc, signal.SIGINT)
+    finally:
+        _reap(proc)
+    assert (rc, err) == (0, "")
+
+
+@pytest.mark.parametrize("threads", ["0", "3"], ids=["single", "pool3"])
+def test_example_seed_echo(threads: str) -> None:
+    proc, address = _example("seed_echo.py", threads)
+    try:
+        socks = [socket.create_connection(address, timeout=10) for _ in range(3)]
+        try:
+            for round_ in range(10):
+                for i, s in enumerate(socks):
+                    msg = b"conn %d round %d|" % (i, round_)
+                    s.sendall(msg)
+                    assert recv_exact(s, len(msg)) == msg
+            big = bytes(range(256)) * 512  # several reads: several ordered tasks
+            socks[0].sendall(big)
+            assert recv_exact(socks[0], len(big)) == big
+        finally:
+            for s in socks:
+                s.close()
+        rc, _, err = _finish(proc, signal.SIGINT)
+    finally:
+        _reap(proc)
+    assert (rc, err) == (0, "")
+
+
+def test_example_timers() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "timers.py")],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_env(),
+        cwd="/",
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+    lines = proc.stdout.splitlines()
+    ticks = [line for line in lines if line.startswith("tick ")]
+    assert [t.split()[1] for t in ticks] == ["1", "2", "3", "4", "5"]
+    offsets = [int(re.search(r"\+(\d+) ms", t).group(1)) for t in ticks]  # type: ignore[union-attr]
+    for k, ms in enumerate(offsets, 1):
+        assert ms >= k * 50 - 1  # never before its deadline
+    assert "worker's timer ran on the loop thread: True" in lines
+    assert "never printed" not in lines
+    assert len(lines) == 6, lines
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args", [(), ("--threads", "2", "--fib", "5")], ids=["single-thread", "pool"]
+)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_cli_echo_serves_and_exits_cleanly(args: tuple[str, ...], sig: int) -> None:
     proc = _cli("echo", "--port", "0", *args)
@@ -159,9 +203,7 @@ def test_cli_echo_serves_and_exits_cleanly(args: tuple[str, ...], sig: int) -> N
                 assert recv_exact(s, len(msg)) == msg
         rc, _, err = _finish(proc, sig)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        _reap(proc)
     assert rc == 0, err
     assert "Traceback" not in err, err
 
@@ -174,17 +216,63 @@ def test_cli_daytime() -> None:
             assert recv_until_eof(s).endswith(b"\r\n")
         rc, _, err = _finish(proc, signal.SIGTERM)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        _reap(proc)
     assert rc == 0, err
 
 
+def test_cli_discard() -> None:
+    proc = _cli("discard", "--port", "0")
+    try:
+        host, port = _listening(proc)
+        with socket.create_connection((host, port), timeout=10) as s:
+            s.sendall(b"z" * 10_000)
+            s.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(s) == b""
+        rc, _, err = _finish(proc, signal.SIGINT)
+    finally:
+        _reap(proc)
+    assert (rc, err) == (0, "")
+
+
 def test_cli_timers() -> None:
-    proc = subprocess.run([sys.executable, "-m", "cppnp", "timers"], capture_output=True,
-                          text=True, timeout=30, cwd="/")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cppnp", "timers", "--interval", "0.02"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=_env(),
+        cwd="/",
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert [ln.split()[1] for ln in lines if ln.startswith("tick ")] == ["1", "2", "3", "4", "5"]
     assert "worker timer ran on the loop thread: True" in lines
-    assert lines[-1] == "main thread MainThread"
+    assert "never" not in lines
+    assert lines[-1] == (
+        "loop() returned in MainThread, the thread that owns the loop; "
+        "every callback above ran there"
+    )
+
+
+def test_library_never_imports_the_cli() -> None:
+    code = (
+        "import importlib, pkgutil, sys, cppnp, _core\n"
+        "for pkg in (cppnp, _core):\n"
+        "    for m in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + '.'):\n"
+        "        if m.name not in ('cppnp.cli', 'cppnp.__main__'):\n"
+        "            importlib.import_module(m.name)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('cppnp.cli')))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_env(),
+        cwd="/",
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout == "[]\n"
+    for path in [*(ROOT / "src" / "cppnp").glob("*.py"), *(ROOT / "src" / "_core").iterdir()]:
+        if path.name != "__main__.py" and path.is_file():
+            assert "cppnp.cli" not in path.read_text(errors="replace"), path

@@ -40,7 +40,7 @@ def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str
 
 def test_ruff() -> None:
     ruff = find_tool("ruff")
-    proc = run([ruff, "check", "--no-cache", "src", "tests"])
+    proc = run([ruff, "check", "--no-cache", "src", "tests", "examples"])
     assert proc.returncode == 0, "ruff check failed:\n%s\n%s" % (proc.stdout, proc.stderr)
 
 

@@ -1,1 +1,0 @@
-"""Small runnable servers: ``python -m cppnp <name>`` (echo, discard, daytime, timers, demo)."""
