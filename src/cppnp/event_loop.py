@@ -14,8 +14,13 @@ class EventLoopThread:
     """Run an EventLoop in a thread of its own (muduo's EventLoopThread).
 
     ``start()`` creates the loop inside the new thread, runs *init(loop)* there (create
-    servers in it), and returns the loop once it is ready; ``stop()`` quits the loop,
-    joins the thread and closes the loop.  Usable as a context manager.
+    servers in it), and returns the loop once it is ready; ``.result`` then holds what
+    *init* returned (None before, or without *init*).  ``stop()`` quits the loop, joins
+    the thread and closes the loop.  Usable as a context manager (``with`` gives the loop)::
+
+        lt = EventLoopThread(lambda loop: make_server(loop))
+        with lt as loop:
+            server = lt.result
     """
 
     def __init__(
@@ -30,19 +35,31 @@ class EventLoopThread:
         self._loop: EventLoop | None = None
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
         self.result: Any = None
 
     @property
     def loop(self) -> EventLoop:
+        """The loop; RuntimeError before start().
+
+        Thread-safe.
+        """
         if self._loop is None:
             raise RuntimeError("EventLoopThread not started")
         return self._loop
 
     def start(self, timeout: float = 10.0) -> EventLoop:
-        """Start the thread and return its loop once *init* has run.  Call once."""
-        if self._thread is not None:
-            raise RuntimeError("EventLoopThread already started")
-        self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
+        """Start the thread and return its loop once *init* has run (then see ``.result``).
+
+        Call once: a second call raises RuntimeError.  If *init* raises, the thread ends
+        and start() raises RuntimeError from that exception.
+
+        Thread-safe.
+        """
+        with self._start_lock:
+            if self._thread is not None:
+                raise RuntimeError("EventLoopThread already started")
+            self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
             raise TimeoutError("EventLoopThread did not start within %s s" % timeout)
@@ -68,7 +85,12 @@ class EventLoopThread:
             loop.close()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Quit the loop and join the thread (the loop is closed in its thread)."""
+        """Quit the loop and join the thread (the loop is closed in its thread).
+
+        Does nothing before start(); call it from another thread than the loop's own.
+
+        Thread-safe.
+        """
         if self._thread is None:
             return
         if self._loop is not None:
