@@ -23,8 +23,10 @@ $(PY):
 venv: $(PY)
 
 # Build the package from source and install it into the venv (not editable: the tests
-# run against what a user's pip would install).
+# run against what a user's pip would install).  The compiled core is reused from build/
+# when its sources did not change.
 install: $(PY)
+	rm -rf build/lib*/cppnp        # pure-Python files a rebuild would not remove (moved modules)
 	$(PIP) install -q --no-build-isolation ".[test]"
 
 demo: install
