@@ -13,6 +13,7 @@ from cppnp._version import __version__
 from cppnp.buffer import Buffer
 from cppnp.event_loop import EventLoop, EventLoopThread
 from cppnp.handler import ICppnpUsr
+from cppnp.prefork import PreforkError, serve
 from cppnp.task import IRun0, IRun2, Task
 from cppnp.tcp_connection import TcpConnection
 from cppnp.tcp_server import TcpServer
@@ -25,6 +26,7 @@ __all__ = [
     "ICppnpUsr",
     "IRun0",
     "IRun2",
+    "PreforkError",
     "QueueFull",
     "Task",
     "TcpConnection",
@@ -33,6 +35,7 @@ __all__ = [
     "__version__",
     "live_buffers",
     "live_connections",
+    "serve",
 ]
 
 logging.getLogger("cppnp").addHandler(logging.NullHandler())
