@@ -16,6 +16,7 @@ import sys
 import time
 
 from cppnp import Buffer, EventLoop, ICppnpUsr, TcpConnection, TcpServer, ThreadPool, serve
+from cppnp.prefork import Supervisor
 
 
 class LineServer(ICppnpUsr):
@@ -50,6 +51,8 @@ def main() -> int:
     p.add_argument("--work", type=float, default=0.5)
     p.add_argument("--drain-timeout", type=float, default=20.0)
     p.add_argument("--no-reuse-port", action="store_true")
+    p.add_argument("--stop-when-ready", action="store_true",
+                   help="on_ready calls Supervisor.stop()")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(process)d %(levelname)s %(message)s")
@@ -61,8 +64,10 @@ def main() -> int:
                            reuse_port=not args.no_reuse_port)
         return [server, pool]
 
-    def on_ready(sup: object) -> None:
-        print("ready %s" % " ".join(str(pid) for pid in sup.pids), flush=True)  # type: ignore
+    def on_ready(sup: Supervisor) -> None:
+        print("ready %s" % " ".join(str(pid) for pid in sup.pids), flush=True)
+        if args.stop_when_ready:
+            sup.stop()
 
     return serve(make_server, processes=args.processes, drain_timeout=args.drain_timeout,
                  on_ready=on_ready)

@@ -72,7 +72,7 @@ class Service:
         self.proc = subprocess.Popen(
             [sys.executable, APP, "--port", str(self.port), "--processes", str(processes),
              *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=child_env())
+            env=child_env(), start_new_session=True)
         self.pids: set[int] = {self.proc.pid}
         self.children: list[int] = []
         self.stderr = ""
@@ -282,6 +282,38 @@ def recv_line(sock: socket.socket) -> str:
             break
         out += chunk
     return out.decode().strip()
+
+
+def test_ctrl_c_to_the_process_group_drains_and_exits_zero(services: list[Service]) -> None:
+    """A terminal's Ctrl-C reaches the supervisor and every child at once."""
+    svc = start(services, "--threads", "2", "--work", "0.3", processes=2)
+    children = svc.wait_ready()
+    socks = [svc.connect() for _ in range(6)]
+    try:
+        for i, s in enumerate(socks):
+            s.sendall(b"slow %d\n" % i)
+        assert all(recv_line(s).startswith("ack %d " % i) for i, s in enumerate(socks))
+        os.killpg(svc.proc.pid, signal.SIGINT)
+        for i, s in enumerate(socks):
+            assert recv_until_eof(s).decode().startswith("done %d " % i)
+    finally:
+        for s in socks:
+            s.close()
+    assert svc.finish() == 0
+    assert "SIGINT: draining 2 children" in svc.stderr
+    assert svc.stderr.count("exited with status 0") == 2
+    assert not any(alive(pid) for pid in children)
+
+
+def test_stop_from_on_ready(services: list[Service]) -> None:
+    """Supervisor.stop() drains like SIGTERM; on_ready sees every child's pid."""
+    svc = start(services, "--stop-when-ready", processes=3)
+    children = svc.wait_ready()
+    assert len(set(children)) == 3 and 0 not in children
+    assert svc.finish() == 0
+    assert "stop(): draining 3 children" in svc.stderr
+    for pid in children:
+        assert "(pid %d) exited with status 0" % pid in svc.stderr
 
 
 def test_drain_deadline_force_closes_and_exits_zero(services: list[Service]) -> None:

@@ -243,7 +243,7 @@ class Supervisor:
         self._backoff = float(backoff)
         self._max_backoff = float(max_backoff)
         self._stable_after = float(stable_after)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()     # reentrant: stop() may run in a signal handler
         self._children: dict[int, _Child] = {}      # pid -> child
         self._by_fd: dict[int, _Child] = {}         # status pipe -> child
         self._slots = [_Slot() for _ in range(processes)]
@@ -286,12 +286,12 @@ class Supervisor:
     def stop(self) -> None:
         """Ask run() to drain and stop, as SIGTERM does.  Thread-safe (also from a signal
         handler)."""
-        fd = self._wake_w
-        if fd >= 0:
-            try:
-                os.write(fd, _STOP_BYTE)
-            except OSError:
-                pass        # a full pipe already holds a wakeup; a closed one: run() ended
+        with self._lock:        # run() closes the pipe under the lock: no write to a reused fd
+            if self._wake_w >= 0:
+                try:
+                    os.write(self._wake_w, _STOP_BYTE)
+                except OSError:
+                    pass        # the pipe is full: a wakeup is already waiting
 
     # -- the parent ----------------------------------------------------------------------
 
@@ -326,9 +326,10 @@ class Supervisor:
             signal.set_wakeup_fd(old_wakeup)
             for signum, handler in old_handlers.items():
                 signal.signal(signum, handler)
-            for fd in (self._wake_r, self._wake_w):
-                os.close(fd)
-            self._wake_r = self._wake_w = -1
+            with self._lock:
+                for fd in (self._wake_r, self._wake_w):
+                    os.close(fd)
+                self._wake_r = self._wake_w = -1
         if self._fatal is not None:
             raise self._fatal
         return self._exit_code
