@@ -209,7 +209,8 @@ def diff(a: dict[str, Any], b: dict[str, Any], server_pid: int, round_trips: int
     """Per-round-trip CPU figures between samples *a* and *b*."""
     us = 1e6 / round_trips
     procs = {pid: b["procs"][pid] - a["procs"].get(pid, 0.0) for pid in b["procs"]}
-    rec: dict[str, Any] = {"server_cpu_us_per_rt": round(sum(procs.values()) * us, 3)}
+    rec: dict[str, Any] = {"server_cpu_us_per_rt": round(sum(procs.values()) * us, 3),
+                           "server_cores": round(sum(procs.values()) / window, 3)}
     children = [pid for pid in procs if pid != server_pid]
     if children:                     # prefork: the parent, then each child
         rec["parent_cpu_us_per_rt"] = round(procs.get(server_pid, 0.0) * us, 3)
@@ -300,7 +301,7 @@ def server_env(cfg: Config) -> dict[str, str]:
     return env
 
 
-def machine_busy_pct(interval: float = 0.5) -> float:
+def machine_busy_pct(interval: float = 1.0) -> float:
     """Share of both cores busy (all processes) over *interval* seconds."""
     a = [benchlib.cpu_ticks(c) for c in (0, 1)]
     time.sleep(interval)
@@ -377,7 +378,7 @@ def fib_micro(python: str, env: dict[str, str], k: int = 1000) -> dict[str, Any]
 
 # ---- summaries ----------------------------------------------------------------------------
 
-MED_KEYS = ("rt_per_s", "p99_us", "server_cpu_us_per_rt", "loop_thread_us_per_rt",
+MED_KEYS = ("rt_per_s", "p99_us", "server_cpu_us_per_rt", "server_cores", "loop_thread_us_per_rt",
             "worker_threads_us_per_rt", "loop_busy_pct", "parent_cpu_us_per_rt",
             "client_cpu_pct", "other_load_pct", "steal_pct")
 
@@ -515,21 +516,22 @@ def render(results: dict[str, Any]) -> str:
                      f"{fmt(row.get('ratio_max'), '.2f')} | {len(row['ratios'])}"
                      f"{' (noisy)' if row['noisy'] else ''} | {goal} | {met} |")
     lines += ["", "## Every configuration (medians)", "",
-              "| server | what | rt/s | spread | p99 µs | server CPU µs/rt | loop thread µs/rt "
-              "| workers µs/rt | loop busy | client CPU | other load | n |",
-              "| :--- | :--- |" + " ---: |" * 10]
+              "| server | what | rt/s | spread | p99 µs | server CPU µs/rt | cores used "
+              "| loop thread µs/rt | workers µs/rt | loop busy | client CPU | other load | n |",
+              "| :--- | :--- |" + " ---: |" * 11]
     for name, row in meds.items():
         cfg = BY_NAME[name]
         lines.append(
             f"| {name} | {cfg.what} | {fmt(row['rt_per_s'])} | "
             f"{fmt(row.get('rt_spread_pct'), '.0f')}% | {fmt(row['p99_us'])} | "
-            f"{fmt(row['server_cpu_us_per_rt'], '.1f')} | "
+            f"{fmt(row['server_cpu_us_per_rt'], '.1f')} | {fmt(row['server_cores'], '.2f')} | "
             f"{fmt(row['loop_thread_us_per_rt'], '.1f')} | "
             f"{fmt(row['worker_threads_us_per_rt'], '.1f')} | "
             f"{fmt(row['loop_busy_pct'], '.0f')}% | {fmt(row['client_cpu_pct'], '.0f')}% | "
             f"{fmt(row['other_load_pct'], '.0f')}% | {row['n']}"
             f"{' (noisy)' if row['noisy'] else ''} |")
-    lines += ["", "`loop thread`/`workers`: CPU of the serving processes' main thread (the "
+    lines += ["", "`cores used`: the server's CPU time over the window (all its processes "
+              "and threads). `loop thread`/`workers`: CPU of the serving processes' main thread (the "
               "loop) and of their other threads, per round trip (for prefork rows: summed "
               "over the children; `loop busy` is per child). `other load`: CPU that other "
               "processes used on the two cores during the window, as a share of both cores. "
@@ -633,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         micro = {}
         for key, python in interps.items():
             if python and any(c.interp == key for c in configs):
+                wait_quiet(args)
                 env = dict(os.environ, PYTHON_GIL="0") if key == "ft" else dict(os.environ)
                 micro[key] = fib_micro(python, env)
                 print(f"[fib micro] {key}: {micro[key]}", flush=True)

@@ -122,17 +122,29 @@ class PreforkServer(Protocol):
     """
 
     def start(self) -> None:
-        """Bind and listen (raise if the address cannot be bound)."""
+        """Bind and listen (raise if the address cannot be bound).
+
+        Loop thread only.
+        """
 
     def stop_accepting(self) -> None:
-        """Close the listener(s); keep open connections."""
+        """Close the listener(s); keep open connections.
+
+        Loop thread only.
+        """
 
     def stop(self) -> None:
-        """Close the listener(s) and force-close every connection."""
+        """Close the listener(s) and force-close every connection.
+
+        Loop thread only.
+        """
 
     @property
     def connection_count(self) -> int:
-        """Open connections."""
+        """Open connections.
+
+        Loop thread only.
+        """
 
 
 ServerLike = Union[TcpServer, PreforkServer, ThreadPool]
@@ -145,7 +157,9 @@ def reserve_port(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     With port 0 the kernel picks a free port (``sock.getsockname()[1]``).  While the caller
     keeps the socket open, the port stays reserved for this user's SO_REUSEPORT sockets,
     so prefork children (and their restarts) can all bind it; the socket itself never
-    receives connections.  Close it after serve() returns.  Thread-safe.
+    receives connections.  Close it after serve() returns.
+
+    Thread-safe.
     """
     info = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
                               socket.AI_PASSIVE)[0]
@@ -170,7 +184,9 @@ def serve(make_server: MakeServer, *, processes: int | None = None,
 
     Returns 0 when every child stopped cleanly after the stop request, 1 when one had to
     be killed or exited with an error.  Raises PreforkError when a child fails to start,
-    RuntimeError when not called from the main thread.  Main thread only.
+    RuntimeError when not called from the main thread.
+
+    Main thread only.
     """
     return Supervisor(make_server, processes=processes, drain_timeout=drain_timeout,
                       kill_timeout=kill_timeout, on_ready=on_ready, backoff=backoff,
@@ -221,7 +237,10 @@ class Supervisor:
                  on_ready: Callable[[Supervisor], Any] | None = None,
                  backoff: float = 0.1, max_backoff: float = 10.0,
                  stable_after: float = 10.0) -> None:
-        """Check the options; nothing is forked before run().  Thread-safe."""
+        """Check the options; nothing is forked before run().
+
+        Thread-safe.
+        """
         if not callable(make_server):
             raise TypeError("make_server must be a callable taking the child's EventLoop")
         if processes is None:
@@ -265,7 +284,9 @@ class Supervisor:
     @property
     def pids(self) -> list[int]:
         """Pids of the live children, by slot (0 for a slot waiting for a restart).
-        Thread-safe."""
+
+        Thread-safe.
+        """
         with self._lock:
             out = [0] * self.processes
             for child in self._children.values():
@@ -275,17 +296,25 @@ class Supervisor:
     @property
     def address(self) -> list[Any] | None:
         """The addresses the children listen on (one per server that has ``address``),
-        once the first child is ready.  Thread-safe."""
+        once the first child is ready.
+
+        Thread-safe.
+        """
         return self._address
 
     @property
     def restarts(self) -> int:
-        """How many children were restarted after dying.  Thread-safe."""
+        """How many children were restarted after dying.
+
+        Thread-safe.
+        """
         return self._restarts
 
     def stop(self) -> None:
-        """Ask run() to drain and stop, as SIGTERM does.  Thread-safe (also from a signal
-        handler)."""
+        """Ask run() to drain and stop, as SIGTERM does (also usable in a signal handler).
+
+        Thread-safe.
+        """
         with self._lock:        # run() closes the pipe under the lock: no write to a reused fd
             if self._wake_w >= 0:
                 try:
@@ -802,7 +831,7 @@ def _check_reuse_port(server: Any) -> None:
         return
     host, port = address[0], address[1]
     info = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
-                              socket.AI_PASSIVE | socket.AI_NUMERICHOST)[0]
+                              socket.AI_PASSIVE)[0]
     with socket.socket(info[0], info[1], info[2]) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
@@ -826,8 +855,9 @@ def serve_echo(host: str = "127.0.0.1", port: int = 9000, *, processes: int = 1,
 
     Port 0 reserves a free port first.  Prints ``listening on HOST:PORT`` and
     ``children: PID ...`` to *out* (default stdout) once every child listens; returns the
-    exit status (EXIT_BOOT_FAILED with the reason on stderr when it cannot start).  Main
-    thread only.
+    exit status (EXIT_BOOT_FAILED with the reason on stderr when it cannot start).
+
+    Main thread only.
     """
     from cppnp.examples.echo import EchoHandler
     from cppnp.examples.seed_echo import EchoServer
