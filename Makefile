@@ -13,7 +13,7 @@ PY_SOURCES := src tests benchmarks examples scripts
 export CPPNP_STRICT ?= 1
 
 .PHONY: demo test check test-ft tsan venv install build debug sanitize lint lint-tools format \
-	wheel bench bench-quick soak clean distclean
+	wheel bench bench-quick bench-scaling soak clean distclean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -92,6 +92,15 @@ bench: install
 bench-quick: install
 	$(PIP) install -q -r benchmarks/requirements.txt
 	$(PY) benchmarks/run.py --quick
+
+# Multi-core scaling: prefork on this Python, the pool on free-threaded 3.13t (FT_VENV as
+# in test-ft); about 12 minutes on a quiet machine.
+bench-scaling: install
+	@py=$$(bash ../shared/tools/free-threaded-python.sh) && \
+	  [ -x $(FT_VENV)/bin/python ] || $$py -m venv $(FT_VENV)
+	$(FT_VENV)/bin/pip install -q $(BUILD_DEPS)
+	$(FT_VENV)/bin/pip install -q --no-build-isolation .
+	$(PY) benchmarks/scaling.py --python-ft $(FT_VENV)/bin/python
 
 # ASan+UBSan build (CPPNP_SANITIZE=1, own venv .venv-asan), whole suite with the runtimes
 # preloaded; fails on a test failure or any sanitizer report.

@@ -16,6 +16,7 @@ from cppnp._version import __version__
 from cppnp.buffer import Buffer
 from cppnp.event_loop import EventLoop, EventLoopThread
 from cppnp.handler import ICppnpUsr
+from cppnp.prefork import PreforkError, serve
 from cppnp.task import IRun0, IRun2, Task
 from cppnp.tcp_connection import TcpConnection
 from cppnp.tcp_server import TcpServer
@@ -28,6 +29,7 @@ __all__ = [
     "ICppnpUsr",
     "IRun0",
     "IRun2",
+    "PreforkError",
     "QueueFull",
     "Task",
     "TcpConnection",
@@ -36,4 +38,5 @@ __all__ = [
     "__version__",
     "live_buffers",
     "live_connections",
+    "serve",
 ]
