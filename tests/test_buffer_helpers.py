@@ -159,9 +159,9 @@ def test_int_defaults_are_big_endian_signed() -> None:
 @pytest.mark.parametrize("width", [0, 9, -1])
 def test_int_bad_width(width: int) -> None:
     buf = Buffer(b"\x00" * 16)
-    with pytest.raises(ValueError, match="peek_int: width must be 1..8"):
+    with pytest.raises(ValueError, match=r"peek_int: width must be 1\.\.8"):
         buf.peek_int(width)
-    with pytest.raises(ValueError, match="read_int: width must be 1..8"):
+    with pytest.raises(ValueError, match=r"read_int: width must be 1\.\.8"):
         buf.read_int(width)
     assert len(buf) == 16
 
