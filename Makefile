@@ -7,7 +7,8 @@ PIP := $(PY) -m pip
 BUILD_DEPS := "setuptools>=77" "Cython>=3.1,<4" wheel
 export CPPNP_STRICT ?= 1
 
-.PHONY: demo test check test-ft venv install build debug sanitize lint wheel bench bench-quick soak clean distclean
+.PHONY: demo test check test-ft venv install build debug sanitize lint wheel bench bench-quick soak clean distclean \
+	bench-resp
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +65,15 @@ bench: install
 bench-quick: install
 	$(PIP) install -q -r benchmarks/requirements.txt
 	$(PY) benchmarks/run.py --quick
+
+# The RESP example vs redis-server and the asyncio/uvloop RESP server (redis-benchmark).
+# BENCH_RESP_ARGS=--quick for a ~2 minute run.
+bench-resp: install
+	$(PIP) install -q -r benchmarks/requirements.txt
+	@command -v redis-benchmark >/dev/null && command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y redis-tools redis-server; \
+	  else sudo apt-get install -y redis-tools redis-server; fi; }
+	$(PY) benchmarks/resp_bench.py $(BENCH_RESP_ARGS)
 
 # ASan+UBSan build (CPPNP_SANITIZE=1, own venv .venv-asan), whole suite with the runtimes
 # preloaded; fails on a test failure or any sanitizer report.

@@ -350,46 +350,56 @@ def parse_commands(st: _Parse, buf: Buffer, cmds: list[list[bytes]],
     to the loop thread that passed it).
     """
     readline = buf.readline
-    while True:
-        n = st.bulk
-        if n >= 0:                                   # waiting for a bulk string's bytes
-            if len(buf) < n + 2:
+    retrieve = buf.retrieve_as_bytes
+    read_crlf = buf.read_uint16
+    argv, left, n = st.argv, st.left, st.bulk       # locals in the loop, saved on exit
+    try:
+        while True:
+            if n >= 0:                               # waiting for a bulk string's bytes
+                if len(buf) < n + 2:
+                    return
+                argv.append(retrieve(n))
+                if read_crlf() != 0x0D0A:
+                    raise ProtocolError("Protocol error: expected CRLF after bulk string")
+                n = -1
+                left -= 1
+                if not left:
+                    cmds.append(argv)
+                    argv = []
+                continue
+            line = readline(b"\n")
+            if line is None:
+                if len(buf) > MAX_INLINE:
+                    raise ProtocolError("Protocol error: too big inline request" if not left
+                                        else "Protocol error: too big bulk count string")
                 return
-            arg = buf.retrieve_as_bytes(n)
-            if buf.read_uint16() != 0x0D0A:
-                raise ProtocolError("Protocol error: expected CRLF after bulk string")
-            st.bulk = -1
-            st.argv.append(arg)
-            st.left -= 1
-            if st.left == 0:
-                cmds.append(st.argv)
-                st.argv = []
-            continue
-        line = readline(b"\n")
-        if line is None:
-            if len(buf) > MAX_INLINE:
-                raise ProtocolError("Protocol error: too big inline request" if not st.left
-                                    else "Protocol error: too big bulk count string")
-            return
-        if st.left:                                  # inside *N: expect $len
-            if line[0] != 36:                        # '$'
-                raise ProtocolError("Protocol error: expected '$', got '%s'"
-                                    % chr(line[0]))
-            n = _parse_int(line[1:-2]) if line[-2:] == b"\r\n" else None
-            if n is None or n < 0 or n > max_bulk:
-                raise ProtocolError("Protocol error: invalid bulk length")
-            st.bulk = n
-            continue
-        if line[0] == 42:                            # '*': a multibulk command
-            n = _parse_int(line[1:-2]) if line[-2:] == b"\r\n" else None
-            if n is None or n > max_multibulk:
-                raise ProtocolError("Protocol error: invalid multibulk length")
-            if n > 0:
-                st.left = n
-            continue
-        argv = line.split()                          # an inline command (CRLF or LF)
-        if argv:
-            cmds.append(argv)
+            if left:                                 # inside *N: expect $len
+                if line[0] != 36:                    # '$'
+                    raise ProtocolError("Protocol error: expected '$', got '%s'"
+                                        % chr(line[0]))
+                try:
+                    k = int(line[1:-2]) if line[-2] == 13 else -1
+                except ValueError:
+                    k = -1
+                if k < 0 or k > max_bulk:
+                    raise ProtocolError("Protocol error: invalid bulk length")
+                n = k
+                continue
+            if line[0] == 42:                        # '*': a multibulk command
+                try:
+                    k = int(line[1:-2]) if line[-2] == 13 else -2
+                except ValueError:
+                    k = -2
+                if k < -1 or k > max_multibulk:
+                    raise ProtocolError("Protocol error: invalid multibulk length")
+                if k > 0:
+                    left = k
+                continue
+            inline = line.split()                    # an inline command (CRLF or LF)
+            if inline:
+                cmds.append(inline)
+    finally:
+        st.argv, st.left, st.bulk = argv, left, n
 
 
 class RespServer(ICppnpUsr):

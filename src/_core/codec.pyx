@@ -47,12 +47,18 @@ cdef class _FrameCodec:
 
     @property
     def frames_received(self):
-        """How many complete frames were passed to on_frame.  Thread-safe."""
+        """How many complete frames were passed to on_frame.
+
+        Thread-safe.
+        """
         return cppnp_atomic_load(&self._frames)
 
     @property
     def protocol_errors(self):
-        """How many connections were closed for a protocol error.  Thread-safe."""
+        """How many connections were closed for a protocol error.
+
+        Thread-safe.
+        """
         return cppnp_atomic_load(&self._errors)
 
     cdef int _protocol_error(self, object conn, Buffer buf, str why) except -1:
@@ -100,8 +106,8 @@ cdef class LengthFieldCodec(_FrameCodec):
     def on_message(self, conn, Buffer buf not None):
         """Pass every complete frame in *buf* to ``handler.on_frame(conn, payload)``.
 
-        Called by the connection; leaves an incomplete frame in the Buffer.  Loop thread
-        only (the Buffer belongs to the loop thread that passes it).
+        Called by the connection; leaves an incomplete frame in the Buffer, which belongs
+        to the loop thread that passes it.
 
         Loop thread only.
         """
@@ -140,7 +146,9 @@ cdef class LengthFieldCodec(_FrameCodec):
     def encode(self, payload):
         """Return ``header + payload`` as one bytes (*payload*: bytes-like or str).
 
-        ValueError if the payload is longer than ``max_frame``.  Thread-safe.
+        ValueError if the payload is longer than ``max_frame``.
+
+        Thread-safe.
         """
         cdef Py_buffer view
         cdef size_t hb = self.header_bytes
@@ -204,8 +212,8 @@ cdef class LineCodec(_FrameCodec):
     def on_message(self, conn, Buffer buf not None):
         """Pass every complete line in *buf* to ``handler.on_frame(conn, line)``.
 
-        Called by the connection; leaves a partial line in the Buffer.  Loop thread only
-        (the Buffer belongs to the loop thread that passes it).
+        Called by the connection; leaves a partial line in the Buffer, which belongs to
+        the loop thread that passes it.
 
         Loop thread only.
         """
@@ -248,6 +256,7 @@ cdef class LineCodec(_FrameCodec):
         """Return ``line + delimiter`` as one bytes (*line*: bytes-like or str).
 
         ValueError if *line* contains the delimiter or is longer than ``max_line``.
+
         Thread-safe.
         """
         cdef Py_buffer view
