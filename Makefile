@@ -13,7 +13,7 @@ PY_SOURCES := src tests benchmarks examples scripts
 export CPPNP_STRICT ?= 1
 
 .PHONY: demo test check test-ft tsan venv install build debug sanitize lint lint-tools format \
-	wheel bench bench-quick bench-scaling soak clean distclean
+	wheel bench bench-quick bench-scaling bench-resp soak clean distclean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -96,11 +96,20 @@ bench-quick: install
 # Multi-core scaling: prefork on this Python, the pool on free-threaded 3.13t (FT_VENV as
 # in test-ft); about 12 minutes on a quiet machine.
 bench-scaling: install
-	@py=$$(bash ../shared/tools/free-threaded-python.sh) && \
+	@py=$$(bash tools/free-threaded-python.sh) && \
 	  [ -x $(FT_VENV)/bin/python ] || $$py -m venv $(FT_VENV)
 	$(FT_VENV)/bin/pip install -q $(BUILD_DEPS)
 	$(FT_VENV)/bin/pip install -q --no-build-isolation .
 	$(PY) benchmarks/scaling.py --python-ft $(FT_VENV)/bin/python
+
+# The RESP example vs redis-server and the asyncio/uvloop RESP server (redis-benchmark).
+# BENCH_RESP_ARGS=--quick for a ~2 minute run.
+bench-resp: install
+	$(PIP) install -q -r benchmarks/requirements.txt
+	@command -v redis-benchmark >/dev/null && command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y redis-tools redis-server; \
+	  else sudo apt-get install -y redis-tools redis-server; fi; }
+	$(PY) benchmarks/resp_bench.py $(BENCH_RESP_ARGS)
 
 # ASan+UBSan build (CPPNP_SANITIZE=1, own venv .venv-asan), whole suite with the runtimes
 # preloaded; fails on a test failure or any sanitizer report.
@@ -129,7 +138,7 @@ test-ft:
 	@set -e; if [ ! -x $(FT_PY) ]; then \
 	  py=$$(bash tools/free-threaded-python.sh); $$py -m venv $(FT_VENV); fi
 	@[ -e $(FT_VENV)/.deps ] || { $(FT_PY) -m pip install -q $(BUILD_DEPS) pytest \
-	  pytest-timeout "hypothesis>=6,<6.140" && touch $(FT_VENV)/.deps; }
+	  pytest-timeout "hypothesis>=6,<6.140" "redis>=4.5" && touch $(FT_VENV)/.deps; }
 	$(FT_PY) -m pip install -q --no-build-isolation .
 	cd / && env -u PYTHON_GIL $(CURDIR)/$(FT_PY) $(CURDIR)/scripts/assert_gil_disabled.py
 	cd tests && PYTHON_GIL=0 ../$(FT_PY) -m pytest -q -p no:cacheprovider \

@@ -18,6 +18,7 @@ MODULES = [
     "tcp_connection",
     "tcp_server",
     "thread_pool",
+    "codec",
 ]
 
 if not sys.platform.startswith("linux"):

@@ -73,7 +73,7 @@ if [[ ! -x "$PY" ]]; then
     "$PY" -m pip install -q --upgrade pip
 fi
 "$PY" -m pip install -q "setuptools>=77" "Cython>=3.1,<4" wheel \
-    "pytest>=7" "pytest-timeout>=2.1" "hypothesis>=6"
+    "pytest>=7" "pytest-timeout>=2.1" "hypothesis>=6" "redis>=4.5"
 
 # -- 3. the instrumented build ----------------------------------------------------------------
 # Built from a copy of the tree: setuptools reuses object files in build/ by timestamp,
@@ -100,7 +100,7 @@ import subprocess
 import sys
 
 mods = ["buffer", "channel", "task", "pending", "timer_queue", "blocking_queue", "socket_ops",
-        "event_loop", "tcp_connection", "tcp_server", "thread_pool"]
+        "event_loop", "tcp_connection", "tcp_server", "thread_pool", "codec"]
 bad = []
 for name in mods:
     spec = importlib.util.find_spec("_core." + name)

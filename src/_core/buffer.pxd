@@ -9,6 +9,23 @@
 # memoryview of the buffer is exported, storage is never freed or moved by a realloc: a
 # grow copies to a new block and parks the old one until the last export is released.
 
+from libc.stdint cimport uint64_t
+
+
+# The unsigned integer of *width* (1..8) bytes at *p*, big- or little-endian.
+cdef inline uint64_t load_uint(const unsigned char* p, Py_ssize_t width,
+                               bint big) noexcept nogil:
+    cdef uint64_t v = 0
+    cdef Py_ssize_t i
+    if big:
+        for i in range(width):
+            v = (v << 8) | p[i]
+    else:
+        for i in range(width - 1, -1, -1):
+            v = (v << 8) | p[i]
+    return v
+
+
 cdef class Buffer:
     cdef:
         char* _data
@@ -36,3 +53,6 @@ cdef class Buffer:
     cdef Py_ssize_t read_fd(self, int fd, int* err) except -2
     # One send(MSG_NOSIGNAL) of the readable region; consumes what was written.
     cdef Py_ssize_t write_fd(self, int fd, int* err) except -2
+    # A pointer to *width* readable bytes at *offset*; ValueError naming *name* if short.
+    cdef const unsigned char* _int_at(self, Py_ssize_t offset, Py_ssize_t width,
+                                      str name) except NULL

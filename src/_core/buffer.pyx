@@ -6,7 +6,7 @@ from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_FillInfo, PyBuffer_Release
 from cpython.buffer cimport PyObject_GetBuffer, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
-from libc.stdint cimport int64_t, uint32_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 from _core.includes.linux cimport (
     EINTR, MSG_NOSIGNAL, errno, iovec, memchr, memcpy, memmem, memmove, readv, send,
@@ -28,6 +28,29 @@ cdef inline object _as_bytes_like(object data):
     if isinstance(data, str):
         return (<str>data).encode("utf-8")
     return data
+
+
+cdef inline object _uint_value(const unsigned char* p, Py_ssize_t width, bint big):
+    return load_uint(p, width, big)
+
+
+cdef inline object _int_value(const unsigned char* p, Py_ssize_t width, bint big):
+    cdef uint64_t v = load_uint(p, width, big)
+    cdef uint64_t m
+    if width < 8:
+        m = (<uint64_t>1) << (width * 8 - 1)
+        v = (v ^ m) - m                 # sign-extend
+    return <int64_t>v
+
+
+cdef bint _check_int_args(str name, Py_ssize_t width, object byteorder) except -1:
+    if width < 1 or width > 8:
+        raise ValueError("%s: width must be 1..8 bytes, got %d" % (name, width))
+    if byteorder == "big":
+        return True
+    if byteorder == "little":
+        return False
+    raise ValueError("%s: byteorder must be 'big' or 'little', got %r" % (name, byteorder))
 
 
 @cython.auto_pickle(False)
@@ -383,6 +406,420 @@ cdef class Buffer:
         self._cap = CHEAP_PREPEND + readable + reserve
         self._reader = CHEAP_PREPEND
         self._writer = CHEAP_PREPEND + readable
+
+    # -- protocol helpers: search, lines, fixed-width integers (all in C, no copy) ---------
+
+    cdef const unsigned char* _int_at(self, Py_ssize_t offset, Py_ssize_t width,
+                                      str name) except NULL:
+        cdef size_t n = self._writer - self._reader
+        if offset < 0 or <size_t>offset > n or n - offset < <size_t>width:
+            raise ValueError("%s needs %d readable bytes at offset %d, have %d"
+                             % (name, width, offset, n))
+        return <const unsigned char*>(self._data + self._reader + offset)
+
+    def find(self, sub, Py_ssize_t start=0):
+        """Return the offset of the first *sub* (bytes-like) at or after *start*, or -1.
+
+        Offsets count from the first readable byte; ``0 <= start <= readable_bytes()``
+        (ValueError otherwise).  An empty *sub* is found at *start*.  One ``memmem`` over
+        the readable bytes, no copy.  The Buffer belongs to the loop thread that passed it
+        to on_message.
+
+        Loop thread only.
+        """
+        cdef Py_buffer view
+        cdef size_t n = self._writer - self._reader
+        cdef const char* hit
+        if start < 0 or <size_t>start > n:
+            raise ValueError("find: start %d out of range 0..%d" % (start, n))
+        PyObject_GetBuffer(sub, &view, PyBUF_SIMPLE)
+        try:
+            if view.len == 0:
+                return start
+            if <size_t>view.len > n - start:
+                return -1
+            hit = <const char*>memmem(self._data + self._reader + start, n - start,
+                                      view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+        return -1 if hit == NULL else hit - (self._data + self._reader)
+
+    def readline(self, delimiter=b"\n"):
+        """Remove and return the first line, *delimiter* included, as ``bytes``.
+
+        Returns ``None`` (and consumes nothing) when the readable bytes hold no complete
+        line, so ``while (line := buf.readline()) is not None:`` takes every complete line
+        and leaves a partial one for the next on_message.  *delimiter* is any non-empty
+        bytes-like (``b"\r\n"`` for text protocols).  No limit is applied: bound the line
+        length yourself (or use ``cppnp.codec.LineCodec``).  The Buffer belongs to the
+        loop thread that passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef Py_buffer view
+        cdef size_t n = self._writer - self._reader
+        cdef const char* hit = NULL
+        cdef size_t end
+        PyObject_GetBuffer(delimiter, &view, PyBUF_SIMPLE)
+        try:
+            if view.len == 0:
+                raise ValueError("readline: the delimiter must not be empty")
+            if <size_t>view.len <= n:
+                if view.len == 1:
+                    hit = <const char*>memchr(self._data + self._reader,
+                                              (<const unsigned char*>view.buf)[0], n)
+                else:
+                    hit = <const char*>memmem(self._data + self._reader, n,
+                                              view.buf, view.len)
+            if hit == NULL:
+                return None
+            end = (hit - (self._data + self._reader)) + view.len
+        finally:
+            PyBuffer_Release(&view)
+        out = PyBytes_FromStringAndSize(self._data + self._reader, end)
+        self.consume(end)
+        return out
+
+    def peek_int(self, Py_ssize_t width, byteorder="big", bint signed=True,
+                 Py_ssize_t offset=0):
+        """Return the *width*-byte integer at *offset* (not consumed, no copy).
+
+        *width* is in bytes, 1..8 (1, 2, 4, 8 for the usual 8/16/32/64-bit fields);
+        *byteorder* is ``"big"`` (network order) or ``"little"``; *signed* selects two's
+        complement.  ValueError naming the method if fewer than ``offset + width`` bytes
+        are readable.  The Buffer belongs to the loop thread that passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef bint big = _check_int_args("peek_int", width, byteorder)
+        cdef const unsigned char* p = self._int_at(offset, width, "peek_int")
+        return _int_value(p, width, big) if signed else _uint_value(p, width, big)
+
+    def read_int(self, Py_ssize_t width, byteorder="big", bint signed=True):
+        """Remove and return the first *width* bytes as an integer (see :meth:`peek_int`).
+
+        ValueError naming the method, and nothing consumed, if fewer than *width* bytes are
+        readable.  The Buffer belongs to the loop thread that passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef bint big = _check_int_args("read_int", width, byteorder)
+        cdef const unsigned char* p = self._int_at(0, width, "read_int")
+        v = _int_value(p, width, big) if signed else _uint_value(p, width, big)
+        self.consume(width)
+        return v
+
+    def peek_int8(self):
+        """The first 1 byte as a signed int, not consumed (no copy).
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 1, "peek_int8")
+        return _int_value(p, 1, 1)
+
+    def read_int8(self):
+        """Consume the first 1 byte; return them as a signed int.
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 1, "read_int8")
+        v = _int_value(p, 1, 1)
+        self.consume(1)
+        return v
+
+    def peek_uint8(self):
+        """The first 1 byte as a unsigned int, not consumed (no copy).
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 1, "peek_uint8")
+        return _uint_value(p, 1, 1)
+
+    def read_uint8(self):
+        """Consume the first 1 byte; return them as a unsigned int.
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 1, "read_uint8")
+        v = _uint_value(p, 1, 1)
+        self.consume(1)
+        return v
+
+    def peek_int16(self):
+        """The first 2 bytes as a big-endian signed int, not consumed (no copy).
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 2, "peek_int16")
+        return _int_value(p, 2, 1)
+
+    def read_int16(self):
+        """Consume the first 2 bytes; return them as a big-endian signed int.
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 2, "read_int16")
+        v = _int_value(p, 2, 1)
+        self.consume(2)
+        return v
+
+    def peek_int16_le(self):
+        """The first 2 bytes as a little-endian signed int, not consumed (no copy).
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 2, "peek_int16_le")
+        return _int_value(p, 2, 0)
+
+    def read_int16_le(self):
+        """Consume the first 2 bytes; return them as a little-endian signed int.
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 2, "read_int16_le")
+        v = _int_value(p, 2, 0)
+        self.consume(2)
+        return v
+
+    def peek_uint16(self):
+        """The first 2 bytes as a big-endian unsigned int, not consumed (no copy).
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 2, "peek_uint16")
+        return _uint_value(p, 2, 1)
+
+    def read_uint16(self):
+        """Consume the first 2 bytes; return them as a big-endian unsigned int.
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 2, "read_uint16")
+        v = _uint_value(p, 2, 1)
+        self.consume(2)
+        return v
+
+    def peek_uint16_le(self):
+        """The first 2 bytes as a little-endian unsigned int, not consumed (no copy).
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 2, "peek_uint16_le")
+        return _uint_value(p, 2, 0)
+
+    def read_uint16_le(self):
+        """Consume the first 2 bytes; return them as a little-endian unsigned int.
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 2, "read_uint16_le")
+        v = _uint_value(p, 2, 0)
+        self.consume(2)
+        return v
+
+    def peek_int32_le(self):
+        """The first 4 bytes as a little-endian signed int, not consumed (no copy).
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 4, "peek_int32_le")
+        return _int_value(p, 4, 0)
+
+    def read_int32_le(self):
+        """Consume the first 4 bytes; return them as a little-endian signed int.
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 4, "read_int32_le")
+        v = _int_value(p, 4, 0)
+        self.consume(4)
+        return v
+
+    def peek_uint32(self):
+        """The first 4 bytes as a big-endian unsigned int, not consumed (no copy).
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 4, "peek_uint32")
+        return _uint_value(p, 4, 1)
+
+    def read_uint32(self):
+        """Consume the first 4 bytes; return them as a big-endian unsigned int.
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 4, "read_uint32")
+        v = _uint_value(p, 4, 1)
+        self.consume(4)
+        return v
+
+    def peek_uint32_le(self):
+        """The first 4 bytes as a little-endian unsigned int, not consumed (no copy).
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 4, "peek_uint32_le")
+        return _uint_value(p, 4, 0)
+
+    def read_uint32_le(self):
+        """Consume the first 4 bytes; return them as a little-endian unsigned int.
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 4, "read_uint32_le")
+        v = _uint_value(p, 4, 0)
+        self.consume(4)
+        return v
+
+    def peek_int64(self):
+        """The first 8 bytes as a big-endian signed int, not consumed (no copy).
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 8, "peek_int64")
+        return _int_value(p, 8, 1)
+
+    def read_int64(self):
+        """Consume the first 8 bytes; return them as a big-endian signed int.
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 8, "read_int64")
+        v = _int_value(p, 8, 1)
+        self.consume(8)
+        return v
+
+    def peek_int64_le(self):
+        """The first 8 bytes as a little-endian signed int, not consumed (no copy).
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 8, "peek_int64_le")
+        return _int_value(p, 8, 0)
+
+    def read_int64_le(self):
+        """Consume the first 8 bytes; return them as a little-endian signed int.
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 8, "read_int64_le")
+        v = _int_value(p, 8, 0)
+        self.consume(8)
+        return v
+
+    def peek_uint64(self):
+        """The first 8 bytes as a big-endian unsigned int, not consumed (no copy).
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 8, "peek_uint64")
+        return _uint_value(p, 8, 1)
+
+    def read_uint64(self):
+        """Consume the first 8 bytes; return them as a big-endian unsigned int.
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 8, "read_uint64")
+        v = _uint_value(p, 8, 1)
+        self.consume(8)
+        return v
+
+    def peek_uint64_le(self):
+        """The first 8 bytes as a little-endian unsigned int, not consumed (no copy).
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 8, "peek_uint64_le")
+        return _uint_value(p, 8, 0)
+
+    def read_uint64_le(self):
+        """Consume the first 8 bytes; return them as a little-endian unsigned int.
+
+        ValueError if fewer are readable; the Buffer belongs to the loop thread that
+        passed it to on_message.
+
+        Loop thread only.
+        """
+        cdef const unsigned char* p = self._int_at(0, 8, "read_uint64_le")
+        v = _uint_value(p, 8, 0)
+        self.consume(8)
+        return v
 
     def __getbuffer__(self, Py_buffer* view, int flags):
         if flags & PyBUF_WRITABLE:
