@@ -78,7 +78,7 @@ def split_target(url: bytes) -> tuple[str, str, str | None] | None:
     authority = None
     if url[:1] != b"/":
         if url == b"*":
-            return "*", "", None
+            return "", "", None         # OPTIONS *: no path (REQUEST_URI keeps the "*")
         sep = url.find(b"://")
         if sep <= 0 or url[:sep].lower() not in (b"http", b"https"):
             return None

@@ -185,7 +185,10 @@ class HttpConn:
         if te is not None:
             if not self.http11:
                 self._fail(400)              # RFC 9112 6.1: TE in 1.0 is faulty framing
-            if te.strip().lower() != "chunked":
+            codings = te.lower().split(",")
+            if codings[-1].strip() != "chunked":
+                self._fail(400)              # RFC 9112 6.3: chunked must come last
+            if len(codings) > 1:
                 self._fail(501)              # gzip, chunked & co: not implemented
             self.chunked = True
         else:
