@@ -118,7 +118,7 @@ def read_response(f: io.BufferedReader, head_request: bool = False) -> Response:
 
 
 def exchange(address: tuple[str, int], raw: bytes, count: int = 1, timeout: float = 10.0,
-             head_request: bool = False) -> tuple[list[Response], bool]:
+             head_request: bool = False, probe: bool = True) -> tuple[list[Response], bool]:
     """Send *raw*, read *count* responses; return them and whether the server then
     closed the connection.  Decided without timing: a probe request is sent; an open
     connection answers it, a closed one gives EOF (or a reset)."""
@@ -126,6 +126,9 @@ def exchange(address: tuple[str, int], raw: bytes, count: int = 1, timeout: floa
         s.sendall(raw)
         f = s.makefile("rb")
         out = [read_response(f, head_request) for _ in range(count)]
+        if not probe:
+            f.close()
+            return out, False
         try:
             s.sendall(b"GET /?probe=1 HTTP/1.1\r\nHost: probe\r\n\r\n")
             closed = f.read(1) == b""
@@ -136,7 +139,8 @@ def exchange(address: tuple[str, int], raw: bytes, count: int = 1, timeout: floa
 
 
 def one(address: tuple[str, int], raw: bytes, **kw: Any) -> Response:
-    return exchange(address, raw, **kw)[0][0]
+    """Send *raw* on a new connection and read one response."""
+    return exchange(address, raw, probe=False, **kw)[0][0]
 
 
 def get(path: str = "/", host: str = "t", extra: str = "", version: str = "1.1") -> bytes:

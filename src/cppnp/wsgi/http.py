@@ -302,6 +302,7 @@ class HttpConn:
                 inp.close()
             except Exception:
                 pass
+        ex.release()
         if not self.conn.connected:
             return
         if not keep_alive:

@@ -15,6 +15,7 @@ import os
 import stat
 import threading
 import time
+import traceback
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 if TYPE_CHECKING:
@@ -223,8 +224,9 @@ class Exchange:
         n = len(parts) - 1
         if text.count("\n") != n or text.count("\r") != n:
             raise ValueError("a response header contains CR or LF")
+        head = (text + "\r\n\r\n").encode("latin-1")
         self.headers_sent = True
-        return (text + "\r\n\r\n").encode("latin-1")
+        return head
 
     def _frame(self, chunk: bytes) -> bytes:
         framing = self.framing
@@ -314,8 +316,9 @@ class Exchange:
 
     def run(self) -> None:
         """Call the app and produce the response.  On a worker (or the loop, threads=0)."""
-        st = self.st
-        server = st.server
+        # No local reference to the connection's state: a traceback the app keeps (logged,
+        # or in an error tracker) holds this frame, and release() clears self.st.
+        server = self.st.server
         result = None
         handed_off = False
         if server.access_log:
@@ -390,11 +393,15 @@ class Exchange:
         try:
             result.close()
         except Exception:
-            log.exception("%s: the application iterable's close() raised", self.conn.name)
+            log.error("%s: the application iterable's close() raised\n%s", self.conn.name,
+                      traceback.format_exc().rstrip())
 
     def _app_error(self) -> None:
-        log.error("%s: exception in the WSGI application (%s %s)", self.conn.name,
-                  self.env.get("REQUEST_METHOD"), self.env.get("REQUEST_URI"), exc_info=True)
+        # The traceback is logged as text: a record holding the live traceback would keep
+        # the frames, and through them the connection, alive as long as the record.
+        log.error("%s: exception in the WSGI application (%s %s)\n%s", self.conn.name,
+                  self.env.get("REQUEST_METHOD"), self.env.get("REQUEST_URI"),
+                  traceback.format_exc().rstrip())
         if not self.headers_sent:
             self.status = "500 Internal Server Error"
             self.out = error_response(500, self.st.server.date_line, not self.keep_alive)
@@ -559,6 +566,12 @@ class Exchange:
         if not ok:
             conn.force_close()
         st.response_done(self, ok and self.keep_alive)
+
+    def release(self) -> None:
+        """Drop the references to the connection: the app may keep start_response (a
+        bound method of this object) alive, e.g. in a logged traceback.  Loop thread."""
+        self.st = self.conn = None  # type: ignore[assignment]
+        self.env = {}
 
     def abandon(self) -> None:
         """The connection closed while a loop-side pump owned the response.  Loop thread."""

@@ -151,6 +151,10 @@ class WsgiServer(ICppnpUsr):
             self.loop.cancel_timer(self._timer)
             self._timer = None
         self._tcp.stop()
+        if self.loop.is_in_loop_thread():
+            # The connections are closing; if the loop closes before their on_close runs,
+            # nothing here should keep them alive.
+            self.conns.clear()
 
     def drain(self, timeout: float | None = None,
               on_done: Callable[[], Any] | None = None) -> None:
