@@ -11,6 +11,9 @@ the connection is then closed.
 from __future__ import annotations
 
 import collections
+import os
+import socket
+import struct
 from typing import TYPE_CHECKING, Any
 
 from cppnp.wsgi.body import EMPTY_INPUT, BodyCollector
@@ -40,6 +43,7 @@ _METHODS: dict[bytes, str] = {}
 _SINGLE = frozenset(("HTTP_HOST", "CONTENT_LENGTH", "CONTENT_TYPE",
                      "HTTP_TRANSFER_ENCODING"))
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class Reject(Exception):
@@ -363,6 +367,18 @@ class HttpConn:
     def _send(self, data: bytes) -> None:
         self.conn.send(data)
         self.sent_total += len(data)
+
+    def drop(self) -> None:
+        """Close with a reset: a client that stopped reading must not keep the kernel
+        delivering the queued response for minutes.  Loop thread."""
+        conn = self.conn
+        if conn.connected:
+            try:
+                with socket.socket(fileno=os.dup(conn.fileno)) as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
+            conn.force_close()
 
     def on_deadline(self, now: float) -> None:
         """The sweep found this connection past its deadline.  Loop thread."""

@@ -305,7 +305,10 @@ class Exchange:
                     last = sent
                     deadline = now + timeout
                 elif now >= deadline:
-                    conn.force_close()
+                    try:
+                        server.loop.queue_in_loop(st.drop)
+                    except RuntimeError:
+                        pass
                     raise ClientGone("the client read nothing for %.3g s" % timeout)
                 # Woken by on_write_complete; the timeout bounds a missed wake-up.
                 event.wait(min(0.25, max(deadline - now, 0.001)))

@@ -280,7 +280,7 @@ class WsgiServer(ICppnpUsr):
                 elif now - st.stall_since >= send_timeout:
                     log.info("%s: client stopped reading for %.3g s: dropped",
                              conn.name, send_timeout)
-                    conn.force_close()
+                    st.drop()
             elif st.stall_bytes != -1:
                 st.stall_bytes = -1
         if self.draining and self._drain_done is not None and now >= self._drain_deadline:
