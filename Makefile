@@ -88,7 +88,8 @@ FT_VENV ?= .venv-ft
 test-ft:
 	@py=$$(bash ../shared/tools/free-threaded-python.sh) && \
 	  [ -x $(FT_VENV)/bin/python ] || $$py -m venv $(FT_VENV)
-	$(FT_VENV)/bin/pip install -q $(BUILD_DEPS) pytest pytest-timeout "hypothesis<6.140"
+	$(FT_VENV)/bin/pip install -q $(BUILD_DEPS) pytest pytest-timeout "hypothesis<6.140" \
+	  httptools Flask requests urllib3
 	$(FT_VENV)/bin/pip install -q --no-build-isolation .
 	cd tests && PYTHON_GIL=0 ../$(FT_VENV)/bin/python -m pytest -q -p no:cacheprovider \
 	  --ignore=test_sourcecode.py .

@@ -73,7 +73,8 @@ if [[ ! -x "$PY" ]]; then
     "$PY" -m pip install -q --upgrade pip
 fi
 "$PY" -m pip install -q "setuptools>=77" "Cython>=3.1,<4" wheel \
-    "pytest>=7" "pytest-timeout>=2.1" "hypothesis>=6"
+    "pytest>=7" "pytest-timeout>=2.1" "hypothesis>=6" \
+    "httptools>=0.6" "Flask>=2.2" "requests>=2.28" "urllib3>=1.26"
 
 # -- 3. the instrumented build ----------------------------------------------------------------
 # Built from a copy of the tree: setuptools reuses object files in build/ by timestamp,

@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
+
 import wsgi_apps
 from conftest import wait_for
-from wsgi_support import ServerProcess, WsgiThread, get, read_response, rss_kib
-
 from cppnp.wsgi import Config
+from wsgi_support import ServerProcess, WsgiThread, get, read_response, rss_kib
 
 Serve = Callable[..., WsgiThread]
 

@@ -22,6 +22,7 @@ from wsgiref.validate import validator
 import pytest
 import requests
 import urllib3
+
 import wsgi_apps
 from conftest import recv_until_eof, wait_for
 from wsgi_support import WsgiThread, exchange, get, one, read_response
@@ -302,7 +303,7 @@ def test_file_wrapper(wsgi: Serve, tmp_path: Any, threads: int, kind: str) -> No
 
     def app(environ: dict[str, Any], start_response: Any) -> Any:
         headers = [("Content-Type", "application/octet-stream")]
-        f: Any = io.BytesIO(data) if kind == "bytesio" else open(path, "rb")  # noqa: SIM115
+        f: Any = io.BytesIO(data) if kind == "bytesio" else open(path, "rb")
         if kind == "offset":
             f.read(1000)        # buffered: the file position is further on
         if kind == "short-cl":
@@ -335,7 +336,7 @@ def test_sendfile_to_a_slow_reader(wsgi: Serve, tmp_path: Any, threads: int) -> 
 
     def app(environ: dict[str, Any], start_response: Any) -> Any:
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
-        return environ["wsgi.file_wrapper"](open(path, "rb"))  # noqa: SIM115
+        return environ["wsgi.file_wrapper"](open(path, "rb"))
 
     w = wsgi(app, threads=threads)
     with socket.create_connection(w.address, timeout=10) as s:
@@ -449,7 +450,7 @@ def test_serve_from_python_with_sigterm() -> None:
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
-        (r,), closed = exchange(("127.0.0.1", port), get())
+        r = one(("127.0.0.1", port), get())
         assert r.body == b"Hello, World!"
         proc.terminate()
         out, err = proc.communicate(timeout=30)

@@ -12,6 +12,7 @@ from typing import Any, Callable
 from wsgiref.validate import validator
 
 import pytest
+
 import wsgi_apps
 from conftest import recv_until_eof, wait_for
 from wsgi_support import WsgiThread, exchange, get, one, read_response
@@ -95,7 +96,8 @@ def test_pipelined_requests_answered_in_order_from_8_workers(wsgi: Serve) -> Non
         n = int(environ["PATH_INFO"][1:])
         time.sleep((40 - n) * 0.0005 + random.random() * 0.001)
         data = b"%d:%s" % (n, environ["wsgi.input"].read(-1))
-        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(data)))])
+        start_response("200 OK", [("Content-Type", "text/plain"),
+                                  ("Content-Length", str(len(data)))])
         return [data]
 
     w = wsgi(validator(app), threads=8, max_pipeline=64)

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from conftest import call_in_loop, wait_for
-
 from cppnp import EventLoop, EventLoopThread
 from cppnp.wsgi import WsgiServer
 

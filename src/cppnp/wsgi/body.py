@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import io
 import tempfile
-from typing import IO, Any, Iterator
+from collections.abc import Iterator
+from typing import IO, Any
 
 __all__ = ["EMPTY_INPUT", "BodyCollector", "EmptyInput"]
 

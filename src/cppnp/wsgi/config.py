@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Config", "HELP"]
+__all__ = ["HELP", "Config"]
 
 
 @dataclass

@@ -56,11 +56,37 @@ class HttpConn:
     ``want_drain``); the loop and that worker never use them at the same time."""
 
     __slots__ = (
-        "active", "base", "body", "chunked", "closing", "conn", "deadline", "dispatching",
-        "drained", "env", "error", "hbytes", "http11", "keep_alive", "last_host",
-        "need_continue", "nheaders", "parser", "partial", "paused", "pending_error",
-        "phase", "pump", "ready", "sent_total", "server", "stall_bytes", "stall_since",
-        "url", "want_drain", "__weakref__",
+        "__weakref__",
+        "active",
+        "base",
+        "body",
+        "chunked",
+        "closing",
+        "conn",
+        "deadline",
+        "dispatching",
+        "drained",
+        "env",
+        "error",
+        "hbytes",
+        "http11",
+        "keep_alive",
+        "last_host",
+        "need_continue",
+        "nheaders",
+        "parser",
+        "partial",
+        "paused",
+        "pending_error",
+        "phase",
+        "pump",
+        "ready",
+        "sent_total",
+        "server",
+        "stall_bytes",
+        "stall_since",
+        "url",
+        "want_drain",
     )
 
     def __init__(self, server: WsgiServer, conn: TcpConnection, base: dict[str, Any],
@@ -321,8 +347,8 @@ class HttpConn:
             self._send(error_response(code, self.server.date_line))
             self.close()
             return
-        if self.closing or self.server.draining and self.phase != P_HEADERS \
-                and self.phase != P_BODY:
+        if self.closing or (self.server.draining and self.phase != P_HEADERS \
+                and self.phase != P_BODY):
             self.close()
             return
         self._resume_reading()

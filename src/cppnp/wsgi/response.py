@@ -16,7 +16,8 @@ import stat
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from cppnp.wsgi.http import HttpConn

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from cppnp import EventLoop, ICppnpUsr, TcpConnection, TcpServer, ThreadPool
 from cppnp.wsgi.config import Config
 from cppnp.wsgi.environ import make_base_environ
-from cppnp.wsgi.http import P_CLOSING, P_HEADERS, P_IDLE, P_NEW, HttpConn
+from cppnp.wsgi.http import P_IDLE, P_NEW, HttpConn
 from cppnp.wsgi.response import FileWrapper
 
 __all__ = ["WsgiServer", "serve"]
@@ -306,7 +306,7 @@ def serve(app: WsgiApp, host: str = "127.0.0.1", port: int = 8000, *,
     with EventLoop() as loop:
         server = WsgiServer(loop, app, host, port, threads=threads, **options)
         server.start()
-        stopping = []
+        stopping: list[int] = []
 
         def on_signal(signum: int, frame: Any) -> None:
             if stopping:
@@ -318,7 +318,7 @@ def serve(app: WsgiApp, host: str = "127.0.0.1", port: int = 8000, *,
                      server.cfg.graceful_timeout)
             server.drain(None, loop.quit)
 
-        previous: dict[int, Any] = {}
+        previous: dict[signal.Signals, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, on_signal)
