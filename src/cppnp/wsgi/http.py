@@ -17,7 +17,7 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from cppnp.wsgi.body import EMPTY_INPUT, BodyCollector
-from cppnp.wsgi.environ import header_key, split_target, valid_host
+from cppnp.wsgi.environ import _KEYS, header_key, split_target, valid_host
 from cppnp.wsgi.response import Exchange, error_response
 
 if TYPE_CHECKING:
@@ -42,6 +42,12 @@ LINGER = 2.0
 _METHODS: dict[bytes, str] = {}
 _SINGLE = frozenset(("HTTP_HOST", "CONTENT_LENGTH", "CONTENT_TYPE",
                      "HTTP_TRANSFER_ENCODING"))
+# Headers that need more than a copy into the environ (checked once headers are complete).
+_SPECIAL = frozenset(("CONTENT_LENGTH", "HTTP_TRANSFER_ENCODING", "HTTP_EXPECT"))
+# Request target -> (PATH_INFO, QUERY_STRING, REQUEST_URI) for origin-form targets seen
+# recently (bounded; cleared when full).
+_TARGETS: dict[bytes, tuple[str, str, str]] = {}
+_MAX_TARGETS = 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -83,6 +89,7 @@ class HttpConn:
         "ready",
         "sent_total",
         "server",
+        "special",
         "stall_bytes",
         "stall_since",
         "url",
@@ -100,6 +107,7 @@ class HttpConn:
         self.nheaders = 0
         self.hbytes = 0
         self.partial = 0
+        self.special = False
         self.body: BodyCollector | None = None
         self.chunked = False
         self.keep_alive = True
@@ -124,18 +132,19 @@ class HttpConn:
 
     # -- httptools callbacks (loop thread, inside feed_data) ----------------------------
 
-    def on_message_begin(self) -> None:
-        self.env = self.base.copy()
-        self.url = None
-        self.nheaders = 0
-        self.hbytes = 0
-        if self.phase != P_NEW:
-            self.deadline = self.server.now + self.server.header_timeout
-        self.phase = P_HEADERS
+    # No on_message_begin: a request starts with its first on_url (one callback less).
 
     def on_url(self, url: bytes) -> None:
         if self.url is not None:
             url = self.url + url
+        else:
+            self.env = self.base.copy()
+            self.nheaders = 0
+            self.hbytes = 0
+            self.special = False
+            if self.phase != P_NEW:
+                self.deadline = self.server.now + self.server.header_timeout
+            self.phase = P_HEADERS
         self.url = url
         if len(url) > self.server.max_request_line:
             self._fail(414)
@@ -146,7 +155,9 @@ class HttpConn:
         server = self.server
         if self.nheaders > server.max_headers or self.hbytes > server.max_header_size:
             self._fail(431)
-        key = header_key(name)
+        key = _KEYS.get(name)
+        if key is None:
+            key = header_key(name)
         if not key:
             return
         env = self.env
@@ -157,6 +168,8 @@ class HttpConn:
             env[key] += ("; " if key == "HTTP_COOKIE" else ",") + value.decode("latin-1")
         else:
             env[key] = value.decode("latin-1")
+            if key in _SPECIAL:
+                self.special = True
 
     def on_headers_complete(self) -> None:
         env = self.env
@@ -185,14 +198,23 @@ class HttpConn:
                 _METHODS[raw_method] = method
         env["REQUEST_METHOD"] = method
         self.keep_alive = parser.should_keep_alive()
-        if method == "CONNECT":
-            self._fail(405)
-        target = split_target(url)
-        if target is None:
-            self._fail(400)
-        path, query, authority = target  # type: ignore[misc]
-        if authority is not None:
-            env["HTTP_HOST"] = authority     # absolute-form: the target's authority wins
+        cached = _TARGETS.get(url)
+        if cached is not None:
+            path, query, uri = cached
+        else:
+            if method == "CONNECT":
+                self._fail(405)
+            target = split_target(url)
+            if target is None:
+                self._fail(400)
+            path, query, authority = target  # type: ignore[misc]
+            uri = url.decode("latin-1")
+            if authority is not None:
+                env["HTTP_HOST"] = authority   # absolute-form: the target's authority wins
+            elif url[:1] == b"/":
+                if len(_TARGETS) >= _MAX_TARGETS:
+                    _TARGETS.clear()
+                _TARGETS[url] = (path, query, uri)
         host = env.get("HTTP_HOST")
         if host is None:
             if self.http11:
@@ -209,7 +231,12 @@ class HttpConn:
                 env["SCRIPT_NAME"] = ""
         env["PATH_INFO"] = path
         env["QUERY_STRING"] = query
-        env["REQUEST_URI"] = env["RAW_URI"] = url.decode("latin-1")
+        env["REQUEST_URI"] = env["RAW_URI"] = uri
+        if not self.special:
+            self.chunked = False
+            self.phase = P_WAIT
+            self.deadline = 0.0
+            return
         te = env.get("HTTP_TRANSFER_ENCODING")
         length = 0
         if te is not None:
@@ -272,6 +299,7 @@ class HttpConn:
         self.ready.append(Exchange(self, env, self.keep_alive,
                                    env["REQUEST_METHOD"] == "HEAD", self.http11))
         self.env = None
+        self.url = None
         self.need_continue = False
         self.phase = P_WAIT
         self.deadline = 0.0
@@ -326,13 +354,15 @@ class HttpConn:
         """The response of *ex* has been handed to the connection.  Loop thread."""
         if self.active is ex:
             self.active = None
-        inp = ex.env.get("wsgi.input")
-        if inp is not EMPTY_INPUT and inp is not None:
+        inp = ex.env["wsgi.input"]
+        if inp is not EMPTY_INPUT:
             try:
                 inp.close()
             except Exception:
                 pass
-        ex.release()
+        # Drop the exchange's references to the connection: the app may keep
+        # start_response (a bound method of it) alive, e.g. in a logged traceback.
+        ex.st = ex.conn = ex.env = None  # type: ignore[assignment]
         if not self.conn.connected:
             return
         if not keep_alive:

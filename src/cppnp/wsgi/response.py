@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import stat
 import threading
 import time
@@ -37,7 +38,9 @@ F_CLOSE = 3      # delimited by closing the connection (HTTP/1.0, length unknown
 # from applications); ``Connection: close`` from the app is honoured.
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "te", "trailer",
                          "upgrade", "proxy-connection"))
-_HOP_INITIALS = frozenset("CcKkTtUuPp")
+# Header names that need a look at the start of a line of the lowercased header block.
+_SPECIAL_RE = re.compile(r"^(?:content-length|connection|transfer-encoding|keep-alive|te|"
+                         r"trailer|upgrade|proxy-connection):", re.M)
 # A body this large is sent in its own send() instead of being copied behind the headers.
 _JOIN_LIMIT = 1 << 16
 # A loop-side pump (threads=0 iterables, sendfile) yields to other connections after this
@@ -170,64 +173,81 @@ class Exchange:
         status = self.status
         if status is None:
             raise RuntimeError("the application returned without calling start_response()")
-        st = self.st
-        server = st.server
-        parts = ["HTTP/1.1 " + status]
+        headers = self.headers
+        assert headers is not None
+        nlines = len(headers)
+        # One C-level pass: ": ".join raises TypeError for a name or value that is not str.
+        text = "\r\n".join(map(": ".join, headers))
         cl = None
-        for name, value in self.headers:  # type: ignore[union-attr]
-            if name[:1] in _HOP_INITIALS:
-                lname = name.lower()
-                if lname == "content-length":
-                    cl = value
-                elif lname in _HOP_BY_HOP:
-                    if lname == "connection" and "close" in value.lower():
-                        self.keep_alive = False
-                    continue
-            parts.append(f"{name}: {value}")
+        if text:
+            low = text.lower()
+            m = _SPECIAL_RE.search(low)
+            if m is not None:
+                if m.group() == "content-length:" and _SPECIAL_RE.search(low, m.end()) is None:
+                    end = text.find("\r\n", m.end())
+                    cl = text[m.end():end if end >= 0 else len(text)].strip()
+                else:
+                    text, cl, nlines = self._filter_headers(headers)
+            if text:
+                text += "\r\n"
         code = status[:3]
+        extra = ""
         if self.head or code[0] == "1" or code == "204" or code == "304":
             self.framing = F_NONE
             if self.head and cl is None and body_len is not None and code[0] != "1" \
                     and code != "204" and code != "304":
-                parts.append("Content-Length: %d" % body_len)
+                extra = "Content-Length: %d\r\n" % body_len
         elif cl is not None:
-            try:
-                n = int(cl)
-            except ValueError:
-                n = -1
-            if n < 0 or not cl.strip().isdigit():
+            if not cl.isdigit():
                 raise ValueError("invalid Content-Length from the application: %r" % (cl,))
+            n = int(cl)
             self.framing = F_LENGTH
             self.remaining = n
-            if body_len is not None and body_len != n:
-                # The body does not match its declared length: send what was declared
-                # (truncated) or, if short, close so the client sees the end.
-                if body_len < n:
-                    self.keep_alive = False
+            if body_len is not None and body_len < n:
+                # The body is shorter than declared: close so the client sees the end.
+                self.keep_alive = False
         elif body_len is not None:
-            parts.append("Content-Length: %d" % body_len)
+            extra = "Content-Length: %d\r\n" % body_len
             self.framing = F_LENGTH
             self.remaining = body_len
         elif self.http11:
-            parts.append("Transfer-Encoding: chunked")
+            extra = "Transfer-Encoding: chunked\r\n"
             self.framing = F_CHUNKED
         else:
             self.framing = F_CLOSE
             self.keep_alive = False
-        if self.keep_alive and server.draining:
-            self.keep_alive = False
-        if not self.keep_alive:
-            parts.append("Connection: close")
-        elif not self.http11:
-            parts.append("Connection: keep-alive")
-        parts.append(server.date_line)
-        text = "\r\n".join(parts)
-        n = len(parts) - 1
-        if text.count("\n") != n or text.count("\r") != n:
+        if self.keep_alive:
+            if self.st.server.draining:
+                self.keep_alive = False
+                extra += "Connection: close\r\n"
+            elif not self.http11:
+                extra += "Connection: keep-alive\r\n"
+        else:
+            extra += "Connection: close\r\n"
+        head = "HTTP/1.1 " + status + "\r\n" + text + extra + self.st.server.date_line \
+            + "\r\n\r\n"
+        # Every CR and LF must be one of ours: a header smuggling in a line fails here.
+        lines = nlines + extra.count("\n") + 3
+        if head.count("\n") != lines or head.count("\r") != lines:
             raise ValueError("a response header contains CR or LF")
-        head = (text + "\r\n\r\n").encode("latin-1")
+        data = head.encode("latin-1")
         self.headers_sent = True
-        return head
+        return data
+
+    def _filter_headers(self, headers: list[tuple[str, str]]) -> tuple[str, str | None, int]:
+        """The app's headers without the hop-by-hop ones; its Content-Length."""
+        parts = []
+        cl = None
+        for name, value in headers:
+            lname = name.lower()
+            if lname == "content-length":
+                cl = value.strip()
+            elif lname in _HOP_BY_HOP:
+                if lname == "connection" and "close" in value.lower():
+                    self.keep_alive = False
+                continue
+            parts.append(name + ": " + value)
+        return "\r\n".join(parts), cl, len(parts)
 
     def _frame(self, chunk: bytes) -> bytes:
         framing = self.framing
@@ -368,11 +388,17 @@ class Exchange:
         except Exception:
             self._app_error()
         finally:
-            if not handed_off and result is not None and hasattr(result, "close"):
+            if not handed_off and type(result) is not list and hasattr(result, "close"):
                 self._close_result(result)
         if server.access_log:
             self._log_access()
-        self._hand_back()
+        if server.pool is None:
+            self.complete()
+        else:
+            try:
+                server.loop.queue_in_loop(self.complete)
+            except RuntimeError:
+                pass            # the loop is closed: the process is stopping
 
     def _stream(self, result: Iterable[bytes]) -> None:
         for chunk in result:
@@ -425,17 +451,6 @@ class Exchange:
                 time.monotonic() - self.started)
         except Exception:
             pass
-
-    def _hand_back(self) -> None:
-        """Give the finished response to the loop (which sends self.out)."""
-        server = self.st.server
-        if server.pool is None:
-            self.complete()
-            return
-        try:
-            server.loop.queue_in_loop(self.complete)
-        except RuntimeError:
-            pass            # the loop is closed: the process is stopping
 
     # -- loop side ----------------------------------------------------------------------
 
@@ -570,12 +585,6 @@ class Exchange:
         if not ok:
             conn.force_close()
         st.response_done(self, ok and self.keep_alive)
-
-    def release(self) -> None:
-        """Drop the references to the connection: the app may keep start_response (a
-        bound method of this object) alive, e.g. in a logged traceback.  Loop thread."""
-        self.st = self.conn = None  # type: ignore[assignment]
-        self.env = {}
 
     def abandon(self) -> None:
         """The connection closed while a loop-side pump owned the response.  Loop thread."""
