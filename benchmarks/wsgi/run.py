@@ -226,7 +226,7 @@ class Summary:
 def fmt_rps(v: float | None) -> str:
     if v is None:
         return "-"
-    return "%.1fk" % (v / 1000) if v >= 10000 else "{:,.0f}".format(v)
+    return "%.1fk" % (v / 1000) if v >= 10000 else f"{v:,.0f}"
 
 
 def report(summaries: dict[str, Summary], meta: dict[str, Any]) -> str:

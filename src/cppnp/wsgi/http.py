@@ -139,8 +139,8 @@ class HttpConn:
             url = self.url + url
         else:
             self.env = self.base.copy()
-            self.nheaders = 0
-            self.hbytes = 0
+            self.nheaders = self.server.max_headers      # left before 431
+            self.hbytes = self.server.max_header_size    # bytes left before 431
             self.special = False
             if self.phase != P_NEW:
                 self.deadline = self.server.now + self.server.header_timeout
@@ -150,10 +150,9 @@ class HttpConn:
             self._fail(414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.nheaders += 1
-        self.hbytes += len(name) + len(value) + 4
-        server = self.server
-        if self.nheaders > server.max_headers or self.hbytes > server.max_header_size:
+        self.nheaders -= 1
+        self.hbytes -= len(name) + len(value) + 4
+        if self.nheaders < 0 or self.hbytes < 0:
             self._fail(431)
         key = _KEYS.get(name)
         if key is None:
@@ -178,7 +177,7 @@ class HttpConn:
         parser = self.parser
         url = self.url or b""
         self.partial = 0
-        if self.hbytes + len(url) > server.max_header_size:
+        if self.hbytes < len(url):
             self._fail(431)
         version = parser.get_http_version()
         if version == "1.1":

@@ -228,11 +228,8 @@ class WsgiServer(ICppnpUsr):
             st.close()
 
     def on_message(self, conn: TcpConnection, buf: Any) -> None:
-        st = conn.context
-        if st is not None:
-            st.feed(buf.retrieve_all())
-        else:
-            buf.retrieve_all()
+        # conn.context is the HttpConn from on_connection until on_close.
+        conn.context.feed(buf.retrieve_all())
 
     def on_write_complete(self, conn: TcpConnection) -> None:
         st = conn.context
