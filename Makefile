@@ -137,8 +137,8 @@ FT_PY := $(FT_VENV)/bin/python
 test-ft:
 	@set -e; if [ ! -x $(FT_PY) ]; then \
 	  py=$$(bash tools/free-threaded-python.sh); $$py -m venv $(FT_VENV); fi
-	@[ -e $(FT_VENV)/.deps ] || { $(FT_PY) -m pip install -q $(BUILD_DEPS) pytest \
-	  pytest-timeout "hypothesis>=6,<6.140" "redis>=4.5" && touch $(FT_VENV)/.deps; }
+	@[ -e $(FT_VENV)/.deps ] || { $(FT_PY) -m pip install -q $(BUILD_DEPS) \
+	  -r tests/requirements.txt && touch $(FT_VENV)/.deps; }
 	$(FT_PY) -m pip install -q --no-build-isolation .
 	cd / && env -u PYTHON_GIL $(CURDIR)/$(FT_PY) $(CURDIR)/scripts/assert_gil_disabled.py
 	cd tests && PYTHON_GIL=0 ../$(FT_PY) -m pytest -q -p no:cacheprovider \

@@ -73,7 +73,7 @@ if [[ ! -x "$PY" ]]; then
     "$PY" -m pip install -q --upgrade pip
 fi
 "$PY" -m pip install -q "setuptools>=77" "Cython>=3.1,<4" wheel \
-    "pytest>=7" "pytest-timeout>=2.1" "hypothesis>=6" "redis>=4.5"
+    -r "$ROOT/tests/requirements.txt"
 
 # -- 3. the instrumented build ----------------------------------------------------------------
 # Built from a copy of the tree: setuptools reuses object files in build/ by timestamp,

@@ -56,3 +56,26 @@ def test_tsan_suppressions_are_commented_and_cpython_only() -> None:
             assert previous.startswith("#"), "suppression without a comment: %s" % line
             assert not re.search(r"pyx|_core|cppnp", name), "suppresses our code: %s" % line
         previous = line
+
+
+def test_test_extra_matches_tests_requirements() -> None:
+    """The `test` extra and tests/requirements.txt (used by the sanitizer, 3.13t and TSan
+    venvs) list the same packages."""
+    reqs = {
+        line.strip()
+        for line in (ROOT / "tests" / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    extra = {
+        r.split(";")[0].strip()
+        for r in importlib.metadata.requires("cppnp") or []
+        if 'extra == "test"' in r
+    }
+
+    def norm(req: str) -> tuple[str, tuple[str, ...]]:
+        req = re.sub(r"\s+", "", req).lower()
+        name = re.match(r"[a-z0-9_.-]+", req)
+        assert name is not None, req
+        return name.group(0), tuple(sorted(req[name.end() :].split(",")))
+
+    assert sorted(map(norm, reqs)) == sorted(map(norm, extra))

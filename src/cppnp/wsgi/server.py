@@ -1,0 +1,332 @@
+"""WsgiServer: an HTTP/1.1 WSGI server on a cppnp EventLoop (+ ThreadPool), and serve().
+
+The seed's design: the loop thread does all socket I/O and HTTP parsing; the app runs on a
+ThreadPool worker (one task per request, keyed by the connection); the response goes back
+to the loop, which writes it.  ``threads=0`` runs the app on the loop thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import logging
+import signal
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+from cppnp import EventLoop, ICppnpUsr, TcpConnection, TcpServer, ThreadPool
+from cppnp.wsgi.config import Config
+from cppnp.wsgi.environ import make_base_environ
+from cppnp.wsgi.http import P_IDLE, P_NEW, HttpConn
+from cppnp.wsgi.response import FileWrapper
+
+__all__ = ["WsgiServer", "serve"]
+
+log = logging.getLogger("cppnp.wsgi")
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Any]
+
+
+def _httptools() -> Any:
+    try:
+        import httptools
+    except ImportError:
+        raise ImportError(
+            "cppnp.wsgi needs httptools (the llhttp parser): pip install 'cppnp[wsgi]'"
+        ) from None
+    return httptools
+
+
+class WsgiServer(ICppnpUsr):
+    """Serve the WSGI application *app* on (host, port) with *loop*.
+
+    ``threads`` (or ``config.threads``) workers run the app; 0 runs it on the loop thread.
+    Pass ``pool`` to share a ThreadPool (its lifecycle stays yours).  Other keyword
+    arguments are Config fields (limits and timeouts).
+
+    Lifecycle, the shape a prefork supervisor drives: ``start()``, ``stop_accepting()``,
+    ``drain(timeout, on_done)`` (graceful), ``stop()`` (immediate), ``close()`` (join the
+    pool), ``connection_count``, ``address``.
+    """
+
+    def __init__(self, loop: EventLoop, app: WsgiApp, host: str = "127.0.0.1",
+                 port: int = 8000, *, config: Config | None = None,
+                 pool: ThreadPool | None = None, name: str | None = None,
+                 **options: Any) -> None:
+        """Prepare the server (nothing is bound until start()).  Thread-safe."""
+        httptools = _httptools()
+        if config is None:
+            config = Config(**options)
+        elif options:
+            config = dataclasses.replace(config, **options)
+        if not callable(app):
+            raise TypeError("app must be a WSGI callable, got %r" % (app,))
+        self.cfg = config
+        self.loop = loop
+        self.app = app
+        self._parser_cls = httptools.HttpRequestParser
+        self.parser_errors = (httptools.HttpParserError, httptools.HttpParserUpgrade)
+        self._tcp = TcpServer(loop, (host, port), self,
+                              name=name or "wsgi-%s:%d" % (host, port),
+                              reuse_port=config.reuse_port, backlog=config.backlog)
+        self._own_pool = pool is None
+        if pool is None and config.threads > 0:
+            pool = ThreadPool(config.threads, name="cppnp-wsgi")
+        if pool is not None and pool.num_threads == 0:
+            pool = None
+        self.pool = pool
+        # Hot-path copies of the configuration.
+        self.max_request_line = config.max_request_line
+        self.max_header_size = config.max_header_size
+        self.max_headers = config.max_headers
+        self.max_body_size = config.max_body_size
+        self.spool_threshold = config.spool_threshold
+        self.header_timeout = config.header_timeout
+        self.keepalive_timeout = config.keepalive_timeout
+        self.body_timeout = config.body_timeout
+        self.send_timeout = config.send_timeout
+        self.send_buffer = config.send_buffer
+        self.max_pipeline = config.max_pipeline
+        self.script_name = config.script_name
+        self.access_log = config.access_log
+        self.sendfile = config.sendfile
+        self.now = loop.time()
+        self._date_second = 0
+        self.date_line = ""
+        self._update_date()
+        self.draining = False
+        self.conns: set[HttpConn] = set()
+        self._base: dict[str, Any] = {}
+        self._wildcard = False
+        self._timer: int | None = None
+        self._drain_deadline = 0.0
+        self._drain_done: Callable[[], Any] | None = None
+        self._stopped = False
+        self.requests = 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port) after start()."""
+        return self._tcp.address
+
+    @property
+    def connection_count(self) -> int:
+        """Open connections."""
+        return self._tcp.connection_count
+
+    @property
+    def accepting(self) -> bool:
+        """Whether the listener is open."""
+        return self._tcp.accepting
+
+    def start(self) -> None:
+        """Bind, listen, start the pool and the timeout sweep.  Thread-safe."""
+        if self.pool is not None:
+            self.pool.start()
+        self._tcp.start()
+        host, port = self._tcp.address[:2]
+        self._wildcard = host in ("", "0.0.0.0", "::")
+        self._base = make_base_environ(
+            server_name=socket.gethostname() if self._wildcard else host,
+            server_port=port, script_name=self.cfg.script_name,
+            url_scheme=self.cfg.url_scheme, multithread=self.pool is not None,
+            multiprocess=bool(self.cfg.extra.get("multiprocess", False)),
+            file_wrapper=FileWrapper)
+        tick = min(1.0, max(0.02, self.cfg.min_timeout() / 4))
+        self._timer = self.loop.run_every(tick, self._sweep)
+
+    def stop_accepting(self) -> None:
+        """Close the listener; open connections carry on.  Thread-safe."""
+        self._tcp.stop_accepting()
+
+    def stop(self) -> None:
+        """Stop at once: close the listener and force-close every connection (a response
+        being computed is dropped when it comes back).  Thread-safe."""
+        self._stopped = True
+        if self._timer is not None:
+            self.loop.cancel_timer(self._timer)
+            self._timer = None
+        self._tcp.stop()
+        if self.loop.is_in_loop_thread():
+            # The connections are closing; if the loop closes before their on_close runs,
+            # nothing here should keep them alive.
+            self.conns.clear()
+
+    def drain(self, timeout: float | None = None,
+              on_done: Callable[[], Any] | None = None) -> None:
+        """Graceful stop: stop accepting, close idle keep-alive connections, let requests
+        in flight finish (each connection closes after its response), and after
+        *timeout* seconds (default ``graceful_timeout``) force-close what is left.
+        *on_done* runs on the loop thread once no connection is left.  Thread-safe.
+        """
+        if not self.loop.is_in_loop_thread():
+            self.loop.run_in_loop(lambda: self.drain(timeout, on_done))
+            return
+        if timeout is None:
+            timeout = self.cfg.graceful_timeout
+        self._drain_done = on_done
+        self._drain_deadline = self.loop.time() + timeout
+        if not self.draining:
+            self.draining = True
+            self._tcp.stop_accepting()
+            for st in list(self.conns):
+                if st.active is None and not st.ready and (
+                        st.phase == P_IDLE or st.phase == P_NEW):
+                    st.close()
+        self._check_drained()
+
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Graceful stop from another thread: drain() and wait until no connection is
+        left or *timeout* passed (then stop()).  Returns True if it drained in time.
+        Not from the loop thread (the loop must run to drain).  Thread-safe.
+        """
+        if self.loop.is_in_loop_thread():
+            raise RuntimeError("WsgiServer.shutdown() would block the loop thread; "
+                               "use drain() there")
+        done = threading.Event()
+        self.drain(timeout, done.set)
+        wait = (timeout if timeout is not None else self.cfg.graceful_timeout) + 1.0
+        ok = done.wait(wait) and self._tcp.connection_count == 0
+        if not ok:
+            self.stop()
+        return ok
+
+    def close(self, timeout: float | None = 5.0) -> bool:
+        """Stop, and stop and join the pool if the server made it (not from a worker).
+        Returns True if every worker exited in time.  Thread-safe."""
+        self.stop()
+        if self.pool is not None and self._own_pool:
+            return bool(self.pool.stop(drain=False, timeout=timeout))
+        return True
+
+    def _check_drained(self) -> None:
+        if self.draining and not self.conns and self._drain_done is not None:
+            done, self._drain_done = self._drain_done, None
+            self.stop()
+            done()
+
+    # -- ICppnpUsr (loop thread) --------------------------------------------------------
+
+    def on_connection(self, conn: TcpConnection) -> None:
+        base = self._base.copy()
+        peer = conn.peer_address
+        if peer is not None:
+            base["REMOTE_ADDR"] = peer[0]
+            base["REMOTE_PORT"] = str(peer[1])
+        if self._wildcard:
+            local = conn.local_address
+            if local is not None:
+                base["SERVER_NAME"] = local[0]
+        st = HttpConn(self, conn, base, self._parser_cls)
+        conn.context = st
+        self.conns.add(st)
+        if self.draining:
+            st.close()
+
+    def on_message(self, conn: TcpConnection, buf: Any) -> None:
+        # conn.context is the HttpConn from on_connection until on_close.
+        conn.context.feed(buf.retrieve_all())
+
+    def on_write_complete(self, conn: TcpConnection) -> None:
+        st = conn.context
+        if st is None:
+            return
+        pump = st.pump
+        if pump is not None:
+            st.pump = None
+            pump()
+        if st.want_drain and st.drained is not None:
+            st.drained.set()
+
+    def on_close(self, conn: TcpConnection) -> None:
+        st = conn.context
+        conn.context = None
+        if st is None:
+            return
+        self.conns.discard(st)
+        st.on_closed()
+        if self.draining:
+            self._check_drained()
+
+    # -- timeouts -------------------------------------------------------------------------
+
+    def _update_date(self) -> None:
+        second = int(time.time())
+        if second != self._date_second:
+            self._date_second = second
+            self.date_line = "Date: " + email.utils.formatdate(second, usegmt=True)
+
+    def _sweep(self) -> None:
+        now = self.now = self.loop.time()
+        self._update_date()
+        send_timeout = self.send_timeout
+        for st in list(self.conns):
+            deadline = st.deadline
+            if deadline and now >= deadline:
+                st.on_deadline(now)
+            conn = st.conn
+            if conn.output_bytes:
+                sent = conn.bytes_sent
+                if sent != st.stall_bytes:
+                    st.stall_bytes = sent
+                    st.stall_since = now
+                elif now - st.stall_since >= send_timeout:
+                    log.info("%s: client stopped reading for %.3g s: dropped",
+                             conn.name, send_timeout)
+                    st.drop()
+            elif st.stall_bytes != -1:
+                st.stall_bytes = -1
+        if self.draining and self._drain_done is not None and now >= self._drain_deadline:
+            left = len(self.conns)
+            if left:
+                log.warning("graceful stop: %d connection(s) still open after the "
+                            "timeout: closing them", left)
+            done, self._drain_done = self._drain_done, None
+            self.stop()
+            done()
+
+
+def serve(app: WsgiApp, host: str = "127.0.0.1", port: int = 8000, *,
+          threads: int = 4, ready: Callable[[WsgiServer], Any] | None = None,
+          **options: Any) -> None:
+    """Serve *app* on (host, port) until SIGTERM or SIGINT (a graceful stop: in-flight
+    requests finish, within ``graceful_timeout``), in the calling thread.
+
+    ``threads`` workers run the app (0: on the loop thread).  Other keyword arguments are
+    Config fields.  *ready(server)* is called once the server listens.  Returns normally
+    after a graceful stop.  Call it from the main thread to get the signal handling.
+    """
+    with EventLoop() as loop:
+        server = WsgiServer(loop, app, host, port, threads=threads, **options)
+        server.start()
+        stopping: list[int] = []
+
+        def on_signal(signum: int, frame: Any) -> None:
+            if stopping:
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                return
+            stopping.append(signum)
+            log.info("signal %d: graceful stop (at most %.3g s)", signum,
+                     server.cfg.graceful_timeout)
+            server.drain(None, loop.quit)
+
+        previous: dict[signal.Signals, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, on_signal)
+        try:
+            log.info("serving on http://%s:%d with %s", server.address[0],
+                     server.address[1], "%d threads" % server.pool.num_threads
+                     if server.pool is not None else "the loop thread (threads=0)")
+            if ready is not None:
+                ready(server)
+            loop.loop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            server.close(timeout=1.0)
