@@ -142,7 +142,7 @@ class HttpConn:
             self.nheaders = self.server.max_headers      # left before 431
             self.hbytes = self.server.max_header_size    # bytes left before 431
             self.special = False
-            if self.phase != P_NEW:
+            if self.phase != P_NEW and self.phase != P_HEADERS:
                 self.deadline = self.server.now + self.server.header_timeout
             self.phase = P_HEADERS
         self.url = url
@@ -326,10 +326,17 @@ class HttpConn:
         except parser_errors[0]:    # HttpParserError (also wraps Reject)
             self.reject(self.error or 400)
         else:
-            if self.phase == P_HEADERS:
+            phase = self.phase
+            if phase == P_HEADERS:
                 self.partial += len(data)
                 if self.partial > self.server.max_header_size + self.server.max_request_line:
                     self.reject(431 if self.url is not None else 414)
+            elif phase == P_IDLE or phase == P_NEW:
+                # Bytes of a request that has not reached its target yet (its method, or
+                # empty lines): the header timeout runs from now (from accept if new).
+                if phase == P_IDLE:
+                    self.deadline = self.server.now + self.server.header_timeout
+                self.phase = P_HEADERS
         if self.ready:
             self.dispatch()
 

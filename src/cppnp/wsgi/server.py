@@ -101,6 +101,7 @@ class WsgiServer(ICppnpUsr):
         self._base: dict[str, Any] = {}
         self._wildcard = False
         self._timer: int | None = None
+        self._tick = 1.0
         self._drain_deadline = 0.0
         self._drain_done: Callable[[], Any] | None = None
         self._stopped = False
@@ -136,7 +137,7 @@ class WsgiServer(ICppnpUsr):
             url_scheme=self.cfg.url_scheme, multithread=self.pool is not None,
             multiprocess=bool(self.cfg.extra.get("multiprocess", False)),
             file_wrapper=FileWrapper)
-        tick = min(1.0, max(0.02, self.cfg.min_timeout() / 4))
+        tick = self._tick = min(1.0, max(0.02, self.cfg.min_timeout() / 4))
         self._timer = self.loop.run_every(tick, self._sweep)
 
     def stop_accepting(self) -> None:
@@ -264,9 +265,12 @@ class WsgiServer(ICppnpUsr):
         now = self.now = self.loop.time()
         self._update_date()
         send_timeout = self.send_timeout
+        # Deadlines were set from self.now, up to one tick stale: a deadline has surely
+        # passed (by the full timeout) one tick after it.
+        due = now - self._tick
         for st in list(self.conns):
             deadline = st.deadline
-            if deadline and now >= deadline:
+            if deadline and due >= deadline:
                 st.on_deadline(now)
             conn = st.conn
             if conn.output_bytes:
