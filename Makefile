@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 BUILD_DEPS := "setuptools>=77" "Cython>=3.1,<4" wheel
 export CPPNP_STRICT ?= 1
 
-.PHONY: demo test check test-ft venv install build debug sanitize lint wheel bench bench-quick soak clean distclean
+.PHONY: demo test check test-ft venv install build debug sanitize lint wheel bench bench-quick bench-wsgi soak clean distclean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,12 @@ bench: install
 bench-quick: install
 	$(PIP) install -q -r benchmarks/requirements.txt
 	$(PY) benchmarks/run.py --quick
+
+# WSGI servers (cppnp.wsgi, bjoern, granian, waitress, gunicorn, raw uvloop+httptools) with
+# wrk; peers go into the venv; needs wrk and libev-dev (bjoern); about 15 minutes.
+bench-wsgi: install
+	$(PIP) install -q -r benchmarks/wsgi/requirements.txt
+	$(PY) benchmarks/wsgi/run.py $(BENCH_ARGS)
 
 # ASan+UBSan build (CPPNP_SANITIZE=1, own venv .venv-asan), whole suite with the runtimes
 # preloaded; fails on a test failure or any sanitizer report.
