@@ -111,17 +111,17 @@ class WsgiServer(ICppnpUsr):
 
     @property
     def address(self) -> tuple[str, int]:
-        """The bound (host, port) after start()."""
+        """The bound (host, port) after start().  Thread-safe."""
         return self._tcp.address
 
     @property
     def connection_count(self) -> int:
-        """Open connections."""
+        """Open connections.  Thread-safe."""
         return self._tcp.connection_count
 
     @property
     def accepting(self) -> bool:
-        """Whether the listener is open."""
+        """Whether the listener is open.  Thread-safe."""
         return self._tcp.accepting
 
     def start(self) -> None:
@@ -213,6 +213,7 @@ class WsgiServer(ICppnpUsr):
     # -- ICppnpUsr (loop thread) --------------------------------------------------------
 
     def on_connection(self, conn: TcpConnection) -> None:
+        """A new connection: its HTTP state goes in conn.context.  Loop thread only."""
         base = self._base.copy()
         peer = conn.peer_address
         if peer is not None:
@@ -229,10 +230,12 @@ class WsgiServer(ICppnpUsr):
             st.close()
 
     def on_message(self, conn: TcpConnection, buf: Any) -> None:
+        """Bytes arrived: parse them.  Loop thread only."""
         # conn.context is the HttpConn from on_connection until on_close.
         conn.context.feed(buf.retrieve_all())
 
     def on_write_complete(self, conn: TcpConnection) -> None:
+        """Output drained: resume a loop-side pump, wake a waiting worker.  Loop thread only."""
         st = conn.context
         if st is None:
             return
@@ -244,6 +247,7 @@ class WsgiServer(ICppnpUsr):
             st.drained.set()
 
     def on_close(self, conn: TcpConnection) -> None:
+        """The connection was released.  Loop thread only."""
         st = conn.context
         conn.context = None
         if st is None:
