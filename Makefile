@@ -13,7 +13,7 @@ PY_SOURCES := src tests benchmarks examples scripts
 export CPPNP_STRICT ?= 1
 
 .PHONY: demo test check test-ft tsan venv install build debug sanitize lint lint-tools format \
-	wheel bench bench-quick bench-scaling bench-resp soak clean distclean
+	wheel bench bench-quick bench-scaling bench-resp bench-wsgi soak clean distclean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -110,6 +110,15 @@ bench-resp: install
 	  if [ "$$(id -u)" = 0 ]; then apt-get install -y redis-tools redis-server; \
 	  else sudo apt-get install -y redis-tools redis-server; fi; }
 	$(PY) benchmarks/resp_bench.py $(BENCH_RESP_ARGS)
+
+# WSGI servers (cppnp.wsgi, bjoern, granian, waitress, gunicorn, raw uvloop+httptools) with
+# wrk; peers go into the venv; needs wrk and libev-dev (bjoern); about 15 minutes.
+bench-wsgi: install
+	@command -v wrk >/dev/null && [ -e /usr/include/ev.h ] || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y wrk libev-dev; \
+	  else sudo apt-get install -y wrk libev-dev; fi; }
+	$(PIP) install -q -r benchmarks/wsgi/requirements.txt
+	$(PY) benchmarks/wsgi/run.py $(BENCH_ARGS)
 
 # ASan+UBSan build (CPPNP_SANITIZE=1, own venv .venv-asan), whole suite with the runtimes
 # preloaded; fails on a test failure or any sanitizer report.

@@ -460,3 +460,16 @@ def test_serve_from_python_with_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+@pytest.mark.parametrize("threads", MODES, ids=MODE_IDS)
+def test_access_log(wsgi: Serve, threads: int, caplog: pytest.LogCaptureFixture) -> None:
+    w = wsgi(validator(wsgi_apps.dispatch), threads=threads, access_log=True)
+    with caplog.at_level(logging.INFO, logger="cppnp.wsgi.access"):
+        exchange(w.address, get("/hello?x=1", extra="User-Agent: tester\r\n") +
+                 b"HEAD /stream HTTP/1.1\r\nHost: t\r\n\r\n", count=1, probe=False)
+        wait_for(lambda: len([r for r in caplog.records
+                              if r.name == "cppnp.wsgi.access"]) >= 1)
+    (line, *_) = [r.getMessage() for r in caplog.records if r.name == "cppnp.wsgi.access"]
+    assert line.startswith("127.0.0.1 - - [")
+    assert '"GET /hello?x=1 HTTP/1.1" 200 ' in line and '"tester"' in line

@@ -388,6 +388,10 @@ def test_header_timeout_is_408_and_close(wsgi: Serve, threads: int) -> None:
         data = recv_until_eof(s)
     assert data.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
     assert b"Connection: close\r\n" in data
+    # Still in the method: the same.
+    with socket.create_connection(w.address, timeout=10) as s:
+        s.sendall(b"GE")
+        assert recv_until_eof(s).startswith(b"HTTP/1.1 408 Request Timeout\r\n")
     # A connection that never sends a byte is closed without a response.
     with socket.create_connection(w.address, timeout=10) as s:
         assert recv_until_eof(s) == b""

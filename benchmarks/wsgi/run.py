@@ -25,6 +25,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -147,11 +148,11 @@ def established(port: int) -> int:
     return len([ln for ln in out.splitlines() if ln.strip()])
 
 
-def wait_up(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+def wait_up(port: int, proc: subprocess.Popen[Any], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError("server exited: %s" % proc.communicate()[1][-2000:])
+            raise RuntimeError("server exited with %s" % proc.returncode)
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
@@ -185,8 +186,11 @@ def run_cell(cell: Cell, duration: float) -> dict[str, Any]:
     port = free_port()
     argv = ["taskset", "-c", "0", *server_argv(cell.server, cell.app, cell.threads, port)]
     env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(argv, cwd=HERE, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    # Output to a file, never to an unread pipe: a server that logs (waitress warns about
+    # its task queue under load) would block on a full pipe.
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(argv, cwd=HERE, env=env, stdout=log, stderr=log,
+                            start_new_session=True)
     try:
         wait_up(port, proc)
         url = "http://127.0.0.1:%d/" % port
@@ -207,10 +211,11 @@ def run_cell(cell: Cell, duration: float) -> dict[str, Any]:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.communicate(timeout=10)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+            proc.wait()
+        log.close()
 
 
 @dataclass

@@ -21,19 +21,22 @@ class EmptyInput:
     __slots__ = ()
 
     def read(self, size: int | None = -1) -> bytes:
+        """Always b"".  Thread-safe."""
         return b""
 
     def readline(self, size: int | None = -1) -> bytes:
+        """Always b"".  Thread-safe."""
         return b""
 
     def readlines(self, hint: int | None = -1) -> list[bytes]:
+        """Always [].  Thread-safe."""
         return []
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(())
 
     def close(self) -> None:
-        pass
+        """Nothing to close.  Thread-safe."""
 
 
 EMPTY_INPUT = EmptyInput()
@@ -51,6 +54,7 @@ class BodyCollector:
         self.threshold = threshold
 
     def add(self, data: bytes) -> None:
+        """Append body bytes (spooling past the threshold).  Loop thread only."""
         self.size += len(data)
         if self._file is not None:
             self._file.write(data)
@@ -68,10 +72,12 @@ class BodyCollector:
 
     @property
     def spooled(self) -> bool:
+        """Whether the body went to a temporary file.  Loop thread only."""
         return self._file is not None
 
     def stream(self) -> Any:
-        """The wsgi.input for the collected body (positioned at its start)."""
+        """The wsgi.input for the collected body (positioned at its start).
+        Loop thread only."""
         if self._file is not None:
             self._file.flush()
             self._file.seek(0)
@@ -83,6 +89,7 @@ class BodyCollector:
         return io.BytesIO(data)
 
     def discard(self) -> None:
+        """Drop what was collected.  Loop thread only."""
         self._chunks = []
         if self._file is not None:
             self._file.close()

@@ -52,6 +52,7 @@ class Config:
                              % (self.script_name,))
 
     def min_timeout(self) -> float:
+        """The shortest of the timeouts (the sweep runs a few times per it).  Thread-safe."""
         return min(self.header_timeout, self.keepalive_timeout, self.body_timeout,
                    self.send_timeout)
 

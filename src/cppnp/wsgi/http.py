@@ -135,6 +135,8 @@ class HttpConn:
     # No on_message_begin: a request starts with its first on_url (one callback less).
 
     def on_url(self, url: bytes) -> None:
+        """httptools: (part of) the request target; the first part starts a request.
+        Loop thread only."""
         if self.url is not None:
             url = self.url + url
         else:
@@ -142,7 +144,7 @@ class HttpConn:
             self.nheaders = self.server.max_headers      # left before 431
             self.hbytes = self.server.max_header_size    # bytes left before 431
             self.special = False
-            if self.phase != P_NEW:
+            if self.phase != P_NEW and self.phase != P_HEADERS:
                 self.deadline = self.server.now + self.server.header_timeout
             self.phase = P_HEADERS
         self.url = url
@@ -150,6 +152,7 @@ class HttpConn:
             self._fail(414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        """httptools: one header field, into the environ.  Loop thread only."""
         self.nheaders -= 1
         self.hbytes -= len(name) + len(value) + 4
         if self.nheaders < 0 or self.hbytes < 0:
@@ -171,6 +174,8 @@ class HttpConn:
                 self.special = True
 
     def on_headers_complete(self) -> None:
+        """httptools: check the request (RFC 9112 rules), finish the environ.
+        Loop thread only."""
         env = self.env
         assert env is not None
         server = self.server
@@ -272,6 +277,7 @@ class HttpConn:
             self.deadline = 0.0
 
     def on_body(self, data: bytes) -> None:
+        """httptools: request body bytes.  Loop thread only."""
         body = self.body
         server = self.server
         if body is None:
@@ -283,6 +289,7 @@ class HttpConn:
             self.deadline = server.now + server.body_timeout
 
     def on_message_complete(self) -> None:
+        """httptools: the request is complete: queue its Exchange.  Loop thread only."""
         env = self.env
         assert env is not None
         body = self.body
@@ -313,7 +320,8 @@ class HttpConn:
     # -- driving (loop thread) ----------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
-        """Parse *data*; dispatch complete requests; answer protocol errors."""
+        """Parse *data*; dispatch complete requests; answer protocol errors.
+        Loop thread only."""
         if self.closing:
             return                  # answered and closing: input is discarded
         parser_errors = self.server.parser_errors
@@ -326,15 +334,22 @@ class HttpConn:
         except parser_errors[0]:    # HttpParserError (also wraps Reject)
             self.reject(self.error or 400)
         else:
-            if self.phase == P_HEADERS:
+            phase = self.phase
+            if phase == P_HEADERS:
                 self.partial += len(data)
                 if self.partial > self.server.max_header_size + self.server.max_request_line:
                     self.reject(431 if self.url is not None else 414)
+            elif phase == P_IDLE or phase == P_NEW:
+                # Bytes of a request that has not reached its target yet (its method, or
+                # empty lines): the header timeout runs from now (from accept if new).
+                if phase == P_IDLE:
+                    self.deadline = self.server.now + self.server.header_timeout
+                self.phase = P_HEADERS
         if self.ready:
             self.dispatch()
 
     def dispatch(self) -> None:
-        """Start the next ready exchange if none is running."""
+        """Start the next ready exchange if none is running.  Loop thread only."""
         if self.dispatching:
             return
         self.dispatching = True
@@ -350,7 +365,7 @@ class HttpConn:
             self.dispatching = False
 
     def response_done(self, ex: Exchange, keep_alive: bool) -> None:
-        """The response of *ex* has been handed to the connection.  Loop thread."""
+        """The response of *ex* has been handed to the connection.  Loop thread only."""
         if self.active is ex:
             self.active = None
         inp = ex.env["wsgi.input"]
@@ -395,7 +410,8 @@ class HttpConn:
             self.conn.start_reading()
 
     def reject(self, status: int) -> None:
-        """Answer a protocol error after the responses owed, then close."""
+        """Answer a protocol error after the responses owed, then close.
+        Loop thread only."""
         self.closing = True
         if self.body is not None:
             self.body.discard()
@@ -409,7 +425,7 @@ class HttpConn:
     def close(self) -> None:
         """Half-close once the output is written; keep reading (and discarding) until the
         client closes, at most LINGER seconds, so that it reads our last response instead
-        of getting a reset."""
+        of getting a reset.  Loop thread only."""
         self.closing = True
         if self.phase != P_CLOSING:
             self.phase = P_CLOSING
@@ -425,7 +441,7 @@ class HttpConn:
 
     def drop(self) -> None:
         """Close with a reset: a client that stopped reading must not keep the kernel
-        delivering the queued response for minutes.  Loop thread."""
+        delivering the queued response for minutes.  Loop thread only."""
         conn = self.conn
         if conn.connected:
             try:
@@ -436,7 +452,7 @@ class HttpConn:
             conn.force_close()
 
     def on_deadline(self, now: float) -> None:
-        """The sweep found this connection past its deadline.  Loop thread."""
+        """The sweep found this connection past its deadline.  Loop thread only."""
         phase = self.phase
         self.deadline = 0.0
         if phase == P_CLOSING:
@@ -451,7 +467,7 @@ class HttpConn:
             self.close()
 
     def on_closed(self) -> None:
-        """The connection was released (on_close).  Loop thread."""
+        """The connection was released (on_close).  Loop thread only."""
         self.closing = True
         self.pump = None
         if self.body is not None:

@@ -94,6 +94,7 @@ class FileWrapper:
             yield data
 
     def close(self) -> None:
+        """Close the wrapped file (PEP 3333: the server calls it).  Thread-safe."""
         close = getattr(self.filelike, "close", None)
         if close is not None:
             close()
@@ -139,6 +140,7 @@ class Exchange:
 
     def start_response(self, status: str, headers: list[tuple[str, str]],
                        exc_info: Any = None) -> Callable[[bytes], None]:
+        """PEP 3333 start_response.  The app's thread (a worker, or the loop)."""
         if exc_info is not None:
             try:
                 if self.headers_sent:
@@ -158,7 +160,7 @@ class Exchange:
         return self.write
 
     def write(self, data: bytes) -> None:
-        """The legacy write() callable returned by start_response."""
+        """The legacy write() callable returned by start_response.  The app's thread."""
         if self.status is None:
             raise AssertionError("write() called before start_response()")
         if type(data) is not bytes:
@@ -339,7 +341,7 @@ class Exchange:
     # -- running the application --------------------------------------------------------
 
     def run(self) -> None:
-        """Call the app and produce the response.  On a worker (or the loop, threads=0)."""
+        """Call the app and produce the response.  A worker (the loop with threads=0)."""
         # No local reference to the connection's state: a traceback the app keeps (logged,
         # or in an error tracker) holds this frame, and release() clears self.st.
         server = self.st.server
@@ -406,6 +408,8 @@ class Exchange:
                 chunk = _as_bytes(chunk)
             if chunk:
                 self._write_body(chunk, True)
+                if self.framing == F_NONE:
+                    break           # HEAD, 204, 304: the body is not sent, stop producing it
         self._end_body()
 
     def _end_body(self) -> None:
@@ -455,7 +459,7 @@ class Exchange:
     # -- loop side ----------------------------------------------------------------------
 
     def complete(self) -> None:
-        """Send what is left of the response and move the connection on.  Loop thread."""
+        """Send what is left of the response and move the connection on.  Loop thread only."""
         st = self.st
         out = self.out
         if out is not None:
@@ -465,6 +469,7 @@ class Exchange:
                 st.sent_total += len(out)
         if self.abort:
             self.conn.force_close()
+            self.abandon()
             st.response_done(self, False)
             return
         if self._file is not None:
@@ -474,7 +479,7 @@ class Exchange:
 
     def _pump(self) -> None:
         """threads=0: pull the app's iterable while the connection's output is below the
-        high-water mark; resume from on_write_complete.  Loop thread."""
+        high-water mark; resume from on_write_complete.  Loop thread only."""
         st = self.st
         conn = self.conn
         limit = st.server.send_buffer
@@ -498,6 +503,8 @@ class Exchange:
                     chunk = _as_bytes(chunk)
                 if chunk:
                     self._write_body(chunk, True)
+                    if self.framing == F_NONE:
+                        break       # HEAD, 204, 304: stop producing a body nobody gets
             self._end_body()
         except ClientGone:
             self.abort = True
@@ -538,7 +545,7 @@ class Exchange:
     def _pump_file(self) -> None:
         """Send the wrapped file with os.sendfile while the output buffer is empty (so the
         bytes stay in order); when the socket is full, one copied block goes through the
-        output buffer so that on_write_complete resumes us.  Loop thread."""
+        output buffer so that on_write_complete resumes us.  Loop thread only."""
         st = self.st
         conn = self.conn
         state = self._file
@@ -581,20 +588,22 @@ class Exchange:
         try:
             wrapper.close()
         except Exception:
-            log.exception("%s: the file wrapper's close() raised", conn.name)
+            log.error("%s: the file wrapper's close() raised\n%s", conn.name,
+                      traceback.format_exc().rstrip())
         if not ok:
             conn.force_close()
         st.response_done(self, ok and self.keep_alive)
 
     def abandon(self) -> None:
-        """The connection closed while a loop-side pump owned the response.  Loop thread."""
+        """The connection closed while a loop-side pump owned the response.  Loop thread only."""
         if self._file is not None:
             wrapper = self._file[0]
             self._file = None
             try:
                 wrapper.close()
             except Exception:
-                log.exception("file wrapper close() raised")
+                log.error("the file wrapper's close() raised\n%s",
+                          traceback.format_exc().rstrip())
         if self._it is not None:
             self._it = None
             result, self._result = self._result, None

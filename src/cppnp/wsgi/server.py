@@ -101,6 +101,7 @@ class WsgiServer(ICppnpUsr):
         self._base: dict[str, Any] = {}
         self._wildcard = False
         self._timer: int | None = None
+        self._tick = 1.0
         self._drain_deadline = 0.0
         self._drain_done: Callable[[], Any] | None = None
         self._stopped = False
@@ -110,17 +111,17 @@ class WsgiServer(ICppnpUsr):
 
     @property
     def address(self) -> tuple[str, int]:
-        """The bound (host, port) after start()."""
+        """The bound (host, port) after start().  Thread-safe."""
         return self._tcp.address
 
     @property
     def connection_count(self) -> int:
-        """Open connections."""
+        """Open connections.  Thread-safe."""
         return self._tcp.connection_count
 
     @property
     def accepting(self) -> bool:
-        """Whether the listener is open."""
+        """Whether the listener is open.  Thread-safe."""
         return self._tcp.accepting
 
     def start(self) -> None:
@@ -136,7 +137,7 @@ class WsgiServer(ICppnpUsr):
             url_scheme=self.cfg.url_scheme, multithread=self.pool is not None,
             multiprocess=bool(self.cfg.extra.get("multiprocess", False)),
             file_wrapper=FileWrapper)
-        tick = min(1.0, max(0.02, self.cfg.min_timeout() / 4))
+        tick = self._tick = min(1.0, max(0.02, self.cfg.min_timeout() / 4))
         self._timer = self.loop.run_every(tick, self._sweep)
 
     def stop_accepting(self) -> None:
@@ -212,6 +213,7 @@ class WsgiServer(ICppnpUsr):
     # -- ICppnpUsr (loop thread) --------------------------------------------------------
 
     def on_connection(self, conn: TcpConnection) -> None:
+        """A new connection: its HTTP state goes in conn.context.  Loop thread only."""
         base = self._base.copy()
         peer = conn.peer_address
         if peer is not None:
@@ -228,10 +230,12 @@ class WsgiServer(ICppnpUsr):
             st.close()
 
     def on_message(self, conn: TcpConnection, buf: Any) -> None:
+        """Bytes arrived: parse them.  Loop thread only."""
         # conn.context is the HttpConn from on_connection until on_close.
         conn.context.feed(buf.retrieve_all())
 
     def on_write_complete(self, conn: TcpConnection) -> None:
+        """Output drained: resume a loop-side pump, wake a waiting worker.  Loop thread only."""
         st = conn.context
         if st is None:
             return
@@ -243,6 +247,7 @@ class WsgiServer(ICppnpUsr):
             st.drained.set()
 
     def on_close(self, conn: TcpConnection) -> None:
+        """The connection was released.  Loop thread only."""
         st = conn.context
         conn.context = None
         if st is None:
@@ -264,9 +269,12 @@ class WsgiServer(ICppnpUsr):
         now = self.now = self.loop.time()
         self._update_date()
         send_timeout = self.send_timeout
+        # Deadlines were set from self.now, up to one tick stale: a deadline has surely
+        # passed (by the full timeout) one tick after it.
+        due = now - self._tick
         for st in list(self.conns):
             deadline = st.deadline
-            if deadline and now >= deadline:
+            if deadline and due >= deadline:
                 st.on_deadline(now)
             conn = st.conn
             if conn.output_bytes:
