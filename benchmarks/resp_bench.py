@@ -107,59 +107,27 @@ def run_benchmark(port: int, pipeline: int, n: int, pin: bool,
     return rows
 
 
-def fmt(x: float) -> str:
-    return f"{x:,.0f}"
+def per_round_ratios(samples: dict[str, Any], pl: Any, other: str) -> list[float]:
+    """cppnp / *other*, geometric mean over the tests, for each round (same time window)."""
+    tests = list(samples["cppnp"][pl])
+    rounds = len(samples["cppnp"][pl][tests[0]])
+    return [statistics.geometric_mean([samples["cppnp"][pl][t][r] for t in tests])
+            / statistics.geometric_mean([samples[other][pl][t][r] for t in tests])
+            for r in range(rounds)]
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--n1", type=int, default=100_000, help="requests per test at -P 1")
-    p.add_argument("--n16", type=int, default=500_000, help="requests per test at -P 16")
-    p.add_argument("--quick", action="store_true", help="1 round, 20k/100k requests")
-    p.add_argument("--out", default=None, help="results file stem (default resp-<date>)")
-    args = p.parse_args()
-    if args.quick:
-        args.rounds, args.n1, args.n16 = 1, 20_000, 100_000
-    for tool in ("redis-benchmark", "redis-server"):
-        if shutil.which(tool) is None:
-            sys.exit(f"{tool} not found: apt-get install -y redis-tools redis-server")
-    pin = benchlib.can_pin([SERVER_CPU, CLIENT_CPU])
-    info = benchlib.machine_info()
-    info["redis"] = subprocess.run(["redis-server", "--version"], capture_output=True,
-                                   text=True, check=False).stdout.strip()
-    servers = start_servers(pin)
-    samples: dict[str, dict[int, dict[str, list[float]]]] = {
-        s: {1: {}, 16: {}} for s in SERVERS}
-    try:
-        for rnd in range(args.rounds):
-            order = SERVERS[rnd % len(SERVERS):] + SERVERS[:rnd % len(SERVERS)]
-            for pipeline, n in ((1, args.n1), (16, args.n16)):
-                for name in order:
-                    port = servers[name].port
-                    rows = run_benchmark(port, pipeline, n, pin)
-                    rows.update(run_benchmark(port, pipeline, n, pin, MGET))
-                    for test, rps in rows.items():
-                        samples[name][pipeline].setdefault(test, []).append(rps)
-                    print(f"round {rnd + 1}/{args.rounds} -P {pipeline:<2} {name:<12} "
-                          + " ".join(f"{t}={fmt(v)}" for t, v in rows.items()), flush=True)
-    finally:
-        for sp in servers.values():
-            sp.stop()
-    info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-
-    medians = {s: {pl: {t: statistics.median(v) for t, v in tests.items()}
-                   for pl, tests in per.items()} for s, per in samples.items()}
+def render(info: dict[str, Any], args: dict[str, Any], samples: dict[str, Any],
+           medians: dict[str, Any]) -> list[str]:
+    """The Markdown report (pipeline keys are ints)."""
     tests = list(medians["cppnp"][1])
+    pinned = "taskset" if info.get("pinned", True) else "NOT pinned (taskset missing)"
     lines = [
-        f"# RESP example under redis-benchmark ({time.strftime('%Y-%m-%d')})",
+        f"# RESP example under redis-benchmark ({info.get('date', '')})",
         "",
-        f"`make bench-resp`: `redis-benchmark -c 50 -r 100000 -t {TESTS}` plus "
-        "`MGET` of 10 keys, at `-P 1` (n={:,}) and `-P 16` (n={:,}); {} rounds, servers in "
-        "rotating order, medians of requests/s. Servers pinned to CPU {}, "
-        "redis-benchmark to CPU {} ({}).".format(
-            args.n1, args.n16, args.rounds, SERVER_CPU, CLIENT_CPU,
-            "taskset" if pin else "NOT pinned: taskset missing or CPUs not allowed"),
+        f"`make bench-resp`: `redis-benchmark -c 50 -r 100000 -t {TESTS}` plus `MGET` of 10 "
+        f"keys, at `-P 1` (n={args['n1']:,}) and `-P 16` (n={args['n16']:,}); "
+        f"{args['rounds']} rounds, servers in rotating order, medians of requests/s. Servers "
+        f"pinned to CPU {SERVER_CPU}, redis-benchmark to CPU {CLIENT_CPU} ({pinned}).",
         "",
         "cppnp = `examples/resp_server.py` (single-thread mode); asyncio/uvloop = "
         "`benchmarks/servers/resp_asyncio.py` (same command engine and parser algorithm); "
@@ -184,24 +152,87 @@ def main() -> int:
                      f"{gm['cppnp'] / gm['uvloop']:.2f}x | {gm['cppnp'] / gm['asyncio']:.2f}x | "
                      f"{gm['cppnp'] / gm['redis-server']:.2f}x |")
         lines.append("")
+        lines.append("Per-round ratios (geometric mean over the tests, cppnp and the other "
+                     "server measured in the same round):")
+        lines.append("")
+        for other in SERVERS[1:]:
+            rs = per_round_ratios(samples, pl, other)
+            lines.append(f"- cppnp/{other}: " + ", ".join(f"{x:.2f}" for x in rs)
+                         + f" (median {statistics.median(rs):.2f}x)")
         samples_txt = "; ".join(
             f"{s}: " + ", ".join(fmt(x) for x in samples[s][pl].get("GET", []))
             for s in SERVERS)
-        lines += [f"GET samples per round at -P {pl}: {samples_txt}.", ""]
-    g1 = {s: statistics.geometric_mean([medians[s][1][t] for t in tests]) for s in SERVERS}
-    g16 = {s: statistics.geometric_mean([medians[s][16][t] for t in tests]) for s in SERVERS}
+        lines += ["", f"GET samples per round at -P {pl}: {samples_txt}.", ""]
     goals = [
-        ("cppnp >= 1.3x uvloop at -P 16 (geometric mean)",
-         g16["cppnp"] / g16["uvloop"], 1.3),
-        ("cppnp >= 0.9x redis-server at -P 1 (geometric mean)",
-         g1["cppnp"] / g1["redis-server"], 0.9),
+        ("cppnp >= 1.3x uvloop at -P 16", per_round_ratios(samples, 16, "uvloop"), 1.3),
+        ("cppnp >= 0.9x redis-server at -P 1", per_round_ratios(samples, 1, "redis-server"),
+         0.9),
         ("fraction of redis-server at -P 16 (reported; moonshot >= 0.5x)",
-         g16["cppnp"] / g16["redis-server"], 0.5),
+         per_round_ratios(samples, 16, "redis-server"), 0.5),
     ]
-    lines += ["## Goals (issue #10)", "", "| goal | measured | met |", "| :--- | ---: | :--- |"]
-    for text, value, target in goals:
+    lines += ["## Goals (issue #10)", "",
+              "Median of the per-round ratios (geometric mean over the tests).", "",
+              "| goal | measured | met |", "| :--- | ---: | :--- |"]
+    for text, ratios, target in goals:
+        value = statistics.median(ratios)
         lines.append(f"| {text} | {value:.2f}x | {'met' if value >= target else 'not met'} |")
     lines.append("")
+    return lines
+
+
+def fmt(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--n1", type=int, default=100_000, help="requests per test at -P 1")
+    p.add_argument("--n16", type=int, default=500_000, help="requests per test at -P 16")
+    p.add_argument("--quick", action="store_true", help="1 round, 20k/100k requests")
+    p.add_argument("--out", default=None, help="results file stem (default resp-<date>)")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="print the report of an earlier run's JSON instead of measuring")
+    args = p.parse_args()
+    if args.quick:
+        args.rounds, args.n1, args.n16 = 1, 20_000, 100_000
+    for tool in ("redis-benchmark", "redis-server"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found: apt-get install -y redis-tools redis-server")
+    if args.render:
+        data = json.loads(Path(args.render).read_text())
+        samples = {s: {int(pl): v for pl, v in per.items()} for s, per in data["samples"].items()}
+        medians = {s: {int(pl): v for pl, v in per.items()} for s, per in data["medians"].items()}
+        print("\n".join(render(data["machine"], data["args"], samples, medians)))
+        return 0
+    pin = benchlib.can_pin([SERVER_CPU, CLIENT_CPU])
+    info = benchlib.machine_info()
+    info["pinned"] = pin
+    info["date"] = time.strftime("%Y-%m-%d")
+    info["redis"] = subprocess.run(["redis-server", "--version"], capture_output=True,
+                                   text=True, check=False).stdout.strip()
+    servers = start_servers(pin)
+    samples: dict[str, dict[int, dict[str, list[float]]]] = {
+        s: {1: {}, 16: {}} for s in SERVERS}
+    try:
+        for rnd in range(args.rounds):
+            order = SERVERS[rnd % len(SERVERS):] + SERVERS[:rnd % len(SERVERS)]
+            for pipeline, n in ((1, args.n1), (16, args.n16)):
+                for name in order:
+                    port = servers[name].port
+                    rows = run_benchmark(port, pipeline, n, pin)
+                    rows.update(run_benchmark(port, pipeline, n, pin, MGET))
+                    for test, rps in rows.items():
+                        samples[name][pipeline].setdefault(test, []).append(rps)
+                    print(f"round {rnd + 1}/{args.rounds} -P {pipeline:<2} {name:<12} "
+                          + " ".join(f"{t}={fmt(v)}" for t, v in rows.items()), flush=True)
+    finally:
+        for sp in servers.values():
+            sp.stop()
+    info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    medians = {s: {pl: {t: statistics.median(v) for t, v in tests.items()}
+                   for pl, tests in per.items()} for s, per in samples.items()}
+    lines = render(info, vars(args), samples, medians)
     stem = args.out or f"resp-{time.strftime('%Y-%m-%d')}"
     results = HERE / "results"
     results.mkdir(exist_ok=True)
