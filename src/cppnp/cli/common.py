@@ -97,12 +97,14 @@ def add_server_options(parser: argparse.ArgumentParser, port: int = 9000) -> Non
     parser.add_argument(
         "--host",
         default="127.0.0.1",
+        metavar="ADDRESS",
         help="address to listen on, IPv4 or IPv6 (default: %(default)s)",
     )
     parser.add_argument(
         "--port",
         type=port_number,
         default=port,
+        metavar="PORT",
         help="TCP port, 0..65535; 0 picks a free one (default: %(default)s)",
     )
     parser.add_argument(

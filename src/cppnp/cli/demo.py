@@ -139,36 +139,42 @@ def add_parsers(sub: Any) -> None:
         "--threads",
         type=int_range("threads", 0),
         default=4,
+        metavar="N",
         help="worker threads; 0 = single-thread mode (default: %(default)s)",
     )
     p.add_argument(
         "--fib",
         type=int_range("fib", 0, FIB_MAX),
         default=18,
-        help="compute fib(N) per message in the worker (default: %(default)s)",
+        metavar="N",
+        help="compute fib(N), 0..%d, per message in the worker (default: %%(default)s)" % FIB_MAX,
     )
     p.add_argument(
         "--conns",
         type=int_range("conns", 1),
         default=10,
+        metavar="N",
         help="client connections (default: %(default)s)",
     )
     p.add_argument(
         "--messages",
         type=int_range("messages", 1),
         default=200,
+        metavar="N",
         help="messages per connection (default: %(default)s)",
     )
     p.add_argument(
         "--duration",
         type=positive_float("duration"),
         default=60.0,
+        metavar="SECONDS",
         help="stop sending after this many seconds (default: %(default)s)",
     )
     p.add_argument(
         "--sizes",
         type=sizes_list,
         default=SIZES,
+        metavar="BYTES,...",
         help="message sizes in bytes, comma-separated, used in turn "
         "(default: %s)" % ",".join(map(str, SIZES)),
     )

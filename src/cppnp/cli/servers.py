@@ -109,6 +109,7 @@ def add_parsers(sub: Any) -> None:
                 "--threads",
                 type=int_range("threads", 0),
                 default=0,
+                metavar="N",
                 help="worker threads; 0 = single-thread mode, the seed's "
                 "tasks run on the loop thread (default: %(default)s)",
             )
@@ -116,7 +117,8 @@ def add_parsers(sub: Any) -> None:
                 "--fib",
                 type=int_range("fib", 0, FIB_MAX),
                 default=0,
-                help="compute fib(N) per message in the worker, the seed's "
-                "CPU work; 0 = none, echo only (default: %(default)s)",
+                metavar="N",
+                help="compute fib(N), 0..%d, per message in the worker, the "
+                "seed's CPU work; 0 = none, echo only (default: %%(default)s)" % FIB_MAX,
             )
         sp.set_defaults(func=run)

@@ -65,12 +65,14 @@ def add_parsers(sub: Any) -> None:
         "--ticks",
         type=int_range("ticks", 1, 1000),
         default=5,
+        metavar="N",
         help="how many run_every ticks (default: %(default)s)",
     )
     p.add_argument(
         "--interval",
         type=positive_float("interval"),
         default=0.05,
+        metavar="SECONDS",
         help="seconds between ticks (default: %(default)s)",
     )
     p.set_defaults(func=run)
