@@ -20,6 +20,7 @@ COMMANDS = (
     "cppnp.cli.demo",
     "cppnp.cli.servers",
     "cppnp.cli.timers",
+    "cppnp.cli.wsgi",
 )
 
 
