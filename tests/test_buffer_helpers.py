@@ -110,8 +110,9 @@ def test_named_int_helpers_match_struct(name: str, fmt: str, width: int) -> None
 def test_named_int_helpers_too_few_bytes(name: str, fmt: str, width: int) -> None:
     buf = Buffer(b"\x01" * (width - 1))
     for op in ("peek_", "read_"):
-        # read_int32 predates these helpers and names peek_int32 (fixed on branch conn).
-        method = "peek_int32" if op + name == "read_int32" else op + name
+        # read_int32 predates these helpers and names peek_int32 (branch conn makes it
+        # name read_int32): accept both until that merge, then drop this special case.
+        method = "(peek|read)_int32" if op + name == "read_int32" else op + name
         with pytest.raises(ValueError, match=method + " needs %d" % width):
             getattr(buf, op + name)()
         assert len(buf) == width - 1                     # nothing consumed
