@@ -16,13 +16,21 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from typing import Any
 
 import pytest
 
 from conftest import call_in_loop, recv_exact, rst_close, wait_for
 from cppnp import (
-    EventLoop, EventLoopThread, ICppnpUsr, IRun2, Task, TcpConnection, TcpServer, ThreadPool,
+    EventLoop,
+    EventLoopThread,
+    ICppnpUsr,
+    IRun2,
+    Task,
+    TcpConnection,
+    TcpServer,
+    ThreadPool,
 )
 
 TIMEOUT = 20.0
@@ -119,6 +127,52 @@ def test_d02_reinit_of_a_started_or_used_pool_raises() -> None:
 # -- 3: add_task racing stop() ----------------------------------------------------------------
 
 
+def race_add_task_with_stop(h: Keeper, conn: TcpConnection, kind: str,
+                            drain: bool) -> tuple[int, ...]:
+    """One add_task racing one stop(); returns (ran, raised, discarded, queued,
+    conn.pending_tasks, strands) for the raced task."""
+    pool = ThreadPool(2, name="race")
+    pool.start()
+    gate = threading.Event()
+    gate_ran: list[int] = []
+    ran: list[int] = []
+    raised: list[int] = []
+    barrier = threading.Barrier(2, timeout=TIMEOUT)
+
+    def gate_task() -> None:
+        gate_ran.append(1)
+        gate.wait(TIMEOUT)
+
+    def adder() -> None:
+        barrier.wait()
+        try:
+            if kind == "conn":
+                pool.add_task(Task(h, b"", conn))
+            else:
+                pool.add_task(ran.append, 1, key="k" if kind == "strand" else None)
+        except RuntimeError:
+            raised.append(1)
+
+    if kind == "strand":                    # a strand with a task queued or running:
+        pool.add_task(gate_task, key="k")   # the raced task joins its backlog
+    t = threading.Thread(target=adder, name="adder")
+    t.start()
+    barrier.wait()
+    if kind == "strand":
+        gate.set()
+    assert pool.stop(drain=drain, timeout=TIMEOUT)
+    t.join(TIMEOUT)
+    if kind == "conn":
+        with h.lock:
+            ran = [1] * len(h.ran)
+            h.ran.clear()
+    discarded = pool.discarded
+    if kind == "strand":
+        discarded -= 1 - len(gate_ran)      # the gate task may be discarded too
+    return (len(ran), len(raised), discarded, pool.queued, conn.pending_tasks,
+            pool.stats()["strands"])
+
+
 @pytest.mark.parametrize("drain", [True, False], ids=["drain", "discard"])
 @pytest.mark.parametrize("kind", ["plain", "strand", "conn"])
 def test_d03_add_task_racing_stop_never_loses_a_task(serve: Any, drain: bool,
@@ -129,55 +183,66 @@ def test_d03_add_task_racing_stop_never_loses_a_task(serve: Any, drain: bool,
     st = serve(h)
     client = st.connect()
     conn = server_conn(h)
-    bad: list[tuple[Any, ...]] = []
+    bad: list[tuple[int, ...]] = []
     for i in range(RACE_ITERATIONS):
-        pool = ThreadPool(2, name="race")
-        pool.start()
-        gate = threading.Event()
-        gate_ran: list[int] = []
-
-        def gate_task() -> None:
-            gate_ran.append(1)
-            gate.wait(TIMEOUT)
-
-        if kind == "strand":                      # a strand with a task queued or running:
-            pool.add_task(gate_task, key="k")     # the raced task joins its backlog
-        ran: list[int] = []
-        raised: list[int] = []
-        barrier = threading.Barrier(2, timeout=TIMEOUT)
-
-        def adder() -> None:
-            barrier.wait()
-            try:
-                if kind == "conn":
-                    pool.add_task(Task(h, b"", conn))
-                else:
-                    pool.add_task(ran.append, i, key="k" if kind == "strand" else None)
-            except RuntimeError:
-                raised.append(i)
-
-        t = threading.Thread(target=adder, name="adder")
-        t.start()
-        barrier.wait()
-        if kind == "strand":
-            gate.set()
-        assert pool.stop(drain=drain, timeout=TIMEOUT)
-        t.join(TIMEOUT)
-        if kind == "conn":
-            with h.lock:
-                ran = [0] * len(h.ran)
-                h.ran.clear()
-        discarded = pool.discarded
-        if kind == "strand":
-            discarded -= 1 - len(gate_ran)        # the gate task may be discarded too
-        outcome = (len(ran), len(raised), discarded, pool.queued, conn.pending_tasks,
-                   pool.stats()["strands"])
-        if outcome[:3].count(0) != 2 or sum(outcome[:3]) != 1 or outcome[3:] != (0, 0, 0):
-            bad.append((i,) + outcome)
+        outcome = race_add_task_with_stop(h, conn, kind, drain)
+        if sorted(outcome[:3]) != [0, 0, 1] or outcome[3:] != (0, 0, 0):
+            bad.append((i, *outcome))
     client.close()
     wait_for(lambda: h.closed == 1, TIMEOUT)
     h.conns.clear()
     assert bad == [], "(iteration, ran, raised, discarded, queued, pending_tasks, strands)"
+
+
+class SlowHashKey:
+    """A key whose first __hash__ waits until the test says go (stop() has returned)."""
+
+    def __init__(self) -> None:
+        self.hashing = threading.Event()
+        self.go = threading.Event()
+
+    def __hash__(self) -> int:
+        if not self.hashing.is_set():
+            self.hashing.set()
+            self.go.wait(TIMEOUT)
+        return 1234
+
+
+@pytest.mark.parametrize("drain", [True, False], ids=["drain", "discard"])
+@pytest.mark.parametrize("nthreads", [0, 2], ids=["single", "pool2"])
+def test_d03_add_task_overtaken_by_stop_raises_and_releases_the_connection(
+        serve: Any, drain: bool, nthreads: int) -> None:
+    """The deterministic form of the race: add_task is inside the key's __hash__ (user
+    code) while stop() runs to the end.  The old pool had already checked ``_stopping``
+    and counted the task: it went into a closed queue nobody reads (``queued`` stayed 1,
+    the connection's ``pending_tasks`` 1, on_close never ran)."""
+    h = Keeper()
+    st = serve(h)
+    client = st.connect()
+    conn = server_conn(h)
+    pool = ThreadPool(nthreads)
+    pool.start()
+    key = SlowHashKey()
+    box: dict[str, Any] = {}
+
+    def adder() -> None:
+        try:
+            pool.add_task(Task(h, b"late", conn), key=key)
+        except RuntimeError as exc:
+            box["raised"] = exc
+
+    t = threading.Thread(target=adder, name="adder")
+    t.start()
+    assert key.hashing.wait(TIMEOUT)
+    assert pool.stop(drain=drain, timeout=TIMEOUT)
+    key.go.set()
+    t.join(TIMEOUT)
+    assert "raised" in box
+    assert (pool.queued, pool.completed, pool.discarded, conn.pending_tasks) == (0, 0, 0, 0)
+    assert h.ran == []
+    client.close()
+    wait_for(lambda: h.closed == 1, TIMEOUT)           # the connection is released
+    h.conns.clear()
 
 
 # -- 4: fields shared between threads rest on atomics or the core lock -------------------------
@@ -210,48 +275,84 @@ def test_d04_counters_stay_exact_under_concurrent_callers() -> None:
     pool.stop()
 
 
+def books_round(drain: bool) -> None:
+    pool = ThreadPool(3, name="books")
+    added = [0]
+    refused = [0]
+    lock = threading.Lock()
+    done: list[int] = []
+    barrier = threading.Barrier(5, timeout=TIMEOUT)
+
+    def adder(n: int) -> None:
+        barrier.wait()
+        for j in range(200):
+            try:
+                pool.add_task(done.append, j, key=None if j % 2 else ("k", n, j % 4))
+            except RuntimeError:
+                with lock:
+                    refused[0] += 1
+            else:
+                with lock:
+                    added[0] += 1
+
+    def starter() -> None:
+        barrier.wait()
+        try:
+            pool.start()
+        except RuntimeError:
+            pass                                  # stop() came first: refused
+        pool.stats()
+
+    threads = [threading.Thread(target=adder, args=(n,)) for n in range(3)]
+    threads.append(threading.Thread(target=starter))
+    for t in threads:
+        t.start()
+    barrier.wait()
+    assert pool.stop(drain=drain, timeout=TIMEOUT)
+    for t in threads:
+        t.join(TIMEOUT)
+    assert added[0] + refused[0] == 600
+    assert pool.completed + pool.discarded == added[0] == len(done) + pool.discarded
+    assert (pool.queued, pool.running, pool.stats()["strands"]) == (0, 0, 0)
+
+
 def test_d04_start_stop_add_task_from_many_threads_keep_the_books() -> None:
     """start(), stop(), add_task() and stats() from several threads at once: every task
     is run, refused or discarded, and the counters add up."""
     for round_ in range(20):
-        pool = ThreadPool(3, name="books")
-        added = [0]
-        refused = [0]
-        lock = threading.Lock()
-        done: list[int] = []
-        barrier = threading.Barrier(5, timeout=TIMEOUT)
+        books_round(drain=bool(round_ % 2))
 
-        def adder(n: int) -> None:
-            barrier.wait()
-            for j in range(200):
-                try:
-                    pool.add_task(done.append, j, key=None if j % 2 else ("k", n, j % 4))
-                except RuntimeError:
-                    with lock:
-                        refused[0] += 1
-                else:
-                    with lock:
-                        added[0] += 1
 
-        def starter() -> None:
+def test_d04_stop_racing_start_never_joins_an_unstarted_thread() -> None:
+    """start() appended its workers to the pool's list under the lock but started them
+    after releasing it: a concurrent stop() could join a thread not started yet
+    (RuntimeError "cannot join thread before it is started", 40 of 300 on 3.13t)."""
+    errors: list[str] = []
+    for i in range(300):
+        pool = ThreadPool(8, name="startstop")
+        barrier = threading.Barrier(2, timeout=TIMEOUT)
+
+        def starter(pool: ThreadPool = pool, barrier: threading.Barrier = barrier) -> None:
             barrier.wait()
             try:
                 pool.start()
             except RuntimeError:
-                pass                              # stop() came first: refused
-            pool.stats()
+                pass                                  # stop() came first: refused
 
-        threads = [threading.Thread(target=adder, args=(n,)) for n in range(3)]
-        threads.append(threading.Thread(target=starter))
-        for t in threads:
-            t.start()
+        t = threading.Thread(target=starter)
+        t.start()
         barrier.wait()
-        assert pool.stop(drain=bool(round_ % 2), timeout=TIMEOUT)
-        for t in threads:
-            t.join(TIMEOUT)
-        assert added[0] + refused[0] == 600
-        assert pool.completed + pool.discarded == added[0] == len(done) + pool.discarded
-        assert (pool.queued, pool.running, pool.stats()["strands"]) == (0, 0, 0)
+        spin_until = time.perf_counter() + (i % 20) * 1e-5   # vary who comes first
+        while time.perf_counter() < spin_until:
+            pass
+        try:
+            assert pool.stop(timeout=TIMEOUT)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+        t.join(TIMEOUT)
+        for w in pool.threads:
+            w.join(TIMEOUT)
+    assert errors == []
 
 
 # -- 5: user code re-entering add_task while the pool holds its lock ----------------------------
@@ -262,7 +363,7 @@ REENTRY_CHILD = """
     NTHREADS, WHAT = {nthreads}, "{what}"
     pool = ThreadPool(NTHREADS)
     pool.start()
-    lock = threading.Lock()
+    lock = threading.RLock()     # a finalizer may run (and add a task) inside note()
     ran = []
 
     def note(x):
@@ -629,7 +730,7 @@ def test_d19_work_of_reset_or_force_closed_connections_is_discarded(serve: Any,
         total = nthreads + 14
         wait_for(lambda: pool.queued == 14 and len(h.conns) == total, TIMEOUT)
         by_port = {c.peer_address[1]: c for c in h.conns}
-        dead = [by_port[s.getsockname()[1]] for s in resets + [forced]]
+        dead = [by_port[s.getsockname()[1]] for s in [*resets, forced]]
         fin_conn = by_port[fin.getsockname()[1]]
         fin.shutdown(socket.SHUT_WR)
         for s in resets:
