@@ -7,9 +7,10 @@
 # cannot deadlock.  References: push() increfs what it stores; take()/try_take() hand the
 # reference over to the caller.
 #
-# Wakeups: a worker is woken whenever an item is left in the queue and some worker waits
-# without a wakeup already on its way (_waiters > _signalled): an idle worker never watches
-# a queued task wait behind a busy one.
+# Wakeups: a push wakes (at once, or at the next notify()) as many idle workers as there
+# are queued items, counting only workers with no wakeup on its way (_waiters - _signalled);
+# workers take items one at a time and wait only when the queue is empty.  So an idle
+# worker never watches a queued task wait behind a busy one.
 from cpython.ref cimport PyObject
 
 

@@ -86,12 +86,10 @@ cdef class BlockingQueue:
         return 0
 
     cdef PyObject* _pop(self) noexcept nogil:
-        # Under _mutex, with _count > 0.  A worker is woken for what is left.
+        # Under _mutex, with _count > 0.
         cdef PyObject* item = self._ring[self._head]
         self._head = (self._head + 1) % self._cap
         self._count -= 1
-        if self._count:
-            self._wake(1)
         return item
 
     cdef PyObject* take(self) noexcept nogil:
@@ -105,6 +103,8 @@ cdef class BlockingQueue:
                 self._signalled -= 1
         if self._count:
             item = self._pop()
+            if self._count:
+                self._wake(1)   # one more, in case the pushes woke fewer than they queued
         pthread_mutex_unlock(&self._mutex)
         return item
 
