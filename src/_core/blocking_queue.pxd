@@ -1,9 +1,16 @@
 # BlockingQueue: the seed's BlockingQueue in C -- a ring of object pointers guarded by a
 # pthread mutex + condition variable.  Workers wait with the GIL released.
 #
-# Lock rule: no code path holds _mutex while it needs the GIL (critical sections touch only
-# C data), so taking _mutex while holding the GIL cannot deadlock.  References: put()
-# increfs before storing; take() hands the reference over to the caller.
+# Lock rule: no code path holds _mutex while it needs the GIL, runs Python code or
+# allocates a Python object (critical sections touch only C data and reference counts that
+# cannot reach zero), so taking _mutex while holding the GIL -- or another core lock --
+# cannot deadlock.  References: push() increfs what it stores; take()/try_take() hand the
+# reference over to the caller.
+#
+# Wakeups: a push wakes (at once, or at the next notify()) as many idle workers as there
+# are queued items, counting only workers with no wakeup on its way (_waiters - _signalled);
+# workers take items one at a time and wait only when the queue is empty.  So an idle
+# worker never watches a queued task wait behind a busy one.
 from cpython.ref cimport PyObject
 
 
@@ -31,19 +38,27 @@ cdef class BlockingQueue:
         Py_ssize_t _cap
         Py_ssize_t _head
         Py_ssize_t _count
-        Py_ssize_t _waiters
+        Py_ssize_t _waiters         # workers blocked in take()
+        Py_ssize_t _signalled       # wakeups sent to them and not consumed yet
         bint _closed
         bint _ready
 
-    # Append (never blocks).  notify=False leaves waking a worker to notify().
-    cdef int put(self, object item, bint notify) except -1
-    # Wake as many waiting workers as there are items (after puts with notify=False).
+    # Append *item* (never blocks, never raises, no Python allocation: callable under
+    # another core lock).  Returns 0 when stored, 1 when refused because the queue is
+    # closed (unless *internal*: a hand-off by a thread that consumes the queue until it
+    # is empty, e.g. a worker passing on a strand), -1 when out of memory.
+    # notify=False leaves waking a worker to notify().
+    cdef int push(self, PyObject* item, bint notify, bint internal) noexcept
+    # Wake as many waiting workers as there are items (after pushes with notify=False).
     cdef int notify(self) noexcept
-    # Block (call without the GIL) until items are queued; move up to max_items of them,
-    # at most ceil(count / share), into out.  Returns 0 once closed and empty.
-    cdef Py_ssize_t take(self, PyObject** out, Py_ssize_t max_items,
-                         Py_ssize_t share) noexcept nogil
+    # Block (call without the GIL) until an item is queued and return it, or NULL once
+    # the queue is closed and empty.
+    cdef PyObject* take(self) noexcept nogil
+    # The next item, or NULL if the queue is empty; never blocks on an empty queue.
+    cdef PyObject* try_take(self) noexcept nogil
+    # Refuse further pushes (except internal ones); take() returns NULL once empty.
     cdef int close(self) noexcept
-    # Remove and return every queued item.
-    cdef list drain(self)
+    cdef bint closed(self) noexcept
     cdef Py_ssize_t size(self) noexcept
+    cdef void _wake(self, Py_ssize_t n) noexcept nogil
+    cdef PyObject* _pop(self) noexcept nogil

@@ -36,84 +36,90 @@ cdef class BlockingQueue:
         pthread_mutex_unlock(&self._mutex)
         return n
 
-    cdef int put(self, object item, bint notify) except -1:
+    cdef bint closed(self) noexcept:
+        cdef bint c
+        pthread_mutex_lock(&self._mutex)
+        c = self._closed
+        pthread_mutex_unlock(&self._mutex)
+        return c
+
+    cdef void _wake(self, Py_ssize_t n) noexcept nogil:
+        # Under _mutex: wake up to n waiting workers that have no wakeup on its way.
+        cdef Py_ssize_t idle = self._waiters - self._signalled
+        if n > idle:
+            n = idle
+        while n > 0:
+            pthread_cond_signal(&self._not_empty)
+            self._signalled += 1
+            n -= 1
+
+    cdef int push(self, PyObject* item, bint notify, bint internal) noexcept:
         cdef PyObject** grown
         cdef Py_ssize_t i, newcap
-        Py_INCREF(item)
         pthread_mutex_lock(&self._mutex)
+        if self._closed and not internal:
+            pthread_mutex_unlock(&self._mutex)
+            return 1
         if self._count == self._cap:
             newcap = self._cap * 2 + 64
             grown = <PyObject**>PyMem_RawRealloc(self._ring, newcap * sizeof(PyObject*))
             if grown == NULL:
                 pthread_mutex_unlock(&self._mutex)
-                Py_DECREF(item)
-                raise MemoryError()
+                return -1
             # Unwrap the ring into the larger block: move the wrapped prefix to the end.
             for i in range(self._head + self._count - self._cap):
                 grown[self._cap + i] = grown[i]
             self._ring = grown
             self._cap = newcap
-        self._ring[(self._head + self._count) % self._cap] = <PyObject*>item
+        Py_INCREF(<object>item)
+        self._ring[(self._head + self._count) % self._cap] = item
         self._count += 1
-        if notify and self._waiters:
-            pthread_cond_signal(&self._not_empty)
+        if notify:
+            self._wake(1)
         pthread_mutex_unlock(&self._mutex)
         return 0
 
     cdef int notify(self) noexcept:
-        cdef Py_ssize_t n
         pthread_mutex_lock(&self._mutex)
-        n = self._count if self._count < self._waiters else self._waiters
-        if n == self._waiters and n:
-            pthread_cond_broadcast(&self._not_empty)
-        else:
-            while n > 0:
-                pthread_cond_signal(&self._not_empty)
-                n -= 1
+        self._wake(self._count)
         pthread_mutex_unlock(&self._mutex)
         return 0
 
-    cdef Py_ssize_t take(self, PyObject** out, Py_ssize_t max_items,
-                         Py_ssize_t share) noexcept nogil:
-        cdef Py_ssize_t n, i
+    cdef PyObject* _pop(self) noexcept nogil:
+        # Under _mutex, with _count > 0.
+        cdef PyObject* item = self._ring[self._head]
+        self._head = (self._head + 1) % self._cap
+        self._count -= 1
+        return item
+
+    cdef PyObject* take(self) noexcept nogil:
+        cdef PyObject* item = NULL
         pthread_mutex_lock(&self._mutex)
         while self._count == 0 and not self._closed:
             self._waiters += 1
             pthread_cond_wait(&self._not_empty, &self._mutex)
             self._waiters -= 1
-        # Share the backlog among the workers: a worker takes its part of it in one go
-        # (one GIL acquisition for several tasks) but leaves work for the others.
-        n = (self._count + share - 1) // share if share > 1 else self._count
-        if n > max_items:
-            n = max_items
-        for i in range(n):
-            out[i] = self._ring[self._head]
-            self._head = (self._head + 1) % self._cap
-        self._count -= n
-        if self._count and self._waiters:
-            pthread_cond_signal(&self._not_empty)
+            if self._signalled > 0:
+                self._signalled -= 1
+        if self._count:
+            item = self._pop()
+            if self._count:
+                self._wake(1)   # one more, in case the pushes woke fewer than they queued
         pthread_mutex_unlock(&self._mutex)
-        return n
+        return item
+
+    cdef PyObject* try_take(self) noexcept nogil:
+        cdef PyObject* item = NULL
+        pthread_mutex_lock(&self._mutex)
+        if self._count:
+            item = self._pop()
+        pthread_mutex_unlock(&self._mutex)
+        return item
 
     cdef int close(self) noexcept:
         pthread_mutex_lock(&self._mutex)
         self._closed = True
+        self._signalled = self._waiters
         pthread_cond_broadcast(&self._not_empty)
         pthread_mutex_unlock(&self._mutex)
         return 0
-
-    cdef list drain(self):
-        cdef list items = []
-        cdef PyObject* p
-        while True:
-            pthread_mutex_lock(&self._mutex)
-            if self._count == 0:
-                pthread_mutex_unlock(&self._mutex)
-                break
-            p = self._ring[self._head]
-            self._head = (self._head + 1) % self._cap
-            self._count -= 1
-            pthread_mutex_unlock(&self._mutex)
-            items.append(<object>p)     # the list takes a new reference ...
-            Py_DECREF(<object>p)        # ... and the queue's one is dropped
-        return items

@@ -3,6 +3,8 @@
 
 cimport cython
 
+from _core.includes.sys cimport cppnp_atomic_cas
+
 
 class IRun0:
     """Work with no arguments: subclass and override :meth:`run0` (the seed's IRun0)."""
@@ -10,7 +12,10 @@ class IRun0:
     __slots__ = ()
 
     def run0(self):
-        """Called when the task runs (on a worker, or on the loop for loop callbacks)."""
+        """Called when the task runs (on a worker, or on the loop for loop callbacks).
+
+        Thread-safe.
+        """
         raise NotImplementedError("%s must override run0()" % type(self).__name__)
 
 
@@ -24,64 +29,101 @@ class IRun2:
     __slots__ = ()
 
     def run2(self, msg, param):
-        """Called when the task runs, with the *msg* and *param* given to Task()."""
+        """Called when the task runs, with the *msg* and *param* given to Task().
+
+        Thread-safe.
+        """
         raise NotImplementedError("%s must override run2()" % type(self).__name__)
 
 
 @cython.freelist(64)
 @cython.auto_pickle(False)
 @cython.final
+@cython.trashcan(True)      # dropping a long Task(Task(...)) chain must not recurse
 cdef class Task:
     """A unit of work for a ThreadPool or an EventLoop (the seed's Task).
 
     ``Task(irun0)`` calls ``irun0.run0()``; ``Task(irun2, msg, param)`` calls
-    ``irun2.run2(msg, param)``; ``Task(callable, *args)`` calls ``callable(*args)``.
+    ``irun2.run2(msg, param)``; ``Task(callable, *args)`` calls ``callable(*args)``;
+    ``Task(task)`` does what *task* does (without nesting the call: a chain of any depth
+    runs and is freed without recursion).  A Task is immutable once created, so any
+    thread may run it.
     """
 
     def __init__(self, target, *args):
-        """Wrap *target* (IRun0, IRun2 or callable) and its arguments."""
+        """Wrap *target* (IRun0, IRun2, Task or callable) and its arguments.  Runs once:
+        initialising a Task again raises RuntimeError."""
+        cdef object fn
+        cdef tuple call_args = args
         if isinstance(target, IRun2):
             if len(args) != 2:
                 raise TypeError("Task(IRun2, msg, param) takes exactly 2 arguments after the "
                                 "IRun2, got %d" % len(args))
-            self._fn = target.run2
+            fn = target.run2
         elif isinstance(target, IRun0):
             if args:
                 raise TypeError("Task(IRun0) takes no arguments after the IRun0")
-            self._fn = target.run0
+            fn = target.run0
         elif isinstance(target, Task):
             if args:
                 raise TypeError("Task(Task) takes no arguments")
-            self._fn = getattr(target, "do_task")
+            if (<Task>target)._fn is None:
+                raise TypeError("Task(Task): the wrapped Task was not initialised")
+            fn = (<Task>target)._fn         # call what it calls: no nested do_task()
+            call_args = (<Task>target)._args
         elif callable(target):
-            self._fn = target
+            fn = target
         else:
             raise TypeError("Task() needs an IRun0, an IRun2 or a callable, got %r"
                             % (type(target).__name__,))
-        self._args = args
-        self.target = target
+        # The fields are written once, before the Task can be shared; a second __init__
+        # (which could free _fn under a thread running do_task) is refused.
+        if not cppnp_atomic_cas(&self._init_done, 0, 1):
+            raise RuntimeError("Task.__init__ may run only once")
+        self._fn = fn
+        self._args = call_args
+        self._target = target
 
     cpdef object do_task(self):
-        """Run the task: run0(), run2(msg, param) or the callable.  Returns its result."""
+        """Run the task: run0(), run2(msg, param) or the callable.  Returns its result.
+
+        Thread-safe.
+        """
         if self._fn is None:
             raise RuntimeError("Task was not initialised")
         return self._fn(*self._args)
 
     @property
+    def target(self):
+        """What the Task wraps: the IRun0, IRun2, Task or callable given to Task().
+
+        Thread-safe.
+        """
+        return self._target
+
+    @property
     def args(self):
-        """The arguments the target is called with (msg, param for an IRun2)."""
-        return self._args
+        """The arguments given after the target (msg, param for an IRun2; () for a Task).
+
+        Thread-safe.
+        """
+        if isinstance(self._target, Task):
+            return ()
+        return self._args if self._args is not None else ()
 
     @property
     def param(self):
-        """The IRun2 param (the seed passes the connection here), else None."""
-        return self._args[1] if isinstance(self.target, IRun2) else None
+        """The IRun2 param (the seed passes the connection here), else None.
+
+        Thread-safe.
+        """
+        return self._args[1] if isinstance(self._target, IRun2) else None
 
     def __call__(self):
         return self.do_task()
 
     def __repr__(self):
-        return "<Task %r>" % (self.target,)
+        return "<Task %r>" % (self._target,)
 
     # -- seed-compatible names: same objects as the snake_case methods --
     DoTask = do_task

@@ -73,6 +73,7 @@ cdef class TcpConnection(Channel):
     cdef int _check_created(self) except -1
     cdef int task_started(self) noexcept
     cdef int task_finished(self) except -1
+    cdef bint work_cancelled(self) noexcept
     cdef int _send_in_loop(self, const char* p, Py_ssize_t n) except -1
     cdef int _drop(self, Py_ssize_t nbytes) noexcept
     cdef int _update_interest(self) except -1

@@ -16,6 +16,7 @@ from _core.includes.linux cimport (
     getsockname, send, shutdown, sockaddr, sockaddr_storage, socklen_t,
 )
 from _core.includes.sys cimport cppnp_atomic_add, cppnp_atomic_load, cppnp_atomic_store
+from _core.includes.sys cimport cppnp_atomic_load_int  # work_cancelled() only
 from _core.socket_ops cimport set_bool_opt, sockaddr_to_tuple, socket_error
 
 import logging
@@ -389,6 +390,19 @@ cdef class TcpConnection(Channel):
                 and cppnp_atomic_load(&self._release_wanted):
             self._loop.queue(self, OP_FINISH)
         return 0
+
+    cdef bint work_cancelled(self) noexcept:
+        # ThreadPool hook (issue 8 item 19): True once the socket was closed by a peer
+        # reset, a fault, force_close() or the loop's close(); the pool then discards the
+        # connection's queued tasks instead of running them.  False while connected, and
+        # for a peer that half-closed (FIN) first: its work still runs and its replies go
+        # out (its normal release leaves _peer_closed set too).  Derived from the loop
+        # thread's fields: _peer_closed is set before _state leaves CONNECTED and neither
+        # changes afterwards, so two atomic reads in this order suffice.  Any thread.
+        # (To be re-derived from the connection state machine when it lands.)
+        cdef int state = cppnp_atomic_load_int(&self._state)
+        return ((state == CLOSED_WAIT or state == RELEASED)
+                and not cppnp_atomic_load_int(<int*>&self._peer_closed))
 
     # -- loop-side machinery ------------------------------------------------------------
 

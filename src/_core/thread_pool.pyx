@@ -3,7 +3,8 @@
 
 cimport cython
 from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree
-from cpython.ref cimport Py_DECREF, PyObject
+from cpython.object cimport Py_EQ, PyObject_RichCompareBool
+from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from libc.stdint cimport int64_t
 
 from _core.blocking_queue cimport BlockingQueue
@@ -16,35 +17,112 @@ from _core.includes.sys cimport (
 from _core.task cimport Task
 from _core.tcp_connection cimport TcpConnection
 
-import collections
 import threading
 
 cdef extern from "<sched.h>" nogil:
     int sched_yield()
 
 
-# Tasks a worker takes per wakeup (one GIL acquisition runs them all).
+# Tasks a worker runs per GIL acquisition.  It takes them from the shared queue one at a
+# time (so an idle worker can take the next one: no task waits behind a slow one while a
+# worker is idle), and after this many goes round through the blocking take() once.
 DEF MAX_BATCH = 16
 # A worker that holds the GIL steps aside for a waiting loop thread only after this many
 # seconds: the loop waits at most about this long instead of a whole switch interval
 # (5 ms); together with the loop's shorter slice (event_loop.pyx) the workers, which consume
 # what the loop produces, get the larger share of a contended GIL.
 DEF WORKER_SLICE = 0.001
+# Strand table size to start with (a power of two; it doubles when full).
+DEF INITIAL_BUCKETS = 64
+
+# ThreadPool._flags bits.
+cdef enum:
+    F_INIT_BUSY = 1     # __init__ is running
+    F_INIT_DONE = 2
+    F_USED = 4          # started, or a task was added: __init__ refuses from then on
+    F_STARTED = 8
+    F_STOPPING = 16     # set under _mutex: no task is accepted any more
+    F_DISCARDING = 32   # stop(drain=False): queued tasks are discarded
+
+# How a job ended (_finish_job).
+cdef enum:
+    J_DONE = 0          # ran (or raised)
+    J_DISCARDED = 1     # stop(drain=False)
+    J_CANCELLED = 2     # its connection was reset / force-closed before it ran
+
+# What add_task does after handing a job over.
+cdef enum:
+    H_BACKLOG = 0       # waits behind its strand's running job: nothing to do
+    H_QUEUED = 1        # in the queue: wake a worker
+    H_RUN_HERE = 2      # single-thread mode: run it (the head of a new strand) now
+    H_RUN_BACKLOG = 3   # single-thread mode: run the strand's waiting jobs (it is among them)
+    # internal states of _hand_over_keyed
+    H_STOPPING = 10
+    H_NO_MEMORY = 11
+    H_COMPARE = 12
+    H_ALLOCATE = 13
 
 
 class QueueFull(RuntimeError):
     """Raised by ThreadPool.add_task when a bounded queue (max_queue) is full."""
 
 
+cdef inline int64_t _set_bits(int64_t* p, int64_t bits) noexcept nogil:
+    """Atomically OR *bits* into *p*; returns the old value."""
+    cdef int64_t old = cppnp_atomic_load(p)
+    while not cppnp_atomic_cas(p, old, old | bits):
+        old = cppnp_atomic_load(p)
+    return old
+
+
+cdef inline void _clear_bits(int64_t* p, int64_t bits) noexcept nogil:
+    cdef int64_t old = cppnp_atomic_load(p)
+    while not cppnp_atomic_cas(p, old, old & ~bits):
+        old = cppnp_atomic_load(p)
+
+
+cdef inline size_t _slot(Py_hash_t h, Py_ssize_t nbuckets) noexcept nogil:
+    cdef size_t u = <size_t>h
+    return (u ^ (u >> 17)) & <size_t>(nbuckets - 1)
+
+
+cdef bint _holds(list items, PyObject* p) noexcept:
+    """Is *p* (by identity) in *items*?  No allocation, no user code."""
+    cdef Py_ssize_t i
+    for i in range(len(items)):
+        if <PyObject*>items[i] == p:
+            return True
+    return False
+
+
+@cython.freelist(64)
+@cython.auto_pickle(False)
+@cython.final
+cdef class _Strand:
+    pass
+
+
 @cython.freelist(256)
 @cython.auto_pickle(False)
 @cython.final
+@cython.trashcan(True)      # a long backlog freed at once must not recurse through .next
 cdef class _Job:
     pass
 
 
-cdef _Job _make_job(object task, tuple args, object key):
+cdef TcpConnection _first_connection(tuple args):
+    cdef object a
+    if args is None:
+        return None
+    for a in args:
+        if type(a) is TcpConnection:        # TcpConnection is final
+            return <TcpConnection>a
+    return None
+
+
+cdef _Job _make_job(object task, tuple args, object key, bint run_if_closed):
     cdef _Job job = _Job.__new__(_Job)
+    cdef TcpConnection conn = None
     cdef object param
     if isinstance(task, Task):
         if args:
@@ -52,22 +130,26 @@ cdef _Job _make_job(object task, tuple args, object key):
         job.task = <Task>task
         # The seed's EchoServer passes the connection as run2's param.
         param = (<Task>task).param
+        if type(param) is TcpConnection:
+            conn = <TcpConnection>param
+        else:
+            conn = _first_connection((<Task>task)._args)
     elif callable(task) or hasattr(task, "run0"):
         if not callable(task):
             task = task.run0
         job.fn = task
         job.args = args
-        param = None
+        conn = _first_connection(args)
     else:
         raise TypeError("add_task() needs a Task, an IRun0 or a callable, got %r"
                         % (type(task).__name__,))
-    if key is None and isinstance(param, TcpConnection):
-        key = param
+    if key is None:
+        key = conn          # work on a connection is ordered by it unless told otherwise
+    elif key is False:
+        key = None          # opted out of ordering
     job.key = key
-    if isinstance(key, TcpConnection):
-        job.conn = <TcpConnection>key
-    elif isinstance(param, TcpConnection):
-        job.conn = <TcpConnection>param
+    job.conn = <TcpConnection>key if type(key) is TcpConnection else conn
+    job.run_if_closed = run_if_closed
     return job
 
 
@@ -80,51 +162,92 @@ cdef class ThreadPool:
     the task at once in the calling thread.
 
     Ordering: tasks added with the same *key* run one at a time in the order they were
-    added (a strand); tasks with different keys, or no key, run in parallel.  A task whose
-    IRun2 *param* is a TcpConnection gets that connection as its key unless one is given.
+    added (a strand); tasks with different keys, or no key, run in parallel.  A task that
+    refers to a TcpConnection -- the param of ``Task(IRun2, msg, conn)``, else the first
+    TcpConnection among its arguments -- gets that connection as its key unless one is
+    given, so the replies to one connection go out in order; ``key=False`` opts out.
 
-    Connection lifetime: a task keyed by (or whose param is) a TcpConnection is counted
-    on that connection from add_task until it finishes (ran, raised, or was discarded);
-    the connection is not released while the count is above zero.
+    Connection lifetime: a task keyed by, or referring to, a TcpConnection is counted on
+    that connection from add_task until it finishes (ran, raised, or was discarded); the
+    connection is not released while the count is above zero.  Such a task is discarded
+    instead of run (counted in ``discarded`` and ``cancelled``) when its connection was
+    reset by the peer, failed, or was force-closed before the task's turn came, unless it
+    was added with ``run_if_closed=True``; a peer that only half-closed still gets every
+    reply.
+
+    ``__init__`` runs once: calling it again raises RuntimeError.
     """
 
     def __cinit__(self):
         # Usable state even if __init__ never runs (a ThreadPool.__new__ object behaves as
         # ThreadPool(0)).
         self._threads = []
-        self._strands = {}
         self._start_lock = threading.Lock()
         self._queue = BlockingQueue()
-        self.name = "cppnp-worker"
+        self._name = "cppnp-worker"
         self._per_worker = <int64_t*>PyMem_RawCalloc(1, sizeof(int64_t))
-        if self._per_worker == NULL:
+        self._nslots = 1
+        self._buckets = <PyObject**>PyMem_RawCalloc(INITIAL_BUCKETS, sizeof(PyObject*))
+        self._nbuckets = INITIAL_BUCKETS
+        if self._per_worker == NULL or self._buckets == NULL:
             raise MemoryError()
 
     def __init__(self, int num_threads=0, *, str name="cppnp-worker", Py_ssize_t max_queue=0):
         """Create a pool of *num_threads* workers (0: run tasks in the caller).
 
         *max_queue* > 0 bounds the queued tasks: add_task then raises QueueFull instead of
-        blocking (the loop thread must never block on its own workers).
+        blocking (the loop thread must never block on its own workers).  Raises
+        RuntimeError if the pool was already initialised, started or used.
         """
+        cdef int64_t* per_worker
+        cdef int64_t old
         if num_threads < 0:
             raise ValueError("num_threads must be >= 0, got %d" % num_threads)
         if max_queue < 0:
             raise ValueError("max_queue must be >= 0, got %d" % max_queue)
-        self.num_threads = num_threads
-        self.name = name
-        self._max_queue = max_queue
-        per_worker = <int64_t*>PyMem_RawCalloc(num_threads + 1, sizeof(int64_t))
-        if per_worker == NULL:
-            raise MemoryError()
-        PyMem_RawFree(self._per_worker)
-        self._per_worker = per_worker
+        old = cppnp_atomic_load(&self._flags)
+        while True:
+            if old & (F_INIT_BUSY | F_INIT_DONE | F_USED):
+                raise RuntimeError("ThreadPool.__init__ may run only once, before the pool "
+                                   "is started or used")
+            if cppnp_atomic_cas(&self._flags, old, old | F_INIT_BUSY):
+                break
+            old = cppnp_atomic_load(&self._flags)
+        try:
+            per_worker = <int64_t*>PyMem_RawCalloc(num_threads + 1, sizeof(int64_t))
+            if per_worker == NULL:
+                raise MemoryError()
+            # No worker or caller can be using the old block: add_task and start refuse
+            # while F_INIT_BUSY is set, and we refused above if the pool was ever used.
+            PyMem_RawFree(self._per_worker)
+            self._per_worker = per_worker
+            self._nslots = num_threads + 1
+            self._nthreads = num_threads
+            self._name = name
+            self._max_queue = max_queue
+            _set_bits(&self._flags, F_INIT_DONE)
+        finally:
+            _clear_bits(&self._flags, F_INIT_BUSY)
 
     def __dealloc__(self):
+        cdef Py_ssize_t i
+        cdef PyObject* p
+        cdef PyObject* nxt
+        if self._buckets != NULL:
+            for i in range(self._nbuckets):
+                p = self._buckets[i]
+                self._buckets[i] = NULL
+                while p != NULL:
+                    nxt = (<_Strand>p).next
+                    (<_Strand>p).next = NULL
+                    Py_DECREF(<object>p)        # the table's reference
+                    p = nxt
+            PyMem_RawFree(self._buckets)
         PyMem_RawFree(self._per_worker)
 
     def __repr__(self):
         return "<ThreadPool %s threads=%d queued=%d running=%d>" % (
-            self.name, self.num_threads, self.queued, self.running)
+            self._name, self._nthreads, self.queued, self.running)
 
     def __enter__(self):
         self.start()
@@ -136,133 +259,354 @@ cdef class ThreadPool:
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self):
-        """Start the worker threads (the seed's ``Start``).  Idempotent.  Thread-safe."""
+        """Start the worker threads (the seed's ``Start``).  Idempotent; a stopped pool
+        cannot be restarted (RuntimeError).
+
+        Thread-safe.
+        """
+        cdef int64_t old
         with self._start_lock:
-            if self._stopping:
-                raise RuntimeError("a stopped ThreadPool cannot be restarted")
-            if self._started:
+            old = cppnp_atomic_load(&self._flags)
+            while True:
+                if old & F_STOPPING:
+                    raise RuntimeError("a stopped ThreadPool cannot be restarted")
+                if old & F_INIT_BUSY:
+                    raise RuntimeError("ThreadPool.__init__ is still running")
+                if cppnp_atomic_cas(&self._flags, old, old | F_USED | F_STARTED):
+                    break
+                old = cppnp_atomic_load(&self._flags)
+            if old & F_STARTED:
                 return
-            self._started = True
-            for i in range(self.num_threads):
+            # Started under the lock: a concurrent stop() joins only started threads.
+            for i in range(self._nthreads):
                 t = threading.Thread(target=_worker_main, args=(self, i),
-                                     name="%s-%d" % (self.name, i), daemon=True)
+                                     name="%s-%d" % (self._name, i), daemon=True)
                 self._threads.append(t)
-        for t in self._threads:
-            t.start()
+                t.start()
 
     def stop(self, bint drain=True, timeout=None):
-        """Stop the pool and join its workers; add_task raises afterwards.
+        """Stop the pool and join its workers; add_task raises RuntimeError afterwards.
 
-        ``drain=True`` runs every queued task first.  ``drain=False`` discards queued tasks
+        ``drain=True`` runs every task accepted before stop() (a pool that was never
+        started runs them here, in the caller).  ``drain=False`` discards the queued tasks
         (counted in ``discarded``; their connections' counts drop) and lets running tasks
-        finish.  Returns True if every worker exited within *timeout*.  Thread-safe; do not
-        call it from a worker.
+        finish.  Every task add_task accepted is run or discarded: none is lost.  Returns
+        True if every worker exited within *timeout*.  Do not call it from a worker
+        (RuntimeError).
+
+        Thread-safe.
         """
-        cdef list jobs
+        cdef _Job chain = None
+        cdef _Job tail = None
         cdef _Job job
+        cdef _Strand s
+        cdef PyObject* p
+        cdef PyObject* retired = NULL
+        cdef Py_ssize_t i
+        cdef bint started = False
         with self._start_lock:
             if threading.current_thread() in self._threads:
                 raise RuntimeError("ThreadPool.stop() called from one of its own workers")
-            self._stopping = True
-            if not drain:
-                self._discarding = True
-        if not drain:
-            jobs = self._queue.drain()
             with self._mutex:
-                for backlog in self._strands.values():
-                    jobs.extend(backlog)
-                self._strands.clear()
-            for job in jobs:
-                cppnp_atomic_add(&self._queued, -1)
-                self._finish_job(job, True)
-        elif not self._started:
-            # Never started: run what was queued right here (strand successors are queued
-            # as their predecessors finish, so drain until nothing is left).
+                # From here on a keyed add_task sees F_STOPPING (it checks under _mutex) ...
+                started = _set_bits(&self._flags, F_USED | F_STOPPING
+                                    | (0 if drain else F_DISCARDING)) & F_STARTED
+                if not drain:
+                    # Detach every backlog into one chain, and unlink the strands nobody
+                    # runs (single-thread mode, after an interrupted task).  Only pointers
+                    # and references that stay above zero are touched here.
+                    for i in range(self._nbuckets):
+                        p = self._buckets[i]
+                        while p != NULL:
+                            s = <_Strand>p
+                            p = s.next
+                            if s.head is not None:
+                                if tail is None:
+                                    chain = s.head
+                                else:
+                                    tail.next = s.head
+                                tail = s.tail
+                                s.head = None
+                                s.tail = None
+                            if not s.running:
+                                self._unlink_locked(s)
+                                s.next = retired    # keeps the table's reference
+                                retired = <PyObject*>s
+                    s = None
+            # ... and an unkeyed one is refused by the closed queue.
+            self._queue.close()
+        tail = None
+        while chain is not None:            # iteratively: a backlog can be long
+            job = chain
+            chain = job.next
+            job.next = None
+            cppnp_atomic_add(&self._queued, -1)
+            self._finish_job(job, J_DISCARDED)
+        job = None
+        while retired != NULL:
+            s = <_Strand>retired
+            retired = s.next
+            s.next = NULL
+            Py_DECREF(s)                    # the table's reference
+        s = None
+        if not drain or not started:
+            # Whatever is queued and no worker will take: discard it, or run it here.
             while True:
-                jobs = self._queue.drain()
-                if not jobs:
+                p = self._queue.try_take()
+                if p == NULL:
                     break
-                for job in jobs:
-                    self._run_job(job, self.num_threads)
-        self._queue.close()
+                job = <_Job>p
+                Py_DECREF(job)              # try_take() handed over the queue's reference
+                if drain:
+                    self._run_job(job, self._nthreads)
+                else:
+                    cppnp_atomic_add(&self._queued, -1)
+                    self._finish_job(job, J_DISCARDED)
+                self._advance(job, self._nthreads, not drain)
+            job = None
+            if drain and self._nthreads == 0:
+                while True:                 # strands left without a runner: run them here
+                    s = self._adopt_orphan()
+                    if s is None:
+                        break
+                    self._run_strand_inline(s, None)
         ok = True
         for t in self._threads:
             t.join(timeout)
             ok = ok and not t.is_alive()
         return ok
 
+    cdef _Strand _adopt_orphan(self):
+        cdef _Strand s = None
+        cdef PyObject* p
+        cdef Py_ssize_t i
+        with self._mutex:
+            for i in range(self._nbuckets):
+                p = self._buckets[i]
+                while p != NULL and (<_Strand>p).running:
+                    p = (<_Strand>p).next
+                if p != NULL:
+                    s = <_Strand>p
+                    s.running = True
+                    break
+        return s
+
     # -- adding work --------------------------------------------------------------------
 
-    def add_task(self, task, *args, key=None):
+    def add_task(self, task, *args, key=None, bint run_if_closed=False):
         """Queue *task* (a Task, an IRun0, or a callable called with *args*) for a worker
         (the seed's ``AddTask``).  In single-thread mode it runs now, in the caller.
 
-        Tasks sharing *key* run one at a time in order.  Raises QueueFull when a bounded
-        queue is full and RuntimeError after stop().  Thread-safe.
+        Tasks sharing *key* (equal keys, as for a dict) run one at a time in order.
+        Without a key, a task that refers to a TcpConnection (the param of
+        ``Task(IRun2, msg, conn)``, else the first TcpConnection among its arguments) is
+        keyed by it; ``key=False`` opts out of ordering (the task is still counted on the
+        connection).  Such a task is discarded before it runs if its connection was reset
+        or force-closed meanwhile, unless ``run_if_closed=True``.  Raises TypeError for a
+        bad task or an unhashable key, QueueFull when a bounded queue is full and
+        RuntimeError after stop(); then nothing was counted.
+
+        Thread-safe.
         """
-        cdef _Job job = _make_job(task, args, key)
-        if self._stopping:
-            raise RuntimeError("add_task() on a stopped ThreadPool")
-        if self.num_threads == 0:
-            if job.conn is not None:
-                job.conn.task_started()
-            cppnp_atomic_add(&self._queued, 1)
-            self._run_inline(job)
-            return
-        if self._max_queue:
+        cdef _Job job = _make_job(task, args, key, run_if_closed)
+        cdef Py_hash_t h = 0
+        cdef int how
+        cdef EventLoop loop = None
+        if job.key is not None:
+            h = hash(job.key)       # user code, and TypeError: before anything is counted
+        self._check_open()
+        if self._nthreads and self._max_queue:
             if cppnp_atomic_add(&self._queued, 1) > self._max_queue:
                 cppnp_atomic_add(&self._queued, -1)
                 raise QueueFull("ThreadPool %r queue is full (max_queue=%d)"
-                                % (self.name, self._max_queue))
+                                % (self._name, self._max_queue))
         else:
             cppnp_atomic_add(&self._queued, 1)
         if job.conn is not None:
             job.conn.task_started()
-        self._submit(job)
+        # Counted: hand the job over, or roll the counts back if that fails.
+        try:
+            if job.key is not None:
+                how = self._hand_over_keyed(job, h)
+            elif self._nthreads == 0:
+                how = H_RUN_HERE
+            else:
+                loop = running_loop()
+                how = self._queue.push(<PyObject*>job, loop is None, False)
+                if how == 1:
+                    raise RuntimeError("add_task() on a stopped ThreadPool")
+                if how < 0:
+                    raise MemoryError()
+                how = H_QUEUED
+        except BaseException:
+            cppnp_atomic_add(&self._queued, -1)
+            if job.conn is not None:
+                job.conn.task_finished()
+            raise
+        if how == H_QUEUED:
+            if job.key is not None:
+                self._wake_workers()
+            elif loop is not None:
+                # On a loop thread: wake workers once, just before the loop polls, so a
+                # batch of messages costs one wakeup instead of one per task.
+                loop.defer_notify(self._queue)
+        elif how == H_RUN_HERE:
+            if job.strand is None:
+                self._run_job(job, 0)
+            else:
+                self._run_strand_inline(job.strand, job)
+        elif how == H_RUN_BACKLOG:
+            self._run_strand_inline(job.strand, None)
 
-    cdef int _run_inline(self, _Job job) except -1:
-        """Single-thread mode: run now in the caller, keeping the strand rule if another
-        thread is running a task with the same key (then the task joins its backlog and
-        that thread runs it next)."""
-        if job.key is not None:
-            with self._mutex:
-                backlog = self._strands.get(job.key)
-                if backlog is not None:
-                    backlog.append(job)
-                    return 0
-                self._strands[job.key] = collections.deque()
-        while job is not None:
-            self._run_job(job, 0)
-            if job.key is None:
+    cdef int _check_open(self) except -1:
+        """Refuse work once stopping; mark the pool used (__init__ refuses from then on)."""
+        cdef int64_t f = cppnp_atomic_load(&self._flags)
+        while True:
+            if f & F_STOPPING:
+                raise RuntimeError("add_task() on a stopped ThreadPool")
+            if f & F_USED:
                 return 0
+            if f & F_INIT_BUSY:
+                raise RuntimeError("ThreadPool.__init__ is still running")
+            if cppnp_atomic_cas(&self._flags, f, f | F_USED):
+                return 0
+            f = cppnp_atomic_load(&self._flags)
+
+    cdef int _hand_over_keyed(self, _Job job, Py_hash_t h) except -1:
+        """Hand a keyed job to its strand: behind the strand's running job, or as the head
+        of a new strand (queued; in single-thread mode run by the caller).
+
+        The key's __eq__ runs only between two takings of the lock (against one candidate
+        with the same hash), and objects are allocated only outside it."""
+        cdef object key = job.key
+        cdef _Strand s, found, cand
+        cdef _Strand matched = None     # a strand whose key proved equal to ours
+        cdef _Strand fresh = None       # allocated in advance for a new strand
+        cdef list unequal = None        # strands whose keys proved different
+        cdef PyObject* p
+        cdef int state, r
+        cdef bint inline = self._nthreads == 0
+        while True:
+            found = None
+            cand = None
             with self._mutex:
-                backlog = self._strands.get(job.key)
-                if backlog:
-                    job = backlog.popleft()
+                if cppnp_atomic_load(&self._flags) & F_STOPPING:
+                    state = H_STOPPING
                 else:
-                    self._strands.pop(job.key, None)
-                    job = None
+                    p = self._buckets[_slot(h, self._nbuckets)]
+                    while p != NULL:
+                        s = <_Strand>p
+                        if s.hash == h:
+                            if s.key is key or s is matched:
+                                found = s
+                                break
+                            if cand is None and (unequal is None or not _holds(unequal, p)):
+                                cand = s
+                        p = s.next
+                    s = None
+                    if found is not None:
+                        if found.tail is None:
+                            found.head = job
+                        else:
+                            found.tail.next = job
+                        found.tail = job
+                        if found.running:
+                            state = H_BACKLOG
+                        else:
+                            # Single-thread mode: nobody runs this strand (a task of it
+                            # was interrupted): the caller runs its backlog, then ours.
+                            found.running = True
+                            job.strand = found
+                            state = H_RUN_BACKLOG
+                    elif cand is not None:
+                        state = H_COMPARE
+                    elif fresh is None:
+                        state = H_ALLOCATE
+                    else:
+                        fresh.key = key
+                        fresh.hash = h
+                        fresh.running = True
+                        self._insert_locked(fresh)
+                        job.strand = fresh
+                        if inline:
+                            state = H_RUN_HERE
+                        else:
+                            r = self._queue.push(<PyObject*>job, False, False)
+                            if r == 0:
+                                state = H_QUEUED
+                            else:       # out of memory (the queue closes after STOPPING)
+                                self._remove_locked(fresh)
+                                job.strand = None
+                                state = H_NO_MEMORY
+            if state == H_COMPARE:
+                if PyObject_RichCompareBool(cand.key, key, Py_EQ):
+                    matched = cand
+                else:
+                    if unequal is None:
+                        unequal = []
+                    unequal.append(cand)
+            elif state == H_ALLOCATE:
+                fresh = _Strand.__new__(_Strand)
+            elif state == H_STOPPING:
+                raise RuntimeError("add_task() on a stopped ThreadPool")
+            elif state == H_NO_MEMORY:
+                raise MemoryError()
+            else:
+                return state
+
+    cdef int _insert_locked(self, _Strand s) noexcept:
+        """Under _mutex: add *s* to the table (which takes a reference)."""
+        cdef PyObject** grown
+        cdef PyObject* p
+        cdef PyObject* q
+        cdef Py_ssize_t n, j
+        cdef size_t i
+        if cppnp_atomic_load(&self._nstrands) >= self._nbuckets:
+            n = self._nbuckets * 2
+            grown = <PyObject**>PyMem_RawCalloc(n, sizeof(PyObject*))
+            if grown != NULL:           # (if not, chains just get longer)
+                for j in range(self._nbuckets):
+                    p = self._buckets[j]
+                    while p != NULL:
+                        q = (<_Strand>p).next
+                        i = _slot((<_Strand>p).hash, n)
+                        (<_Strand>p).next = grown[i]
+                        grown[i] = p
+                        p = q
+                PyMem_RawFree(self._buckets)
+                self._buckets = grown
+                self._nbuckets = n
+        i = _slot(s.hash, self._nbuckets)
+        Py_INCREF(s)
+        s.next = self._buckets[i]
+        self._buckets[i] = <PyObject*>s
+        cppnp_atomic_add(&self._nstrands, 1)
         return 0
 
-    cdef int _submit(self, _Job job) except -1:
-        if job.key is None:
-            return self._put(job)
-        with self._mutex:
-            backlog = self._strands.get(job.key)
-            if backlog is not None:
-                backlog.append(job)     # runs when the strand's current task finishes
-                return 0
-            self._strands[job.key] = collections.deque()
-        return self._put(job)
+    cdef int _unlink_locked(self, _Strand s) noexcept:
+        """Under _mutex: take *s* out of the table; its reference passes to the caller."""
+        cdef PyObject** link = &self._buckets[_slot(s.hash, self._nbuckets)]
+        while link[0] != NULL:
+            if link[0] == <PyObject*>s:
+                link[0] = s.next
+                s.next = NULL
+                cppnp_atomic_add(&self._nstrands, -1)
+                return 1
+            link = &(<_Strand>link[0]).next
+        return 0
 
-    cdef int _put(self, _Job job) except -1:
+    cdef int _remove_locked(self, _Strand s) noexcept:
+        """Under _mutex: take *s* out of the table and drop the table's reference (the
+        caller holds another one, so nothing is freed under the lock)."""
+        if self._unlink_locked(s):
+            Py_DECREF(s)
+        return 0
+
+    cdef int _wake_workers(self) except -1:
         cdef EventLoop loop = running_loop()
         if loop is None:
-            self._queue.put(job, True)
+            self._queue.notify()
         else:
-            # On a loop thread: wake workers once, just before the loop polls, so a
-            # batch of messages costs one wakeup instead of one per task.
-            self._queue.put(job, False)
             loop.defer_notify(self._queue)
         return 0
 
@@ -271,8 +615,11 @@ cdef class ThreadPool:
     cdef int _run_job(self, _Job job, int index) except -1:
         cdef int64_t now_running, peak
         cppnp_atomic_add(&self._queued, -1)
-        if self._discarding:
-            self._finish_job(job, True)
+        if cppnp_atomic_load(&self._flags) & F_DISCARDING:
+            self._finish_job(job, J_DISCARDED)
+            return 0
+        if job.conn is not None and not job.run_if_closed and job.conn.work_cancelled():
+            self._finish_job(job, J_CANCELLED)
             return 0
         now_running = cppnp_atomic_add(&self._running, 1)
         peak = cppnp_atomic_load(&self._peak_running)
@@ -286,95 +633,217 @@ cdef class ThreadPool:
                 job.fn(*job.args)
         except BaseException as exc:
             cppnp_atomic_add(&self._failed, 1)
-            if self.num_threads == 0 and not isinstance(exc, Exception):
+            if self._nthreads == 0 and not isinstance(exc, Exception):
                 raise       # Ctrl-C in an inline task stops the caller (the loop), as it should
             # A worker lives on: log it (never raising) and count it.
             log_exception("Exception in task %r",
                           job.task if job.task is not None else job.fn)
         finally:
             cppnp_atomic_add(&self._running, -1)
-            self._per_worker[index] += 1
-            self._finish_job(job, False)
+            if index < self._nslots:
+                cppnp_atomic_add(&self._per_worker[index], 1)
+            self._finish_job(job, J_DONE)
         return 0
 
-    cdef int _finish_job(self, _Job job, bint discarded) except -1:
-        if discarded:
-            cppnp_atomic_add(&self._discarded, 1)
-        else:
+    cdef int _finish_job(self, _Job job, int how) except -1:
+        if how == J_DONE:
             cppnp_atomic_add(&self._completed, 1)
+        else:
+            cppnp_atomic_add(&self._discarded, 1)
+            if how == J_CANCELLED:
+                cppnp_atomic_add(&self._cancelled, 1)
         if job.conn is not None:
             job.conn.task_finished()
-        if job.key is not None and not discarded and self.num_threads:
-            self._strand_next(job.key)
         return 0
 
-    cdef int _strand_next(self, object key) except -1:
-        cdef _Job nxt = None
+    cdef int _advance(self, _Job job, int index, bint discard) except -1:
+        """After *job* -- queued as its strand's head -- ran or was discarded, pass the
+        strand on (a job that could not be queued is run, or discarded, right here)."""
+        while job is not None and job.strand is not None:
+            job = self._strand_next(job.strand)
+            if job is not None:
+                if discard:
+                    cppnp_atomic_add(&self._queued, -1)
+                    self._finish_job(job, J_DISCARDED)
+                else:
+                    self._run_job(job, index)
+        return 0
+
+    cdef _Job _strand_next(self, _Strand s):
+        """Pool mode: queue the next job of *s* (its new head), or retire *s* if none waits.
+        Returns that job only if it could not be queued (out of memory)."""
+        cdef _Job nxt
+        cdef int r = 0
         with self._mutex:
-            backlog = self._strands.get(key)
-            if backlog is None:
-                return 0
-            if backlog:
-                nxt = backlog.popleft()
+            nxt = s.head
+            if nxt is None:
+                s.running = False
+                self._remove_locked(s)
             else:
-                del self._strands[key]
-        if nxt is not None:
-            self._put(nxt)
+                s.head = nxt.next
+                if s.head is None:
+                    s.tail = None
+                nxt.next = None
+                nxt.strand = s
+                # Internal: accepted after close() too -- the caller (a worker, or stop())
+                # goes on taking from the queue until it is empty.
+                r = self._queue.push(<PyObject*>nxt, False, True)
+        if nxt is None:
+            return None
+        if r == 0:
+            self._wake_workers()
+            return None
+        return nxt
+
+    cdef _Job _strand_pop(self, _Strand s, bint orphan):
+        """Single-thread mode: the next job of *s* for its runner, or None after retiring
+        *s*.  With *orphan* (the runner leaves on KeyboardInterrupt/SystemExit): retire *s*
+        if nothing waits, else leave its jobs to the next add_task with this key (or to
+        stop()), and return None."""
+        cdef _Job nxt
+        with self._mutex:
+            nxt = s.head
+            if nxt is None:
+                s.running = False
+                self._remove_locked(s)
+            elif orphan:
+                s.running = False
+                nxt = None
+            else:
+                s.head = nxt.next
+                if s.head is None:
+                    s.tail = None
+                nxt.next = None
+                nxt.strand = s
+        return nxt
+
+    cdef int _run_strand_inline(self, _Strand s, _Job first) except -1:
+        """Single-thread mode: run *first* (if given) and then every job that waits in *s*,
+        in the caller; an interrupted task leaves *s* retired or runnable, never wedged."""
+        cdef _Job job = first
+        cdef bint finished = False
+        try:
+            if job is None:
+                job = self._strand_pop(s, False)
+            while job is not None:
+                self._run_job(job, 0)
+                job = self._strand_pop(s, False)
+            finished = True
+        finally:
+            if not finished:
+                self._strand_pop(s, True)
         return 0
 
     # -- introspection ------------------------------------------------------------------
 
     @property
+    def num_threads(self):
+        """The number of worker threads (0: single-thread mode).
+
+        Thread-safe.
+        """
+        return self._nthreads
+
+    @property
+    def name(self):
+        """The pool's name (worker threads are named ``<name>-<i>``).
+
+        Thread-safe.
+        """
+        return self._name
+
+    @property
     def queued(self):
-        """Tasks accepted and not started yet."""
+        """Tasks accepted and not started yet (including those waiting for their key).
+
+        Thread-safe.
+        """
         return cppnp_atomic_load(&self._queued)
 
     @property
     def running(self):
-        """Tasks running right now."""
+        """Tasks running right now.
+
+        Thread-safe.
+        """
         return cppnp_atomic_load(&self._running)
 
     @property
     def completed(self):
-        """Tasks that ran (including those that raised)."""
+        """Tasks that ran (including those that raised).
+
+        Thread-safe.
+        """
         return cppnp_atomic_load(&self._completed)
 
     @property
     def failed(self):
-        """Tasks that raised (logged on the ``cppnp`` logger)."""
+        """Tasks that raised (logged on the ``cppnp`` logger).
+
+        Thread-safe.
+        """
         return cppnp_atomic_load(&self._failed)
 
     @property
     def discarded(self):
-        """Tasks dropped by stop(drain=False)."""
+        """Tasks dropped without running: by stop(drain=False), or because their
+        connection was reset or force-closed first (those are also in ``cancelled``).
+
+        Thread-safe.
+        """
         return cppnp_atomic_load(&self._discarded)
 
     @property
+    def cancelled(self):
+        """Tasks discarded because their connection was reset by the peer, failed or was
+        force-closed before they ran (see add_task's ``run_if_closed``).
+
+        Thread-safe.
+        """
+        return cppnp_atomic_load(&self._cancelled)
+
+    @property
     def peak_running(self):
-        """The most tasks seen running at the same time."""
+        """The most tasks seen running at the same time.
+
+        Thread-safe.
+        """
         return cppnp_atomic_load(&self._peak_running)
 
     @property
     def threads(self):
-        """The worker threads."""
+        """The worker threads.
+
+        Thread-safe.
+        """
         return list(self._threads)
 
     def stats(self):
-        """Return a dict of counters, with ``per_worker``: tasks run by each worker."""
+        """Return a dict of counters (a snapshot), with ``strands`` (keys with tasks queued
+        or running) and ``per_worker``: tasks run by each worker (``caller``: in the
+        caller's thread).
+
+        Thread-safe.
+        """
+        cdef int i
+        per_worker = {}
+        threads = list(self._threads)
+        for i in range(self._nthreads):
+            name = threads[i].name if i < len(threads) else "%s-%d" % (self._name, i)
+            per_worker[name] = cppnp_atomic_load(&self._per_worker[i])
+        if self._nthreads == 0 or cppnp_atomic_load(&self._per_worker[self._nthreads]):
+            per_worker["caller"] = cppnp_atomic_load(&self._per_worker[self._nthreads])
         return {
-            "threads": self.num_threads,
+            "threads": self._nthreads,
             "queued": self.queued,
             "running": self.running,
             "completed": self.completed,
             "failed": self.failed,
             "discarded": self.discarded,
+            "cancelled": self.cancelled,
             "peak_running": self.peak_running,
-            "strands": len(self._strands),
-            "per_worker": {
-                (self._threads[i].name if i < len(self._threads) else "caller"):
-                    self._per_worker[i]
-                for i in range(self.num_threads if self.num_threads else 1)
-            },
+            "strands": cppnp_atomic_load(&self._nstrands),
+            "per_worker": per_worker,
         }
 
     # -- seed-compatible names: same objects as the snake_case methods --
@@ -392,33 +861,40 @@ cdef inline void _yield_to_loop(int64_t* flag) noexcept nogil:
 
 
 def _worker_main(ThreadPool pool, int index):
-    """A worker: wait (GIL released) for a batch of jobs, run them, repeat."""
-    cdef PyObject* items[MAX_BATCH]
-    cdef Py_ssize_t n, i
+    """A worker: wait (GIL released) for a job, then run jobs while the queue has some."""
+    cdef PyObject* p
     cdef BlockingQueue queue = pool._queue
-    cdef Py_ssize_t share = pool.num_threads
     cdef int64_t* flag = loop_gil_flag()
     cdef int64_t* wanting = worker_gil_flag()
     cdef double slice_start
+    cdef int ran
     cdef _Job job
     while True:
         with nogil:
-            n = queue.take(items, MAX_BATCH, share)
+            p = queue.take()
             _yield_to_loop(flag)
             cppnp_atomic_add(wanting, 1)    # the loop hands the GIL over after its slice
         cppnp_atomic_add(wanting, -1)
-        if n == 0:
+        if p == NULL:
             return
         slice_start = cppnp_monotonic()
-        for i in range(n):
-            job = <_Job>items[i]
+        ran = 0
+        while p != NULL:
+            job = <_Job>p
             Py_DECREF(job)          # take() handed over the queue's reference
-            items[i] = NULL
+            p = NULL
             pool._run_job(job, index)
+            pool._advance(job, index, False)
+            job = None      # an idle worker must not keep its last connection alive
+            ran += 1
+            if ran == MAX_BATCH:
+                break       # round through take(), which releases the GIL
             if cppnp_atomic_load(flag) > 0 and cppnp_monotonic() - slice_start >= WORKER_SLICE:
                 with nogil:         # hand the GIL to the waiting loop thread
                     _yield_to_loop(flag)
                     cppnp_atomic_add(wanting, 1)
                 cppnp_atomic_add(wanting, -1)
                 slice_start = cppnp_monotonic()
-        job = None      # an idle worker must not keep its last connection alive
+            # One at a time from the shared queue: what we do not take yet, an idle worker
+            # can (the queue wakes one when an item is left behind).
+            p = queue.try_take()

@@ -16,6 +16,10 @@ static inline void cppnp_atomic_store(int64_t *p, int64_t v) {
 static inline int64_t cppnp_atomic_add(int64_t *p, int64_t v) {
     return __atomic_add_fetch(p, v, __ATOMIC_SEQ_CST);
 }
+/* For int fields that one thread writes and others only read (e.g. a state code). */
+static inline int cppnp_atomic_load_int(int *p) {
+    return __atomic_load_n(p, __ATOMIC_SEQ_CST);
+}
 static inline int cppnp_atomic_cas(int64_t *p, int64_t expected, int64_t desired) {
     return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_SEQ_CST,
                                        __ATOMIC_SEQ_CST);

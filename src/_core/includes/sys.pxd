@@ -6,4 +6,5 @@ cdef extern from "cppnp_sys.h" nogil:
     void cppnp_atomic_store(int64_t* p, int64_t v)
     int64_t cppnp_atomic_add(int64_t* p, int64_t v)
     bint cppnp_atomic_cas(int64_t* p, int64_t expected, int64_t desired)
+    int cppnp_atomic_load_int(int* p)
     double cppnp_monotonic()
