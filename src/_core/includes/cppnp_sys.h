@@ -21,6 +21,19 @@ static inline int cppnp_atomic_cas(int64_t *p, int64_t expected, int64_t desired
                                        __ATOMIC_SEQ_CST);
 }
 
+/* Counters written by one thread (the loop) and read by any: relaxed atomics, so a reader
+ * never sees a torn or stale-forever value and the writer pays no locked instruction. */
+static inline int64_t cppnp_relaxed_load(int64_t *p) {
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+static inline void cppnp_relaxed_store(int64_t *p, int64_t v) {
+    __atomic_store_n(p, v, __ATOMIC_RELAXED);
+}
+/* Single-writer increment (the caller is the only thread that writes *p). */
+static inline void cppnp_counter_add(int64_t *p, int64_t v) {
+    __atomic_store_n(p, __atomic_load_n(p, __ATOMIC_RELAXED) + v, __ATOMIC_RELAXED);
+}
+
 static inline double cppnp_monotonic(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
