@@ -656,12 +656,13 @@ def test_d13_send_after_shutdown_on_the_loop_thread_is_dropped(serve: Serve) -> 
             conn.send(b"before")
             conn.shutdown()
             conn.send(b"x")                 # before: delivered
-            seen["dropped"] = (conn.dropped_sends, conn.dropped_bytes)
             seen["connected"] = conn.connected
+            seen["dropped"] = (conn.dropped_sends, conn.dropped_bytes)
 
     st = serve(ShutThenSend())
     with st.connect() as s:
         assert recv_until_eof(s) == b"before"
+    wait_for(lambda: "dropped" in seen)     # the FIN may come before on_connection returns
     assert seen == {"dropped": (1, 1), "connected": True}
     wait_for(lambda: st.connection_count() == 0)
 
@@ -704,11 +705,11 @@ def test_d13_every_method_in_the_disconnecting_state(serve: Serve) -> None:
 
     class Shut(ICppnpUsr):
         def on_connection(self, conn: TcpConnection) -> None:
-            h["conn"] = conn
             conn.send(big)
             conn.shutdown()                     # output queued: FIN pending (Disconnecting)
             conn.shutdown()                     # no-op
             h["queued"] = conn.output_bytes
+            h["conn"] = conn                    # last: the test thread waits for it
 
         def on_message(self, conn: TcpConnection, buf: Buffer) -> None:
             h.setdefault("received", bytearray()).extend(buf.retrieve_all())
