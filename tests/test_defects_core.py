@@ -1043,6 +1043,25 @@ def test_d20_held_send_with_shutdown_and_with_a_reset(serve: Serve) -> None:
         h.conns.clear()
 
 
+@pytest.mark.parametrize("nthreads", [0, 2], ids=["single", "pool2"])
+def test_d20_held_send_reaches_a_half_closed_peer(serve: Serve, nthreads: int) -> None:
+    pool = ThreadPool(nthreads)
+    pool.start()
+    h = PingGet(pool)
+    try:
+        st = serve(h)
+        with st.connect() as s:
+            s.sendall(b"GET a\nPING\n")
+            s.shutdown(socket.SHUT_WR)          # the peer is done sending; replies go on
+            assert recv_until_eof(s) == b"VALUE a\nPONG\n"
+        conn = h.conns[0]
+        wait_for(lambda: conn.closed)
+        assert conn.dropped_sends == 0
+    finally:
+        pool.stop()
+        h.conns.clear()
+
+
 def test_d20_after_tasks_from_another_thread(serve: Serve) -> None:
     pool = ThreadPool(2)
     pool.start()

@@ -185,7 +185,9 @@ cdef class TcpConnection(Channel):
     @property
     def connected(self):
         """True while the socket is open: also after the peer half-closed, and after
-        shutdown() (until both sides have closed).  Thread-safe.
+        shutdown() (until both sides have closed).
+
+        Thread-safe.
         """
         return _socket_open(cppnp_atomic_load(&self._state))
 
@@ -302,7 +304,9 @@ cdef class TcpConnection(Channel):
         """Bytes received and left in the input buffer by on_message.
 
         Exact on the loop thread; from other threads, the value after the loop's last
-        read or delivery.  Thread-safe.
+        read or delivery.
+
+        Thread-safe.
         """
         if self._loop is not None and self._loop.in_loop_thread():
             return len(self._input)
@@ -365,9 +369,13 @@ cdef class TcpConnection(Channel):
         counted on this connection (``pending_tasks``) when send() is called, e.g. a
         loop-thread answer that must not overtake replies still being computed.  With
         no task in flight it is sent as usual.  Until it is written, later sends from the
-        loop thread queue behind it.  Exact for the connection's keyed tasks (the default
-        for ``Task(handler, msg, conn)``: they finish in order); for tasks with other keys
-        it waits until as many tasks have finished.  Thread-safe.
+        loop thread queue behind it (sends from other threads do not: they include the
+        replies it waits for).  Exact for the connection's keyed tasks (the default for
+        ``Task(handler, msg, conn)``: they finish in order); for tasks with other keys it
+        waits until as many tasks have finished.  Data held when the connection closes is
+        dropped and counted.
+
+        Thread-safe.
         """
         self._check_created()
         cdef Py_buffer view
@@ -530,7 +538,9 @@ cdef class TcpConnection(Channel):
 
         CONNECTED -> DISCONNECTING at once: sends after this are dropped and counted.  The
         connection is released when the peer closes too.  A no-op once disconnecting or
-        closed.  Thread-safe.
+        closed.
+
+        Thread-safe.
         """
         self._check_created()
         if not cppnp_atomic_cas(&self._state, CONNECTED, DISCONNECTING):
@@ -547,7 +557,9 @@ cdef class TcpConnection(Channel):
         the socket itself is closed by the loop, in a functor (also when called on the
         loop thread: the connection stays usable until the current callback returns).
         on_close runs once no ThreadPool task for this connection is in flight.  A no-op
-        once closed.  Thread-safe.
+        once closed.
+
+        Thread-safe.
         """
         self._check_created()
         cdef int64_t state = cppnp_atomic_load(&self._state)
@@ -571,6 +583,7 @@ cdef class TcpConnection(Channel):
         Input already in the input buffer is delivered again (on_message runs once more,
         from the loop's functor pass: never from inside start_reading()), so requests
         left there while reading was stopped are not stuck until the peer sends more.
+
         Thread-safe.
         """
         self._check_created()
