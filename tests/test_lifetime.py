@@ -157,7 +157,9 @@ class LifetimeHandler(ICppnpUsr, IRun2):
         return int(wait_for(lambda: self.by_port.get(port), TIMEOUT))
 
     def wait_closed(self, cid: int) -> dict[str, Any]:
-        wait_for(lambda: self.closes[cid] >= 1, TIMEOUT)
+        # close_info is written after closes in on_close: waiting on closes and then
+        # reading close_info raced with on_close on a free-threaded build (KeyError).
+        wait_for(lambda: cid in self.close_info, TIMEOUT)
         return self.close_info[cid]
 
 

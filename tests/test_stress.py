@@ -31,6 +31,8 @@ TIMEOUT = 30.0
 CLIENT_THREADS = 20                 # concurrent clients ...
 CONNS_PER_THREAD = 3                # ... each opening this many connections in turn
 CONNS = CLIENT_THREADS * CONNS_PER_THREAD
+# Client threads share one Counter: `counter[k] += 1` is not atomic without the GIL.
+OUTCOME_LOCK = threading.Lock()
 
 
 def make_frame(cid: int, seq: int, size: int) -> bytes:
@@ -214,7 +216,8 @@ class Client:
                                   (i for i, (x, y) in enumerate(zip(got, expected))
                                    if x != y), min(len(got), len(expected)))))
                 else:
-                    self.outcome["verified"] += len(self.frames)
+                    with OUTCOME_LOCK:
+                        self.outcome["verified"] += len(self.frames)
             elif not expected.startswith(bytes(got)):
                 self.fail("a reply that is not ours, or out of order")
         finally:
@@ -222,7 +225,8 @@ class Client:
                 rst_close(s)
             else:
                 s.close()
-        self.outcome[self.fate] += 1
+        with OUTCOME_LOCK:
+            self.outcome[self.fate] += 1
 
 
 def run_clients(address: Any, seed: int, threads: int, per_thread: int,

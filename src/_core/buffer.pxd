@@ -8,6 +8,8 @@
 # Storage is allocated lazily (an idle connection owns no buffer memory).  While a
 # memoryview of the buffer is exported, storage is never freed or moved by a realloc: a
 # grow copies to a new block and parks the old one until the last export is released.
+from libc.stdint cimport uint32_t
+
 
 from libc.stdint cimport uint64_t
 
@@ -35,6 +37,7 @@ cdef class Buffer:
         Py_ssize_t _exports
         void** _orphans           # blocks replaced while exported, freed on last release
         size_t _n_orphans
+        bint _initialized         # __init__ ran: it runs once
 
     cdef inline size_t readable(self) noexcept nogil:
         return self._writer - self._reader
@@ -46,6 +49,7 @@ cdef class Buffer:
     cdef int _park(self, void* block) except -1
     cdef int append_ptr(self, const char* p, size_t n) except -1
     cdef int consume(self, size_t n) except -1
+    cdef uint32_t _int32_at_front(self, str method) except? 0
     cdef int clear(self) except -1
     cdef int release_storage(self) except -1
     # One readv() into the writable region plus a 64 KiB stack spill area, on a

@@ -79,7 +79,13 @@ cdef class Buffer:
         cppnp_atomic_add(&_live_buffers, 1)
 
     def __init__(self, data=None):
-        """Create a buffer, optionally holding a copy of *data* (bytes-like or str)."""
+        """Create a buffer, optionally holding a copy of *data* (bytes-like or str).
+
+        ``__init__`` runs once: calling it again raises RuntimeError.
+        """
+        if self._initialized:
+            raise RuntimeError("Buffer.__init__ called twice (use append() or a new Buffer)")
+        self._initialized = True
         if data is not None:
             self.append(data)
 
@@ -361,19 +367,21 @@ cdef class Buffer:
         finally:
             PyBuffer_Release(&view)
 
+    cdef uint32_t _int32_at_front(self, str method) except? 0:
+        if self._writer - self._reader < 4:
+            raise ValueError("%s() needs 4 readable bytes, have %d"
+                             % (method, self._writer - self._reader))
+        cdef const unsigned char* p = <const unsigned char*>(self._data + self._reader)
+        return ((<uint32_t>p[0]) << 24) | ((<uint32_t>p[1]) << 16) \
+            | ((<uint32_t>p[2]) << 8) | p[3]
+
     def peek_int32(self):
         """Return the first 4 readable bytes as a big-endian signed int (not consumed)."""
-        if self._writer - self._reader < 4:
-            raise ValueError("peek_int32 needs 4 readable bytes, have %d"
-                             % (self._writer - self._reader))
-        cdef const unsigned char* p = <const unsigned char*>(self._data + self._reader)
-        cdef uint32_t v = ((<uint32_t>p[0]) << 24) | ((<uint32_t>p[1]) << 16) \
-            | ((<uint32_t>p[2]) << 8) | p[3]
-        return <int>v
+        return <int>self._int32_at_front("peek_int32")
 
     def read_int32(self):
         """Remove and return the first 4 readable bytes as a big-endian signed int."""
-        v = self.peek_int32()
+        cdef int v = <int>self._int32_at_front("read_int32")
         self.consume(4)
         return v
 

@@ -17,8 +17,9 @@ cdef class EventLoop:
         int _epfd
         unsigned long _thread_id        # PyThread_get_thread_ident() of the owning thread
         int64_t _quit                   # atomic: set by quit() from any thread
-        bint _looping
-        bint _closed
+        int64_t _looping                # atomic: loop() or run_once() is running
+        int64_t _closed                 # atomic: close() ran (or __init__ did not)
+        bint _initialized               # __init__ has run: it runs once per object
         PendingFunctors _pending        # list + pymutex + eventfd
         TimerQueue _timers
         set _channels                   # registered channels (keeps them alive)
@@ -33,11 +34,12 @@ cdef class EventLoop:
         int _pid                        # the process that created the loop (fork check)
         double _slice_start             # when the loop last (re)took the GIL
         list _deferred_notify           # worker queues to wake before the next poll
-        # Counters (written on the loop thread only).
-        readonly unsigned long long callback_errors
-        readonly unsigned long long dropped_sends
-        readonly unsigned long long dropped_bytes
-        readonly unsigned long long iterations
+        int64_t _n_channels             # len(_channels), readable from any thread
+        # Counters: written on the loop thread only, read anywhere (relaxed atomics).
+        int64_t _callback_errors
+        int64_t _dropped_sends
+        int64_t _dropped_bytes
+        int64_t _iterations
         object __weakref__
 
     cdef inline bint in_loop_thread(self) noexcept
@@ -45,7 +47,11 @@ cdef class EventLoop:
     cdef int assert_in_loop_thread(self, str what) except -1
     cdef int update_channel(self, Channel ch, uint32_t interest) except -1
     cdef int remove_channel(self, Channel ch) except -1
+    cdef inline bint is_closed(self) noexcept
+    # Servers are attached while they have a listener or connections: the loop tells them
+    # when it closes.  detach() when neither is left (loop thread).
     cdef int attach(self, Channel ch) except -1
+    cdef int detach(self, Channel ch) except -1
     # Queue fn(arg) (or fn.run_functor(arg) for a Channel) to run on the loop thread.
     # Returns 1, or 0 if the loop is closed (the functor is dropped and counted).
     cdef int queue(self, object fn, object arg) except -1
@@ -59,6 +65,8 @@ cdef class EventLoop:
     cdef int _run_timers(self) except -1
     cdef int _run_pending(self) except -1
     cdef int64_t _add_timer(self, double when, double interval, object cb) except -1
+    cdef int _begin_run(self, str what) except -1
+    cdef int _end_run(self) except -1
 
 
 # > 0 while some loop thread waits to get the GIL back after epoll_wait.

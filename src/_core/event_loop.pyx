@@ -15,7 +15,8 @@ from _core.includes.linux cimport (
     epoll_create1, epoll_ctl, epoll_event, epoll_wait, errno,
 )
 from _core.includes.sys cimport (
-    cppnp_atomic_add, cppnp_atomic_load, cppnp_atomic_store, cppnp_monotonic,
+    cppnp_atomic_add, cppnp_atomic_cas, cppnp_atomic_load, cppnp_atomic_store, cppnp_counter_add,
+    cppnp_monotonic, cppnp_relaxed_load, cppnp_relaxed_store,
 )
 from _core.pending cimport PendingFunctors
 from _core.task cimport as_callback
@@ -56,6 +57,9 @@ cdef int64_t _loops_wanting_gil = 0
 # GIL until CPython forces a switch every 5 ms).
 cdef int64_t _workers_wanting_gil = 0
 DEF LOOP_SLICE = 0.0002
+# The smallest run_every() interval: the monotonic clock's resolution (clock_getres gives
+# 1 ns on Linux).  A shorter one cannot move the deadline forward.
+DEF MIN_INTERVAL = 1e-9
 cdef object _NOARG = object()
 
 # One loop per thread (muduo's t_loopInThisThread): thread ident -> weakref to the loop.
@@ -98,22 +102,24 @@ cdef class EventLoop:
         self._deferred_notify = []
         # Until __init__ succeeds the loop counts as closed, so an object made with
         # EventLoop.__new__ raises RuntimeError instead of touching missing state.
-        self._closed = True
+        self._closed = 1
 
     def __init__(self):
         """Create a loop owned by the calling thread.
 
-        Raises RuntimeError if this thread already has an open EventLoop.
+        Raises RuntimeError if this thread already has an open EventLoop, and if
+        ``__init__`` already ran on this object (a closed loop stays closed).
         """
         cdef epoll_event ev
-        if self._epfd >= 0:
-            raise RuntimeError("EventLoop.__init__ called twice")
+        if self._initialized or self._epfd >= 0:
+            raise RuntimeError("EventLoop.__init__ called twice: a loop is initialised once "
+                               "(make a new EventLoop)")
         self._thread_id = PyThread_get_thread_ident()
         with _registry_lock:
             ref = _registry.get(self._thread_id)
             other = ref() if ref is not None else None
             # A loop inherited through fork() belongs to the parent: it does not count.
-            if other is not None and not (<EventLoop>other)._closed \
+            if other is not None and not (<EventLoop>other).is_closed() \
                     and (<EventLoop>other)._pid == getpid():
                 raise RuntimeError(
                     "another EventLoop exists in this thread (%r); close it first" % other)
@@ -135,7 +141,8 @@ cdef class EventLoop:
                 raise OSError(errno, "epoll_ctl(eventfd) failed: " + os.strerror(errno))
             _registry[self._thread_id] = weakref.ref(self)
             self._pid = getpid()
-            self._closed = False
+            self._initialized = True
+            cppnp_atomic_store(&self._closed, 0)
 
     def __dealloc__(self):
         # No Python calls here: only release what C owns.
@@ -144,9 +151,10 @@ cdef class EventLoop:
         PyMem_RawFree(self._events)
 
     def __repr__(self):
-        state = "closed" if self._closed else ("running" if self._looping else "idle")
+        state = "closed" if self.is_closed() else (
+            "running" if cppnp_atomic_load(&self._looping) else "idle")
         return "<EventLoop %s thread=%d channels=%d timers=%d>" % (
-            state, self._thread_id, len(self._channels), len(self._timers))
+            state, self._thread_id, cppnp_relaxed_load(&self._n_channels), self.timer_count)
 
     def __enter__(self):
         return self
@@ -170,20 +178,23 @@ cdef class EventLoop:
         """Return True if the caller is the loop's thread.  Thread-safe."""
         return PyThread_get_thread_ident() == self._thread_id
 
+    cdef inline bint is_closed(self) noexcept:
+        return cppnp_atomic_load(&self._closed) != 0
+
     @property
     def thread_id(self):
-        """The ident (threading.get_ident()) of the thread that owns the loop."""
+        """The ident (threading.get_ident()) of the thread that owns the loop.  Thread-safe."""
         return self._thread_id
 
     @property
     def closed(self):
-        """True once close() has run."""
-        return self._closed
+        """True once close() has run.  Thread-safe."""
+        return self.is_closed()
 
     @property
     def running(self):
-        """True while loop() runs."""
-        return self._looping
+        """True while loop() or run_once() runs.  Thread-safe."""
+        return cppnp_atomic_load(&self._looping) != 0
 
     # -- running ------------------------------------------------------------------------
 
@@ -193,49 +204,49 @@ cdef class EventLoop:
         If quit() was called before loop(), one iteration runs (queued functors and due
         timers are not lost) and loop() returns.  Loop thread only.
         """
-        global cppnp_tls_running_loop
-        self.assert_in_loop_thread("EventLoop.loop()")
-        if self._closed:
-            raise RuntimeError("loop() on a closed EventLoop")
-        if self._looping:
-            raise RuntimeError("loop() is already running (no nested loops)")
-        self._looping = True
-        cppnp_tls_running_loop = <PyObject*>self
+        self._begin_run("loop()")
         try:
             while True:
                 self._run_once(-1)
                 if cppnp_atomic_load(&self._quit):
                     break
         finally:
-            cppnp_tls_running_loop = NULL
-            self._looping = False
             cppnp_atomic_store(&self._quit, 0)
-            self._flush_notify()
+            self._end_run()
 
     def run_once(self, timeout=None):
         """Run one iteration, waiting at most *timeout* seconds for I/O.  Loop thread only."""
-        global cppnp_tls_running_loop
-        self.assert_in_loop_thread("EventLoop.run_once()")
-        if self._closed:
-            raise RuntimeError("run_once() on a closed EventLoop")
-        if self._looping:
-            raise RuntimeError("run_once() inside loop()")
         cdef double t = -1.0 if timeout is None else timeout
         if isnan(t):
-            raise ValueError("timeout is NaN")
-        self._looping = True
-        cppnp_tls_running_loop = <PyObject*>self
+            raise ValueError("run_once() timeout is NaN")
+        self._begin_run("run_once()")
         try:
             self._run_once(-1 if t < 0 else <int>min(t * 1000.0, 2147483647.0))
         finally:
-            cppnp_tls_running_loop = NULL
-            self._looping = False
-            self._flush_notify()
+            self._end_run()
+
+    cdef int _begin_run(self, str what) except -1:
+        global cppnp_tls_running_loop
+        self.assert_in_loop_thread("EventLoop." + what)
+        if self.is_closed():
+            raise RuntimeError("%s on a closed EventLoop" % what)
+        if cppnp_atomic_load(&self._looping):
+            raise RuntimeError("%s while the loop runs (no nested loops)" % what)
+        cppnp_atomic_store(&self._looping, 1)
+        cppnp_tls_running_loop = <PyObject*>self
+        return 0
+
+    cdef int _end_run(self) except -1:
+        global cppnp_tls_running_loop
+        cppnp_tls_running_loop = NULL
+        cppnp_atomic_store(&self._looping, 0)
+        self._flush_notify()
+        return 0
 
     def quit(self):
         """Make loop() return after the current iteration.  Thread-safe."""
         cppnp_atomic_store(&self._quit, 1)
-        if not self.in_loop_thread() and not self._closed:
+        if not self.in_loop_thread() and not self.is_closed():
             self._pending.wakeup()
 
     cdef int _run_once(self, int max_timeout) except -1:
@@ -261,7 +272,7 @@ cdef class EventLoop:
             # Run Python-level signal handlers now (KeyboardInterrupt is raised here).
             PyErr_CheckSignals()
             n = 0
-        self.iterations += 1
+        cppnp_counter_add(&self._iterations, 1)
         self._dispatch_count = n
         self._dispatching = True
         self._slice_start = cppnp_monotonic()
@@ -334,7 +345,7 @@ cdef class EventLoop:
     cdef int update_channel(self, Channel ch, uint32_t interest) except -1:
         cdef epoll_event ev
         cdef int op
-        if self._closed:
+        if self.is_closed():
             raise RuntimeError("EventLoop is closed")
         ev.events = interest
         ev.data.ptr = <void*>ch
@@ -349,6 +360,7 @@ cdef class EventLoop:
         if ch.token == 0:
             ch.token = 1
             self._channels.add(ch)
+            cppnp_relaxed_store(&self._n_channels, len(self._channels))
         ch.interest = interest
         return 0
 
@@ -369,12 +381,18 @@ cdef class EventLoop:
                 if self._events[i].data.ptr == <void*>ch:
                     self._events[i].data.ptr = NULL
         self._channels.discard(ch)
+        cppnp_relaxed_store(&self._n_channels, len(self._channels))
         return 0
 
     cdef int attach(self, Channel ch) except -1:
-        if self._closed:
+        # Any thread (TcpServer.start()): the set is only added to and removed from.
+        if self.is_closed():
             raise RuntimeError("EventLoop is closed")
         self._attached.add(ch)
+        return 0
+
+    cdef int detach(self, Channel ch) except -1:
+        self._attached.discard(ch)
         return 0
 
     # -- functors -----------------------------------------------------------------------
@@ -389,7 +407,7 @@ cdef class EventLoop:
         and timers of the current iteration (the seed's ``QueueLoop``).  Thread-safe.
         """
         fn = as_callback(cb)
-        if self._closed:
+        if self.is_closed():
             raise RuntimeError("queue_in_loop() on a closed EventLoop")
         self._pending.append(fn, _NOARG, self.in_loop_thread())
 
@@ -402,13 +420,13 @@ cdef class EventLoop:
         if self.in_loop_thread():
             fn()
         else:
-            if self._closed:
+            if self.is_closed():
                 raise RuntimeError("run_in_loop() on a closed EventLoop")
             self._pending.append(fn, _NOARG, False)
 
     @property
     def pending_functors(self):
-        """How many functors are queued and not yet run."""
+        """How many functors are queued and not yet run.  Thread-safe."""
         return len(self._pending) if self._pending is not None else 0
 
     # -- timers -------------------------------------------------------------------------
@@ -420,9 +438,7 @@ cdef class EventLoop:
     cdef int64_t _add_timer(self, double when, double interval, object cb) except -1:
         cdef int64_t seq
         fn = as_callback(cb)
-        if isnan(when):
-            raise ValueError("timer deadline is NaN")
-        if self._closed:
+        if self.is_closed():
             raise RuntimeError("cannot add a timer to a closed EventLoop")
         seq = cppnp_atomic_add(&self._next_timer_id, 1)
         if self.in_loop_thread():
@@ -437,30 +453,37 @@ cdef class EventLoop:
     def run_at(self, double when, cb):
         """Run *cb* once at loop time *when* (see time()); return its timer id.
 
-        A deadline in the past runs in the next iteration; ``inf`` never fires.  Timers
-        with equal deadlines fire in the order they were added.  Thread-safe.
+        A deadline in the past (also ``-inf``) runs in the next iteration; ``inf`` never
+        fires (it can be cancelled); NaN raises ValueError.  Timers with equal deadlines
+        fire in the order they were added.  Thread-safe.
         """
+        if isnan(when):
+            raise ValueError("run_at() deadline is NaN")
         return self._add_timer(when, 0.0, cb)
 
     def run_after(self, double delay, cb):
         """Run *cb* once, *delay* seconds from now; return its timer id.
 
-        A delay <= 0 runs in the next iteration.  Thread-safe.
+        A delay <= 0 (also ``-inf``) runs in the next iteration; ``inf`` never fires (it
+        can be cancelled); NaN raises ValueError.  Thread-safe.
         """
         if isnan(delay):
-            raise ValueError("timer delay is NaN")
+            raise ValueError("run_after() delay is NaN")
         return self._add_timer(cppnp_monotonic() + (delay if delay > 0 else 0.0), 0.0, cb)
 
     def run_every(self, double interval, cb):
         """Run *cb* every *interval* seconds, first after one interval; return its id.
 
-        Deadlines do not drift: each one is the previous deadline plus *interval*.  If the
-        loop stalls past several deadlines the timer fires once and resumes on its grid.
-        Thread-safe.
+        *interval* is a finite number of seconds >= 1e-9 (the monotonic clock's
+        resolution); anything else raises ValueError (a shorter interval could not move
+        the deadline forward).  Deadlines do not drift: each one is the previous deadline
+        plus *interval*.  If the loop stalls past several deadlines the timer fires once
+        and resumes on its grid.  A repeating timer fires at most once per loop iteration
+        (an interval shorter than an iteration means "every iteration").  Thread-safe.
         """
-        if not interval > 0 or isinf(interval):
-            raise ValueError("run_every() interval must be a positive finite number, got %r"
-                             % (interval,))
+        if not interval >= MIN_INTERVAL or isinf(interval):
+            raise ValueError("run_every() interval must be a finite number of seconds >= %r "
+                             "(the clock's resolution), got %r" % (MIN_INTERVAL, interval))
         return self._add_timer(cppnp_monotonic() + interval, interval, cb)
 
     def cancel_timer(self, timer_id):
@@ -468,11 +491,17 @@ cdef class EventLoop:
 
         On the loop thread the cancel takes effect at once, also from inside the timer's
         own callback (that stops a repeating timer).  From another thread it is queued to
-        the loop, so a timer due at that moment may still run once.  Thread-safe.
+        the loop, so a timer due at that moment may still run once.  *timer_id* must be
+        an int (TypeError otherwise: a float or bool is never truncated to an id).
+        Thread-safe.
         """
-        cdef int64_t seq = timer_id
-        if self._closed:
-            return
+        cdef int64_t seq
+        if not isinstance(timer_id, int) or isinstance(timer_id, bool):
+            raise TypeError("cancel_timer() needs an int timer id, got %r"
+                            % (type(timer_id).__name__,))
+        if not 0 < timer_id <= cppnp_atomic_load(&self._next_timer_id) or self.is_closed():
+            return          # no timer ever had this id
+        seq = timer_id
         if self.in_loop_thread():
             self._timers.cancel(seq)
         else:
@@ -483,20 +512,40 @@ cdef class EventLoop:
 
     @property
     def timer_count(self):
-        """How many timers are scheduled (cancelled ones excluded)."""
-        return len(self._timers)
+        """How many timers are scheduled (cancelled ones excluded).  Thread-safe."""
+        return self._timers.live_count()
 
     # -- errors and counters ------------------------------------------------------------
 
     cdef int report_error(self, str where) except -1:
-        self.callback_errors += 1
+        cppnp_counter_add(&self._callback_errors, 1)
         log_exception("Exception in %s", where)
         return 0
 
     cdef int count_drop(self, Py_ssize_t nbytes) noexcept:
-        self.dropped_sends += 1
-        self.dropped_bytes += nbytes
+        cppnp_counter_add(&self._dropped_sends, 1)
+        cppnp_counter_add(&self._dropped_bytes, nbytes)
         return 0
+
+    @property
+    def callback_errors(self):
+        """Exceptions raised by callbacks, timers and functors (logged).  Thread-safe."""
+        return cppnp_relaxed_load(&self._callback_errors)
+
+    @property
+    def dropped_sends(self):
+        """Sends dropped on this loop's connections (closing or closed).  Thread-safe."""
+        return cppnp_relaxed_load(&self._dropped_sends)
+
+    @property
+    def dropped_bytes(self):
+        """Bytes of the dropped sends.  Thread-safe."""
+        return cppnp_relaxed_load(&self._dropped_bytes)
+
+    @property
+    def iterations(self):
+        """Loop iterations run so far.  Thread-safe."""
+        return cppnp_relaxed_load(&self._iterations)
 
     cdef int defer_notify(self, BlockingQueue q) except -1:
         cdef object item
@@ -517,8 +566,8 @@ cdef class EventLoop:
     def stats(self):
         """Return a dict of the loop's counters (a snapshot).  Thread-safe."""
         return {
-            "channels": len(self._channels),
-            "timers": len(self._timers),
+            "channels": cppnp_relaxed_load(&self._n_channels),
+            "timers": self._timers.live_count(),
             "pending_functors": self.pending_functors,
             "callback_errors": self.callback_errors,
             "dropped_sends": self.dropped_sends,
@@ -531,8 +580,11 @@ cdef class EventLoop:
 
     @property
     def dropped_functors(self):
-        """Functors dropped because the loop was closed (queued before or after close)."""
-        return self._pending.dropped if self._pending is not None else 0
+        """Functors dropped because the loop was closed (queued before or after close).
+
+        Thread-safe.
+        """
+        return self._pending.dropped_count() if self._pending is not None else 0
 
     def close(self):
         """Close the loop: servers and connections are closed (without callbacks: a
@@ -544,11 +596,12 @@ cdef class EventLoop:
         once the loop has stopped.
         """
         cdef Channel ch
-        if self._closed:
+        if self.is_closed():
             return
-        if self._looping:
+        if cppnp_atomic_load(&self._looping):
             raise RuntimeError("cannot close a running EventLoop; call quit() first")
-        self._closed = True
+        if not cppnp_atomic_cas(&self._closed, 0, 1):
+            return          # another thread is closing it
         try:
             # Servers first: they release their connections, registered or not (a
             # connection waiting for pool tasks has no channel any more).

@@ -6,6 +6,7 @@
 # written only when a thread other than the loop appends and no wakeup is outstanding
 # since the last swap: many appends between two loop passes cost one write().
 cimport cython
+from libc.stdint cimport int64_t
 
 
 cdef class PendingFunctors:
@@ -15,7 +16,7 @@ cdef class PendingFunctors:
         bint _wake_outstanding
         readonly int wakeup_fd
         bint _closed
-        readonly unsigned long long dropped     # functors refused or discarded by close()
+        int64_t _dropped        # functors refused or discarded by close() (under _lock)
 
     # Returns 1 if queued, 0 if the queue is closed (the functor is dropped and counted).
     cdef int append(self, object fn, object arg, bint from_loop_thread) except -1
@@ -26,3 +27,5 @@ cdef class PendingFunctors:
     cdef void _write_wakeup(self) noexcept
     cdef int drain_wakeup(self) except -1
     cdef int close(self) except -1
+    # Written under the lock, read from any thread.
+    cdef int64_t dropped_count(self) noexcept

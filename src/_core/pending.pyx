@@ -2,7 +2,9 @@
 """PendingFunctors: mutex-guarded functor list + eventfd wakeup (internal)."""
 
 cimport cython
-from libc.stdint cimport uint64_t
+from libc.stdint cimport int64_t, uint64_t
+
+from _core.includes.sys cimport cppnp_relaxed_load, cppnp_relaxed_store
 
 from _core.includes.linux cimport (
     EFD_CLOEXEC, EFD_NONBLOCK, EINTR, errno, eventfd, read, write,
@@ -34,7 +36,8 @@ cdef class PendingFunctors:
     cdef int append(self, object fn, object arg, bint from_loop_thread) except -1:
         with self._lock:
             if self._closed:
-                self.dropped += 1       # the loop is gone: nothing will ever run it
+                # The loop is gone: nothing will ever run it.
+                cppnp_relaxed_store(&self._dropped, self._dropped + 1)
                 return 0
             self._items.append(fn)
             self._items.append(arg)
@@ -90,8 +93,11 @@ cdef class PendingFunctors:
             self._closed = True
             items = self._items
             self._items = []
-            self.dropped += len(items) // 2
+            cppnp_relaxed_store(&self._dropped, self._dropped + len(items) // 2)
             if self.wakeup_fd >= 0:
                 close_fd(self.wakeup_fd)
                 self.wakeup_fd = -1
         return 0
+
+    cdef int64_t dropped_count(self) noexcept:
+        return cppnp_relaxed_load(&self._dropped)

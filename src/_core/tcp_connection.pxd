@@ -1,14 +1,60 @@
 # TcpConnection: one accepted TCP connection (muduo's TcpConnection).
 #
+# The state machine (_state, an atomic ConnState).  Each transition is made in one place,
+# named on the arrow; only shutdown() and force_close() move the state from another
+# thread (a CAS out of CONNECTED), every other transition is the loop thread's.
+#
+#                start()
+#   CONNECTING ----------> CONNECTED --- shutdown() / force_close() ---> DISCONNECTING
+#                              |                                              |
+#                              |                      accepted output written | _send_fin()
+#                              |                      (not after force_close) v
+#                              |                                           FIN_SENT
+#                              |                                              |
+#                              +--- _close_socket(reason) <-------------------+
+#                              |    (peer reset or socket error, force_close(),
+#                              |     or the peer closed and everything is done)
+#                              v
+#                         DISCONNECTED --- no task in flight, no reply queued ---> RELEASED
+#                                          _release(): on_close, forgotten by the server
+#
+#   CONNECTING     accepted; not yet shown to the user (on_connection not called).
+#   CONNECTED      socket open: send() is accepted, input is delivered.
+#   DISCONNECTING  shutdown() or force_close() was called: send() is dropped and counted.
+#                  Output accepted before is still written; then our FIN (shutdown) or
+#                  the close (force_close, queued to the loop).  Input is still delivered.
+#   FIN_SENT       our side is shut (SHUT_WR); input is delivered until the peer closes.
+#   DISCONNECTED   the socket is closed (_close_reason says why); the connection waits here
+#                  until no ThreadPool task that refers to it is in flight (the release
+#                  wait: not TCP's CLOSE_WAIT).  send() is dropped and counted.
+#   RELEASED       on_close ran; the server forgot the connection.  Everything is a no-op.
+#
+# The peer's FIN is not a state of ours: _peer_closed (atomic) records it in any open
+# state.  Replies are still written after it; once no task is in flight, no reply is
+# queued and the output is written, _finish() closes the socket (reason CLOSE_PEER) and
+# releases at once.  _reading (atomic) is the user's flow-control switch, orthogonal too.
+#
 # Lifetime (the seed's _theothersideisclosed + _pacCount).  A connection counts the tasks
 # handed to a ThreadPool that refer to it and have not finished (_pending_tasks, atomic).
-# It is released -- fd closed, on_close called once, forgotten by its server -- only when
-#   (the peer closed, or a fault or force_close() closed the socket) AND _pending_tasks == 0
-#   AND (for a peer that only half-closed) every queued reply has been written.
-# A worker's reply is counted in _queued_sends before its task is counted finished, so when
-# the loop sees _pending_tasks == 0 every reply of a finished task is already counted: the
-# release also waits for _queued_sends == 0.  The decision is taken by a functor
-# (OP_FINISH), so user callbacks never run from inside send().
+# It is released only when (the peer closed, or the socket is closed) AND _pending_tasks
+# == 0 AND no accepted send is still queued (_queued_sends == 0).  A worker's reply is
+# counted in _queued_sends before its task is counted finished, so when the loop sees
+# _pending_tasks == 0 every reply of a finished task is already counted.  The loop stores
+# "release wanted" (_peer_closed, or the state DISCONNECTED) and then reads the count; a
+# worker decrements and then reads them: with sequentially consistent atomics one of the
+# two sees the other.  The decision is taken by a functor (OP_FINISH), so user callbacks
+# never run from inside send().
+#
+# Sends are accepted or refused when send() is called: a thread other than the loop counts
+# the send in _queued_sends *before* it reads the state, so the loop never sends the FIN
+# (or releases) while an accepted send is on its way, and a send that sees DISCONNECTING
+# is refused (the loop counts the drop and uncounts it: OP_DROPPED).
+#
+# send(data, after_tasks=True) holds the data in _held until the tasks counted on the
+# connection when it was called have finished (_tasks_started at the call, compared with
+# _tasks_finished).  A task that finishes queues OP_FLUSH_HELD after its replies (they are
+# queued before its task_finished), so held data goes out after them.  Held data counts as
+# queued sends; while some is held, later loop-thread sends queue behind it.
 from libc.stdint cimport int64_t, uint32_t
 
 from _core.buffer cimport Buffer
@@ -18,9 +64,21 @@ from _core.includes.linux cimport sockaddr_storage
 
 
 cdef enum ConnState:
-    CONNECTED = 1       # socket open
-    CLOSED_WAIT = 2     # socket closed; waiting for tasks in flight before release
-    RELEASED = 3        # on_close ran; gone from the server
+    CONNECTING = 0
+    CONNECTED = 1
+    DISCONNECTING = 2
+    FIN_SENT = 3
+    DISCONNECTED = 4
+    RELEASED = 5
+
+
+# Why the socket was closed (the first reason recorded wins).
+cdef enum CloseReason:
+    CLOSE_NONE = 0
+    CLOSE_PEER = 1          # orderly: the peer closed and every reply was written
+    CLOSE_RESET = 2         # peer reset, hang-up or another socket error
+    CLOSE_FORCED = 3        # force_close() (also TcpServer.stop()); set at the call
+    CLOSE_LOOP = 4          # the EventLoop was closed under the connection
 
 
 cdef class Handlers:
@@ -44,43 +102,65 @@ cdef class TcpConnection(Channel):
         EventLoop _loop
         ConnectionOwner _owner
         Handlers _handlers
-        int _state
-        bint _peer_closed           # read returned 0 (FIN)
-        bint _reading               # the user wants input (stop_reading/start_reading)
-        bint _shutdown_requested    # shutdown(): SHUT_WR once the output buffer drains
-        bint _shut_wr_done
-        bint _finish_queued
+        int64_t _state              # atomic ConnState (see the diagram above)
+        int64_t _close_reason       # atomic CloseReason
+        int64_t _peer_closed        # atomic: read returned 0 (the peer's FIN)
+        int64_t _reading            # atomic: the user wants input (stop/start_reading)
+        bint _finish_queued         # loop thread: an OP_FINISH is queued
+        bint _delivery_queued       # loop thread: an OP_DELIVER is queued
         Buffer _input
         Buffer _output
+        list _held                  # loop thread: [target, bytes, ...] or None
+        int64_t _held_target        # atomic: target of the first held send, 0 if none
         int64_t _pending_tasks      # atomic: pool tasks referring to this connection
-        int64_t _queued_sends       # atomic: sends queued by other threads, not yet written
-        int64_t _release_wanted     # atomic: the loop waits for both counts to reach 0
-        Py_ssize_t _high_water_mark
+        int64_t _tasks_started      # atomic: total task_started() calls
+        int64_t _tasks_finished     # atomic: total task_finished() calls
+        int64_t _queued_sends       # atomic: accepted sends not yet written (queued, held)
+        int64_t _high_water_mark    # atomic
+        int64_t _output_len         # relaxed mirror of len(_output), for other threads
+        int64_t _input_len          # relaxed mirror of len(_input) after each delivery
+        int64_t _bytes_received     # counters: written by the loop, read anywhere
+        int64_t _bytes_sent
+        int64_t _dropped_sends
+        int64_t _dropped_bytes
         sockaddr_storage _peer
+        # Computed on first use inside a critical section on the connection (other
+        # threads may ask at the same time; the loop closes the fd inside one too).
         object _peer_address
         object _local_address
         object _name
+        object _context             # the user's; read and replaced in a critical section
         object _prefix
         readonly int64_t id
-        readonly unsigned long long bytes_received
-        readonly unsigned long long bytes_sent
-        readonly unsigned long long dropped_sends
-        readonly unsigned long long dropped_bytes
-        public object context
         object __weakref__
 
     cdef int start(self) except -1
     cdef int _check_created(self) except -1
+    cdef object _peer_tuple(self)
+    # Pool accounting (any thread): a task referring to this connection was added/finished.
     cdef int task_started(self) noexcept
     cdef int task_finished(self) except -1
+    # True once the socket was closed by a peer reset or socket error, or force_close() was
+    # called (also when the loop closed under it): queued work for it can be discarded.
+    # Not after an orderly close: a half-closed peer gets all its replies.  Any thread.
     cdef bint work_cancelled(self) noexcept
-    cdef int _send_in_loop(self, const char* p, Py_ssize_t n) except -1
+    cdef bint _release_wanted(self) noexcept
+    cdef int _write(self, const char* p, Py_ssize_t n) except -1
+    cdef int _write_bytes(self, object data) except -1
+    cdef int _hold(self, object data, int64_t target) except -1
+    cdef int _arm_held(self) except -1
+    cdef int _flush_held(self, int64_t finished) except -1
+    cdef int _send_done(self) except -1
     cdef int _drop(self, Py_ssize_t nbytes) noexcept
     cdef int _update_interest(self) except -1
+    cdef int _set_reading(self, bint on) except -1
     cdef int _handle_read(self) except -1
+    cdef int _deliver(self) except -1
+    cdef int _queue_delivery(self) except -1
     cdef int _handle_write(self) except -1
     cdef int _fault(self, int err) except -1
-    cdef int _close_socket(self) except -1
+    cdef int _send_fin(self) except -1
+    cdef int _close_socket(self, int reason) except -1
     cdef int _try_finish(self) except -1
     cdef int _finish(self) except -1
     cdef int _release(self) except -1

@@ -1,5 +1,5 @@
 # cython: language_level=3, embedsignature=True
-"""TcpConnection: one accepted TCP connection."""
+"""TcpConnection: one accepted TCP connection (state machine: see tcp_connection.pxd)."""
 
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -15,8 +15,10 @@ from _core.includes.linux cimport (
     MSG_NOSIGNAL, SHUT_WR, SO_KEEPALIVE, SOL_SOCKET, TCP_NODELAY, close, errno,
     getsockname, send, shutdown, sockaddr, sockaddr_storage, socklen_t,
 )
-from _core.includes.sys cimport cppnp_atomic_add, cppnp_atomic_load, cppnp_atomic_store
-from _core.includes.sys cimport cppnp_atomic_load_int  # work_cancelled() only
+from _core.includes.sys cimport (
+    cppnp_atomic_add, cppnp_atomic_cas, cppnp_atomic_load, cppnp_atomic_store,
+    cppnp_counter_add, cppnp_relaxed_load, cppnp_relaxed_store,
+)
 from _core.socket_ops cimport set_bool_opt, sockaddr_to_tuple, socket_error
 
 import logging
@@ -26,27 +28,41 @@ cdef object _logger = logging.getLogger("cppnp")
 cdef int64_t _live_connections = 0
 cdef int64_t _next_id = 0
 
-# Operations queued to the loop as (connection, op) pairs.
+# Operations queued to the loop as (connection, op) or (connection, (op, value)) pairs;
+# a bytes object queued alone is an accepted send from another thread.
 cdef enum:
-    OP_FINISH = 1
-    OP_WRITE_COMPLETE = 2
-    OP_SHUTDOWN = 3
-    OP_FORCE_CLOSE = 4
+    OP_FINISH = 1           # decide whether the connection can be released
+    OP_WRITE_COMPLETE = 2   # call on_write_complete if the output is still drained
+    OP_SHUTDOWN = 3         # shutdown() from another thread: FIN once the output drains
+    OP_FORCE_CLOSE = 4      # force_close(): close the socket
     OP_START_READING = 5
     OP_STOP_READING = 6
     OP_NODELAY_ON = 7
     OP_NODELAY_OFF = 8
-    OP_HIGH_WATER = 9
+    OP_HIGH_WATER = 9       # value: the queued bytes
     OP_KEEPALIVE_ON = 10
     OP_KEEPALIVE_OFF = 11
+    OP_DELIVER = 12         # hand input already buffered to on_message
+    OP_DROPPED = 13         # value: bytes of a send refused at the call (other thread)
+    OP_FLUSH_HELD = 14      # value: _tasks_finished when queued; write what waited for it
+    OP_SEND_AFTER = 15      # value: (target, bytes): send(after_tasks=True), other thread
 
 # Input buffers above this size are given back to the allocator once drained (a
 # connection that keeps receiving large messages keeps a buffer that fits them).
 DEF KEEP_INPUT_CAPACITY = 262144
+DEF DEFAULT_HIGH_WATER_MARK = 64 * 1024 * 1024
+
+cdef dict _STATE_NAMES = {
+    CONNECTING: "connecting", CONNECTED: "connected", DISCONNECTING: "disconnecting",
+    FIN_SENT: "fin-sent", DISCONNECTED: "disconnected", RELEASED: "released",
+}
 
 
 def live_connections():
-    """Return how many TcpConnection objects are alive (a leak check for tests)."""
+    """Return how many TcpConnection objects are alive (a leak check for tests).
+
+    Thread-safe.
+    """
     return cppnp_atomic_load(&_live_connections)
 
 
@@ -96,12 +112,16 @@ cdef TcpConnection new_connection(EventLoop loop, int fd, ConnectionOwner owner,
     c.fd = fd
     c._owner = owner
     c._handlers = handlers
-    c._state = CONNECTED
-    c._reading = True
+    c._state = CONNECTING
+    c._reading = 1
     memcpy(&c._peer, peer, sizeof(sockaddr_storage))
     c._prefix = prefix
     c.id = cppnp_atomic_add(&_next_id, 1)
     return c
+
+
+cdef inline bint _socket_open(int64_t state) noexcept nogil:
+    return state == CONNECTED or state == DISCONNECTING or state == FIN_SENT
 
 
 @cython.auto_pickle(False)
@@ -114,6 +134,10 @@ cdef class TcpConnection(Channel):
     all on the loop thread.  ``send``, ``shutdown``, ``force_close`` and the reading and
     option switches are thread-safe: from another thread they are queued to the loop.
 
+    States (``repr()`` shows them): connecting -> connected -> [disconnecting ->
+    fin-sent] -> disconnected -> released.  ``shutdown()`` and ``force_close()`` leave
+    "connected" at once, from any thread: later sends are dropped and counted.
+
     Lifetime: the connection is released (socket closed, ``on_close`` called once) when
     the peer has closed, or the socket failed, or ``force_close()`` ran -- and no ThreadPool
     task that refers to it is still in flight.  After a half-close (peer ``SHUT_WR``) the
@@ -124,25 +148,25 @@ cdef class TcpConnection(Channel):
     def __cinit__(self):
         self._input = Buffer()
         self._output = Buffer()
-        self._high_water_mark = 64 * 1024 * 1024
-        self._state = 0
+        self._high_water_mark = DEFAULT_HIGH_WATER_MARK
+        self._state = CONNECTING
         cppnp_atomic_add(&_live_connections, 1)
 
     def __init__(self, *args, **kwargs):
         raise TypeError("TcpConnection objects are created by TcpServer, not directly")
 
     def __dealloc__(self):
-        if self.fd >= 0 and self._state == CONNECTED:
-            close(self.fd)      # never registered: nothing else owns it
+        if self.fd >= 0:
+            close(self.fd)      # never closed by the loop (e.g. never started)
         cppnp_atomic_add(&_live_connections, -1)
 
     def __repr__(self):
-        state = {CONNECTED: "connected", CLOSED_WAIT: "closing",
-                 RELEASED: "closed"}.get(self._state, "new")
+        state = _STATE_NAMES.get(cppnp_atomic_load(&self._state), "?")
         return "<TcpConnection %s %s peer=%r>" % (self.name, state, self.peer_address)
 
     cdef int start(self) except -1:
-        """Register with the loop and call on_connection (loop thread)."""
+        """CONNECTING -> CONNECTED: register with the loop, call on_connection (loop thread)."""
+        cppnp_atomic_store(&self._state, CONNECTED)
         self._update_interest()
         if self._handlers.on_connection is not None:
             try:
@@ -160,74 +184,133 @@ cdef class TcpConnection(Channel):
 
     @property
     def connected(self):
-        """True until the socket is closed (also after the peer half-closed)."""
-        return self._state == CONNECTED
+        """True while the socket is open: also after the peer half-closed, and after
+        shutdown() (until both sides have closed).
+
+        Thread-safe.
+        """
+        return _socket_open(cppnp_atomic_load(&self._state))
 
     @property
     def peer_closed(self):
-        """True once the peer has closed its sending side (read returned EOF)."""
-        return self._peer_closed
+        """True once the peer has closed its sending side (read returned EOF).  Thread-safe."""
+        return cppnp_atomic_load(&self._peer_closed) != 0
 
     @property
     def closed(self):
-        """True once the connection has been released (on_close has run)."""
-        return self._state == RELEASED
+        """True once the connection has been released (on_close has run).  Thread-safe."""
+        return cppnp_atomic_load(&self._state) == RELEASED
 
     @property
     def name(self):
-        """A name unique in the process: ``<server>-<peer>#<id>``."""
-        if self._name is None:
-            peer = self.peer_address
-            if peer is None:
-                where = "?"
-            elif ":" in peer[0]:
-                where = "[%s]:%d" % (peer[0], peer[1])
-            else:
-                where = "%s:%d" % (peer[0], peer[1])
-            self._name = "%s-%s#%d" % (self._prefix, where, self.id)
-        return self._name
+        """A name unique in the process: ``<server>-<peer>#<id>``.  Thread-safe."""
+        with cython.critical_section(self):
+            if self._name is None:
+                peer = self._peer_tuple()
+                if peer is None:
+                    where = "?"
+                elif ":" in peer[0]:
+                    where = "[%s]:%d" % (peer[0], peer[1])
+                else:
+                    where = "%s:%d" % (peer[0], peer[1])
+                self._name = "%s-%s#%d" % (self._prefix, where, self.id)
+            name = self._name
+        return name
 
-    @property
-    def peer_address(self):
-        """The peer's address: ``(host, port)`` (IPv6: ``(host, port, flow, scope)``)."""
-        if self._peer_address is None:
+    cdef object _peer_tuple(self):
+        # Caller holds the critical section on self.
+        if self._peer_address is None and self._loop is not None:
             self._peer_address = sockaddr_to_tuple(<sockaddr*>&self._peer)
         return self._peer_address
 
     @property
+    def peer_address(self):
+        """The peer's address: ``(host, port)`` (IPv6: ``(host, port, flow, scope)``).
+
+        Thread-safe.
+        """
+        with cython.critical_section(self):
+            peer = self._peer_tuple()
+        return peer
+
+    @property
     def local_address(self):
-        """The local address of the socket (None once closed, if never asked before)."""
+        """The local address of the socket (None once closed, if never asked before).
+
+        Thread-safe.
+        """
         cdef sockaddr_storage ss
         cdef socklen_t n = sizeof(ss)
-        if self._local_address is None and self._state == CONNECTED:
-            if getsockname(self.fd, <sockaddr*>&ss, &n) == 0:
+        cdef bint ok = False
+        with cython.critical_section(self):
+            # The loop closes the fd inside a critical section on the connection too, so
+            # the fd cannot be closed (and its number reused) under getsockname().
+            if self._local_address is None and self.fd >= 0 \
+                    and _socket_open(cppnp_atomic_load(&self._state)):
+                ok = getsockname(self.fd, <sockaddr*>&ss, &n) == 0
+            if ok:
                 self._local_address = sockaddr_to_tuple(<sockaddr*>&ss)
-        return self._local_address
+            local = self._local_address
+        return local
+
+    @property
+    def context(self):
+        """Free for the application (e.g. per-connection state); None at first.
+
+        Thread-safe.
+        """
+        with cython.critical_section(self):
+            value = self._context
+        return value
+
+    @context.setter
+    def context(self, value):
+        with cython.critical_section(self):
+            old = self._context
+            self._context = value
+        old = None      # the old value is released outside the critical section
 
     @property
     def loop(self):
-        """The EventLoop the connection belongs to."""
+        """The EventLoop the connection belongs to.  Thread-safe."""
         return self._loop
 
     @property
     def fileno(self):
-        """The socket's fd, or -1 once closed.  For inspection only: never close it."""
-        return self.fd
+        """The socket's fd, or -1 once closed.  For inspection only: never close it.
+
+        Thread-safe.
+        """
+        cdef int fd
+        with cython.critical_section(self):
+            fd = self.fd
+        return fd
 
     @property
     def pending_tasks(self):
-        """ThreadPool tasks referring to this connection that have not finished."""
+        """ThreadPool tasks referring to this connection that have not finished.
+
+        Thread-safe.
+        """
         return cppnp_atomic_load(&self._pending_tasks)
 
     @property
     def output_bytes(self):
-        """Bytes queued in the output buffer, not yet accepted by the kernel."""
-        return len(self._output)
+        """Bytes queued in the output buffer, not yet accepted by the kernel.  Thread-safe."""
+        return cppnp_relaxed_load(&self._output_len)
 
     @property
     def input_bytes(self):
-        """Bytes received and left in the input buffer by on_message."""
-        return len(self._input)
+        """Bytes received and left in the input buffer by on_message.
+
+        Exact on the loop thread; from other threads, the value after the loop's last
+        read or delivery.
+
+        Thread-safe.
+        """
+        if self._loop is not None and self._loop.in_loop_thread():
+            return len(self._input)
+        return cppnp_relaxed_load(&self._input_len)
 
     @property
     def input_buffer(self):
@@ -237,29 +320,67 @@ cdef class TcpConnection(Channel):
         return self._input
 
     @property
+    def bytes_received(self):
+        """Bytes read from the socket.  Thread-safe."""
+        return cppnp_relaxed_load(&self._bytes_received)
+
+    @property
+    def bytes_sent(self):
+        """Bytes handed to the kernel.  Thread-safe."""
+        return cppnp_relaxed_load(&self._bytes_sent)
+
+    @property
+    def dropped_sends(self):
+        """Sends dropped because the connection was closing or closed.  Thread-safe."""
+        return cppnp_relaxed_load(&self._dropped_sends)
+
+    @property
+    def dropped_bytes(self):
+        """Bytes of the dropped sends (and of output dropped by a close).  Thread-safe."""
+        return cppnp_relaxed_load(&self._dropped_bytes)
+
+    @property
     def high_water_mark(self):
-        """The output-buffer size at which on_high_water_mark fires."""
-        return self._high_water_mark
+        """The output-buffer size at which on_high_water_mark fires.  Thread-safe."""
+        return cppnp_atomic_load(&self._high_water_mark)
 
     def set_high_water_mark(self, Py_ssize_t nbytes):
-        """Call on_high_water_mark when queued output crosses *nbytes* upwards.  Thread-safe."""
+        """Call on_high_water_mark when queued output crosses *nbytes* upwards.
+
+        Thread-safe.
+        """
         if nbytes <= 0:
             raise ValueError("high water mark must be > 0, got %d" % nbytes)
-        self._high_water_mark = nbytes
+        cppnp_atomic_store(&self._high_water_mark, nbytes)
 
     # -- sending ------------------------------------------------------------------------
 
-    def send(self, data):
+    def send(self, data, *, bint after_tasks=False):
         """Send *data* (bytes-like; str is encoded as UTF-8).
 
         Never blocks: what the kernel does not take now is queued in the output buffer
-        and written when the socket is writable.  If the connection is closed or the peer
-        vanished, the data is dropped and counted (no exception).  From a non-loop thread
-        the data is copied and the write is queued to the loop; replies one thread sends
-        go out in the order it sent them.  Thread-safe.
+        and written when the socket is writable.  Only a connected connection accepts
+        data: after shutdown() or force_close(), or once the socket is closed, the data
+        is dropped and counted in ``dropped_sends`` / ``dropped_bytes`` (no exception).
+        From a non-loop thread the data is copied and the write is queued to the loop;
+        what one thread sends goes out in the order it sent it.
+
+        ``after_tasks=True``: the data goes out after the replies of the ThreadPool tasks
+        counted on this connection (``pending_tasks``) when send() is called, e.g. a
+        loop-thread answer that must not overtake replies still being computed.  With
+        no task in flight it is sent as usual.  Until it is written, later sends from the
+        loop thread queue behind it (sends from other threads do not: they include the
+        replies it waits for).  Exact for the connection's keyed tasks (the default for
+        ``Task(handler, msg, conn)``: they finish in order); for tasks with other keys it
+        waits until as many tasks have finished.  Data held when the connection closes is
+        dropped and counted.
+
+        Thread-safe.
         """
         self._check_created()
         cdef Py_buffer view
+        cdef Py_ssize_t n
+        cdef int64_t target = 0
         if isinstance(data, str):
             data = (<str>data).encode("utf-8")
         try:
@@ -267,31 +388,58 @@ cdef class TcpConnection(Channel):
         except BufferError as exc:
             raise TypeError("send() needs a contiguous bytes-like object: %s" % exc) from None
         try:
-            if view.len == 0:
+            n = view.len
+            if n == 0:
                 return
             if self._loop.in_loop_thread():
-                self._send_in_loop(<const char*>view.buf, view.len)
+                if cppnp_atomic_load(&self._state) != CONNECTED:
+                    self._drop(n)
+                elif self._held is None and not after_tasks:
+                    self._write(<const char*>view.buf, n)
+                else:
+                    if after_tasks:
+                        target = cppnp_atomic_load(&self._tasks_started)
+                    # Finished first, then queued sends: a worker counts its reply in
+                    # _queued_sends before it counts its task finished.
+                    if self._held is None \
+                            and cppnp_atomic_load(&self._tasks_finished) >= target \
+                            and cppnp_atomic_load(&self._queued_sends) == 0:
+                        self._write(<const char*>view.buf, n)
+                    else:
+                        cppnp_atomic_add(&self._queued_sends, 1)
+                        self._hold(PyBytes_FromStringAndSize(<const char*>view.buf, n),
+                                   target)
                 return
             if type(data) is not bytes:
-                data = PyBytes_FromStringAndSize(<const char*>view.buf, view.len)
+                data = PyBytes_FromStringAndSize(<const char*>view.buf, n)
         finally:
             PyBuffer_Release(&view)
-        # Counted before it is queued (and so before the caller's task is counted
-        # finished): see the lifetime notes in tcp_connection.pxd.
+        # Another thread.  Counted before the state is read (and so before the caller's
+        # task is counted finished): see the notes in tcp_connection.pxd.
         cppnp_atomic_add(&self._queued_sends, 1)
-        if not self._loop.queue(self, data):
+        if cppnp_atomic_load(&self._state) != CONNECTED:
+            arg = (OP_DROPPED, n)
+        elif after_tasks:
+            arg = (OP_SEND_AFTER, (cppnp_atomic_load(&self._tasks_started), data))
+        else:
+            arg = data
+        if not self._loop.queue(self, arg):
             cppnp_atomic_add(&self._queued_sends, -1)   # the loop is closed: dropped
 
     cdef int _drop(self, Py_ssize_t nbytes) noexcept:
-        self.dropped_sends += 1
-        self.dropped_bytes += nbytes
+        cppnp_counter_add(&self._dropped_sends, 1)
+        cppnp_counter_add(&self._dropped_bytes, nbytes)
         self._loop.count_drop(nbytes)
         return 0
 
-    cdef int _send_in_loop(self, const char* p, Py_ssize_t n) except -1:
-        cdef Py_ssize_t written = 0, old
+    cdef int _write(self, const char* p, Py_ssize_t n) except -1:
+        """Write accepted data now; queue what the kernel does not take (loop thread)."""
+        cdef Py_ssize_t written = 0, old, mark
         cdef int fd = self.fd
-        if self._state != CONNECTED or self._shut_wr_done:
+        cdef int64_t state = cppnp_atomic_load(&self._state)
+        # FIN_SENT cannot hold accepted data (the FIN waits for it); DISCONNECTED has no
+        # socket.
+        if state != CONNECTED and state != DISCONNECTING:
             self._drop(n)
             return 0
         if len(self._output) == 0:
@@ -305,59 +453,149 @@ cdef class TcpConnection(Channel):
                     self._fault(errno)
                     return 0
                 written = 0
-            self.bytes_sent += written
+            cppnp_counter_add(&self._bytes_sent, written)
             if written == n:
                 if self._handlers.on_write_complete is not None:
                     self._loop.queue(self, OP_WRITE_COMPLETE)
                 return 0
         old = len(self._output)
         self._output.append_ptr(p + written, n - written)
-        if (self._handlers.on_high_water_mark is not None
-                and old < self._high_water_mark <= old + (n - written)):
+        cppnp_relaxed_store(&self._output_len, old + (n - written))
+        mark = cppnp_atomic_load(&self._high_water_mark)
+        if self._handlers.on_high_water_mark is not None and old < mark <= old + (n - written):
             self._loop.queue(self, (OP_HIGH_WATER, old + (n - written)))
         if not (self.interest & EPOLLOUT):
             self._update_interest()
         return 0
 
+    cdef int _write_bytes(self, object data) except -1:
+        cdef Py_buffer view
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            self._write(<const char*>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+        return 0
+
+    cdef int _send_done(self) except -1:
+        """An accepted send counted in _queued_sends was written or dropped (loop thread)."""
+        if cppnp_atomic_add(&self._queued_sends, -1) == 0 \
+                and (cppnp_atomic_load(&self._state) != CONNECTED
+                     or cppnp_atomic_load(&self._peer_closed)):
+            self._try_finish()      # the FIN or the release may have waited for it
+        return 0
+
+    # -- sends held behind the tasks in flight (loop thread) ------------------------------
+
+    cdef int _hold(self, object data, int64_t target) except -1:
+        """Keep accepted *data* (counted in _queued_sends) until _tasks_finished >= target."""
+        if self._held is None:
+            self._held = [target, data]
+            self._arm_held()
+            return 0
+        if target < <int64_t>self._held[len(self._held) - 2]:
+            target = self._held[len(self._held) - 2]    # never ahead of earlier data
+        self._held.append(target)
+        self._held.append(data)
+        return 0
+
+    cdef int _arm_held(self) except -1:
+        """The first held send changed: tell task_finished() what it waits for, and flush
+        at once (queued behind the replies already queued) if that has happened."""
+        cdef int64_t target, finished
+        if not self._held:
+            self._held = None
+            cppnp_atomic_store(&self._held_target, 0)
+            return 0
+        target = self._held[0]
+        cppnp_atomic_store(&self._held_target, target if target > 0 else 1)
+        finished = cppnp_atomic_load(&self._tasks_finished)
+        if finished >= target:
+            self._loop.queue(self, (OP_FLUSH_HELD, finished))
+        return 0
+
+    cdef int _flush_held(self, int64_t finished) except -1:
+        """Write the held sends whose tasks had finished when *finished* was read: their
+        replies were queued before that and have been written by now."""
+        cdef bint popped = False
+        while self._held and <int64_t>self._held[0] <= finished:
+            data = self._held[1]
+            del self._held[:2]
+            popped = True
+            try:
+                self._write_bytes(data)
+            finally:
+                self._send_done()
+        if popped:
+            self._arm_held()
+        return 0
+
     # -- closing ------------------------------------------------------------------------
 
     def shutdown(self):
-        """Half-close: send FIN once the queued output is written; keep reading.
+        """Half-close: send our FIN once the output accepted so far is written; keep
+        reading.
 
-        Sends after this are dropped.  The connection is released when the peer closes
-        too.  Thread-safe.
+        CONNECTED -> DISCONNECTING at once: sends after this are dropped and counted.  The
+        connection is released when the peer closes too.  A no-op once disconnecting or
+        closed.
+
+        Thread-safe.
         """
         self._check_created()
-        self._loop.queue(self, OP_SHUTDOWN)
+        if not cppnp_atomic_cas(&self._state, CONNECTED, DISCONNECTING):
+            return
+        if self._loop.in_loop_thread():
+            self._try_finish()
+        else:
+            self._loop.queue(self, OP_SHUTDOWN)
 
     def force_close(self):
-        """Close the socket now, dropping queued output (counted).  Thread-safe.
+        """Close the socket, dropping queued output (counted).
 
-        on_close runs once no ThreadPool task for this connection is in flight.
+        From now on sends are dropped and counted (CONNECTED -> DISCONNECTING at once);
+        the socket itself is closed by the loop, in a functor (also when called on the
+        loop thread: the connection stays usable until the current callback returns).
+        on_close runs once no ThreadPool task for this connection is in flight.  A no-op
+        once closed.
+
+        Thread-safe.
         """
         self._check_created()
+        cdef int64_t state = cppnp_atomic_load(&self._state)
+        if not _socket_open(state):
+            return
+        cppnp_atomic_cas(&self._close_reason, CLOSE_NONE, CLOSE_FORCED)
+        cppnp_atomic_cas(&self._state, CONNECTED, DISCONNECTING)
         self._loop.queue(self, OP_FORCE_CLOSE)
 
     def stop_reading(self):
         """Stop reading input (flow control); a peer reset is still noticed.  Thread-safe."""
         self._check_created()
         if self._loop.in_loop_thread():
-            self._do_op(OP_STOP_READING, None)
+            self._set_reading(False)
         else:
             self._loop.queue(self, OP_STOP_READING)
 
     def start_reading(self):
-        """Resume reading input after stop_reading().  Thread-safe."""
+        """Resume reading input after stop_reading().
+
+        Input already in the input buffer is delivered again (on_message runs once more,
+        from the loop's functor pass: never from inside start_reading()), so requests
+        left there while reading was stopped are not stuck until the peer sends more.
+
+        Thread-safe.
+        """
         self._check_created()
         if self._loop.in_loop_thread():
-            self._do_op(OP_START_READING, None)
+            self._set_reading(True)
         else:
             self._loop.queue(self, OP_START_READING)
 
     @property
     def reading(self):
-        """True unless stop_reading() is in effect."""
-        return self._reading
+        """True unless stop_reading() is in effect.  Thread-safe."""
+        return cppnp_atomic_load(&self._reading) != 0
 
     def set_tcp_no_delay(self, bint on):
         """Set TCP_NODELAY (on by default for accepted connections).  Thread-safe."""
@@ -380,55 +618,67 @@ cdef class TcpConnection(Channel):
     # -- pool accounting (any thread) ---------------------------------------------------
 
     cdef int task_started(self) noexcept:
+        cppnp_atomic_add(&self._tasks_started, 1)
         cppnp_atomic_add(&self._pending_tasks, 1)
         return 0
 
     cdef int task_finished(self) except -1:
-        # The loop stores _release_wanted then reads the count; we decrement then read the
-        # flag: with sequentially consistent atomics one of the two sees the other.
-        if cppnp_atomic_add(&self._pending_tasks, -1) == 0 \
-                and cppnp_atomic_load(&self._release_wanted):
+        # Held sends first: OP_FLUSH_HELD is queued behind this task's replies.
+        cdef int64_t finished = cppnp_atomic_add(&self._tasks_finished, 1)
+        cdef int64_t held = cppnp_atomic_load(&self._held_target)
+        if held > 0 and finished >= held:
+            self._loop.queue(self, (OP_FLUSH_HELD, finished))
+        # The loop stores "release wanted" then reads the count; we decrement then read
+        # it: with sequentially consistent atomics one of the two sees the other.
+        if cppnp_atomic_add(&self._pending_tasks, -1) == 0 and self._release_wanted():
             self._loop.queue(self, OP_FINISH)
         return 0
 
     cdef bint work_cancelled(self) noexcept:
-        # ThreadPool hook (issue 8 item 19): True once the socket was closed by a peer
-        # reset, a fault, force_close() or the loop's close(); the pool then discards the
-        # connection's queued tasks instead of running them.  False while connected, and
-        # for a peer that half-closed (FIN) first: its work still runs and its replies go
-        # out (its normal release leaves _peer_closed set too).  Derived from the loop
-        # thread's fields: _peer_closed is set before _state leaves CONNECTED and neither
-        # changes afterwards, so two atomic reads in this order suffice.  Any thread.
-        # (To be re-derived from the connection state machine when it lands.)
-        cdef int state = cppnp_atomic_load_int(&self._state)
-        return ((state == CLOSED_WAIT or state == RELEASED)
-                and not cppnp_atomic_load_int(<int*>&self._peer_closed))
+        return cppnp_atomic_load(&self._close_reason) >= CLOSE_RESET
+
+    cdef bint _release_wanted(self) noexcept:
+        cdef int64_t state = cppnp_atomic_load(&self._state)
+        return state == DISCONNECTED or (
+            state != RELEASED and cppnp_atomic_load(&self._peer_closed) != 0)
 
     # -- loop-side machinery ------------------------------------------------------------
 
     cdef int _update_interest(self) except -1:
         cdef uint32_t interest = 0
-        if self._state != CONNECTED:
+        if not _socket_open(cppnp_atomic_load(&self._state)):
             return 0
-        if self._reading and not self._peer_closed:
+        if cppnp_atomic_load(&self._reading) and not cppnp_atomic_load(&self._peer_closed):
             interest |= EPOLLIN
         if len(self._output):
             interest |= EPOLLOUT
         self._loop.update_channel(self, interest)
         return 0
 
+    cdef int _set_reading(self, bint on) except -1:
+        cdef int64_t was = cppnp_atomic_load(&self._reading)
+        cppnp_atomic_store(&self._reading, on)
+        if not _socket_open(cppnp_atomic_load(&self._state)):
+            return 0
+        self._update_interest()
+        if on and not was and len(self._input):
+            self._queue_delivery()
+        return 0
+
     cdef int handle_event(self, uint32_t revents) except -1:
-        if self._state != CONNECTED:
+        if not _socket_open(cppnp_atomic_load(&self._state)):
             return 0
         if revents & EPOLLERR:
             self._fault(socket_error(self.fd))
             return 0
         if revents & (EPOLLIN | EPOLLPRI):
             self._handle_read()
-        if self._state == CONNECTED and revents & EPOLLOUT:
+        if revents & EPOLLOUT and _socket_open(cppnp_atomic_load(&self._state)):
             self._handle_write()
-        if self._state == CONNECTED and (revents & EPOLLHUP) and not (revents & EPOLLIN):
-            if not self._reading and not self._peer_closed:
+        if (revents & EPOLLHUP) and not (revents & EPOLLIN) \
+                and _socket_open(cppnp_atomic_load(&self._state)):
+            if not cppnp_atomic_load(&self._reading) \
+                    and not cppnp_atomic_load(&self._peer_closed):
                 # Both directions are down but the user paused reading: unread data may
                 # still be in the socket.  EPOLLHUP cannot be masked, so leave epoll until
                 # start_reading() (which reads what is left, then the EOF).
@@ -441,22 +691,40 @@ cdef class TcpConnection(Channel):
         cdef int err = 0
         cdef Py_ssize_t n = self._input.read_fd(self.fd, &err)
         if n > 0:
-            self.bytes_received += n
+            cppnp_counter_add(&self._bytes_received, n)
             if self._handlers.discard_input:
                 self._input.clear()
             else:
-                try:
-                    self._handlers.on_message(self, self._input)
-                except Exception:
-                    self._loop.report_error("on_message of %r" % (self,))
-            if len(self._input) == 0 and self._input._cap > KEEP_INPUT_CAPACITY:
-                self._input.release_storage()
+                self._deliver()
         elif n == 0:
-            self._peer_closed = True
+            cppnp_atomic_store(&self._peer_closed, 1)
             self._update_interest()
             self._try_finish()
         elif err != EAGAIN and err != EINTR:
             self._fault(err)
+        return 0
+
+    cdef int _deliver(self) except -1:
+        """Hand the input buffer to on_message.  If KeyboardInterrupt or SystemExit leaves
+        on_message (Ctrl-C handled at its first bytecode), what is buffered stays and is
+        delivered when the loop runs again."""
+        try:
+            self._handlers.on_message(self, self._input)
+        except Exception:
+            self._loop.report_error("on_message of %r" % (self,))
+        except BaseException:
+            self._queue_delivery()
+            cppnp_relaxed_store(&self._input_len, len(self._input))
+            raise
+        if len(self._input) == 0 and self._input._cap > KEEP_INPUT_CAPACITY:
+            self._input.release_storage()
+        cppnp_relaxed_store(&self._input_len, len(self._input))
+        return 0
+
+    cdef int _queue_delivery(self) except -1:
+        if not self._delivery_queued:
+            self._delivery_queued = True
+            self._loop.queue(self, OP_DELIVER)
         return 0
 
     cdef int _handle_write(self) except -1:
@@ -466,7 +734,8 @@ cdef class TcpConnection(Channel):
             if err != EAGAIN and err != EINTR:
                 self._fault(err)
             return 0
-        self.bytes_sent += n
+        cppnp_counter_add(&self._bytes_sent, n)
+        cppnp_relaxed_store(&self._output_len, len(self._output))
         if len(self._output) == 0:
             self._output.release_storage()
             self._update_interest()
@@ -476,68 +745,89 @@ cdef class TcpConnection(Channel):
         return 0
 
     cdef int _fault(self, int err) except -1:
-        """The socket failed (reset, EPIPE, ...): close it, drop queued output."""
-        if self._state != CONNECTED:
+        """The socket failed (reset, EPIPE, hang-up...): close it, drop queued output."""
+        if not _socket_open(cppnp_atomic_load(&self._state)):
             return 0
         if err and _logger.isEnabledFor(logging.DEBUG):
             try:
                 _logger.debug("connection %s: %s", self.name, os.strerror(err))
             except Exception:
                 pass            # a failing log handler must not stop the teardown
-        self._close_socket()
+        self._close_socket(CLOSE_RESET)
         self._try_finish()
         return 0
 
-    cdef int _close_socket(self) except -1:
+    cdef int _send_fin(self) except -1:
+        """DISCONNECTING -> FIN_SENT: the accepted output is written; shut our side."""
+        cppnp_atomic_store(&self._state, FIN_SENT)
+        shutdown(self.fd, SHUT_WR)
+        return 0
+
+    cdef int _close_socket(self, int reason) except -1:
+        """(any open state) -> DISCONNECTED: drop queued and held output (counted), leave
+        epoll, close the fd."""
         cdef Py_ssize_t queued = len(self._output)
+        cdef list held = self._held
+        cdef Py_ssize_t i
         if queued:
             self._drop(queued)
             self._output.clear()
         self._output.release_storage()
+        cppnp_relaxed_store(&self._output_len, 0)
+        cppnp_atomic_cas(&self._close_reason, CLOSE_NONE, reason)
+        cppnp_atomic_store(&self._state, DISCONNECTED)
+        self._held = None
+        cppnp_atomic_store(&self._held_target, 0)
+        if held:
+            for i in range(1, len(held), 2):
+                self._drop(len(held[i]))
+            cppnp_atomic_add(&self._queued_sends, -(len(held) // 2))
         self._loop.remove_channel(self)
-        if self.fd >= 0:
-            close(self.fd)
-            self.fd = -1
-        self._state = CLOSED_WAIT
+        with cython.critical_section(self):
+            if self.fd >= 0:
+                close(self.fd)
+                self.fd = -1
         return 0
 
     cdef int _try_finish(self) except -1:
-        """Something changed that may let the connection finish: decide in a functor."""
-        if self._state == CONNECTED and not self._peer_closed:
-            if self._shutdown_requested and not self._shut_wr_done \
-                    and len(self._output) == 0:
-                shutdown(self.fd, SHUT_WR)
-                self._shut_wr_done = True
-            return 0
-        if self._state != RELEASED and not self._finish_queued:
+        """Something changed that may let the connection advance: send the FIN, or decide
+        on the release in a functor."""
+        cdef int64_t state = cppnp_atomic_load(&self._state)
+        if state == DISCONNECTING and len(self._output) == 0 \
+                and cppnp_atomic_load(&self._queued_sends) == 0 \
+                and cppnp_atomic_load(&self._close_reason) == CLOSE_NONE:
+            self._send_fin()
+        if not self._finish_queued and self._release_wanted():
             self._finish_queued = True
             self._loop.queue(self, OP_FINISH)
         return 0
 
     cdef int _finish(self) except -1:
+        cdef int64_t state = cppnp_atomic_load(&self._state)
         self._finish_queued = False
-        if self._state == RELEASED:
+        if state == RELEASED:
             return 0
-        if self._state == CONNECTED:
-            if not self._peer_closed:
+        if state != DISCONNECTED:
+            if not cppnp_atomic_load(&self._peer_closed):
                 return 0
             if len(self._output):
                 return 0        # _handle_write calls _try_finish once drained
-        cppnp_atomic_store(&self._release_wanted, 1)
         if cppnp_atomic_load(&self._pending_tasks) > 0:
             return 0            # the last task_finished() queues OP_FINISH
         if cppnp_atomic_load(&self._queued_sends) > 0:
-            return 0            # replies still queued: the last one calls _try_finish
-        if self._state == CONNECTED:
-            self._close_socket()
+            return 0            # replies still queued or held: the last one calls back
+        if state != DISCONNECTED:
+            self._close_socket(CLOSE_PEER)
         self._release()
         return 0
 
     cdef int _release(self) except -1:
+        """DISCONNECTED -> RELEASED: on_close, and the server forgets the connection."""
         cdef Handlers handlers = self._handlers
-        self._state = RELEASED
+        cppnp_atomic_store(&self._state, RELEASED)
         self._input.clear()
         self._input.release_storage()
+        cppnp_relaxed_store(&self._input_len, 0)
         try:
             if handlers.on_close is not None:
                 try:
@@ -551,16 +841,12 @@ cdef class TcpConnection(Channel):
         return 0
 
     cdef int run_functor(self, object arg) except -1:
-        cdef Py_buffer view
         if type(arg) is bytes:
-            PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE)
+            # An accepted send from another thread.
             try:
-                self._send_in_loop(<const char*>view.buf, view.len)
+                self._write_bytes(arg)
             finally:
-                PyBuffer_Release(&view)
-                if cppnp_atomic_add(&self._queued_sends, -1) == 0 \
-                        and cppnp_atomic_load(&self._release_wanted):
-                    self._try_finish()
+                self._send_done()
         elif type(arg) is tuple:
             self._do_op(arg[0], arg[1])
         else:
@@ -568,6 +854,7 @@ cdef class TcpConnection(Channel):
         return 0
 
     cdef int _do_op(self, int op, object value) except -1:
+        cdef int64_t state = cppnp_atomic_load(&self._state)
         if op == OP_FINISH:
             self._finish()
         elif op == OP_WRITE_COMPLETE:
@@ -575,7 +862,7 @@ cdef class TcpConnection(Channel):
             # workers' sends may still be on their way to the loop (the last of them to be
             # written queues another one).  This is what makes "stop_reading on high water,
             # start_reading on write complete" bound the output with a worker pool too.
-            if self._state == CONNECTED and len(self._output) == 0 \
+            if _socket_open(state) and len(self._output) == 0 \
                     and cppnp_atomic_load(&self._queued_sends) <= 0 \
                     and self._handlers.on_write_complete is not None:
                 try:
@@ -583,23 +870,41 @@ cdef class TcpConnection(Channel):
                 except Exception:
                     self._loop.report_error("on_write_complete of %r" % (self,))
         elif op == OP_HIGH_WATER:
-            if self._state == CONNECTED and self._handlers.on_high_water_mark is not None:
+            if _socket_open(state) and self._handlers.on_high_water_mark is not None:
                 try:
                     self._handlers.on_high_water_mark(self, value)
                 except Exception:
                     self._loop.report_error("on_high_water_mark of %r" % (self,))
+        elif op == OP_DROPPED:
+            try:
+                self._drop(value)
+            finally:
+                self._send_done()
+        elif op == OP_SEND_AFTER:
+            target, data = value
+            if state == CONNECTED or state == DISCONNECTING:
+                self._hold(data, target)        # stays counted in _queued_sends
+            else:
+                try:
+                    self._drop(len(data))
+                finally:
+                    self._send_done()
+        elif op == OP_FLUSH_HELD:
+            self._flush_held(value)
+        elif op == OP_DELIVER:
+            self._delivery_queued = False
+            if _socket_open(state) and cppnp_atomic_load(&self._reading) \
+                    and len(self._input) and not self._handlers.discard_input:
+                self._deliver()
         elif op == OP_SHUTDOWN:
-            if self._state == CONNECTED:
-                self._shutdown_requested = True
-                self._try_finish()
+            self._try_finish()
         elif op == OP_FORCE_CLOSE:
-            if self._state == CONNECTED:
-                self._close_socket()
+            if _socket_open(state):
+                self._close_socket(CLOSE_FORCED)
                 self._try_finish()
         elif op == OP_START_READING or op == OP_STOP_READING:
-            self._reading = op == OP_START_READING
-            self._update_interest()
-        elif self._state == CONNECTED:
+            self._set_reading(op == OP_START_READING)
+        elif _socket_open(state):
             if op == OP_NODELAY_ON or op == OP_NODELAY_OFF:
                 set_bool_opt(self.fd, IPPROTO_TCP, TCP_NODELAY, op == OP_NODELAY_ON)
             elif op == OP_KEEPALIVE_ON or op == OP_KEEPALIVE_OFF:
@@ -608,13 +913,17 @@ cdef class TcpConnection(Channel):
 
     cdef int on_loop_closed(self) except -1:
         """The loop is closing: close the socket and release, without callbacks."""
-        if self._state == CONNECTED:
-            self._close_socket()
-        self._state = RELEASED
+        if _socket_open(cppnp_atomic_load(&self._state)):
+            self._close_socket(CLOSE_LOOP)
+        else:
+            cppnp_atomic_cas(&self._close_reason, CLOSE_NONE, CLOSE_LOOP)
+        cppnp_atomic_store(&self._state, RELEASED)
         self._owner = None
         self._handlers = _NO_HANDLERS      # break cycles through the user's handler
+        self._held = None
         self._input.clear()
         self._input.release_storage()
+        cppnp_relaxed_store(&self._input_len, 0)
         return 0
 
     # -- seed-compatible names: same objects as the snake_case methods --

@@ -1,6 +1,24 @@
 # TcpServer: a listening socket (muduo's Acceptor) and the connections it accepted.
+#
+# States (_state, atomic; changed under _lock by start(), stop(), stop_accepting() from any
+# thread; the loop closes the listener):
+#   SERVER_NEW --start()--> SERVER_STARTED --stop_accepting()--> SERVER_NOT_ACCEPTING
+#        \                        |                                    |
+#         +------------------------+-------------- stop() -------------+--> SERVER_STOPPED
+# While started, or while it has connections, the server is attached to the loop (the
+# loop tells it when it closes); once its listener is closed and its last connection is
+# released it detaches, so nothing of a stopped server stays alive.
+from libc.stdint cimport int64_t
+
 from _core.event_loop cimport EventLoop
 from _core.tcp_connection cimport ConnectionOwner, Handlers, TcpConnection
+
+
+cdef enum ServerState:
+    SERVER_NEW = 0
+    SERVER_STARTED = 1          # listening
+    SERVER_NOT_ACCEPTING = 2    # stop_accepting(): listener closed, connections carry on
+    SERVER_STOPPED = 3          # stop(): listener closed, connections force-closed
 
 
 cdef class TcpServer(ConnectionOwner):
@@ -15,16 +33,19 @@ cdef class TcpServer(ConnectionOwner):
         int _backlog
         bint _tcp_nodelay
         bint _keepalive
-        bint _started
-        bint _stopped                  # stop(): listener closed, connections force-closed
-        bint _listener_closed          # stop_accepting() or stop()
+        bint _initialized              # __init__ ran: it runs once
+        int64_t _state                 # atomic ServerState
+        int64_t _listening             # atomic: the listening socket is open
+        object _lock                   # threading.Lock: start/stop vs the listener's fd
         bint _paused                   # listener unpolled after an accept error
+        int64_t _retry_timer           # the timer that resumes accepting, or 0
         int _idle_fd                   # /dev/null, spent to shed a connection on EMFILE
-        dict _connections              # id -> TcpConnection
+        dict _connections              # id -> TcpConnection (loop thread)
+        int64_t _n_connections         # len(_connections), readable from any thread
         double _last_emfile_log
-        readonly unsigned long long accepted
-        readonly unsigned long long accept_errors
-        readonly unsigned long long shed_connections
+        int64_t _accepted              # counters: loop thread writes, any thread reads
+        int64_t _accept_errors
+        int64_t _shed_connections
         object __weakref__
 
     cdef int _accept_some(self) except -1
@@ -34,4 +55,5 @@ cdef class TcpServer(ConnectionOwner):
     cdef int _stop_in_loop(self) except -1
     cdef int _shed_one(self, int err) except -1
     cdef int _pause_accepting(self) except -1
+    cdef int _maybe_detach(self) except -1
     cdef _log_accept_error(self, int err)

@@ -4,10 +4,14 @@ from _core.event_loop import EventLoop
 from _core.tcp_connection import TcpConnection
 
 class TcpServer:
-    name: str
-    accepted: int
-    accept_errors: int
-    shed_connections: int
+    @property
+    def name(self) -> str: ...
+    @property
+    def accepted(self) -> int: ...
+    @property
+    def accept_errors(self) -> int: ...
+    @property
+    def shed_connections(self) -> int: ...
     def __init__(self, loop: EventLoop, address: tuple[str, int], handler: Any, *,
                  name: str | None = ..., reuse_port: bool = ..., backlog: int = ...,
                  tcp_nodelay: bool = ..., keepalive: bool = ...) -> None: ...

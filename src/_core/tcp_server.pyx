@@ -10,7 +10,10 @@ from _core.includes.linux cimport (
     IPPROTO_TCP, O_CLOEXEC, O_RDONLY, SO_KEEPALIVE, SOL_SOCKET, TCP_NODELAY, close, open,
     sockaddr_storage,
 )
-from _core.includes.sys cimport cppnp_monotonic
+from _core.includes.sys cimport (
+    cppnp_atomic_load, cppnp_atomic_store, cppnp_counter_add, cppnp_monotonic,
+    cppnp_relaxed_load, cppnp_relaxed_store,
+)
 from _core.socket_ops cimport accept_nonblocking, set_bool_opt
 from _core.tcp_connection cimport (
     ConnectionOwner, TcpConnection, new_connection, resolve_handlers,
@@ -19,6 +22,7 @@ from _core.tcp_connection cimport (
 import logging
 import os
 import socket
+import threading
 
 cdef object _logger = logging.getLogger("cppnp")
 
@@ -44,14 +48,19 @@ cdef class TcpServer(ConnectionOwner):
         self.fd = -1
         self._idle_fd = -1
         self._connections = {}
+        self._lock = threading.Lock()
 
     def __init__(self, EventLoop loop not None, address, handler, *, name=None,
                  bint reuse_port=False, backlog=1024, bint tcp_nodelay=True,
                  bint keepalive=False):
         """Prepare a server on (host, port); port 0 picks a free port (see ``address``).
 
-        Nothing is bound until start().  Thread-safe to construct.
+        Nothing is bound until start().  ``__init__`` runs once: calling it again raises
+        RuntimeError.  Thread-safe to construct.
         """
+        if self._initialized:
+            raise RuntimeError("TcpServer.__init__ called twice: a server is initialised "
+                               "once (make a new TcpServer)")
         if not isinstance(address, tuple) or len(address) != 2:
             raise TypeError("address must be a (host, port) tuple, got %r" % (address,))
         host, port = address
@@ -76,6 +85,7 @@ cdef class TcpServer(ConnectionOwner):
         self._backlog = backlog
         self._tcp_nodelay = tcp_nodelay
         self._keepalive = keepalive
+        self._initialized = True
 
     def __dealloc__(self):
         if self.fd >= 0:
@@ -85,28 +95,46 @@ cdef class TcpServer(ConnectionOwner):
 
     def __repr__(self):
         return "<TcpServer %s %s connections=%d>" % (
-            self.name, self._bound or self._address, len(self._connections))
+            self.name, self._bound or self._address, self.connection_count)
 
     @property
     def address(self):
         """The bound (host, port) after start() (the real port if 0 was asked), else the
-        requested address."""
-        if self._bound is not None:
-            return self._bound[:2]
+        requested address.  Thread-safe."""
+        bound = self._bound
+        if bound is not None:
+            return bound[:2]
         return self._address
 
     @property
     def loop(self):
+        """The EventLoop the server runs on.  Thread-safe."""
         return self._loop
 
     @property
     def handler(self):
+        """The handler given to the constructor.  Thread-safe."""
         return self._handler
 
     @property
     def connection_count(self):
-        """How many connections are open (accepted and not yet released)."""
-        return len(self._connections)
+        """How many connections are open (accepted and not yet released).  Thread-safe."""
+        return cppnp_relaxed_load(&self._n_connections)
+
+    @property
+    def accepted(self):
+        """Connections accepted so far.  Thread-safe."""
+        return cppnp_relaxed_load(&self._accepted)
+
+    @property
+    def accept_errors(self):
+        """accept() failures (the peer gave up, out of fds or memory).  Thread-safe."""
+        return cppnp_relaxed_load(&self._accept_errors)
+
+    @property
+    def shed_connections(self):
+        """Connections accepted and closed at once because fds ran out.  Thread-safe."""
+        return cppnp_relaxed_load(&self._shed_connections)
 
     def connections(self):
         """Return a list of the open connections.  Loop thread only."""
@@ -125,63 +153,77 @@ cdef class TcpServer(ConnectionOwner):
         Calling it twice is harmless.  Thread-safe.
         """
         self._check_created()
-        if self._stopped or self._listener_closed:
-            raise RuntimeError("a stopped TcpServer cannot be restarted")
-        if self._started:
-            return
-        if self._loop.closed:
-            raise RuntimeError("TcpServer.start() on a closed EventLoop")
-        host, port = self._address
-        infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
-                                   0, socket.AI_PASSIVE)
-        family, kind, proto, _, sockaddr = infos[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self._reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(sockaddr)
-            sock.listen(self._backlog)
-            sock.setblocking(False)
-            self._bound = sock.getsockname()
-        except BaseException:
-            sock.close()
-            raise
-        self.fd = sock.detach()
-        self._idle_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
-        self._started = True
-        self._loop.attach(self)
+        with self._lock:
+            state = cppnp_atomic_load(&self._state)
+            if state == SERVER_NOT_ACCEPTING or state == SERVER_STOPPED:
+                raise RuntimeError("a stopped TcpServer cannot be restarted")
+            if state == SERVER_STARTED:
+                return
+            if self._loop.closed:
+                raise RuntimeError("TcpServer.start() on a closed EventLoop")
+            host, port = self._address
+            infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC,
+                                       socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+            family, kind, proto, _, sockaddr = infos[0]
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if self._reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind(sockaddr)
+                sock.listen(self._backlog)
+                sock.setblocking(False)
+                self._bound = sock.getsockname()
+                self._loop.attach(self)
+            except BaseException:
+                sock.close()
+                raise
+            self.fd = sock.detach()
+            cppnp_atomic_store(&self._listening, 1)
+            # Without a spare fd (-1) the acceptor rests instead of shedding on EMFILE.
+            self._idle_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
+            cppnp_atomic_store(&self._state, SERVER_STARTED)
         if self._loop.in_loop_thread():
             self._listen_in_loop()
         else:
             self._loop.queue(self, 1)
 
     cdef int _listen_in_loop(self) except -1:
-        if self.fd >= 0 and not self._listener_closed:
+        if self.fd >= 0 and cppnp_atomic_load(&self._state) == SERVER_STARTED \
+                and not self._paused:
             self._loop.update_channel(self, EPOLLIN)
         return 0
 
     def stop(self):
         """Stop listening and force-close every open connection.  Thread-safe.
 
-        Connections with ThreadPool tasks in flight are released when those finish.
+        Connections with ThreadPool tasks in flight are released when those finish; once
+        the last one is, the loop forgets the server.  Idempotent; start() raises after it.
         """
         self._check_created()
-        if self._loop.in_loop_thread():
+        with self._lock:
+            if cppnp_atomic_load(&self._state) == SERVER_STOPPED:
+                return
+            cppnp_atomic_store(&self._state, SERVER_STOPPED)
+        if self._loop.in_loop_thread() or self._loop.closed:
             self._stop_in_loop()
-        elif not self._loop.closed:
-            self._loop.queue(self, 2)
         else:
-            self._stop_in_loop()
+            self._loop.queue(self, 2)
 
     def stop_accepting(self):
         """Close the listening socket; open connections carry on (a graceful stop's first
         step: stop accepting, let in-flight work finish, then stop()).
 
         After it, ``accepting`` is False, ``connection_count`` tells what is left, and
-        start() raises.  Thread-safe.
+        start() raises; once the last connection is released the loop forgets the
+        server.  Thread-safe.
         """
         self._check_created()
+        with self._lock:
+            state = cppnp_atomic_load(&self._state)
+            if state == SERVER_NOT_ACCEPTING or state == SERVER_STOPPED:
+                return
+            cppnp_atomic_store(&self._state, SERVER_NOT_ACCEPTING)
         if self._loop.in_loop_thread() or self._loop.closed:
             self._close_listener()
         else:
@@ -189,24 +231,39 @@ cdef class TcpServer(ConnectionOwner):
 
     @property
     def accepting(self):
-        """Whether the listener is open (started, not stopped).  Thread-safe."""
-        return self._started and self.fd >= 0
+        """Whether the listening socket is open: from start() until the loop has closed
+        it after stop() or stop_accepting() (then a connect is refused).
+
+        Thread-safe.
+        """
+        return cppnp_atomic_load(&self._listening) != 0
 
     cdef int _close_listener(self) except -1:
-        self._listener_closed = True
-        if self.fd >= 0:
-            self._loop.remove_channel(self)
-            close(self.fd)
-            self.fd = -1
-        if self._idle_fd >= 0:
-            close(self._idle_fd)
-            self._idle_fd = -1
+        """Close the listener and the spare fd, cancel an accept retry, and detach if no
+        connection is left (loop thread, or any thread once the loop is closed)."""
+        with self._lock:
+            if self.fd >= 0:
+                self._loop.remove_channel(self)
+                close(self.fd)
+                self.fd = -1
+                cppnp_atomic_store(&self._listening, 0)
+            if self._idle_fd >= 0:
+                close(self._idle_fd)
+                self._idle_fd = -1
+        if self._retry_timer:
+            self._loop.cancel_timer(self._retry_timer)
+            self._retry_timer = 0
+        self._paused = False
+        self._maybe_detach()
+        return 0
+
+    cdef int _maybe_detach(self) except -1:
+        if self.fd < 0 and not self._connections \
+                and cppnp_atomic_load(&self._state) >= SERVER_NOT_ACCEPTING:
+            self._loop.detach(self)
         return 0
 
     cdef int _stop_in_loop(self) except -1:
-        if self._stopped:
-            return 0
-        self._stopped = True
         self._close_listener()
         if not self._loop.closed:
             for conn in list(self._connections.values()):
@@ -223,6 +280,8 @@ cdef class TcpServer(ConnectionOwner):
         return 0
 
     cdef int handle_event(self, uint32_t revents) except -1:
+        if cppnp_atomic_load(&self._state) != SERVER_STARTED:
+            return 0                # stop() / stop_accepting() pending: accept no more
         self._accept_some()
         return 0
 
@@ -238,18 +297,18 @@ cdef class TcpServer(ConnectionOwner):
                 if err == EAGAIN or err == EINTR:
                     return 0
                 if err == ECONNABORTED or err == EPROTO or err == EPERM:
-                    self.accept_errors += 1
+                    cppnp_counter_add(&self._accept_errors, 1)
                     continue            # the peer gave up before we accepted: next one
                 if (err == EMFILE or err == ENFILE) and self._idle_fd >= 0:
                     self._shed_one(err)
                     return 0
                 # Out of fds with no spare, or out of kernel memory: the backlog stays
                 # readable, so stop polling the listener for a while instead of spinning.
-                self.accept_errors += 1
+                cppnp_counter_add(&self._accept_errors, 1)
                 self._log_accept_error(err)
                 self._pause_accepting()
                 return 0
-            self.accepted += 1
+            cppnp_counter_add(&self._accepted, 1)
             try:
                 if self._tcp_nodelay:
                     set_bool_opt(connfd, IPPROTO_TCP, TCP_NODELAY, True)
@@ -259,6 +318,7 @@ cdef class TcpServer(ConnectionOwner):
                 pass        # the peer may already be gone; the first read will tell
             conn = new_connection(self._loop, connfd, self, self._handlers, &peer, self.name)
             self._connections[conn.id] = conn
+            cppnp_relaxed_store(&self._n_connections, len(self._connections))
             conn.start()
         return 0
 
@@ -267,7 +327,7 @@ cdef class TcpServer(ConnectionOwner):
         (muduo's idleFd trick), so the listener does not spin on a readable backlog."""
         cdef sockaddr_storage peer
         cdef int e = 0, connfd
-        self.accept_errors += 1
+        cppnp_counter_add(&self._accept_errors, 1)
         self._log_accept_error(err)
         if self._idle_fd < 0:
             return 0
@@ -276,7 +336,7 @@ cdef class TcpServer(ConnectionOwner):
         connfd = accept_nonblocking(self.fd, &peer, &e)
         if connfd >= 0:
             close(connfd)
-            self.shed_connections += 1
+            cppnp_counter_add(&self._shed_connections, 1)
         self._idle_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
         return 0
 
@@ -284,15 +344,19 @@ cdef class TcpServer(ConnectionOwner):
         if self.fd >= 0 and not self._paused:
             self._paused = True
             self._loop.update_channel(self, 0)
-            self._loop.run_after(ACCEPT_RETRY_DELAY, self._resume_accepting)
+            self._retry_timer = self._loop.run_after(ACCEPT_RETRY_DELAY,
+                                                     self._resume_accepting)
         return 0
 
     def _resume_accepting(self):
+        # The accept-retry timer (cancelled when the listener closes).
+        self._retry_timer = 0
         self._paused = False
+        if self.fd < 0 or cppnp_atomic_load(&self._state) != SERVER_STARTED:
+            return
         if self._idle_fd < 0:
             self._idle_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
-        if self.fd >= 0 and not self._listener_closed:
-            self._loop.update_channel(self, EPOLLIN)
+        self._loop.update_channel(self, EPOLLIN)
 
     cdef _log_accept_error(self, int err):
         cdef double now = cppnp_monotonic()
@@ -305,13 +369,17 @@ cdef class TcpServer(ConnectionOwner):
 
     cdef int remove_connection(self, TcpConnection conn) except -1:
         self._connections.pop(conn.id, None)
+        cppnp_relaxed_store(&self._n_connections, len(self._connections))
+        self._maybe_detach()
         return 0
 
     cdef int on_loop_closed(self) except -1:
         cdef TcpConnection conn
-        self._stopped = True
+        with self._lock:
+            cppnp_atomic_store(&self._state, SERVER_STOPPED)
         self._close_listener()
         for conn in list(self._connections.values()):
             conn.on_loop_closed()
         self._connections.clear()
+        cppnp_relaxed_store(&self._n_connections, 0)
         return 0

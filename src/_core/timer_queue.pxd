@@ -31,6 +31,7 @@ cdef class TimerQueue:
         Py_ssize_t _size
         Py_ssize_t _cap
         cppnp_id_set _live
+        int64_t _live_count     # relaxed mirror of _live.count, for other threads
 
     cdef int _push(self, TimerEntry* e) except -1
     cdef void _sift_down(self, Py_ssize_t i) noexcept nogil
@@ -42,7 +43,9 @@ cdef class TimerQueue:
     cdef int timeout_ms(self, double now) except -2
     # The callback of the earliest live timer due at *now* whose id is below *cutoff*
     # (timers added during this pass wait for the next one), or None.  A one-shot timer is
-    # forgotten here; a repeating one is re-armed first, so it can cancel itself.
+    # forgotten here; a repeating one is re-armed first, so it can cancel itself, with a
+    # deadline after *now*: it never fires twice in one pass.
     cdef object pop_due(self, double now, int64_t cutoff)
-    cdef Py_ssize_t count(self) noexcept
+    # How many timers are live (any thread).
+    cdef int64_t live_count(self) noexcept
     cdef int clear(self) except -1

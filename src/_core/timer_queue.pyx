@@ -4,8 +4,10 @@
 cimport cython
 from cpython.mem cimport PyMem_RawFree, PyMem_RawRealloc
 from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
-from libc.math cimport ceil, floor, isinf
+from libc.math cimport ceil, floor, INFINITY, isinf, nextafter
 from libc.stdint cimport int64_t
+
+from _core.includes.sys cimport cppnp_relaxed_load, cppnp_relaxed_store
 
 DEF MIN_COMPACT = 64
 
@@ -35,14 +37,15 @@ cdef class TimerQueue:
     def __len__(self):
         return self._live.count
 
-    cdef Py_ssize_t count(self) noexcept:
-        return self._live.count
+    cdef int64_t live_count(self) noexcept:
+        return cppnp_relaxed_load(&self._live_count)
 
     cdef int clear(self) except -1:
         """Drop every timer (the loop is closing)."""
         cdef Py_ssize_t i, n = self._size
         self._size = 0
         cppnp_id_set_free(&self._live)
+        cppnp_relaxed_store(&self._live_count, 0)
         for i in range(n):
             Py_DECREF(<object>self._heap[i].callback)
         return 0
@@ -118,11 +121,13 @@ cdef class TimerQueue:
             raise MemoryError()
         self._push(&e)
         Py_INCREF(callback)
+        cppnp_relaxed_store(&self._live_count, self._live.count)
         return 0
 
     cdef bint cancel(self, int64_t seq) except -1:
         if not cppnp_id_set_remove(&self._live, seq):
             return False
+        cppnp_relaxed_store(&self._live_count, self._live.count)
         if self._size - <Py_ssize_t>self._live.count > MIN_COMPACT \
                 and (self._size - <Py_ssize_t>self._live.count) * 2 > self._size:
             self._compact()
@@ -161,6 +166,7 @@ cdef class TimerQueue:
             if not cppnp_id_set_remove(&self._live, top.seq):
                 Py_DECREF(cb)              # cancelled: drop the heap's reference
                 self._pop()
+                cb = None
                 continue
             if top.interval > 0:
                 # No drift: the next deadline is the previous one plus the interval,
@@ -168,12 +174,18 @@ cdef class TimerQueue:
                 nxt = top.when + top.interval
                 if nxt <= now:
                     nxt = top.when + (floor((now - top.when) / top.interval) + 1) * top.interval
+                # Rounding (or an interval below the resolution of a double this large)
+                # can leave the deadline at or before now: it must be after now, or the
+                # timer would fire again in this pass, forever.
+                if not nxt > now or isinf(nxt):
+                    nxt = nextafter(now, INFINITY)
                 cppnp_id_set_add(&self._live, top.seq)
                 self._heap[0].when = nxt
                 self._sift_down(0)         # the entry keeps its reference
             else:
                 Py_DECREF(cb)              # the heap's reference goes; `cb` keeps one
                 self._pop()
+                cppnp_relaxed_store(&self._live_count, self._live.count)
             return cb
         return None
 

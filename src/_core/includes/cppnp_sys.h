@@ -16,13 +16,22 @@ static inline void cppnp_atomic_store(int64_t *p, int64_t v) {
 static inline int64_t cppnp_atomic_add(int64_t *p, int64_t v) {
     return __atomic_add_fetch(p, v, __ATOMIC_SEQ_CST);
 }
-/* For int fields that one thread writes and others only read (e.g. a state code). */
-static inline int cppnp_atomic_load_int(int *p) {
-    return __atomic_load_n(p, __ATOMIC_SEQ_CST);
-}
 static inline int cppnp_atomic_cas(int64_t *p, int64_t expected, int64_t desired) {
     return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_SEQ_CST,
                                        __ATOMIC_SEQ_CST);
+}
+
+/* Counters written by one thread (the loop) and read by any: relaxed atomics, so a reader
+ * never sees a torn or stale-forever value and the writer pays no locked instruction. */
+static inline int64_t cppnp_relaxed_load(int64_t *p) {
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+static inline void cppnp_relaxed_store(int64_t *p, int64_t v) {
+    __atomic_store_n(p, v, __ATOMIC_RELAXED);
+}
+/* Single-writer increment (the caller is the only thread that writes *p). */
+static inline void cppnp_counter_add(int64_t *p, int64_t v) {
+    __atomic_store_n(p, __atomic_load_n(p, __ATOMIC_RELAXED) + v, __ATOMIC_RELAXED);
 }
 
 static inline double cppnp_monotonic(void) {

@@ -6,5 +6,7 @@ cdef extern from "cppnp_sys.h" nogil:
     void cppnp_atomic_store(int64_t* p, int64_t v)
     int64_t cppnp_atomic_add(int64_t* p, int64_t v)
     bint cppnp_atomic_cas(int64_t* p, int64_t expected, int64_t desired)
-    int cppnp_atomic_load_int(int* p)
+    int64_t cppnp_relaxed_load(int64_t* p)
+    void cppnp_relaxed_store(int64_t* p, int64_t v)
+    void cppnp_counter_add(int64_t* p, int64_t v)
     double cppnp_monotonic()
