@@ -322,7 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "cells": [asdict(s) for s in summaries.values()]}, f,
                   indent=1)
-    text = report(summaries, meta)
+    from goals import goals_markdown
+
+    text = report(summaries, meta) + "\n" + goals_markdown(
+        [asdict(s) for s in summaries.values()])
     with open(stem + ".md", "w") as f:
         f.write(text + "\n")
     print(text)
