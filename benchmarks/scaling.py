@@ -52,6 +52,7 @@ class Config:
     server_cpus: str
     client_cpu: int
     what: str
+    par: int = 1        # how many threads/processes can run the work at once
 
 
 BOTH = "0,1"
@@ -61,10 +62,10 @@ CONFIGS = (
            "3.11, prefork 1 child, pool of 1, fib(20)"),
     Config("py_prefork2_fib20", "py", (PREFORK, "--processes", "2", "--threads", "1",
                                        "--fib", "20"), BOTH, 1,
-           "3.11, prefork 2 children, pool of 1 each, fib(20)"),
+           "3.11, prefork 2 children, pool of 1 each, fib(20)", 2),
     Config("py_prefork2_t0_fib20", "py", (PREFORK, "--processes", "2", "--threads", "0",
                                           "--fib", "20"), BOTH, 1,
-           "3.11, prefork 2 children, fib(20) on the loop thread"),
+           "3.11, prefork 2 children, fib(20) on the loop thread", 2),
     Config("py_prefork1_t0_fib20", "py", (PREFORK, "--processes", "1", "--threads", "0",
                                           "--fib", "20"), BOTH, 1,
            "3.11, prefork 1 child, fib(20) on the loop thread"),
@@ -73,9 +74,9 @@ CONFIGS = (
     Config("ft_pool1_fib20", "ft", (*CPPNP, "--threads", "1", "--fib", "20"), BOTH, 1,
            "3.13t GIL off, seed echo, pool of 1, fib(20)"),
     Config("ft_pool2_fib20", "ft", (*CPPNP, "--threads", "2", "--fib", "20"), BOTH, 1,
-           "3.13t GIL off, seed echo, pool of 2, fib(20)"),
+           "3.13t GIL off, seed echo, pool of 2, fib(20)", 2),
     Config("ft_aio_exec2_fib20", "ft", (AIO, "--executor", "2", "--fib", "20"), BOTH, 1,
-           "3.13t GIL off, asyncio + run_in_executor(2 threads), fib(20)"),
+           "3.13t GIL off, asyncio + run_in_executor(2 threads), fib(20)", 2),
     Config("ft_aio_exec1_fib20", "ft", (AIO, "--executor", "1", "--fib", "20"), BOTH, 1,
            "3.13t GIL off, asyncio + run_in_executor(1 thread), fib(20)"),
     Config("ft_plain", "ft", (*CPPNP, "--threads", "0", "--fib", "0"), "0", 1,
@@ -110,18 +111,26 @@ PAIRS = (
 FIB_MICRO = r"""
 import json, sys, threading, time
 def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)
+cpu = []
 def work(k):
+    t0 = time.thread_time()
     for _ in range(k): fib(20)
+    cpu.append(time.thread_time() - t0)
 K = int(sys.argv[1])
 out = {"gil": getattr(sys, "_is_gil_enabled", lambda: True)()}
 for n in (1, 2):
+    cpu.clear()
     ts = [threading.Thread(target=work, args=(K,)) for _ in range(n)]
     t0 = time.perf_counter()
     for t in ts: t.start()
     for t in ts: t.join()
     out["threads%d_s" % n] = time.perf_counter() - t0
-out["fib20_ms"] = 1000 * out["threads1_s"] / K
-out["efficiency2"] = out["threads1_s"] / out["threads2_s"]   # 1.0 = perfect 2x
+    out["cpu_ms_per_fib%d" % n] = 1000 * sum(cpu) / (n * K)
+out["fib20_ms"] = out["cpu_ms_per_fib1"]
+# wall-clock: 1.0 = two threads in the time of one (needs two free cores);
+# CPU: 1.0 = a fib(20) costs as much CPU with two threads running as with one.
+out["efficiency2"] = out["threads1_s"] / out["threads2_s"]
+out["cpu_efficiency2"] = out["cpu_ms_per_fib1"] / out["cpu_ms_per_fib2"]
 print(json.dumps(out))
 """
 
@@ -419,6 +428,24 @@ def pair_ratios(runs: list[dict[str, Any]], a: str, b: str,
     return out
 
 
+def capacity(name: str, meds: dict[str, dict[str, Any]]) -> float | None:
+    """rt/s the configuration would reach on its cores with nothing else running, from its
+    CPU per round trip: par units each serve 1e6 / cpu rt/s, and each serving process's
+    loop thread at most 1e6 / loop.  An upper bound: waiting that burns no CPU (a lock
+    convoy) does not show in CPU time."""
+    row, cfg = meds.get(name), BY_NAME[name]
+    if not row or not row.get("server_cpu_us_per_rt"):
+        return None
+    cores = len(cfg.server_cpus.split(","))
+    par = min(cfg.par, cores)
+    x = par * 1e6 / row["server_cpu_us_per_rt"]
+    loop = row.get("loop_thread_us_per_rt")
+    nproc = cfg.par if "prefork" in cfg.name else 1
+    if loop:
+        x = min(x, nproc * 1e6 / loop)
+    return x
+
+
 def pairs_table(runs: list[dict[str, Any]],
                 meds: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
@@ -434,6 +461,9 @@ def pairs_table(runs: list[dict[str, Any]],
                                "a_rt": meds[a]["rt_per_s"], "b_rt": meds[b]["rt_per_s"],
                                "ratios": [round(x, 3) for x in ratios], "noisy": noisy,
                                "all_ratios": [round(x, 3) for x in everything]}
+        ca, cb = capacity(a, meds), capacity(b, meds)
+        if ca and cb:
+            row["cpu_derived_ratio"] = round(ca / cb, 3)
         if ratios:
             row["ratio"] = round(statistics.median(ratios), 3)
             row["ratio_min"] = round(min(ratios), 3)
@@ -453,7 +483,7 @@ def model(meds: dict[str, dict[str, Any]], micro: dict[str, Any],
     if ft2 and ft2.get("loop_thread_us_per_rt") and ft2.get("worker_threads_us_per_rt"):
         loop = ft2["loop_thread_us_per_rt"]
         work = ft2["worker_threads_us_per_rt"]
-        eff = micro.get("ft", {}).get("efficiency2") or 1.0
+        eff = micro.get("ft", {}).get("cpu_efficiency2") or 1.0
         handoff = None
         if plain and nowork and plain.get("server_cpu_us_per_rt") and \
                 nowork.get("server_cpu_us_per_rt"):
@@ -506,15 +536,22 @@ def render(results: dict[str, Any]) -> str:
              "generator on CPU 1; `ft_plain`/`*_nowork` servers on CPU 0, load generator on "
              "CPU 1 (as `run.py`).", ""]
     lines += ["## Goals", "", "| comparison | a rt/s | b rt/s | a / b (median of paired runs) "
-              "| min-max | pairs | goal | |",
-              "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | :--- |"]
+              "| min-max | pairs | goal | | a / b from CPU per rt |",
+              "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | :--- | ---: |"]
     for row in pairs:
         goal = "—" if row["goal"] is None else f"≥ {row['goal']}x"
         met = "" if row.get("met") is None else ("met" if row["met"] else "**not met**")
         lines.append(f"| {row['label']} | {fmt(row['a_rt'])} | {fmt(row['b_rt'])} | "
                      f"{fmt(row.get('ratio'), '.2f')}x | {fmt(row.get('ratio_min'), '.2f')}-"
                      f"{fmt(row.get('ratio_max'), '.2f')} | {len(row['ratios'])}"
-                     f"{' (noisy)' if row['noisy'] else ''} | {goal} | {met} |")
+                     f"{' (noisy)' if row['noisy'] else ''} | {goal} | {met} | "
+                     f"{fmt(row.get('cpu_derived_ratio'), '.2f')}x |")
+    lines += ["", "`a / b from CPU per rt`: the ratio the two would reach with their cores to "
+              "themselves, computed from the CPU each used per round trip (each of `par` "
+              "threads or processes that can run the work at once serves 1e6 / CPU-per-rt "
+              "rt/s, capped by the loop thread's own CPU per rt). It is an upper bound "
+              "(waiting that burns no CPU does not show), but does not depend on how much "
+              "CPU other processes took, unlike the measured ratio.", ""]
     lines += ["", "## Every configuration (medians)", "",
               "| server | what | rt/s | spread | p99 µs | server CPU µs/rt | cores used "
               "| loop thread µs/rt | workers µs/rt | loop busy | client CPU | other load | n |",
@@ -531,10 +568,11 @@ def render(results: dict[str, Any]) -> str:
             f"{fmt(row['other_load_pct'], '.0f')}% | {row['n']}"
             f"{' (noisy)' if row['noisy'] else ''} |")
     lines += ["", "`cores used`: the server's CPU time over the window (all its processes "
-              "and threads). `loop thread`/`workers`: CPU of the serving processes' main thread (the "
-              "loop) and of their other threads, per round trip (for prefork rows: summed "
-              "over the children; `loop busy` is per child). `other load`: CPU that other "
-              "processes used on the two cores during the window, as a share of both cores. "
+              "and threads). `loop thread`/`workers`: CPU of the serving processes' main "
+              "thread (the loop) and of their other threads, per round trip (for prefork "
+              "rows: summed over the children; `loop busy` is per child). `other load`: CPU "
+              "that other processes used on the two cores during the window, as a share of "
+              "both cores. "
               f"Runs with other load above {results['config']['quiet_pct']:.0f}% are left out "
               "of the medians and ratios when at least 3 quiet ones exist; `(noisy)` marks a "
               "figure that had to use them. `n`: runs in the median.", ""]
@@ -542,14 +580,16 @@ def render(results: dict[str, Any]) -> str:
     if micro:
         lines += ["## The interpreter alone", "",
                   "fib(20) x K in one thread, then in two threads at once (no sockets):", "",
-                  "| interpreter | GIL | fib(20) ms | 2 threads: speed-up |",
-                  "| :--- | :--- | ---: | ---: |"]
+                  "| interpreter | GIL | fib(20) CPU ms, 1 thread | 2 threads | "
+                  "CPU efficiency | wall-clock speed-up |",
+                  "| :--- | :--- | ---: | ---: | ---: | ---: |"]
         for key, res in micro.items():
             if "error" in res:
                 lines.append(f"| {key} | | error | |")
                 continue
             lines.append(f"| {key} | {'on' if res['gil'] else 'off'} | "
-                         f"{res['fib20_ms']:.3f} | {2 * res['efficiency2']:.2f}x |")
+                         f"{res['cpu_ms_per_fib1']:.3f} | {res['cpu_ms_per_fib2']:.3f} | "
+                         f"{res['cpu_efficiency2']:.2f} | {2 * res['efficiency2']:.2f}x |")
         lines.append("")
     if mdl:
         lines += ["## Model: expected scaling at 8, 16, 64 cores", ""]
@@ -564,7 +604,8 @@ def render(results: dict[str, Any]) -> str:
                 f"minus plain echo) costs {fmt(ft['handoff_us_per_rt'], '.1f')} µs of CPU per "
                 f"request. With N cores shared by the loop and N workers, "
                 f"X(N) = min(N·e/(L+W), 1/L), e = {ft['interp_efficiency2']:.2f} the "
-                "interpreter's own 2-thread efficiency measured above:", "",
+                "interpreter's own 2-thread CPU efficiency measured above (CPU per fib(20) "
+                "with one thread / with two), assumed to hold at N threads:", "",
                 "| cores | rt/s | speed-up vs 1 core |", "| ---: | ---: | ---: |"]
             for n, row in ft["cores"].items():
                 lines.append(f"| {n} | {row['rt_per_s']:,} | {row['speedup']}x |")
