@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from types import FrameType
+from typing import Callable
 
 from cppnp import Buffer, EventLoop, ICppnpUsr, TcpConnection, TcpServer, ThreadPool
 
@@ -80,7 +81,8 @@ class Store:
         self.data: dict[bytes, bytes] = {}
         self.expires: dict[bytes, float] = {}        # key -> deadline (monotonic seconds)
         self.lock = threading.Lock()
-        c = self._commands = {}
+        c: dict[bytes, tuple[Callable[[list[bytes]], bytes], int]] = {}
+        self._commands = c
         # name: (method, arity) -- redis arity: n exact, -n at least n (name included).
         for name, fn, arity in (
             (b"PING", self.ping, -1), (b"ECHO", self.echo, 2), (b"SET", self.set, -3),

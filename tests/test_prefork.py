@@ -426,3 +426,31 @@ def test_port_zero_without_reservation_is_a_clear_error(services: list[Service])
     svc = start(services, processes=2, port=0)
     assert svc.finish() == 1
     assert "different addresses" in svc.stderr and "reserve_port" in svc.stderr, svc.stderr
+
+
+def test_cli_echo_processes() -> None:
+    """``cppnp echo --processes 2``: two children answer on one port; SIGTERM stops all."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cppnp", "echo", "--port", "0", "--processes", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on 127.0.0.1:"), (line, proc.stderr)
+        port = int(line.rsplit(":", 1)[1])
+        pids = [int(p) for p in proc.stdout.readline().split(":", 1)[1].split()]
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+        for i in range(20):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                msg = b"hello %d" % i
+                s.sendall(msg)
+                s.shutdown(socket.SHUT_WR)
+                assert recv_until_eof(s) == msg
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        wait_for(lambda: not any(alive(p) for p in pids))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()

@@ -1,7 +1,7 @@
 """The cppnp echo server under the prefork supervisor, for benchmarks/scaling.py.
 
 ``prefork_echo.py --processes N [--threads T] [--fib K] --host H --port P``: what
-``python -m cppnp echo --processes N`` runs (cppnp.prefork.serve_echo).  Prints
+``python -m cppnp echo --processes N`` runs (cppnp.cli.servers.serve_echo).  Prints
 ``listening on HOST:PORT`` once every child listens; SIGINT/SIGTERM drain and stop.
 """
 
@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from cppnp.prefork import serve_echo
+from cppnp.cli.servers import serve_echo
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -421,7 +421,7 @@ cdef class Buffer:
                                       str name) except NULL:
         cdef size_t n = self._writer - self._reader
         if offset < 0 or <size_t>offset > n or n - offset < <size_t>width:
-            raise ValueError("%s needs %d readable bytes at offset %d, have %d"
+            raise ValueError("%s() needs %d readable bytes at offset %d, have %d"
                              % (name, width, offset, n))
         return <const unsigned char*>(self._data + self._reader + offset)
 

@@ -78,7 +78,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, Callable, Protocol, TextIO, Union, runtime_checkable
+from typing import Any, Callable, Protocol, Union, runtime_checkable
 
 from cppnp.event_loop import EventLoop
 from cppnp.tcp_server import TcpServer
@@ -91,7 +91,6 @@ __all__ = [
     "Supervisor",
     "reserve_port",
     "serve",
-    "serve_echo",
 ]
 
 log = logging.getLogger("cppnp.prefork")
@@ -843,50 +842,3 @@ def _check_reuse_port(server: Any) -> None:
                 "%r on %s:%d does not listen with SO_REUSEPORT: prefork children share the "
                 "port, create it with TcpServer(..., reuse_port=True)"
                 % (server, host, port)) from None
-
-
-# -- the CLI's echo server ------------------------------------------------------------------
-
-def serve_echo(host: str = "127.0.0.1", port: int = 9000, *, processes: int = 1,
-               threads: int = 0, fib: int = 0, drain_timeout: float = 30.0,
-               out: TextIO | None = None) -> int:
-    """``cppnp echo --processes N``: the echo server (``threads``/``fib`` as in the CLI: the
-    seed's pool) in *processes* prefork children on one port.
-
-    Port 0 reserves a free port first.  Prints ``listening on HOST:PORT`` and
-    ``children: PID ...`` to *out* (default stdout) once every child listens; returns the
-    exit status (EXIT_BOOT_FAILED with the reason on stderr when it cannot start).
-
-    Main thread only.
-    """
-    from cppnp.examples.echo import EchoHandler
-    from cppnp.examples.seed_echo import EchoServer
-
-    out = sys.stdout if out is None else out
-    reserved = reserve_port(host, port) if port == 0 else None
-    if reserved is not None:
-        port = reserved.getsockname()[1]
-
-    def make_server(loop: EventLoop) -> list[Any]:
-        if threads > 0 or fib > 0:
-            pool = ThreadPool(threads, name="worker")
-            pool.start()
-            server = TcpServer(loop, (host, port), EchoServer(pool, fib), name="echo",
-                               reuse_port=True)
-            return [server, pool]
-        return [TcpServer(loop, (host, port), EchoHandler(), name="echo", reuse_port=True)]
-
-    def on_ready(sup: Supervisor) -> None:
-        h, p = (sup.address or [[host, port]])[0][:2]
-        print("listening on %s:%d" % (h, p), file=out, flush=True)
-        print("children: %s" % " ".join(str(pid) for pid in sup.pids), file=out, flush=True)
-
-    try:
-        return serve(make_server, processes=processes, drain_timeout=drain_timeout,
-                     on_ready=on_ready)
-    except PreforkError as exc:
-        print("cppnp echo: %s" % exc, file=sys.stderr, flush=True)
-        return EXIT_BOOT_FAILED
-    finally:
-        if reserved is not None:
-            reserved.close()

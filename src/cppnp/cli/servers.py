@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import threading
 import time
-from typing import Any
+from typing import Any, TextIO
 
-from cppnp import Buffer, EventLoop, ICppnpUsr, IRun2, Task, TcpConnection, ThreadPool
+from cppnp import Buffer, EventLoop, ICppnpUsr, IRun2, Task, TcpConnection, TcpServer, ThreadPool
 from cppnp.cli.common import add_server_options, int_range, listen, serve_until_signal
 
 log = logging.getLogger("cppnp.cli.echo")
@@ -73,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM (main thread)."""
     if args.verbose:
         logging.basicConfig(level=logging.DEBUG, format="%(threadName)s %(message)s")
+    if args.command == "echo" and args.processes > 1:
+        return serve_echo(args.host, args.port, processes=args.processes,
+                          threads=args.threads, fib=args.fib)
     pool = None
     handler: Any
     with EventLoop() as loop:
@@ -122,3 +126,47 @@ def add_parsers(sub: Any) -> None:
                 "seed's CPU work; 0 = none, echo only (default: %%(default)s)" % FIB_MAX,
             )
         sp.set_defaults(func=run)
+
+
+def serve_echo(host: str = "127.0.0.1", port: int = 9000, *, processes: int = 1,
+               threads: int = 0, fib: int = 0, drain_timeout: float = 30.0,
+               out: TextIO | None = None) -> int:
+    """``cppnp echo --processes N``: the echo server (``threads``/``fib`` as in the CLI: the
+    seed's pool) in *processes* prefork children on one port.
+
+    Port 0 reserves a free port first.  Prints ``listening on HOST:PORT`` and
+    ``children: PID ...`` to *out* (default stdout) once every child listens; returns the
+    exit status (EXIT_BOOT_FAILED with the reason on stderr when it cannot start).
+
+    Main thread only.
+    """
+    from cppnp.prefork import EXIT_BOOT_FAILED, PreforkError, Supervisor, reserve_port, serve
+
+    out = sys.stdout if out is None else out
+    reserved = reserve_port(host, port) if port == 0 else None
+    if reserved is not None:
+        port = reserved.getsockname()[1]
+
+    def make_server(loop: EventLoop) -> list[Any]:
+        if threads > 0 or fib > 0:
+            pool = ThreadPool(threads, name="worker")
+            pool.start()
+            server = TcpServer(loop, (host, port), EchoServer(pool, fib), name="echo",
+                               reuse_port=True)
+            return [server, pool]
+        return [TcpServer(loop, (host, port), EchoHandler(), name="echo", reuse_port=True)]
+
+    def on_ready(sup: Supervisor) -> None:
+        h, p = (sup.address or [[host, port]])[0][:2]
+        print("listening on %s:%d" % (h, p), file=out, flush=True)
+        print("children: %s" % " ".join(str(pid) for pid in sup.pids), file=out, flush=True)
+
+    try:
+        return serve(make_server, processes=processes, drain_timeout=drain_timeout,
+                     on_ready=on_ready)
+    except PreforkError as exc:
+        print("cppnp echo: %s" % exc, file=sys.stderr, flush=True)
+        return EXIT_BOOT_FAILED
+    finally:
+        if reserved is not None:
+            reserved.close()
