@@ -105,7 +105,8 @@ class LifetimeHandler(ICppnpUsr, IRun2):
 
     def on_close(self, conn: Any) -> None:
         with self.lock:
-            self.closes[conn.id] += 1
+            # close_info first: wait_closed() polls closes without the lock, then reads
+            # close_info (with the GIL off it could see the count before the entry).
             self.close_info[conn.id] = {
                 "pending": conn.pending_tasks,
                 "all_ended": self.ended[conn.id] == self.added[conn.id],
@@ -116,6 +117,7 @@ class LifetimeHandler(ICppnpUsr, IRun2):
                 "closed_flag": conn.closed,
                 "thread": threading.get_ident(),
             }
+            self.closes[conn.id] += 1
 
     # -- worker (or the loop thread in single-thread mode) --
     def run2(self, f: bytes, conn: Any) -> None:
@@ -523,7 +525,9 @@ def test_peer_resets_or_closes_with_tasks_in_flight(
         if hold:
             wait_for(lambda c=cid, n=n: h.added[c] == n, TIMEOUT)
             conn = h.refs[cid]()
-            assert conn is not None and conn.pending_tasks == n   # all n held in flight
+            assert conn is not None
+            # All n held in flight (on_message counts a frame just before add_task does).
+            wait_for(lambda c=conn, n=n: c.pending_tasks == n, TIMEOUT)
             del conn
         if how == "reset":
             rst_close(s)
