@@ -277,6 +277,7 @@ class Supervisor:
         self._announced = False
         self._ran = False
         self._set_pdeathsig: Callable[[int], None] | None = None
+        self._stop_early = False
 
     # -- for the caller ------------------------------------------------------------------
 
@@ -315,7 +316,9 @@ class Supervisor:
         Thread-safe.
         """
         with self._lock:        # run() closes the pipe under the lock: no write to a reused fd
-            if self._wake_w >= 0:
+            if self._wake_w < 0 and not self._ran:
+                self._stop_early = True     # run() stops as soon as it has started
+            elif self._wake_w >= 0:
                 try:
                     os.write(self._wake_w, _STOP_BYTE)
                 except OSError:
@@ -330,24 +333,28 @@ class Supervisor:
         """
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("prefork serve() must run in the main thread (signals)")
-        if self._ran:
-            raise RuntimeError("a Supervisor runs once")
-        self._ran = True
         others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
         if others:
             log.warning("prefork: forking while other threads run (%s); a thread holding a "
                         "lock at fork() can deadlock a child: create loops, pools and "
                         "threads in make_server", ", ".join(others))
         self._set_pdeathsig = _load_prctl()
-        self._wake_r, self._wake_w = os.pipe()
+        with self._lock:        # stop() sees either _ran False or the pipe
+            if self._ran:
+                raise RuntimeError("a Supervisor runs once")
+            self._ran = True
+            self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         old_handlers: dict[int, Any] = {}
         old_wakeup = -1
         try:
+            # The wakeup fd first: a signal caught from now on reaches the loop below.
+            old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
             for sig in (*_STOP_SIGNALS, signal.SIGCHLD):
                 old_handlers[sig] = signal.signal(sig, _noop_handler)
-            old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+            if self._stop_early:
+                self.stop()
             self._supervise()
         finally:
             self._kill_all()
@@ -389,9 +396,8 @@ class Supervisor:
             if self._kill_at is not None and now >= self._kill_at and not self._killed:
                 self._killed = True
                 for child in list(self._children.values()):
-                    log.warning("prefork: child %d (pid %d) still running %.1f s after the "
-                                "stop request: SIGKILL", child.slot, child.pid,
-                                self.drain_timeout + self.kill_timeout)
+                    log.warning("prefork: child %d (pid %d) still running: SIGKILL",
+                                child.slot, child.pid)
                     self._exit_code = 1
                     self._signal(child.pid, signal.SIGKILL)
             if not self._stopping:
