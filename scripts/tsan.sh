@@ -22,6 +22,8 @@
 #   TSAN_VENV      virtualenv directory (default .venv-tsan)
 #   TSAN_LOG_DIR   where reports go (default build/tsan-logs, wiped first)
 #   TSAN_TESTS     test files to run, from tests/ (default: the thread-heavy files below)
+#   TSAN_CYTHON_PYTHON  a fast interpreter with Cython to translate the .pyx files
+#                  (default .venv/bin/python, as `make install` leaves it; optional)
 #   PYTEST_ARGS    extra pytest options (default none)
 #
 # Usage: scripts/tsan.sh [pytest args]    e.g. scripts/tsan.sh test_thread_pool.py -k stop
@@ -82,6 +84,14 @@ tar -C "$ROOT" -cf - --exclude='*.so' --exclude='*.o' --exclude='src/_core/*.c' 
 say "building with -fsanitize=thread in $STAGE"
 (
     cd "$STAGE"
+    # Cython's output is the same C for every CPython (versions are #if'd in it), and
+    # running Cython itself on the instrumented interpreter is several times slower: let an
+    # ordinary interpreter with Cython translate (setup.py cythonizes when it is loaded),
+    # then the TSan interpreter finds the .c files up to date and only compiles them.
+    host="${TSAN_CYTHON_PYTHON:-$ROOT/.venv/bin/python}"
+    if [[ -x "$host" ]] && "$host" -c "import Cython, setuptools" 2>/dev/null; then
+        "$host" setup.py -q --name >/dev/null
+    fi
     # -O1 after setup.py's -O2 would not win (extra_compile_args come last): the build is
     # -O2 with frame pointers, which TSan handles; -g keeps .pyx line numbers in reports.
     export CFLAGS="-fsanitize=thread -g -fno-omit-frame-pointer"
@@ -113,7 +123,9 @@ EOF
 
 # -- 4. the run ----------------------------------------------------------------------------
 rm -rf "$LOGDIR"
-mkdir -p "$LOGDIR"
+mkdir -p "$LOGDIR/c"
+# The generated C, to turn a report's .c lines into .pyx lines (the verdict below).
+cp "$STAGE"/build/cython/src/_core/*.c "$LOGDIR/c/"
 # halt_on_error=0, exitcode=0: collect every report of the run; the verdict is below, from
 #   the logs (a report in a subprocess counts too).
 # report_signal_unsafe=0: Python's signal handlers run in the main loop, not in the handler.
@@ -149,12 +161,40 @@ import sys
 
 # A frame of ours: a _core extension (its .c, its .pyx line, or its .so) or a Cython function.
 OURS = re.compile(r"/_core/|\.pyx:|__pyx_|_core\.\S*\.so")
+PYX_MARK = re.compile(r'^\s*/\* "(?:\S*/)?(\w+\.(?:pyx|pxd|pxi))":(\d+)')
+pyx_cache = {}
+
+
+def pyx_line(c_file, line):
+    """'event_loop.pyx:207' for a line of the generated C (Cython's source comments)."""
+    name = c_file.rsplit("/", 1)[-1]
+    if name not in pyx_cache:
+        try:
+            with open("%s/c/%s" % (sys.argv[1], name)) as f:
+                pyx_cache[name] = f.read().splitlines()
+        except OSError:
+            pyx_cache[name] = []
+    for text in reversed(pyx_cache[name][:line]):
+        m = PYX_MARK.match(text)
+        if m:
+            return "%s:%s" % m.groups()
+    return None
+
+
+def annotate(chunk):
+    """Append the .pyx line to every frame in a generated .c file."""
+    def sub(m):
+        where = pyx_line(m.group(1), int(m.group(2)))
+        return m.group(0) + ("  [%s]" % where if where else "")
+    return re.sub(r"(\S+/_core/\w+\.c):(\d+)", sub, chunk)
+
+
 reports = []
 for path in sorted(glob.glob(sys.argv[1] + "/tsan.*")):
     text = open(path, errors="replace").read()
     for chunk in re.split(r"(?m)^==================\n", text):
         if re.search(r"(WARNING|ERROR): ThreadSanitizer:", chunk):
-            reports.append((path, chunk.strip()))
+            reports.append((path, annotate(chunk.strip())))
 if not reports:
     print("[tsan] OK: no report", file=sys.stderr)
     sys.exit(0)
@@ -173,10 +213,15 @@ def access_stacks(chunk):
 
 
 def first_ours(section):
+    """The first frame of ours in an access stack, skipping Cython's utility functions
+    (__Pyx_*: conversions and calls that any of our lines may use)."""
     for line in section.splitlines():
         m = re.match(r"\s+#\d+ (\S+) (\S+)", line)
+        if m and m.group(1).startswith("__Pyx_"):
+            continue
         if m and (OURS.search(m.group(1)) or OURS.search(m.group(2))):
-            return "%s %s" % (m.group(1), m.group(2).rsplit("/", 1)[-1])
+            pyx = re.search(r"\[(\w+\.(?:pyx|pxd|pxi):\d+)\]", line)
+            return pyx.group(1) if pyx else "%s %s" % (m.group(1), m.group(2).rsplit("/", 1)[-1])
     return None
 
 
@@ -185,7 +230,7 @@ other = []
 for path, chunk in reports:
     keys = [k for k in map(first_ours, access_stacks(chunk)) if k]
     if keys:
-        ours.setdefault(tuple(keys), []).append((path, chunk))
+        ours.setdefault(tuple(sorted(set(keys))), []).append((path, chunk))  # A<->B == B<->A
     else:
         other.append((path, chunk))
 print("[tsan] %d report(s): %d distinct with a frame in cppnp's code, %d elsewhere"
