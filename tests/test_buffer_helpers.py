@@ -132,7 +132,7 @@ def test_peek_int_and_read_int_match_int_from_bytes(
         assert buf.peek_int(width, order, signed, offset) == expected  # type: ignore[arg-type]
         assert buf.peek_int(width, byteorder=order, signed=signed, offset=offset) == expected  # type: ignore[arg-type]
     else:
-        with pytest.raises(ValueError, match="peek_int needs"):
+        with pytest.raises(ValueError, match=r"peek_int\(\) needs"):
             buf.peek_int(width, order, signed, offset)  # type: ignore[arg-type]
     assert buf.peek() == data
     if width <= len(data):
@@ -140,7 +140,7 @@ def test_peek_int_and_read_int_match_int_from_bytes(
         assert buf.read_int(width, order, signed) == expected  # type: ignore[arg-type]
         assert buf.peek() == data[width:]
     else:
-        with pytest.raises(ValueError, match="read_int needs"):
+        with pytest.raises(ValueError, match=r"read_int\(\) needs"):
             buf.read_int(width, order, signed)  # type: ignore[arg-type]
         assert buf.peek() == data
 

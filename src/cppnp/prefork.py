@@ -96,7 +96,7 @@ __all__ = [
 log = logging.getLogger("cppnp.prefork")
 
 #: Exit status of a child whose make_server() or start() raised (gunicorn uses 3 too),
-#: and of :func:`serve_echo` when the service could not start.
+#: and of ``cppnp echo --processes`` when the service could not start.
 EXIT_BOOT_FAILED = 3
 _EXIT_CRASHED = 1           # an exception escaped the child's loop
 _EXIT_ORPHANED = 4          # the parent died before the child could arm PDEATHSIG

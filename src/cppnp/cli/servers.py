@@ -125,6 +125,15 @@ def add_parsers(sub: Any) -> None:
                 help="compute fib(N), 0..%d, per message in the worker, the "
                 "seed's CPU work; 0 = none, echo only (default: %%(default)s)" % FIB_MAX,
             )
+            sp.add_argument(
+                "--processes",
+                type=int_range("processes", 1, 1024),
+                default=1,
+                metavar="N",
+                help="prefork: N child processes share the port (SO_REUSEPORT), each with "
+                "its own loop and pool; the parent restarts a child that dies and drains "
+                "all on SIGTERM/SIGINT (default: %(default)s)",
+            )
         sp.set_defaults(func=run)
 
 
