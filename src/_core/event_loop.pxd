@@ -33,6 +33,7 @@ cdef class EventLoop:
         int64_t _next_timer_id          # atomic
         int _pid                        # the process that created the loop (fork check)
         double _slice_start             # when the loop last (re)took the GIL
+        bint _gil_sharing               # the GIL is enabled (checked when loop() starts)
         list _deferred_notify           # worker queues to wake before the next poll
         int64_t _n_channels             # len(_channels), readable from any thread
         # Counters: written on the loop thread only, read anywhere (relaxed atomics).

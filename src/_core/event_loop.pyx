@@ -26,6 +26,7 @@ include "includes/consts.pxi"
 
 import logging
 import os
+import sys
 import threading
 import weakref
 
@@ -61,6 +62,8 @@ DEF LOOP_SLICE = 0.0002
 # 1 ns on Linux).  A shorter one cannot move the deadline forward.
 DEF MIN_INTERVAL = 1e-9
 cdef object _NOARG = object()
+# sys._is_gil_enabled (3.13+): False on a free-threaded build running with the GIL off.
+cdef object _is_gil_enabled = getattr(sys, "_is_gil_enabled", None)
 
 # One loop per thread (muduo's t_loopInThisThread): thread ident -> weakref to the loop.
 cdef object _registry_lock = threading.Lock()
@@ -233,6 +236,9 @@ cdef class EventLoop:
         if cppnp_atomic_load(&self._looping):
             raise RuntimeError("%s while the loop runs (no nested loops)" % what)
         cppnp_atomic_store(&self._looping, 1)
+        # Without a GIL (free-threaded build, GIL off) there is nothing to hand over: the
+        # loop neither waits for workers to step aside nor asks them to.
+        self._gil_sharing = _is_gil_enabled is None or bool(_is_gil_enabled())
         cppnp_tls_running_loop = <PyObject*>self
         return 0
 
@@ -253,6 +259,7 @@ cdef class EventLoop:
         cdef int timeout, n, i
         cdef void* p
         cdef Channel ch
+        cdef bint sharing
         timeout = self._timers.timeout_ms(cppnp_monotonic())
         if max_timeout >= 0 and (timeout < 0 or timeout > max_timeout):
             timeout = max_timeout
@@ -261,11 +268,14 @@ cdef class EventLoop:
         self._flush_notify()
         # A signal that arrived while Python code ran is handled before we block.
         PyErr_CheckSignals()
+        sharing = self._gil_sharing
         with nogil:
             n = epoll_wait(self._epfd, self._events, MAX_EVENTS, timeout)
             # We are about to wait for the GIL: ask workers to let us have it first.
-            cppnp_atomic_add(&_loops_wanting_gil, 1)
-        cppnp_atomic_add(&_loops_wanting_gil, -1)
+            if sharing:
+                cppnp_atomic_add(&_loops_wanting_gil, 1)
+        if sharing:
+            cppnp_atomic_add(&_loops_wanting_gil, -1)
         if n < 0:
             if errno != EINTR:
                 raise OSError(errno, "epoll_wait() failed: " + os.strerror(errno))
@@ -296,7 +306,7 @@ cdef class EventLoop:
 
     cdef inline int _share_gil(self) except -1:
         """After LOOP_SLICE of work while a worker waits for the GIL, let it have a turn."""
-        if cppnp_atomic_load(&_workers_wanting_gil) > 0 \
+        if self._gil_sharing and cppnp_atomic_load(&_workers_wanting_gil) > 0 \
                 and cppnp_monotonic() - self._slice_start >= LOOP_SLICE:
             with nogil:
                 _hand_gil_to_workers()
@@ -455,7 +465,9 @@ cdef class EventLoop:
 
         A deadline in the past (also ``-inf``) runs in the next iteration; ``inf`` never
         fires (it can be cancelled); NaN raises ValueError.  Timers with equal deadlines
-        fire in the order they were added.  Thread-safe.
+        fire in the order they were added.
+
+        Thread-safe.
         """
         if isnan(when):
             raise ValueError("run_at() deadline is NaN")
@@ -465,7 +477,9 @@ cdef class EventLoop:
         """Run *cb* once, *delay* seconds from now; return its timer id.
 
         A delay <= 0 (also ``-inf``) runs in the next iteration; ``inf`` never fires (it
-        can be cancelled); NaN raises ValueError.  Thread-safe.
+        can be cancelled); NaN raises ValueError.
+
+        Thread-safe.
         """
         if isnan(delay):
             raise ValueError("run_after() delay is NaN")
@@ -479,7 +493,9 @@ cdef class EventLoop:
         the deadline forward).  Deadlines do not drift: each one is the previous deadline
         plus *interval*.  If the loop stalls past several deadlines the timer fires once
         and resumes on its grid.  A repeating timer fires at most once per loop iteration
-        (an interval shorter than an iteration means "every iteration").  Thread-safe.
+        (an interval shorter than an iteration means "every iteration").
+
+        Thread-safe.
         """
         if not interval >= MIN_INTERVAL or isinf(interval):
             raise ValueError("run_every() interval must be a finite number of seconds >= %r "
@@ -493,6 +509,7 @@ cdef class EventLoop:
         own callback (that stops a repeating timer).  From another thread it is queued to
         the loop, so a timer due at that moment may still run once.  *timer_id* must be
         an int (TypeError otherwise: a float or bool is never truncated to an id).
+
         Thread-safe.
         """
         cdef int64_t seq

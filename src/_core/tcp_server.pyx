@@ -195,10 +195,12 @@ cdef class TcpServer(ConnectionOwner):
         return 0
 
     def stop(self):
-        """Stop listening and force-close every open connection.  Thread-safe.
+        """Stop listening and force-close every open connection.
 
         Connections with ThreadPool tasks in flight are released when those finish; once
         the last one is, the loop forgets the server.  Idempotent; start() raises after it.
+
+        Thread-safe.
         """
         self._check_created()
         with self._lock:
@@ -216,7 +218,9 @@ cdef class TcpServer(ConnectionOwner):
 
         After it, ``accepting`` is False, ``connection_count`` tells what is left, and
         start() raises; once the last connection is released the loop forgets the
-        server.  Thread-safe.
+        server.
+
+        Thread-safe.
         """
         self._check_created()
         with self._lock:

@@ -44,7 +44,9 @@ class ICppnpUsr:
         """Called when data arrived; *buf* holds it and everything not yet retrieved.
 
         Take what you need (``buf.retrieve_all()``, ``buf.retrieve_as_bytes(n)``); what
-        you leave stays for the next call.  The default discards the data.
+        you leave stays for the next call: when more data arrives, after
+        ``conn.start_reading()`` resumes a paused connection, and after ``loop()`` is
+        resumed following a KeyboardInterrupt raised here.  The default discards the data.
 
         Loop thread only.
         """
@@ -67,7 +69,8 @@ class ICppnpUsr:
     def on_high_water_mark(self, conn: TcpConnection, queued_bytes: int) -> None:
         """Called when the output buffer grows past ``conn.high_water_mark``.
 
-        A slow reader: consider ``conn.stop_reading()`` until on_write_complete.
+        A slow reader: consider ``conn.stop_reading()`` until on_write_complete, then
+        ``conn.start_reading()`` (which hands input left in the buffer to on_message again).
 
         Loop thread only.
         """
