@@ -73,10 +73,13 @@ if [[ ! -e "$VENV/.deps-installed" ]]; then
 fi
 
 # -- 3. the instrumented build -------------------------------------------------------------
-# From a copy of the tree: setuptools reuses object files in build/ by timestamp, whatever
-# flags produced them.
-STAGE="$(mktemp -d "${TMPDIR:-/tmp}/cppnp-tsan.XXXXXX")"
-trap 'rm -rf "$STAGE"' EXIT
+# In a copy of the tree kept for TSan builds only (build/tsan-stage: its object files were
+# all made with the flags below, so an unchanged source is not recompiled next time), built
+# in place and put on the venv's path with a .pth file: installing with pip on the
+# instrumented interpreter would take longer than the build.
+STAGE="$ROOT/build/tsan-stage"
+mkdir -p "$STAGE"
+rm -rf "$STAGE/src/cppnp"          # modules that moved or went away must not linger
 tar -C "$ROOT" -cf - --exclude='*.so' --exclude='*.o' --exclude='src/_core/*.c' \
     --exclude='*.html' --exclude=__pycache__ --exclude='*.egg-info' \
     setup.py pyproject.toml README.md src \
@@ -97,11 +100,13 @@ say "building with -fsanitize=thread in $STAGE"
     export CFLAGS="-fsanitize=thread -g -fno-omit-frame-pointer"
     export LDFLAGS="-fsanitize=thread"
     export CPPNP_STRICT="${CPPNP_STRICT:-1}"
-    quiet "$PY" setup.py -q build_ext -j "$(nproc)" >&2
-    quiet "$PY" -m pip install -q --no-build-isolation --force-reinstall --no-deps . >&2
+    quiet "$PY" setup.py -q build_ext --inplace -j "$(nproc)" >&2
 )
+SITE="$(quiet "$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+rm -rf "$SITE"/cppnp "$SITE"/_core "$SITE"/cppnp-*.dist-info    # an older pip install
+echo "$STAGE/src" >"$SITE/cppnp_tsan_stage.pth"
 
-(cd / && quiet "$PY" - <<'EOF'
+(cd / && STAGE="$STAGE" quiet "$PY" - <<'EOF'
 import glob
 import os
 import subprocess
@@ -109,6 +114,10 @@ import sys
 
 import _core
 
+import cppnp
+
+if not cppnp.__file__.startswith(os.environ["STAGE"]):
+    sys.exit("[tsan] cppnp comes from %s, not the TSan build" % cppnp.__file__)
 so = sorted(glob.glob(os.path.join(os.path.dirname(_core.__file__), "*.so")))
 bad = [p for p in so
        if "__tsan_" not in subprocess.run(["nm", "-D", "--undefined-only", p],
