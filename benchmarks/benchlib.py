@@ -44,6 +44,7 @@ CFLAGS = ("-O2", "-Wall", "-Werror")
 
 # ---- the server table -------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ServerSpec:
     """One echo server configuration.
@@ -73,24 +74,30 @@ _TABLE = (
     ServerSpec("cppnp", "cppnp", (*_CPPNP, "--threads", "0", "--fib", "0")),
     ServerSpec("cppnp_pool1", "cppnp_pool", (*_CPPNP, "--threads", "1", "--fib", "0"), False),
     ServerSpec("cppnp_pool2", "cppnp_pool", (*_CPPNP, "--threads", "2", "--fib", "0"), False),
-    ServerSpec("cppnp_pool1_fib20", "cppnp_pool",
-               (*_CPPNP, "--threads", "1", "--fib", "20"), False, 20),
-    ServerSpec("cppnp_pool2_fib20", "cppnp_pool",
-               (*_CPPNP, "--threads", "2", "--fib", "20"), False, 20),
+    ServerSpec(
+        "cppnp_pool1_fib20", "cppnp_pool", (*_CPPNP, "--threads", "1", "--fib", "20"), False, 20
+    ),
+    ServerSpec(
+        "cppnp_pool2_fib20", "cppnp_pool", (*_CPPNP, "--threads", "2", "--fib", "20"), False, 20
+    ),
     ServerSpec("asyncio", "asyncio", _AIO),
     ServerSpec("uvloop", "uvloop", _UV),
     ServerSpec("asyncio_exec1", "asyncio_exec", (*_AIO, "--executor", "1"), False),
     ServerSpec("asyncio_exec2", "asyncio_exec", (*_AIO, "--executor", "2"), False),
-    ServerSpec("asyncio_exec1_fib20", "asyncio_exec",
-               (*_AIO, "--executor", "1", "--fib", "20"), False, 20),
-    ServerSpec("asyncio_exec2_fib20", "asyncio_exec",
-               (*_AIO, "--executor", "2", "--fib", "20"), False, 20),
+    ServerSpec(
+        "asyncio_exec1_fib20", "asyncio_exec", (*_AIO, "--executor", "1", "--fib", "20"), False, 20
+    ),
+    ServerSpec(
+        "asyncio_exec2_fib20", "asyncio_exec", (*_AIO, "--executor", "2", "--fib", "20"), False, 20
+    ),
     ServerSpec("uvloop_exec1", "uvloop_exec", (*_UV, "--executor", "1"), False),
     ServerSpec("uvloop_exec2", "uvloop_exec", (*_UV, "--executor", "2"), False),
-    ServerSpec("uvloop_exec1_fib20", "uvloop_exec",
-               (*_UV, "--executor", "1", "--fib", "20"), False, 20),
-    ServerSpec("uvloop_exec2_fib20", "uvloop_exec",
-               (*_UV, "--executor", "2", "--fib", "20"), False, 20),
+    ServerSpec(
+        "uvloop_exec1_fib20", "uvloop_exec", (*_UV, "--executor", "1", "--fib", "20"), False, 20
+    ),
+    ServerSpec(
+        "uvloop_exec2_fib20", "uvloop_exec", (*_UV, "--executor", "2", "--fib", "20"), False, 20
+    ),
 )
 SERVERS: dict[str, ServerSpec] = {spec.name: spec for spec in _TABLE}
 
@@ -102,6 +109,7 @@ def server_argv(spec: ServerSpec, python: str = sys.executable) -> list[str]:
 
 
 # ---- building the C tools ---------------------------------------------------------------
+
 
 class BuildError(RuntimeError):
     """gcc failed; the message holds its output."""
@@ -119,7 +127,10 @@ def build_c(source: Path, name: str | None = None) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     proc = subprocess.run(
         [gcc, *CFLAGS, "-o", str(tmp), str(source)],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     if proc.returncode != 0:
         raise BuildError(f"{gcc} {' '.join(CFLAGS)} {source.name} failed:\n{proc.stderr}")
@@ -128,6 +139,7 @@ def build_c(source: Path, name: str | None = None) -> Path:
 
 
 # ---- CPU pinning ------------------------------------------------------------------------
+
 
 def can_pin(cpus: Iterable[int]) -> bool:
     """True if ``taskset`` exists and every CPU in *cpus* is usable by this process."""
@@ -151,7 +163,7 @@ def proc_cpu_seconds(pid: int) -> float:
     """utime + stime of *pid*'s whole thread group (``/proc/PID/stat``), in seconds."""
     with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
         stat = f.read()
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
@@ -226,8 +238,9 @@ def stop_all() -> None:
 atexit.register(stop_all)
 
 
-def read_lines(proc: subprocess.Popen[bytes], deadline: float,
-               on_line: Callable[[str], bool]) -> bool:
+def read_lines(
+    proc: subprocess.Popen[bytes], deadline: float, on_line: Callable[[str], bool]
+) -> bool:
     """Feed *proc*'s stdout lines to *on_line* until it returns True, EOF or *deadline*.
 
     Returns True if *on_line* asked to stop.
@@ -257,6 +270,7 @@ def read_lines(proc: subprocess.Popen[bytes], deadline: float,
 
 # ---- servers ----------------------------------------------------------------------------
 
+
 class ServerStartError(RuntimeError):
     """The server exited or stayed silent before printing ``listening on``."""
 
@@ -264,8 +278,13 @@ class ServerStartError(RuntimeError):
 class ServerProcess:
     """A benchmark server subprocess in its own session; use as a context manager."""
 
-    def __init__(self, name: str, argv: Sequence[str], cpu: int | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        cpu: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.argv = [*pin_prefix(cpu), *argv]
         self.env = env
@@ -288,8 +307,12 @@ class ServerProcess:
         self._log.flush()
         try:
             self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=self._log, env=self.env, start_new_session=True,
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=self._log,
+                env=self.env,
+                start_new_session=True,
             )
         except OSError as exc:
             raise ServerStartError(f"cannot exec {self.argv[0]}: {exc}") from exc
@@ -355,11 +378,15 @@ class ServerProcess:
 
 # ---- running JSON-printing scripts ------------------------------------------------------
 
+
 def run_json_script(argv: Sequence[str], timeout: float, cpu: int | None = None) -> dict[str, Any]:
     """Run a script that prints one JSON line; return it (or ``{"error": ...}``)."""
     proc = subprocess.Popen(
-        [*pin_prefix(cpu), *argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, start_new_session=True,
+        [*pin_prefix(cpu), *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     track(proc)
     try:
@@ -384,6 +411,7 @@ def run_json_script(argv: Sequence[str], timeout: float, cpu: int | None = None)
 
 
 # ---- machine description ----------------------------------------------------------------
+
 
 def _first_line(argv: Sequence[str]) -> str | None:
     try:
@@ -422,8 +450,9 @@ def machine_info(python: str = sys.executable) -> dict[str, Any]:
     with contextlib.suppress(OSError):
         governor = Path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor").read_text()
         governor = governor.strip()
-    cppnp = _first_line([python, "-c",
-                         "import cppnp; print(getattr(cppnp, '__version__', 'unknown'))"])
+    cppnp = _first_line(
+        [python, "-c", "import cppnp; print(getattr(cppnp, '__version__', 'unknown'))"]
+    )
     return {
         "cpu_model": cpu_model,
         "cpu_count": os.cpu_count(),

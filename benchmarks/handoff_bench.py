@@ -25,8 +25,9 @@ from typing import Any
 Submit = Callable[[Callable[[], None]], Any]
 
 
-def handoff(submit: Submit, start_in_loop: Submit, run: Callable[[], None],
-            stop: Callable[[], None], n: int) -> dict[str, float]:
+def handoff(
+    submit: Submit, start_in_loop: Submit, run: Callable[[], None], stop: Callable[[], None], n: int
+) -> dict[str, float]:
     """Submit *n* callbacks from another thread; time until the loop ran them all."""
     ran = 0
     t_first = 0.0
@@ -53,8 +54,11 @@ def handoff(submit: Submit, start_in_loop: Submit, run: Callable[[], None],
     thread.join()
     if ran != n:
         raise RuntimeError(f"only {ran} of {n} callbacks ran")
-    return {"calls_per_s": round(n / (t_last - t_first)), "elapsed_s": round(t_last - t_first, 4),
-            "submit_s": round(t_submitted - t_first, 4)}
+    return {
+        "calls_per_s": round(n / (t_last - t_first)),
+        "elapsed_s": round(t_last - t_first, 4),
+        "submit_s": round(t_submitted - t_first, 4),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,17 +69,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    out: dict[str, Any] = {"bench": "handoff", "impl": args.impl, "n": args.n,
-                           "python": platform.python_version(),
-                           "switch_interval_s": sys.getswitchinterval()}
+    out: dict[str, Any] = {
+        "bench": "handoff",
+        "impl": args.impl,
+        "n": args.n,
+        "python": platform.python_version(),
+        "switch_interval_s": sys.getswitchinterval(),
+    }
     try:
         if args.impl == "cppnp":
             from cppnp import EventLoop
 
             loop = EventLoop()
             try:
-                out.update(handoff(loop.queue_in_loop, loop.queue_in_loop, loop.loop,
-                                   loop.quit, args.n))
+                out.update(
+                    handoff(loop.queue_in_loop, loop.queue_in_loop, loop.loop, loop.quit, args.n)
+                )
             finally:
                 loop.close()
         else:
@@ -89,8 +98,15 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 aloop = asyncio.new_event_loop()
             try:
-                out.update(handoff(aloop.call_soon_threadsafe, aloop.call_soon,
-                                   aloop.run_forever, aloop.stop, args.n))
+                out.update(
+                    handoff(
+                        aloop.call_soon_threadsafe,
+                        aloop.call_soon,
+                        aloop.run_forever,
+                        aloop.stop,
+                        args.n,
+                    )
+                )
             finally:
                 aloop.close()
     except Exception as exc:  # report, don't crash the runner's JSON parsing

@@ -80,12 +80,14 @@ def measure(impl: str, conns: int, python: str, settle: float) -> dict[str, Any]
         finally:
             for s in socks:
                 s.close()
-        out.update({
-            "accepted": accepted,
-            "rss_before": rss0,
-            "rss_after": rss1,
-            "bytes_per_conn": round((rss1 - rss0) / conns, 1),
-        })
+        out.update(
+            {
+                "accepted": accepted,
+                "rss_before": rss0,
+                "rss_after": rss1,
+                "bytes_per_conn": round((rss1 - rss0) / conns, 1),
+            }
+        )
         if accepted < conns:
             out["error"] = f"server accepted only {accepted} of {conns} connections"
     return out

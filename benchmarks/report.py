@@ -89,18 +89,26 @@ def echo_tables(r: Results) -> list[str]:
     metrics = (
         ("Round trips per second (median)", "rt_per_s", 0),
         ("p99 latency, µs (median of repeats)", "p99_us", 0),
-        ("Server CPU per round trip, µs (utime+stime of all threads / round trips)",
-         "cpu_us_per_rt", 1),
+        (
+            "Server CPU per round trip, µs (utime+stime of all threads / round trips)",
+            "cpu_us_per_rt",
+            1,
+        ),
     )
     for title, key, digits in metrics:
         out += [f"### {title}", ""]
-        rows = [[name] + [fmt(r.echo(name, s, n, key), digits) + noise_mark(r, name, s, n)
-                          for s, n in cells]
-                for name in r.servers]
+        rows = [
+            [name]
+            + [fmt(r.echo(name, s, n, key), digits) + noise_mark(r, name, s, n) for s, n in cells]
+            for name in r.servers
+        ]
         out += table(header, rows)
-    out += [f"Cells marked `{NOISE_MARK}` were disturbed: other processes used more than "
-            f"{NOISY_PCT:.0f} % of the server's or the load generator's core during the "
-            "measured window (median over repeats; `*_core_other_pct` in the JSON).", ""]
+    out += [
+        f"Cells marked `{NOISE_MARK}` were disturbed: other processes used more than "
+        f"{NOISY_PCT:.0f} % of the server's or the load generator's core during the "
+        "measured window (median over repeats; `*_core_other_pct` in the JSON).",
+        "",
+    ]
     return out
 
 
@@ -126,29 +134,54 @@ def ratio_tables(r: Results) -> list[str]:
 
     rows: list[list[str]] = []
 
-    def add(what: str, a: str, b: str, av: float | None, bv: float | None,
-            digits: int = 0) -> None:
-        rows.append([what, f"{a}: {fmt(av, digits)}", f"{b}: {fmt(bv, digits)}",
-                     fmt_ratio(ratio(av, bv))])
+    def add(what: str, a: str, b: str, av: float | None, bv: float | None, digits: int = 0) -> None:
+        rows.append(
+            [what, f"{a}: {fmt(av, digits)}", f"{b}: {fmt(bv, digits)}", fmt_ratio(ratio(av, bv))]
+        )
 
     for fib in ("", "_fib20"):
         tag = " fib 20" if fib else ""
         for other in ("asyncio_exec2", "uvloop_exec2"):
-            add(f"rt/s, pool(2){tag} vs {other.split('_')[0]}+executor(2){tag}",
-                f"cppnp_pool2{fib}", f"{other}{fib}", rt(f"cppnp_pool2{fib}"), rt(f"{other}{fib}"))
+            add(
+                f"rt/s, pool(2){tag} vs {other.split('_')[0]}+executor(2){tag}",
+                f"cppnp_pool2{fib}",
+                f"{other}{fib}",
+                rt(f"cppnp_pool2{fib}"),
+                rt(f"{other}{fib}"),
+            )
     for other in ("asyncio_exec2", "uvloop_exec2"):
-        add(f"p99 µs, pool(2) vs {other.split('_')[0]}+executor(2) (lower is better)",
-            "cppnp_pool2", other, p99("cppnp_pool2"), p99(other))
+        add(
+            f"p99 µs, pool(2) vs {other.split('_')[0]}+executor(2) (lower is better)",
+            "cppnp_pool2",
+            other,
+            p99("cppnp_pool2"),
+            p99(other),
+        )
     for pool in ("cppnp_pool1", "cppnp_pool2"):
-        add(f"rt/s, {pool.replace('cppnp_', '')} vs plain (thread-pool overhead)",
-            pool, "cppnp", rt(pool), rt("cppnp"))
+        add(
+            f"rt/s, {pool.replace('cppnp_', '')} vs plain (thread-pool overhead)",
+            pool,
+            "cppnp",
+            rt(pool),
+            rt("cppnp"),
+        )
     add("rt/s, plain vs uvloop", "cppnp", "uvloop", rt("cppnp"), rt("uvloop"))
     add("rt/s, plain vs asyncio", "cppnp", "asyncio", rt("cppnp"), rt("asyncio"))
-    add("rt/s, plain vs c_echo (share of the C ceiling)", "cppnp", "c_echo",
-        rt("cppnp"), rt("c_echo"))
-    add("server CPU µs/rt, plain vs uvloop (lower is better)", "cppnp", "uvloop",
+    add(
+        "rt/s, plain vs c_echo (share of the C ceiling)",
+        "cppnp",
+        "c_echo",
+        rt("cppnp"),
+        rt("c_echo"),
+    )
+    add(
+        "server CPU µs/rt, plain vs uvloop (lower is better)",
+        "cppnp",
+        "uvloop",
         r.echo("cppnp", size, conns, "cpu_us_per_rt"),
-        r.echo("uvloop", size, conns, "cpu_us_per_rt"), 2)
+        r.echo("uvloop", size, conns, "cpu_us_per_rt"),
+        2,
+    )
 
     out = [f"### Headline ratios ({cell})", ""]
     out += table(["comparison", "a", "b", "a / b"], rows, "llrr")
@@ -160,12 +193,33 @@ def ratio_tables(r: Results) -> list[str]:
             cp, uv, ce = rt("cppnp", s, n), rt("uvloop", s, n), rt("c_echo", s, n)
             ccpu = r.echo("cppnp", s, n, "cpu_us_per_rt")
             ucpu = r.echo("uvloop", s, n, "cpu_us_per_rt")
-            per_cell.append([f"{size_label(s)} x {n}", fmt(cp), fmt(uv), fmt_ratio(ratio(cp, uv)),
-                             fmt(ccpu, 1), fmt(ucpu, 1), fmt_ratio(ratio(ccpu, ucpu)),
-                             fmt(ce), fmt_ratio(ratio(cp, ce))])
-    out += table(["cell", "cppnp rt/s", "uvloop rt/s", "cppnp/uvloop", "cppnp CPU µs/rt",
-                  "uvloop CPU µs/rt", "CPU cppnp/uvloop", "c_echo rt/s", "cppnp/c_echo"],
-                 per_cell)
+            per_cell.append(
+                [
+                    f"{size_label(s)} x {n}",
+                    fmt(cp),
+                    fmt(uv),
+                    fmt_ratio(ratio(cp, uv)),
+                    fmt(ccpu, 1),
+                    fmt(ucpu, 1),
+                    fmt_ratio(ratio(ccpu, ucpu)),
+                    fmt(ce),
+                    fmt_ratio(ratio(cp, ce)),
+                ]
+            )
+    out += table(
+        [
+            "cell",
+            "cppnp rt/s",
+            "uvloop rt/s",
+            "cppnp/uvloop",
+            "cppnp CPU µs/rt",
+            "uvloop CPU µs/rt",
+            "CPU cppnp/uvloop",
+            "c_echo rt/s",
+            "cppnp/c_echo",
+        ],
+        per_cell,
+    )
     return out
 
 
@@ -182,18 +236,43 @@ def micro_table(r: Results) -> list[str]:
     rows = []
     for bench, key, label, digits in MICRO_ROWS:
         cp, aio, uv = (r.micro_value(bench, impl, key) for impl in ("cppnp", "asyncio", "uvloop"))
-        rows.append([label, fmt(cp, digits), fmt(aio, digits), fmt(uv, digits),
-                     fmt_ratio(ratio(cp, aio)), fmt_ratio(ratio(cp, uv)),
-                     fmt_ratio(ratio(uv, aio))])
+        rows.append(
+            [
+                label,
+                fmt(cp, digits),
+                fmt(aio, digits),
+                fmt(uv, digits),
+                fmt_ratio(ratio(cp, aio)),
+                fmt_ratio(ratio(cp, uv)),
+                fmt_ratio(ratio(uv, aio)),
+            ]
+        )
     cfg = r.data["config"]
-    out = ["## Micro-benchmarks", "",
-           f"Timers: {cfg['timer_count']:,} per test, delays 0-10 ms; hand-off: "
-           f"{cfg['handoff_count']:,} callbacks; idle memory: {cfg['idle_conns']:,} connections. "
-           "Each script runs pinned to one core.", ""]
-    out += table(["benchmark", "cppnp", "asyncio", "uvloop", "cppnp/asyncio", "cppnp/uvloop",
-                  "uvloop/asyncio"], rows)
-    errors = [f"- {run['bench']}/{run['impl']}: {run['error']}"
-              for run in r.data["micro"]["runs"] if "error" in run]
+    out = [
+        "## Micro-benchmarks",
+        "",
+        f"Timers: {cfg['timer_count']:,} per test, delays 0-10 ms; hand-off: "
+        f"{cfg['handoff_count']:,} callbacks; idle memory: {cfg['idle_conns']:,} connections. "
+        "Each script runs pinned to one core.",
+        "",
+    ]
+    out += table(
+        [
+            "benchmark",
+            "cppnp",
+            "asyncio",
+            "uvloop",
+            "cppnp/asyncio",
+            "cppnp/uvloop",
+            "uvloop/asyncio",
+        ],
+        rows,
+    )
+    errors = [
+        f"- {run['bench']}/{run['impl']}: {run['error']}"
+        for run in r.data["micro"]["runs"]
+        if "error" in run
+    ]
     if errors:
         out += ["Micro-benchmark failures:", "", *errors, ""]
     return out
@@ -214,9 +293,11 @@ def problems_section(r: Results) -> list[str]:
     if bad:
         out += ["## Cells with problems", ""]
         for run in bad:
-            out.append(f"- r{run['repeat']} `{run['server']}` {size_label(run['size'])} x "
-                       f"{run['conns']}: {'; '.join(run['problems'])}"
-                       + ("" if run.get("ok") else " (excluded from medians)"))
+            out.append(
+                f"- r{run['repeat']} `{run['server']}` {size_label(run['size'])} x "
+                f"{run['conns']}: {'; '.join(run['problems'])}"
+                + ("" if run.get("ok") else " (excluded from medians)")
+            )
         out.append("")
     return out
 
@@ -225,8 +306,11 @@ def markdown(data: dict[str, Any], png_name: str | None) -> str:
     """The whole report."""
     r = Results(data)
     m, cfg = data["machine"], data["config"]
-    pin = (f"servers on CPU {cfg['server_cpu']}, load generator on CPU {cfg['client_cpu']}"
-           if cfg["pinned"] else "not pinned (taskset unavailable)")
+    pin = (
+        f"servers on CPU {cfg['server_cpu']}, load generator on CPU {cfg['client_cpu']}"
+        if cfg["pinned"]
+        else "not pinned (taskset unavailable)"
+    )
     lines = [
         f"# cppnp benchmarks, {data['started'][:10]}" + (" (quick)" if cfg["quick"] else ""),
         "",
@@ -273,9 +357,12 @@ def plot(data: dict[str, Any], path: Path) -> bool:
     grid = fig.add_gridspec(2, 2, height_ratios=(1.3, 1))
     names = r.servers[::-1]
 
-    for col, (key, title, digits) in enumerate((
+    for col, (key, title, digits) in enumerate(
+        (
             ("rt_per_s", f"round trips/s, {size_label(size)} x {conns} conns", 0),
-            ("cpu_us_per_rt", "server CPU µs per round trip (lower is better)", 1))):
+            ("cpu_us_per_rt", "server CPU µs per round trip (lower is better)", 1),
+        )
+    ):
         ax = fig.add_subplot(grid[0, col])
         vals = [r.echo(n, size, conns, key) for n in names]
         ys = range(len(names))
@@ -302,8 +389,9 @@ def plot(data: dict[str, Any], path: Path) -> bool:
         vals = [r.echo(name, s, per_size_conns, "rt_per_s") for s in r.sizes]
         ax.bar(xs, [v or 0 for v in vals], width, label=name, color=_color(name))
         for x, v in zip(xs, vals):
-            ax.text(x, v or 0, fmt(v) if v else NA, ha="center", va="bottom", fontsize=7,
-                    rotation=90)
+            ax.text(
+                x, v or 0, fmt(v) if v else NA, ha="center", va="bottom", fontsize=7, rotation=90
+            )
     ax.set_xticks([j + width * (len(main) - 1) / 2 for j in range(len(r.sizes))])
     ax.set_xticklabels([size_label(s) for s in r.sizes])
     ax.set_ylabel("round trips/s")

@@ -51,16 +51,36 @@ class RedisServer:
 
     def __init__(self, cpu: int | None) -> None:
         self.port = free_port()
-        argv = [*benchlib.pin_prefix(cpu), "redis-server", "--port", str(self.port),
-                "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--daemonize", "no", "--logfile", ""]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        argv = [
+            *benchlib.pin_prefix(cpu),
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--logfile",
+            "",
+        ]
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         benchlib.track(self.proc)
         deadline = time.monotonic() + 20
         while True:
-            with contextlib.suppress(OSError), socket.create_connection(
-                    ("127.0.0.1", self.port), timeout=1) as s:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=1) as s,
+            ):
                 s.sendall(b"PING\r\n")
                 if s.recv(16).startswith(b"+PONG"):
                     return
@@ -90,11 +110,26 @@ def start_servers(pin: bool) -> dict[str, Any]:
     return servers
 
 
-def run_benchmark(port: int, pipeline: int, n: int, pin: bool,
-                  command: list[str] | None = None) -> dict[str, float]:
-    argv = [*benchlib.pin_prefix(CLIENT_CPU if pin else None), "redis-benchmark",
-            "-h", "127.0.0.1", "-p", str(port), "-c", "50", "-n", str(n), "-r", "100000",
-            "-P", str(pipeline), "--csv"]
+def run_benchmark(
+    port: int, pipeline: int, n: int, pin: bool, command: list[str] | None = None
+) -> dict[str, float]:
+    argv = [
+        *benchlib.pin_prefix(CLIENT_CPU if pin else None),
+        "redis-benchmark",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-c",
+        "50",
+        "-n",
+        str(n),
+        "-r",
+        "100000",
+        "-P",
+        str(pipeline),
+        "--csv",
+    ]
     argv += command if command else ["-t", TESTS]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     rows: dict[str, float] = {}
@@ -111,13 +146,16 @@ def per_round_ratios(samples: dict[str, Any], pl: Any, other: str) -> list[float
     """cppnp / *other*, geometric mean over the tests, for each round (same time window)."""
     tests = list(samples["cppnp"][pl])
     rounds = len(samples["cppnp"][pl][tests[0]])
-    return [statistics.geometric_mean([samples["cppnp"][pl][t][r] for t in tests])
-            / statistics.geometric_mean([samples[other][pl][t][r] for t in tests])
-            for r in range(rounds)]
+    return [
+        statistics.geometric_mean([samples["cppnp"][pl][t][r] for t in tests])
+        / statistics.geometric_mean([samples[other][pl][t][r] for t in tests])
+        for r in range(rounds)
+    ]
 
 
-def render(info: dict[str, Any], args: dict[str, Any], samples: dict[str, Any],
-           medians: dict[str, Any]) -> list[str]:
+def render(
+    info: dict[str, Any], args: dict[str, Any], samples: dict[str, Any], medians: dict[str, Any]
+) -> list[str]:
     """The Markdown report (pipeline keys are ints)."""
     tests = list(medians["cppnp"][1])
     pinned = "taskset" if info.get("pinned", True) else "NOT pinned (taskset missing)"
@@ -137,42 +175,60 @@ def render(info: dict[str, Any], args: dict[str, Any], samples: dict[str, Any],
         "",
     ]
     for pl in (1, 16):
-        lines += [f"## -P {pl}", "",
-                  "| test | cppnp | uvloop | asyncio | redis-server | cppnp/uvloop "
-                  "| cppnp/asyncio | cppnp/redis |",
-                  "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            f"## -P {pl}",
+            "",
+            "| test | cppnp | uvloop | asyncio | redis-server | cppnp/uvloop "
+            "| cppnp/asyncio | cppnp/redis |",
+            "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for t in tests:
             c, u, a, r = (medians[s][pl].get(t, float("nan")) for s in SERVERS)
-            lines.append(f"| {t} | {fmt(c)} | {fmt(u)} | {fmt(a)} | {fmt(r)} | "
-                         f"{c / u:.2f}x | {c / a:.2f}x | {c / r:.2f}x |")
-        gm = {s: statistics.geometric_mean([medians[s][pl][t] for t in tests])
-              for s in SERVERS}
-        lines.append(f"| **geometric mean** | {fmt(gm['cppnp'])} | {fmt(gm['uvloop'])} | "
-                     f"{fmt(gm['asyncio'])} | {fmt(gm['redis-server'])} | "
-                     f"{gm['cppnp'] / gm['uvloop']:.2f}x | {gm['cppnp'] / gm['asyncio']:.2f}x | "
-                     f"{gm['cppnp'] / gm['redis-server']:.2f}x |")
+            lines.append(
+                f"| {t} | {fmt(c)} | {fmt(u)} | {fmt(a)} | {fmt(r)} | "
+                f"{c / u:.2f}x | {c / a:.2f}x | {c / r:.2f}x |"
+            )
+        gm = {s: statistics.geometric_mean([medians[s][pl][t] for t in tests]) for s in SERVERS}
+        lines.append(
+            f"| **geometric mean** | {fmt(gm['cppnp'])} | {fmt(gm['uvloop'])} | "
+            f"{fmt(gm['asyncio'])} | {fmt(gm['redis-server'])} | "
+            f"{gm['cppnp'] / gm['uvloop']:.2f}x | {gm['cppnp'] / gm['asyncio']:.2f}x | "
+            f"{gm['cppnp'] / gm['redis-server']:.2f}x |"
+        )
         lines.append("")
-        lines.append("Per-round ratios (geometric mean over the tests, cppnp and the other "
-                     "server measured in the same round):")
+        lines.append(
+            "Per-round ratios (geometric mean over the tests, cppnp and the other "
+            "server measured in the same round):"
+        )
         lines.append("")
         for other in SERVERS[1:]:
             rs = per_round_ratios(samples, pl, other)
-            lines.append(f"- cppnp/{other}: " + ", ".join(f"{x:.2f}" for x in rs)
-                         + f" (median {statistics.median(rs):.2f}x)")
+            lines.append(
+                f"- cppnp/{other}: "
+                + ", ".join(f"{x:.2f}" for x in rs)
+                + f" (median {statistics.median(rs):.2f}x)"
+            )
         samples_txt = "; ".join(
-            f"{s}: " + ", ".join(fmt(x) for x in samples[s][pl].get("GET", []))
-            for s in SERVERS)
+            f"{s}: " + ", ".join(fmt(x) for x in samples[s][pl].get("GET", [])) for s in SERVERS
+        )
         lines += ["", f"GET samples per round at -P {pl}: {samples_txt}.", ""]
     goals = [
         ("cppnp >= 1.3x uvloop at -P 16", per_round_ratios(samples, 16, "uvloop"), 1.3),
-        ("cppnp >= 0.9x redis-server at -P 1", per_round_ratios(samples, 1, "redis-server"),
-         0.9),
-        ("fraction of redis-server at -P 16 (reported; moonshot >= 0.5x)",
-         per_round_ratios(samples, 16, "redis-server"), 0.5),
+        ("cppnp >= 0.9x redis-server at -P 1", per_round_ratios(samples, 1, "redis-server"), 0.9),
+        (
+            "fraction of redis-server at -P 16 (reported; moonshot >= 0.5x)",
+            per_round_ratios(samples, 16, "redis-server"),
+            0.5,
+        ),
     ]
-    lines += ["## Goals (issue #10)", "",
-              "Median of the per-round ratios (geometric mean over the tests).", "",
-              "| goal | measured | met |", "| :--- | ---: | :--- |"]
+    lines += [
+        "## Goals (issue #10)",
+        "",
+        "Median of the per-round ratios (geometric mean over the tests).",
+        "",
+        "| goal | measured | met |",
+        "| :--- | ---: | :--- |",
+    ]
     for text, ratios, target in goals:
         value = statistics.median(ratios)
         lines.append(f"| {text} | {value:.2f}x | {'met' if value >= target else 'not met'} |")
@@ -191,8 +247,12 @@ def main() -> int:
     p.add_argument("--n16", type=int, default=500_000, help="requests per test at -P 16")
     p.add_argument("--quick", action="store_true", help="1 round, 20k/100k requests")
     p.add_argument("--out", default=None, help="results file stem (default resp-<date>)")
-    p.add_argument("--render", default=None, metavar="JSON",
-                   help="print the report of an earlier run's JSON instead of measuring")
+    p.add_argument(
+        "--render",
+        default=None,
+        metavar="JSON",
+        help="print the report of an earlier run's JSON instead of measuring",
+    )
     args = p.parse_args()
     if args.quick:
         args.rounds, args.n1, args.n16 = 1, 20_000, 100_000
@@ -209,14 +269,14 @@ def main() -> int:
     info = benchlib.machine_info()
     info["pinned"] = pin
     info["date"] = time.strftime("%Y-%m-%d")
-    info["redis"] = subprocess.run(["redis-server", "--version"], capture_output=True,
-                                   text=True, check=False).stdout.strip()
+    info["redis"] = subprocess.run(
+        ["redis-server", "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     servers = start_servers(pin)
-    samples: dict[str, dict[int, dict[str, list[float]]]] = {
-        s: {1: {}, 16: {}} for s in SERVERS}
+    samples: dict[str, dict[int, dict[str, list[float]]]] = {s: {1: {}, 16: {}} for s in SERVERS}
     try:
         for rnd in range(args.rounds):
-            order = SERVERS[rnd % len(SERVERS):] + SERVERS[:rnd % len(SERVERS)]
+            order = SERVERS[rnd % len(SERVERS) :] + SERVERS[: rnd % len(SERVERS)]
             for pipeline, n in ((1, args.n1), (16, args.n16)):
                 for name in order:
                     port = servers[name].port
@@ -224,22 +284,29 @@ def main() -> int:
                     rows.update(run_benchmark(port, pipeline, n, pin, MGET))
                     for test, rps in rows.items():
                         samples[name][pipeline].setdefault(test, []).append(rps)
-                    print(f"round {rnd + 1}/{args.rounds} -P {pipeline:<2} {name:<12} "
-                          + " ".join(f"{t}={fmt(v)}" for t, v in rows.items()), flush=True)
+                    print(
+                        f"round {rnd + 1}/{args.rounds} -P {pipeline:<2} {name:<12} "
+                        + " ".join(f"{t}={fmt(v)}" for t, v in rows.items()),
+                        flush=True,
+                    )
     finally:
         for sp in servers.values():
             sp.stop()
     info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    medians = {s: {pl: {t: statistics.median(v) for t, v in tests.items()}
-                   for pl, tests in per.items()} for s, per in samples.items()}
+    medians = {
+        s: {pl: {t: statistics.median(v) for t, v in tests.items()} for pl, tests in per.items()}
+        for s, per in samples.items()
+    }
     lines = render(info, vars(args), samples, medians)
     stem = args.out or f"resp-{time.strftime('%Y-%m-%d')}"
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     (results / f"{stem}.md").write_text("\n".join(lines))
-    (results / f"{stem}.json").write_text(json.dumps(
-        {"machine": info, "args": vars(args), "samples": samples, "medians": medians},
-        indent=1))
+    (results / f"{stem}.json").write_text(
+        json.dumps(
+            {"machine": info, "args": vars(args), "samples": samples, "medians": medians}, indent=1
+        )
+    )
     print("\n".join(lines))
     print(f"wrote {results / (stem + '.md')}")
     return 0

@@ -38,28 +38,53 @@ QUICK_SIZES = (64,)
 QUICK_CONNS = (10, 100)
 MICRO_BENCHES = ("timers", "handoff", "idle")
 MICRO_IMPLS = ("cppnp", "asyncio", "uvloop")
-MEDIAN_KEYS = ("rt_per_s", "mb_per_s", "p50_us", "p90_us", "p99_us", "p999_us", "mean_us",
-               "cpu_us_per_rt", "server_cpu_pct", "client_cpu_pct", "server_core_other_pct",
-               "server_core_steal_pct", "client_core_other_pct", "client_core_steal_pct")
+MEDIAN_KEYS = (
+    "rt_per_s",
+    "mb_per_s",
+    "p50_us",
+    "p90_us",
+    "p99_us",
+    "p999_us",
+    "mean_us",
+    "cpu_us_per_rt",
+    "server_cpu_pct",
+    "client_cpu_pct",
+    "server_core_other_pct",
+    "server_core_steal_pct",
+    "client_core_other_pct",
+    "client_core_steal_pct",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line of the runner."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true",
-                   help="64 B x {10,100} conns, 1 repeat, fib-0 servers only, small micro runs")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="64 B x {10,100} conns, 1 repeat, fib-0 servers only, small micro runs",
+    )
     p.add_argument("--duration", type=float, default=2.0, help="measured seconds per cell")
     p.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds per cell")
     p.add_argument("--repeats", type=int, default=None, help="default 3 (quick: 1)")
-    p.add_argument("--servers", default=None,
-                   help="comma list of server names, groups or globs (default: all); "
-                        f"names: {', '.join(SERVERS)}")
+    p.add_argument(
+        "--servers",
+        default=None,
+        help="comma list of server names, groups or globs (default: all); "
+        f"names: {', '.join(SERVERS)}",
+    )
     p.add_argument("--sizes", default=None, help="comma list of message sizes in bytes")
     p.add_argument("--conns", default=None, help="comma list of connection counts")
-    p.add_argument("--full-matrix", action="store_true",
-                   help="also run the thread-pool/executor variants at 4 KiB and 64 KiB")
-    p.add_argument("--micro", default=",".join(MICRO_BENCHES),
-                   help="micro-benchmarks to run: timers,handoff,idle or 'none'")
+    p.add_argument(
+        "--full-matrix",
+        action="store_true",
+        help="also run the thread-pool/executor variants at 4 KiB and 64 KiB",
+    )
+    p.add_argument(
+        "--micro",
+        default=",".join(MICRO_BENCHES),
+        help="micro-benchmarks to run: timers,handoff,idle or 'none'",
+    )
     p.add_argument("--micro-impls", default=",".join(MICRO_IMPLS))
     p.add_argument("--micro-repeats", type=int, default=1)
     p.add_argument("--timer-count", type=int, default=None, help="default 1M (quick: 200k)")
@@ -68,8 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-cpu", type=int, default=0)
     p.add_argument("--client-cpu", type=int, default=1)
     p.add_argument("--no-pin", action="store_true", help="do not use taskset")
-    p.add_argument("--python", default=sys.executable,
-                   help="interpreter for the Python servers and micro-benchmarks")
+    p.add_argument(
+        "--python",
+        default=sys.executable,
+        help="interpreter for the Python servers and micro-benchmarks",
+    )
     p.add_argument("--out", type=Path, default=benchlib.BENCH_DIR / "results")
     args = p.parse_args(argv)
     if args.repeats is None:
@@ -96,14 +124,19 @@ def select_servers(args: argparse.Namespace) -> list[ServerSpec]:
     explicit: set[str] = set()
     if args.servers:
         tokens = [t.strip() for t in args.servers.split(",") if t.strip()]
-        unknown = [t for t in tokens
-                   if not any(t in (s.name, s.group) or fnmatch.fnmatch(s.name, t)
-                              for s in specs)]
+        unknown = [
+            t
+            for t in tokens
+            if not any(t in (s.name, s.group) or fnmatch.fnmatch(s.name, t) for s in specs)
+        ]
         if unknown:
             sys.exit(f"unknown server(s): {', '.join(unknown)}; known: {', '.join(SERVERS)}")
         explicit = {t for t in tokens if t in SERVERS}
-        specs = [s for s in specs
-                 if any(t in (s.name, s.group) or fnmatch.fnmatch(s.name, t) for t in tokens)]
+        specs = [
+            s
+            for s in specs
+            if any(t in (s.name, s.group) or fnmatch.fnmatch(s.name, t) for t in tokens)
+        ]
     if args.quick:
         specs = [s for s in specs if s.fib == 0 or s.name in explicit]
     return specs
@@ -118,16 +151,41 @@ def cells_for(spec: ServerSpec, args: argparse.Namespace) -> list[tuple[int, int
     return [(size, n) for size in sizes for n in conns]
 
 
-def run_cell(loadgen: Path, server: ServerProcess, size: int, conns: int,
-             args: argparse.Namespace, server_cpu: int | None,
-             client_cpu: int | None) -> dict[str, Any]:
+def run_cell(
+    loadgen: Path,
+    server: ServerProcess,
+    size: int,
+    conns: int,
+    args: argparse.Namespace,
+    server_cpu: int | None,
+    client_cpu: int | None,
+) -> dict[str, Any]:
     """Run the load generator against *server*; sample the server's CPU at the window edges."""
-    argv = [*benchlib.pin_prefix(client_cpu), str(loadgen), "--host", benchlib.HOST,
-            "--port", str(server.port), "--conns", str(conns), "--size", str(size),
-            "--duration", str(args.duration), "--warmup", str(args.warmup),
-            "--mode", "pingpong"]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    argv = [
+        *benchlib.pin_prefix(client_cpu),
+        str(loadgen),
+        "--host",
+        benchlib.HOST,
+        "--port",
+        str(server.port),
+        "--conns",
+        str(conns),
+        "--size",
+        str(size),
+        "--duration",
+        str(args.duration),
+        "--warmup",
+        str(args.warmup),
+        "--mode",
+        "pingpong",
+    ]
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     benchlib.track(proc)
     marks: dict[str, float] = {}
     client_marks: dict[str, float] = {}
@@ -173,9 +231,13 @@ def run_cell(loadgen: Path, server: ServerProcess, size: int, conns: int,
         rec["server_cpu_pct"] = round(100 * cpu / result.get("window_s", args.duration), 1)
         # Whatever else ran on each pinned core during the window (other processes,
         # hypervisor steal): a noise indicator, not subtracted from anything.
-        own = {"server": (server_cpu, cpu),
-               "client": (client_cpu, client_marks.get("window-end", 0.0)
-                          - client_marks.get("window-start", 0.0))}
+        own = {
+            "server": (server_cpu, cpu),
+            "client": (
+                client_cpu,
+                client_marks.get("window-end", 0.0) - client_marks.get("window-start", 0.0),
+            ),
+        }
         for role, (core, used) in own.items():
             if core is None or ("window-end", core) not in cores:
                 continue
@@ -204,9 +266,14 @@ def run_cell(loadgen: Path, server: ServerProcess, size: int, conns: int,
     return rec
 
 
-def run_echo_matrix(args: argparse.Namespace, specs: list[ServerSpec], loadgen: Path,
-                    server_cpu: int | None, client_cpu: int | None,
-                    results: dict[str, Any]) -> None:
+def run_echo_matrix(
+    args: argparse.Namespace,
+    specs: list[ServerSpec],
+    loadgen: Path,
+    server_cpu: int | None,
+    client_cpu: int | None,
+    results: dict[str, Any],
+) -> None:
     """All repeats of all cells; appends to ``results["echo"]`` as it goes."""
     echo = results["echo"]
     failed: dict[str, str] = echo["failed_servers"]
@@ -220,8 +287,9 @@ def run_echo_matrix(args: argparse.Namespace, specs: list[ServerSpec], loadgen: 
             if spec.name in failed:
                 done += len(cells)
                 continue
-            server = ServerProcess(spec.name, benchlib.server_argv(spec, args.python),
-                                   cpu=server_cpu)
+            server = ServerProcess(
+                spec.name, benchlib.server_argv(spec, args.python), cpu=server_cpu
+            )
             try:
                 server.start()
             except benchlib.ServerStartError as exc:
@@ -234,12 +302,15 @@ def run_echo_matrix(args: argparse.Namespace, specs: list[ServerSpec], loadgen: 
                 for size, conns in cells:
                     done += 1
                     if server.alive():
-                        rec = run_cell(loadgen, server, size, conns, args, server_cpu,
-                                       client_cpu)
+                        rec = run_cell(loadgen, server, size, conns, args, server_cpu, client_cpu)
                     else:
                         status = server.proc.poll() if server.proc else None
-                        rec = {"size": size, "conns": conns, "ok": False,
-                               "problems": [f"server not running (status {status})"]}
+                        rec = {
+                            "size": size,
+                            "conns": conns,
+                            "ok": False,
+                            "problems": [f"server not running (status {status})"],
+                        }
                     rec = {"server": spec.name, "repeat": rep, **rec}
                     echo["runs"].append(rec)
                     print(progress_line(rec, done, total, started), flush=True)
@@ -253,13 +324,17 @@ def progress_line(rec: dict[str, Any], done: int, total: int, started: float) ->
     """One line of progress output for a finished cell."""
     elapsed = time.monotonic() - started
     eta = elapsed / done * (total - done) if done else 0.0
-    head = f"[{done}/{total} eta {eta:4.0f}s] r{rec['repeat']} {rec['server']:<20} " \
-           f"{rec['size']:>6} B x {rec['conns']:>3}"
+    head = (
+        f"[{done}/{total} eta {eta:4.0f}s] r{rec['repeat']} {rec['server']:<20} "
+        f"{rec['size']:>6} B x {rec['conns']:>3}"
+    )
     if not rec.get("rt_per_s") and rec.get("problems"):
         return f"{head}  FAILED: {'; '.join(rec['problems'])}"
     cpu = rec.get("cpu_us_per_rt")
-    tail = f"  {rec['rt_per_s']:>10.0f} rt/s  p99 {rec['p99_us']:>9.1f} us  " \
-           f"cpu {cpu if cpu is not None else 'n/a':>7} us/rt"
+    tail = (
+        f"  {rec['rt_per_s']:>10.0f} rt/s  p99 {rec['p99_us']:>9.1f} us  "
+        f"cpu {cpu if cpu is not None else 'n/a':>7} us/rt"
+    )
     if rec.get("problems"):
         tail += f"  ! {'; '.join(rec['problems'])}"
     return head + tail
@@ -305,12 +380,20 @@ def run_micro(args: argparse.Namespace, cpu: int | None, results: dict[str, Any]
                 argv = [args.python, str(benchlib.BENCH_DIR / script), "--impl", impl, *extra]
                 t0 = time.monotonic()
                 res = benchlib.run_json_script(argv, timeout=300, cpu=cpu)
-                res.update({"bench": bench, "impl": impl, "repeat": rep,
-                            "wall_s": round(time.monotonic() - t0, 2)})
+                res.update(
+                    {
+                        "bench": bench,
+                        "impl": impl,
+                        "repeat": rep,
+                        "wall_s": round(time.monotonic() - t0, 2),
+                    }
+                )
                 micro["runs"].append(res)
                 summary = res.get("error") or ", ".join(
-                    f"{k}={v}" for k, v in res.items()
-                    if k.endswith("_per_s") or k == "bytes_per_conn")
+                    f"{k}={v}"
+                    for k, v in res.items()
+                    if k.endswith("_per_s") or k == "bytes_per_conn"
+                )
                 print(f"[micro r{rep}] {bench:<8} {impl:<8} {summary}", flush=True)
     micro["medians"] = micro_medians(micro["runs"])
 
@@ -323,8 +406,12 @@ def micro_medians(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             groups.setdefault(f"{run['bench']}/{run['impl']}", []).append(run)
     out: dict[str, dict[str, Any]] = {}
     for key, group in groups.items():
-        metrics = {k for r in group for k, v in r.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "repeat"}
+        metrics = {
+            k
+            for r in group
+            for k, v in r.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "repeat"
+        }
         out[key] = {k: statistics.median(r[k] for r in group if k in r) for k in sorted(metrics)}
         out[key]["n"] = len(group)
     return out
@@ -363,13 +450,22 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": benchlib.machine_info(args.python),
         "config": {
-            "quick": args.quick, "duration_s": args.duration, "warmup_s": args.warmup,
-            "repeats": args.repeats, "pinned": pin, "server_cpu": server_cpu,
-            "client_cpu": client_cpu, "full_matrix": args.full_matrix,
-            "servers": {s.name: {"argv": benchlib.server_argv(s, args.python),
-                                 "cells": cells_for(s, args)} for s in specs},
-            "timer_count": args.timer_count, "handoff_count": args.handoff_count,
-            "idle_conns": args.idle_conns, "micro_repeats": args.micro_repeats,
+            "quick": args.quick,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "repeats": args.repeats,
+            "pinned": pin,
+            "server_cpu": server_cpu,
+            "client_cpu": client_cpu,
+            "full_matrix": args.full_matrix,
+            "servers": {
+                s.name: {"argv": benchlib.server_argv(s, args.python), "cells": cells_for(s, args)}
+                for s in specs
+            },
+            "timer_count": args.timer_count,
+            "handoff_count": args.handoff_count,
+            "idle_conns": args.idle_conns,
+            "micro_repeats": args.micro_repeats,
         },
         "echo": {"runs": [], "failed_servers": {}, "medians": []},
         "micro": {"runs": [], "medians": {}},

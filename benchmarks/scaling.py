@@ -52,60 +52,159 @@ class Config:
     server_cpus: str
     client_cpu: int
     what: str
-    par: int = 1        # how many threads/processes can run the work at once
+    par: int = 1  # how many threads/processes can run the work at once
 
 
 BOTH = "0,1"
 CONFIGS = (
-    Config("py_prefork1_fib20", "py", (PREFORK, "--processes", "1", "--threads", "1",
-                                       "--fib", "20"), BOTH, 1,
-           "3.11, prefork 1 child, pool of 1, fib(20)"),
-    Config("py_prefork2_fib20", "py", (PREFORK, "--processes", "2", "--threads", "1",
-                                       "--fib", "20"), BOTH, 1,
-           "3.11, prefork 2 children, pool of 1 each, fib(20)", 2),
-    Config("py_prefork2_t0_fib20", "py", (PREFORK, "--processes", "2", "--threads", "0",
-                                          "--fib", "20"), BOTH, 1,
-           "3.11, prefork 2 children, fib(20) on the loop thread", 2),
-    Config("py_prefork1_t0_fib20", "py", (PREFORK, "--processes", "1", "--threads", "0",
-                                          "--fib", "20"), BOTH, 1,
-           "3.11, prefork 1 child, fib(20) on the loop thread"),
-    Config("py_pool2_fib20", "py", (*CPPNP, "--threads", "2", "--fib", "20"), BOTH, 1,
-           "3.11, one process, pool of 2, fib(20) (GIL-bound reference)"),
-    Config("ft_pool1_fib20", "ft", (*CPPNP, "--threads", "1", "--fib", "20"), BOTH, 1,
-           "3.13t GIL off, seed echo, pool of 1, fib(20)"),
-    Config("ft_pool2_fib20", "ft", (*CPPNP, "--threads", "2", "--fib", "20"), BOTH, 1,
-           "3.13t GIL off, seed echo, pool of 2, fib(20)", 2),
-    Config("ft_aio_exec2_fib20", "ft", (AIO, "--executor", "2", "--fib", "20"), BOTH, 1,
-           "3.13t GIL off, asyncio + run_in_executor(2 threads), fib(20)", 2),
-    Config("ft_aio_exec1_fib20", "ft", (AIO, "--executor", "1", "--fib", "20"), BOTH, 1,
-           "3.13t GIL off, asyncio + run_in_executor(1 thread), fib(20)"),
-    Config("ft_plain", "ft", (*CPPNP, "--threads", "0", "--fib", "0"), "0", 1,
-           "3.13t GIL off, plain echo on the loop thread"),
-    Config("ft_pool2_nowork", "ft", (*CPPNP, "--threads", "2", "--fib", "0"), "0", 1,
-           "3.13t GIL off, seed echo, pool of 2, no work (the hand-off)"),
-    Config("ft_aio_exec2_nowork", "ft", (AIO, "--executor", "2"), "0", 1,
-           "3.13t GIL off, asyncio + run_in_executor(2 threads), no work"),
+    Config(
+        "py_prefork1_fib20",
+        "py",
+        (PREFORK, "--processes", "1", "--threads", "1", "--fib", "20"),
+        BOTH,
+        1,
+        "3.11, prefork 1 child, pool of 1, fib(20)",
+    ),
+    Config(
+        "py_prefork2_fib20",
+        "py",
+        (PREFORK, "--processes", "2", "--threads", "1", "--fib", "20"),
+        BOTH,
+        1,
+        "3.11, prefork 2 children, pool of 1 each, fib(20)",
+        2,
+    ),
+    Config(
+        "py_prefork2_t0_fib20",
+        "py",
+        (PREFORK, "--processes", "2", "--threads", "0", "--fib", "20"),
+        BOTH,
+        1,
+        "3.11, prefork 2 children, fib(20) on the loop thread",
+        2,
+    ),
+    Config(
+        "py_prefork1_t0_fib20",
+        "py",
+        (PREFORK, "--processes", "1", "--threads", "0", "--fib", "20"),
+        BOTH,
+        1,
+        "3.11, prefork 1 child, fib(20) on the loop thread",
+    ),
+    Config(
+        "py_pool2_fib20",
+        "py",
+        (*CPPNP, "--threads", "2", "--fib", "20"),
+        BOTH,
+        1,
+        "3.11, one process, pool of 2, fib(20) (GIL-bound reference)",
+    ),
+    Config(
+        "ft_pool1_fib20",
+        "ft",
+        (*CPPNP, "--threads", "1", "--fib", "20"),
+        BOTH,
+        1,
+        "3.13t GIL off, seed echo, pool of 1, fib(20)",
+    ),
+    Config(
+        "ft_pool2_fib20",
+        "ft",
+        (*CPPNP, "--threads", "2", "--fib", "20"),
+        BOTH,
+        1,
+        "3.13t GIL off, seed echo, pool of 2, fib(20)",
+        2,
+    ),
+    Config(
+        "ft_aio_exec2_fib20",
+        "ft",
+        (AIO, "--executor", "2", "--fib", "20"),
+        BOTH,
+        1,
+        "3.13t GIL off, asyncio + run_in_executor(2 threads), fib(20)",
+        2,
+    ),
+    Config(
+        "ft_aio_exec1_fib20",
+        "ft",
+        (AIO, "--executor", "1", "--fib", "20"),
+        BOTH,
+        1,
+        "3.13t GIL off, asyncio + run_in_executor(1 thread), fib(20)",
+    ),
+    Config(
+        "ft_plain",
+        "ft",
+        (*CPPNP, "--threads", "0", "--fib", "0"),
+        "0",
+        1,
+        "3.13t GIL off, plain echo on the loop thread",
+    ),
+    Config(
+        "ft_pool2_nowork",
+        "ft",
+        (*CPPNP, "--threads", "2", "--fib", "0"),
+        "0",
+        1,
+        "3.13t GIL off, seed echo, pool of 2, no work (the hand-off)",
+    ),
+    Config(
+        "ft_aio_exec2_nowork",
+        "ft",
+        (AIO, "--executor", "2"),
+        "0",
+        1,
+        "3.13t GIL off, asyncio + run_in_executor(2 threads), no work",
+    ),
 )
 BY_NAME = {c.name: c for c in CONFIGS}
 
 # (label, a, b, goal): rt/s of a / rt/s of b.
 PAIRS = (
-    ("3.11: --processes 2 vs --processes 1, fib(20) (pool of 1 per child)",
-     "py_prefork2_fib20", "py_prefork1_fib20", 1.8),
-    ("3.11: --processes 2 vs 1, fib(20) on the loop thread (--threads 0)",
-     "py_prefork2_t0_fib20", "py_prefork1_t0_fib20", None),
-    ("3.11: --processes 2 vs one process with a pool of 2, fib(20)",
-     "py_prefork2_fib20", "py_pool2_fib20", None),
-    ("3.13t: seed echo fib(20), pool of 2 vs pool of 1",
-     "ft_pool2_fib20", "ft_pool1_fib20", 1.8),
-    ("3.13t: seed echo fib(20) pool of 2 vs asyncio + executor(2)",
-     "ft_pool2_fib20", "ft_aio_exec2_fib20", 1.2),
-    ("3.13t: asyncio + executor fib(20), 2 threads vs 1",
-     "ft_aio_exec2_fib20", "ft_aio_exec1_fib20", None),
-    ("3.13t: no-work hand-off 64 B x 100, pool of 2 vs asyncio + executor(2)",
-     "ft_pool2_nowork", "ft_aio_exec2_nowork", 4.0),
-    ("3.13t: no-work hand-off, pool of 2 vs plain echo (hand-off overhead)",
-     "ft_pool2_nowork", "ft_plain", None),
+    (
+        "3.11: --processes 2 vs --processes 1, fib(20) (pool of 1 per child)",
+        "py_prefork2_fib20",
+        "py_prefork1_fib20",
+        1.8,
+    ),
+    (
+        "3.11: --processes 2 vs 1, fib(20) on the loop thread (--threads 0)",
+        "py_prefork2_t0_fib20",
+        "py_prefork1_t0_fib20",
+        None,
+    ),
+    (
+        "3.11: --processes 2 vs one process with a pool of 2, fib(20)",
+        "py_prefork2_fib20",
+        "py_pool2_fib20",
+        None,
+    ),
+    ("3.13t: seed echo fib(20), pool of 2 vs pool of 1", "ft_pool2_fib20", "ft_pool1_fib20", 1.8),
+    (
+        "3.13t: seed echo fib(20) pool of 2 vs asyncio + executor(2)",
+        "ft_pool2_fib20",
+        "ft_aio_exec2_fib20",
+        1.2,
+    ),
+    (
+        "3.13t: asyncio + executor fib(20), 2 threads vs 1",
+        "ft_aio_exec2_fib20",
+        "ft_aio_exec1_fib20",
+        None,
+    ),
+    (
+        "3.13t: no-work hand-off 64 B x 100, pool of 2 vs asyncio + executor(2)",
+        "ft_pool2_nowork",
+        "ft_aio_exec2_nowork",
+        4.0,
+    ),
+    (
+        "3.13t: no-work hand-off, pool of 2 vs plain echo (hand-off overhead)",
+        "ft_pool2_nowork",
+        "ft_plain",
+        None,
+    ),
 )
 
 FIB_MICRO = r"""
@@ -139,29 +238,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line of the scaling benchmark."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--python", default=sys.executable, help="CPython 3.11 (or any GIL build)")
-    p.add_argument("--python-ft", default=None,
-                   help="free-threaded 3.13t with cppnp installed (its rows are skipped "
-                        "without it)")
+    p.add_argument(
+        "--python-ft",
+        default=None,
+        help="free-threaded 3.13t with cppnp installed (its rows are skipped without it)",
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--duration", type=float, default=3.0)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--conns", type=int, default=100)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--only", default=None, help="comma list of configuration names")
-    p.add_argument("--quiet-pct", type=float, default=15.0,
-                   help="before each run wait (up to --max-wait s) until other processes "
-                        "use less than this share of both cores; runs whose window saw "
-                        "more are marked noisy and left out of the medians when enough "
-                        "quiet ones exist")
+    p.add_argument(
+        "--quiet-pct",
+        type=float,
+        default=15.0,
+        help="before each run wait (up to --max-wait s) until other processes "
+        "use less than this share of both cores; runs whose window saw "
+        "more are marked noisy and left out of the medians when enough "
+        "quiet ones exist",
+    )
     p.add_argument("--max-wait", type=float, default=60.0)
     p.add_argument("--out", type=Path, default=HERE / "results")
-    p.add_argument("--render", type=Path, default=None,
-                   help="only recompute the summaries of this results JSON and rewrite it "
-                        "and its .md")
+    p.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        help="only recompute the summaries of this results JSON and rewrite it and its .md",
+    )
     return p.parse_args(argv)
 
 
 # ---- /proc sampling -----------------------------------------------------------------------
+
 
 def children_of(ppid: int) -> list[int]:
     """Live processes whose parent is *ppid*."""
@@ -174,7 +283,7 @@ def children_of(ppid: int) -> list[int]:
                 stat = f.read()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         if int(fields[1]) == ppid and fields[0] not in ("Z", "X"):
             out.append(int(name))
     return sorted(out)
@@ -193,7 +302,7 @@ def thread_cpu(pid: int) -> dict[int, float]:
                 stat = f.read()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         out[int(tid)] = (int(fields[11]) + int(fields[12])) / benchlib.CLK_TCK
     return out
 
@@ -216,24 +325,27 @@ def sample(server_pid: int, client_pid: int) -> dict[str, Any]:
     return snap
 
 
-def diff(a: dict[str, Any], b: dict[str, Any], server_pid: int, round_trips: int,
-         window: float) -> dict[str, Any]:
+def diff(
+    a: dict[str, Any], b: dict[str, Any], server_pid: int, round_trips: int, window: float
+) -> dict[str, Any]:
     """Per-round-trip CPU figures between samples *a* and *b*."""
     us = 1e6 / round_trips
     procs = {pid: b["procs"][pid] - a["procs"].get(pid, 0.0) for pid in b["procs"]}
-    rec: dict[str, Any] = {"server_cpu_us_per_rt": round(sum(procs.values()) * us, 3),
-                           "server_cores": round(sum(procs.values()) / window, 3)}
+    rec: dict[str, Any] = {
+        "server_cpu_us_per_rt": round(sum(procs.values()) * us, 3),
+        "server_cores": round(sum(procs.values()) / window, 3),
+    }
     children = [pid for pid in procs if pid != server_pid]
-    if children:                     # prefork: the parent, then each child
+    if children:  # prefork: the parent, then each child
         rec["parent_cpu_us_per_rt"] = round(procs.get(server_pid, 0.0) * us, 3)
         rec["child_cpu_us_per_rt"] = [round(procs[pid] * us, 3) for pid in children]
     loop_cpu = worker_cpu = 0.0
-    for pid in children or [server_pid]:       # the serving processes
+    for pid in children or [server_pid]:  # the serving processes
         ta, tb = a["threads"].get(pid, {}), b["threads"].get(pid, {})
         for tid, cpu in tb.items():
             used = cpu - ta.get(tid, 0.0)
             if tid == pid:
-                loop_cpu += used             # the main thread runs the loop
+                loop_cpu += used  # the main thread runs the loop
             else:
                 worker_cpu += used
     nproc = len(children) or 1
@@ -245,22 +357,48 @@ def diff(a: dict[str, Any], b: dict[str, Any], server_pid: int, round_trips: int
     total = sum(b["cores"][c][2] - a["cores"][c][2] for c in (0, 1)) / benchlib.CLK_TCK
     other = busy - sum(procs.values()) - client
     rec["other_load_pct"] = round(max(0.0, 100 * other / max(total, 1e-9)), 1)
-    rec["steal_pct"] = round(100 * sum(b["cores"][c][1] - a["cores"][c][1] for c in (0, 1))
-                             / benchlib.CLK_TCK / max(total, 1e-9), 1)
+    rec["steal_pct"] = round(
+        100
+        * sum(b["cores"][c][1] - a["cores"][c][1] for c in (0, 1))
+        / benchlib.CLK_TCK
+        / max(total, 1e-9),
+        1,
+    )
     return rec
 
 
 # ---- running ------------------------------------------------------------------------------
 
-def run_cell(loadgen: Path, server: ServerProcess, cfg: Config,
-             args: argparse.Namespace) -> dict[str, Any]:
+
+def run_cell(
+    loadgen: Path, server: ServerProcess, cfg: Config, args: argparse.Namespace
+) -> dict[str, Any]:
     """One load-generator run against *server* with window-edge samples."""
-    argv = [*benchlib.pin_prefix(cfg.client_cpu), str(loadgen), "--host", benchlib.HOST,
-            "--port", str(server.port), "--conns", str(args.conns), "--size", str(args.size),
-            "--duration", str(args.duration), "--warmup", str(args.warmup),
-            "--mode", "pingpong"]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    argv = [
+        *benchlib.pin_prefix(cfg.client_cpu),
+        str(loadgen),
+        "--host",
+        benchlib.HOST,
+        "--port",
+        str(server.port),
+        "--conns",
+        str(args.conns),
+        "--size",
+        str(args.size),
+        "--duration",
+        str(args.duration),
+        "--warmup",
+        str(args.warmup),
+        "--mode",
+        "pingpong",
+    ]
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     benchlib.track(proc)
     marks: dict[str, dict[str, Any]] = {}
     result: dict[str, Any] = {}
@@ -286,8 +424,15 @@ def run_cell(loadgen: Path, server: ServerProcess, cfg: Config,
         rc = benchlib.terminate(proc, grace=1.0)
     rec: dict[str, Any] = {"server": cfg.name, **result, "loadgen_rc": rc}
     if "window-start" in marks and "window-end" in marks and result.get("round_trips"):
-        rec.update(diff(marks["window-start"], marks["window-end"], server.pid,
-                        result["round_trips"], result.get("window_s", args.duration)))
+        rec.update(
+            diff(
+                marks["window-start"],
+                marks["window-end"],
+                server.pid,
+                result["round_trips"],
+                result.get("window_s", args.duration),
+            )
+        )
     problems = []
     if not result.get("round_trips"):
         problems.append(f"no round trips (loadgen rc {rc})")
@@ -333,8 +478,9 @@ def wait_quiet(args: argparse.Namespace) -> tuple[float, float]:
     return busy, time.monotonic() - t0
 
 
-def run_all(args: argparse.Namespace, configs: list[Config], loadgen: Path,
-            results: dict[str, Any]) -> None:
+def run_all(
+    args: argparse.Namespace, configs: list[Config], loadgen: Path, results: dict[str, Any]
+) -> None:
     subst = {"servers": str(benchlib.SERVERS_DIR)}
     total = len(configs) * args.repeats
     done = 0
@@ -344,11 +490,18 @@ def run_all(args: argparse.Namespace, configs: list[Config], loadgen: Path,
             done += 1
             python = interp_path(cfg, args)
             assert python is not None
-            argv = [python, *(part.format(**subst) for part in cfg.argv),
-                    "--host", benchlib.HOST, "--port", "0"]
+            argv = [
+                python,
+                *(part.format(**subst) for part in cfg.argv),
+                "--host",
+                benchlib.HOST,
+                "--port",
+                "0",
+            ]
             busy, waited = wait_quiet(args)
-            server = ServerProcess(cfg.name, ["taskset", "-c", cfg.server_cpus, *argv],
-                                   env=server_env(cfg))
+            server = ServerProcess(
+                cfg.name, ["taskset", "-c", cfg.server_cpus, *argv], env=server_env(cfg)
+            )
             try:
                 server.start()
             except benchlib.ServerStartError as exc:
@@ -372,16 +525,24 @@ def progress(rec: dict[str, Any], done: int, total: int) -> str:
     head = f"[{done}/{total}] r{rec['repeat']} {rec['server']:<22}"
     if not rec.get("ok"):
         return f"{head} FAILED: {'; '.join(rec.get('problems', []))}"
-    return (f"{head} {rec['rt_per_s']:>9.0f} rt/s  p99 {rec['p99_us']:>8.0f} us  "
-            f"cpu {rec.get('server_cpu_us_per_rt', 0):>7.1f} us/rt  "
-            f"loop {rec.get('loop_thread_us_per_rt', 0):>6.1f}  "
-            f"other {rec.get('other_load_pct', 0):>4.1f}%")
+    return (
+        f"{head} {rec['rt_per_s']:>9.0f} rt/s  p99 {rec['p99_us']:>8.0f} us  "
+        f"cpu {rec.get('server_cpu_us_per_rt', 0):>7.1f} us/rt  "
+        f"loop {rec.get('loop_thread_us_per_rt', 0):>6.1f}  "
+        f"other {rec.get('other_load_pct', 0):>4.1f}%"
+    )
 
 
 def fib_micro(python: str, env: dict[str, str], k: int = 1000) -> dict[str, Any]:
     """fib(20) in 1 and then 2 threads of *python*: the interpreter's own scaling."""
-    out = subprocess.run([*benchlib.pin_prefix(None), python, "-c", FIB_MICRO, str(k)],
-                         capture_output=True, text=True, env=env, timeout=300, check=False)
+    out = subprocess.run(
+        [*benchlib.pin_prefix(None), python, "-c", FIB_MICRO, str(k)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     for line in out.stdout.splitlines():
         if line.startswith("{"):
             return dict(json.loads(line))
@@ -390,9 +551,19 @@ def fib_micro(python: str, env: dict[str, str], k: int = 1000) -> dict[str, Any]
 
 # ---- summaries ----------------------------------------------------------------------------
 
-MED_KEYS = ("rt_per_s", "p99_us", "server_cpu_us_per_rt", "server_cores", "loop_thread_us_per_rt",
-            "worker_threads_us_per_rt", "loop_busy_pct", "parent_cpu_us_per_rt",
-            "client_cpu_pct", "other_load_pct", "steal_pct")
+MED_KEYS = (
+    "rt_per_s",
+    "p99_us",
+    "server_cpu_us_per_rt",
+    "server_cores",
+    "loop_thread_us_per_rt",
+    "worker_threads_us_per_rt",
+    "loop_busy_pct",
+    "parent_cpu_us_per_rt",
+    "client_cpu_pct",
+    "other_load_pct",
+    "steal_pct",
+)
 
 
 MIN_QUIET = 3
@@ -406,9 +577,13 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         good = [r for r in runs if r["server"] == name and r.get("ok")]
         quiet = [r for r in good if r.get("quiet")]
         use = quiet if len(quiet) >= min(MIN_QUIET, len(good)) else good
-        row: dict[str, Any] = {"n": len(use), "good": len(good), "quiet": len(quiet),
-                               "noisy": use is good and len(quiet) < len(good),
-                               "failed": sum(1 for r in runs if r["server"] == name) - len(good)}
+        row: dict[str, Any] = {
+            "n": len(use),
+            "good": len(good),
+            "quiet": len(quiet),
+            "noisy": use is good and len(quiet) < len(good),
+            "failed": sum(1 for r in runs if r["server"] == name) - len(good),
+        }
         for key in MED_KEYS:
             vals = [r[key] for r in use if isinstance(r.get(key), (int, float))]
             row[key] = round(statistics.median(vals), 3) if vals else None
@@ -419,8 +594,7 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def pair_ratios(runs: list[dict[str, Any]], a: str, b: str,
-                quiet_only: bool) -> list[float]:
+def pair_ratios(runs: list[dict[str, Any]], a: str, b: str, quiet_only: bool) -> list[float]:
     """rt/s ratio a/b for every repeat in which both ran (adjacent runs)."""
     out = []
     for rep in sorted({r["repeat"] for r in runs}):
@@ -449,8 +623,9 @@ def capacity(name: str, meds: dict[str, dict[str, Any]]) -> float | None:
     return x
 
 
-def pairs_table(runs: list[dict[str, Any]],
-                meds: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def pairs_table(
+    runs: list[dict[str, Any]], meds: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
     rows = []
     for label, a, b, goal in PAIRS:
         if a not in meds or b not in meds:
@@ -460,10 +635,17 @@ def pairs_table(runs: list[dict[str, Any]],
         noisy = len(ratios) < min(MIN_QUIET, len(everything))
         if noisy:
             ratios = everything
-        row: dict[str, Any] = {"label": label, "a": a, "b": b, "goal": goal,
-                               "a_rt": meds[a]["rt_per_s"], "b_rt": meds[b]["rt_per_s"],
-                               "ratios": [round(x, 3) for x in ratios], "noisy": noisy,
-                               "all_ratios": [round(x, 3) for x in everything]}
+        row: dict[str, Any] = {
+            "label": label,
+            "a": a,
+            "b": b,
+            "goal": goal,
+            "a_rt": meds[a]["rt_per_s"],
+            "b_rt": meds[b]["rt_per_s"],
+            "ratios": [round(x, 3) for x in ratios],
+            "noisy": noisy,
+            "all_ratios": [round(x, 3) for x in everything],
+        }
         ca, cb = capacity(a, meds), capacity(b, meds)
         if ca and cb:
             row["cpu_derived_ratio"] = round(ca / cb, 3)
@@ -477,14 +659,13 @@ def pairs_table(runs: list[dict[str, Any]],
     return rows
 
 
-def model(meds: dict[str, dict[str, Any]], micro: dict[str, Any],
-          conns: int) -> dict[str, Any]:
+def model(meds: dict[str, dict[str, Any]], micro: dict[str, Any], conns: int) -> dict[str, Any]:
     """Expected speed-up at 8, 16 and 64 cores from the measured costs (see the report)."""
     out: dict[str, Any] = {}
     ft1, ft2 = meds.get("ft_pool1_fib20"), meds.get("ft_pool2_fib20")
     plain, nowork = meds.get("ft_plain"), meds.get("ft_pool2_nowork")
     if ft2 and ft2.get("loop_thread_us_per_rt") and ft2.get("worker_threads_us_per_rt"):
-        loop = ft2["loop_thread_us_per_rt"]          # at ~the fib rate: a wakeup per reply
+        loop = ft2["loop_thread_us_per_rt"]  # at ~the fib rate: a wakeup per reply
         work = ft2["worker_threads_us_per_rt"]
         # At scale the loop runs at the hand-off rate, where it batches: its cost there.
         loop_rate = (nowork or {}).get("loop_thread_us_per_rt") or loop
@@ -492,22 +673,30 @@ def model(meds: dict[str, dict[str, Any]], micro: dict[str, Any],
         if ft1 and ft1.get("worker_threads_us_per_rt"):
             eff = min(1.0, ft1["worker_threads_us_per_rt"] / work)
         handoff = None
-        if plain and nowork and plain.get("server_cpu_us_per_rt") and \
-                nowork.get("server_cpu_us_per_rt"):
+        if (
+            plain
+            and nowork
+            and plain.get("server_cpu_us_per_rt")
+            and nowork.get("server_cpu_us_per_rt")
+        ):
             handoff = round(nowork["server_cpu_us_per_rt"] - plain["server_cpu_us_per_rt"], 3)
         rows = {}
         for n in (2, 8, 16, 64):
             # Loop and workers share N cores: X(N) = min(N * e / (L + W), 1 / L_rate).
             x_n = min(n * eff / (loop + work), 1 / loop_rate) * 1e6
             rows[n] = {"rt_per_s": round(x_n), "speedup": round(x_n * (loop + work) / 1e6, 1)}
-        out["ft_pool"] = {"loop_us_per_rt": loop, "loop_us_per_rt_at_rate": loop_rate,
-                          "worker_us_per_rt": work,
-                          "serial_fraction": round(loop / (loop + work), 5),
-                          "speedup_cap": round((loop + work) / loop_rate, 1),
-                          "worker_efficiency2": round(eff, 3),
-                          "interp_cpu_efficiency2": micro.get("ft", {}).get("cpu_efficiency2"),
-                          "handoff_us_per_rt": handoff,
-                          "loop_capacity_rt_per_s": round(1e6 / loop_rate), "cores": rows}
+        out["ft_pool"] = {
+            "loop_us_per_rt": loop,
+            "loop_us_per_rt_at_rate": loop_rate,
+            "worker_us_per_rt": work,
+            "serial_fraction": round(loop / (loop + work), 5),
+            "speedup_cap": round((loop + work) / loop_rate, 1),
+            "worker_efficiency2": round(eff, 3),
+            "interp_cpu_efficiency2": micro.get("ft", {}).get("cpu_efficiency2"),
+            "handoff_us_per_rt": handoff,
+            "loop_capacity_rt_per_s": round(1e6 / loop_rate),
+            "cores": rows,
+        }
     p1, p2 = meds.get("py_prefork1_fib20"), meds.get("py_prefork2_fib20")
     if p1 and p2 and p1.get("server_cpu_us_per_rt") and p2.get("server_cpu_us_per_rt"):
         c1, c2 = p1["server_cpu_us_per_rt"], p2["server_cpu_us_per_rt"]
@@ -516,12 +705,16 @@ def model(meds: dict[str, dict[str, Any]], micro: dict[str, Any],
         for n in (2, 8, 16, 64):
             spread = {}
             for c in (conns, 10 * conns):
-                busy = n * (1 - (1 - 1 / n) ** c)       # listeners with >= 1 connection
+                busy = n * (1 - (1 - 1 / n) ** c)  # listeners with >= 1 connection
                 spread[c] = round(busy * eff, 1)
             rows[n] = spread
-        out["prefork"] = {"cpu_us_per_rt_1": c1, "cpu_us_per_rt_2": c2,
-                          "parent_cpu_us_per_rt": p2.get("parent_cpu_us_per_rt"),
-                          "per_process_efficiency": round(eff, 3), "cores": rows}
+        out["prefork"] = {
+            "cpu_us_per_rt_1": c1,
+            "cpu_us_per_rt_2": c2,
+            "parent_cpu_us_per_rt": p2.get("parent_cpu_us_per_rt"),
+            "per_process_efficiency": round(eff, 3),
+            "cores": rows,
+        }
     return out
 
 
@@ -532,39 +725,57 @@ def fmt(x: Any, spec: str = ",.0f") -> str:
 def render(results: dict[str, Any]) -> str:
     meds, pairs, mdl = results["medians"], results["pairs"], results["model"]
     m = results["machine"]
-    lines = [f"# cppnp multi-core scaling, {results['started'][:10]}", "",
-             f"- Machine: {m['cpu_model']}, {m['cpu_count']} CPUs, kernel {m['kernel']}; "
-             f"load average at start {m['loadavg_at_start']}, at end {results['loadavg_at_end']}",
-             f"- Interpreters: {results['interpreters']}",
-             f"- 64 B ping-pong, {results['config']['conns']} connections, "
-             f"{results['config']['duration_s']} s measured after "
-             f"{results['config']['warmup_s']} s warm-up, {results['config']['repeats']} "
-             "interleaved repeats (order reversed on odd repeats); medians; wall "
-             f"{results['elapsed_s']:.0f} s",
-             "- Pinning: `*_fib20` servers `taskset -c 0,1` (both cores) with the load "
-             "generator on CPU 1; `ft_plain`/`*_nowork` servers on CPU 0, load generator on "
-             "CPU 1 (as `run.py`).", ""]
-    lines += ["## Goals", "", "| comparison | a rt/s | b rt/s | a / b (median of paired runs) "
-              "| min-max | pairs | goal | | a / b from CPU per rt |",
-              "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | :--- | ---: |"]
+    lines = [
+        f"# cppnp multi-core scaling, {results['started'][:10]}",
+        "",
+        f"- Machine: {m['cpu_model']}, {m['cpu_count']} CPUs, kernel {m['kernel']}; "
+        f"load average at start {m['loadavg_at_start']}, at end {results['loadavg_at_end']}",
+        f"- Interpreters: {results['interpreters']}",
+        f"- 64 B ping-pong, {results['config']['conns']} connections, "
+        f"{results['config']['duration_s']} s measured after "
+        f"{results['config']['warmup_s']} s warm-up, {results['config']['repeats']} "
+        "interleaved repeats (order reversed on odd repeats); medians; wall "
+        f"{results['elapsed_s']:.0f} s",
+        "- Pinning: `*_fib20` servers `taskset -c 0,1` (both cores) with the load "
+        "generator on CPU 1; `ft_plain`/`*_nowork` servers on CPU 0, load generator on "
+        "CPU 1 (as `run.py`).",
+        "",
+    ]
+    lines += [
+        "## Goals",
+        "",
+        "| comparison | a rt/s | b rt/s | a / b (median of paired runs) "
+        "| min-max | pairs | goal | | a / b from CPU per rt |",
+        "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | :--- | ---: |",
+    ]
     for row in pairs:
         goal = "—" if row["goal"] is None else f"≥ {row['goal']}x"
         met = "" if row.get("met") is None else ("met" if row["met"] else "**not met**")
-        lines.append(f"| {row['label']} | {fmt(row['a_rt'])} | {fmt(row['b_rt'])} | "
-                     f"{fmt(row.get('ratio'), '.2f')}x | {fmt(row.get('ratio_min'), '.2f')}-"
-                     f"{fmt(row.get('ratio_max'), '.2f')} | {len(row['ratios'])}"
-                     f"{' (noisy)' if row['noisy'] else ''} | {goal} | {met} | "
-                     f"{fmt(row.get('cpu_derived_ratio'), '.2f')}x |")
-    lines += ["", "`a / b from CPU per rt`: the ratio the two would reach with their cores to "
-              "themselves, computed from the CPU each used per round trip (each of `par` "
-              "threads or processes that can run the work at once serves 1e6 / CPU-per-rt "
-              "rt/s, capped by the loop thread's own CPU per rt). It is an upper bound "
-              "(waiting that burns no CPU does not show), but does not depend on how much "
-              "CPU other processes took, unlike the measured ratio.", ""]
-    lines += ["", "## Every configuration (medians)", "",
-              "| server | what | rt/s | spread | p99 µs | server CPU µs/rt | cores used "
-              "| loop thread µs/rt | workers µs/rt | loop busy | client CPU | other load | n |",
-              "| :--- | :--- |" + " ---: |" * 11]
+        lines.append(
+            f"| {row['label']} | {fmt(row['a_rt'])} | {fmt(row['b_rt'])} | "
+            f"{fmt(row.get('ratio'), '.2f')}x | {fmt(row.get('ratio_min'), '.2f')}-"
+            f"{fmt(row.get('ratio_max'), '.2f')} | {len(row['ratios'])}"
+            f"{' (noisy)' if row['noisy'] else ''} | {goal} | {met} | "
+            f"{fmt(row.get('cpu_derived_ratio'), '.2f')}x |"
+        )
+    lines += [
+        "",
+        "`a / b from CPU per rt`: the ratio the two would reach with their cores to "
+        "themselves, computed from the CPU each used per round trip (each of `par` "
+        "threads or processes that can run the work at once serves 1e6 / CPU-per-rt "
+        "rt/s, capped by the loop thread's own CPU per rt). It is an upper bound "
+        "(waiting that burns no CPU does not show), but does not depend on how much "
+        "CPU other processes took, unlike the measured ratio.",
+        "",
+    ]
+    lines += [
+        "",
+        "## Every configuration (medians)",
+        "",
+        "| server | what | rt/s | spread | p99 µs | server CPU µs/rt | cores used "
+        "| loop thread µs/rt | workers µs/rt | loop busy | client CPU | other load | n |",
+        "| :--- | :--- |" + " ---: |" * 11,
+    ]
     for name, row in meds.items():
         cfg = BY_NAME[name]
         lines.append(
@@ -575,30 +786,41 @@ def render(results: dict[str, Any]) -> str:
             f"{fmt(row['worker_threads_us_per_rt'], '.1f')} | "
             f"{fmt(row['loop_busy_pct'], '.0f')}% | {fmt(row['client_cpu_pct'], '.0f')}% | "
             f"{fmt(row['other_load_pct'], '.0f')}% | {row['n']}"
-            f"{' (noisy)' if row['noisy'] else ''} |")
-    lines += ["", "`cores used`: the server's CPU time over the window (all its processes "
-              "and threads). `loop thread`/`workers`: CPU of the serving processes' main "
-              "thread (the loop) and of their other threads, per round trip (for prefork "
-              "rows: summed over the children; `loop busy` is per child). `other load`: CPU "
-              "that other processes used on the two cores during the window, as a share of "
-              "both cores. "
-              f"Runs with other load above {results['config']['quiet_pct']:.0f}% are left out "
-              "of the medians and ratios when at least 3 quiet ones exist; `(noisy)` marks a "
-              "figure that had to use them. `n`: runs in the median.", ""]
+            f"{' (noisy)' if row['noisy'] else ''} |"
+        )
+    lines += [
+        "",
+        "`cores used`: the server's CPU time over the window (all its processes "
+        "and threads). `loop thread`/`workers`: CPU of the serving processes' main "
+        "thread (the loop) and of their other threads, per round trip (for prefork "
+        "rows: summed over the children; `loop busy` is per child). `other load`: CPU "
+        "that other processes used on the two cores during the window, as a share of "
+        "both cores. "
+        f"Runs with other load above {results['config']['quiet_pct']:.0f}% are left out "
+        "of the medians and ratios when at least 3 quiet ones exist; `(noisy)` marks a "
+        "figure that had to use them. `n`: runs in the median.",
+        "",
+    ]
     micro = results.get("fib_micro", {})
     if micro:
-        lines += ["## The interpreter alone", "",
-                  "fib(20) x K in one thread, then in two threads at once (no sockets):", "",
-                  "| interpreter | GIL | fib(20) CPU ms, 1 thread | 2 threads | "
-                  "CPU efficiency | wall-clock speed-up |",
-                  "| :--- | :--- | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "## The interpreter alone",
+            "",
+            "fib(20) x K in one thread, then in two threads at once (no sockets):",
+            "",
+            "| interpreter | GIL | fib(20) CPU ms, 1 thread | 2 threads | "
+            "CPU efficiency | wall-clock speed-up |",
+            "| :--- | :--- | ---: | ---: | ---: | ---: |",
+        ]
         for key, res in micro.items():
             if "error" in res or "cpu_efficiency2" not in res:
                 lines.append(f"| {key} | | {res.get('error', 'not measured by CPU time')} | |")
                 continue
-            lines.append(f"| {key} | {'on' if res['gil'] else 'off'} | "
-                         f"{res['cpu_ms_per_fib1']:.3f} | {res['cpu_ms_per_fib2']:.3f} | "
-                         f"{res['cpu_efficiency2']:.2f} | {2 * res['efficiency2']:.2f}x |")
+            lines.append(
+                f"| {key} | {'on' if res['gil'] else 'off'} | "
+                f"{res['cpu_ms_per_fib1']:.3f} | {res['cpu_ms_per_fib2']:.3f} | "
+                f"{res['cpu_efficiency2']:.2f} | {2 * res['efficiency2']:.2f}x |"
+            )
         lines.append("")
     if mdl:
         lines += ["## Model: expected scaling at 8, 16, 64 cores", ""]
@@ -620,8 +842,11 @@ def render(results: dict[str, Any]) -> str:
                 "(3.13t immortalizes module-level functions and code objects once a thread "
                 "starts, so fib's calls share no reference counts; the pool's queue lock is "
                 "taken once per batch of up to 16 tasks) and the clients run elsewhere: "
-                "X(N) = min(N·e/(L+W), 1/L_rate).", "",
-                "| cores | rt/s | speed-up vs 1 core |", "| ---: | ---: | ---: |"]
+                "X(N) = min(N·e/(L+W), 1/L_rate).",
+                "",
+                "| cores | rt/s | speed-up vs 1 core |",
+                "| ---: | ---: | ---: |",
+            ]
             for n, row in ft["cores"].items():
                 lines.append(f"| {n} | {row['rt_per_s']:,} | {row['speedup']}x |")
             lines.append("")
@@ -636,9 +861,11 @@ def render(results: dict[str, Any]) -> str:
                 "between children in user space, so the serial fraction is ~0; what limits "
                 "N processes is how SO_REUSEPORT spreads C connections: a connection stays "
                 "with the child it hashed to, and a child without connections idles. "
-                "Expected busy children N(1-(1-1/N)^C), times e:", "",
+                "Expected busy children N(1-(1-1/N)^C), times e:",
+                "",
                 f"| processes | speed-up, C = {conns} | speed-up, C = {10 * conns} |",
-                "| ---: | ---: | ---: |"]
+                "| ---: | ---: | ---: |",
+            ]
             for n, row in pf["cores"].items():
                 vals = list(row.values())
                 lines.append(f"| {n} | {vals[0]}x | {vals[1]}x |")
@@ -665,8 +892,9 @@ def summarize(results: dict[str, Any]) -> None:
     """(Re)compute medians, pair ratios and the model from the raw runs."""
     results["medians"] = medians(results["runs"])
     results["pairs"] = pairs_table(results["runs"], results["medians"])
-    results["model"] = model(results["medians"], results.get("fib_micro", {}),
-                             results["config"]["conns"])
+    results["model"] = model(
+        results["medians"], results.get("fib_micro", {}), results["config"]["conns"]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -693,13 +921,26 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": benchlib.machine_info(args.python),
         "interpreters": {k: benchlib._first_line([v, "-VV"]) for k, v in interps.items() if v},
-        "config": {"repeats": args.repeats, "duration_s": args.duration,
-                   "quiet_pct": args.quiet_pct, "max_wait_s": args.max_wait,
-                   "warmup_s": args.warmup, "conns": args.conns, "size": args.size,
-                   "configs": {c.name: {"interp": c.interp, "argv": c.argv,
-                                        "server_cpus": c.server_cpus,
-                                        "client_cpu": c.client_cpu} for c in configs}},
-        "runs": [], "interrupted": False,
+        "config": {
+            "repeats": args.repeats,
+            "duration_s": args.duration,
+            "quiet_pct": args.quiet_pct,
+            "max_wait_s": args.max_wait,
+            "warmup_s": args.warmup,
+            "conns": args.conns,
+            "size": args.size,
+            "configs": {
+                c.name: {
+                    "interp": c.interp,
+                    "argv": c.argv,
+                    "server_cpus": c.server_cpus,
+                    "client_cpu": c.client_cpu,
+                }
+                for c in configs
+            },
+        },
+        "runs": [],
+        "interrupted": False,
     }
     t0 = time.monotonic()
     try:

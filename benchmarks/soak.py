@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import IO, Any
 
 HOST = "127.0.0.1"
-HEADER = struct.Struct("!IBBQ")          # length, kind, arg, id (length counts the rest)
+HEADER = struct.Struct("!IBBQ")  # length, kind, arg, id (length counts the rest)
 KINDS = ("E", "P", "F", "T")
 KIND_WEIGHTS = (4, 3, 1, 1)
 FATES = ("clean", "half", "close", "reset", "server")
@@ -61,6 +61,7 @@ IO_TIMEOUT = 20.0
 
 
 # ==== the server (child process) ===========================================================
+
 
 def serve(args: argparse.Namespace) -> int:
     import cppnp
@@ -217,6 +218,7 @@ def _rss_kb() -> int:
 
 # ==== the client ============================================================================
 
+
 class Stats:
     """Client-side counters, shared by the client threads."""
 
@@ -252,7 +254,8 @@ class Conn:
         size = rng.choice((0, 10, 100, 700, 2000)) if rng.random() < 0.97 else 65536
         arg = {"T": rng.randint(0, 50), "F": rng.randint(10, 18)}.get(kind, 0)
         body = HEADER.pack(HEADER.size - 4 + size, ord(kind), arg, rid)[4:] + bytes(
-            (rid + k) % 251 for k in range(size))
+            (rid + k) % 251 for k in range(size)
+        )
         frame = struct.pack("!I", len(body)) + body
         self.pending[rid] = frame
         return frame
@@ -281,13 +284,15 @@ class Conn:
                 n = struct.unpack_from("!I", self.inbuf)[0]
                 if len(self.inbuf) < 4 + n:
                     break
-                frame = bytes(self.inbuf[:4 + n])
-                del self.inbuf[:4 + n]
+                frame = bytes(self.inbuf[: 4 + n])
+                del self.inbuf[: 4 + n]
                 rid = HEADER.unpack_from(frame)[3]
                 want = self.pending.pop(rid, None)
                 if want != frame:
-                    stats.problem("%s: %s reply id %d" % (
-                        what, "unexpected" if want is None else "corrupt", rid))
+                    stats.problem(
+                        "%s: %s reply id %d"
+                        % (what, "unexpected" if want is None else "corrupt", rid)
+                    )
                     stats.add(bad_replies=1)
                     return False
                 stats.add(replies=1)
@@ -303,8 +308,15 @@ class Conn:
         self.sock.close()
 
 
-def client_thread(address: tuple[str, int], nconns: int, seed: int, deadline: float,
-                  stats: Stats, ids: Any, stop: threading.Event) -> None:
+def client_thread(
+    address: tuple[str, int],
+    nconns: int,
+    seed: int,
+    deadline: float,
+    stats: Stats,
+    ids: Any,
+    stop: threading.Event,
+) -> None:
     rng = random.Random(seed)
     conns: list[Conn] = []
 
@@ -368,18 +380,27 @@ def client_thread(address: tuple[str, int], nconns: int, seed: int, deadline: fl
     except OSError as exc:
         stats.problem("client thread: %r" % (exc,))
     finally:
-        for c in conns:                 # the end: every remaining connection closes cleanly
+        for c in conns:  # the end: every remaining connection closes cleanly
             c.sock.close()
 
 
 # ==== the run ================================================================================
 
+
 class ServerProc:
     def __init__(self, args: argparse.Namespace) -> None:
-        argv = [args.python, str(Path(__file__).resolve()), "--serve",
-                "--threads", str(args.threads), "--seed", str(args.seed)]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, start_new_session=True)
+        argv = [
+            args.python,
+            str(Path(__file__).resolve()),
+            "--serve",
+            "--threads",
+            str(args.threads),
+            "--seed",
+            str(args.seed),
+        ]
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True
+        )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.stdin: IO[str] = self.proc.stdin
         self.stdout: IO[str] = self.proc.stdout
@@ -418,14 +439,17 @@ def median_of(samples: list[dict[str, Any]], key: Any) -> float:
     return float(statistics.median(key(s) for s in samples))
 
 
-def growth_checks(samples: list[dict[str, Any]], args: argparse.Namespace,
-                  warmup_until: float) -> tuple[dict[str, Any], list[str]]:
+def growth_checks(
+    samples: list[dict[str, Any]], args: argparse.Namespace, warmup_until: float
+) -> tuple[dict[str, Any], list[str]]:
     steady = [s for s in samples if s["t"] >= warmup_until]
     report: dict[str, Any] = {"steady_samples": len(steady)}
     failures: list[str] = []
     if len(steady) < 6:
-        failures.append("only %d samples after warm-up: run longer (--seconds) or sample "
-                        "more often (--sample)" % len(steady))
+        failures.append(
+            "only %d samples after warm-up: run longer (--seconds) or sample "
+            "more often (--sample)" % len(steady)
+        )
         return report, failures
     third = len(steady) // 3
     first, last = steady[:third], steady[-third:]
@@ -433,8 +457,9 @@ def growth_checks(samples: list[dict[str, Any]], args: argparse.Namespace,
         "rss_kb": lambda s: s["rss_kb"],
         "fds_minus_connections": lambda s: s["fds"] - s["connections"],
         "threads": lambda s: s["threads"],
-        "buffers_per_connection_object": lambda s: s["live_buffers"] - 2 * s[
-            "live_connection_objects"],
+        "buffers_per_connection_object": lambda s: (
+            s["live_buffers"] - 2 * s["live_connection_objects"]
+        ),
     }
     for name, key in metrics.items():
         a, b = median_of(first, key), median_of(last, key)
@@ -443,15 +468,21 @@ def growth_checks(samples: list[dict[str, Any]], args: argparse.Namespace,
     limit = rss["first_third_median"] * (1 + args.rss_tolerance) + args.rss_slack_mb * 1024
     rss["limit"] = limit
     if rss["last_third_median"] > limit:
-        failures.append("server RSS kept growing: median %.1f MiB -> %.1f MiB (limit %.1f)"
-                        % (rss["first_third_median"] / 1024, rss["last_third_median"] / 1024,
-                           limit / 1024))
-    for name, slack in (("fds_minus_connections", 2), ("threads", 0),
-                        ("buffers_per_connection_object", 8)):
+        failures.append(
+            "server RSS kept growing: median %.1f MiB -> %.1f MiB (limit %.1f)"
+            % (rss["first_third_median"] / 1024, rss["last_third_median"] / 1024, limit / 1024)
+        )
+    for name, slack in (
+        ("fds_minus_connections", 2),
+        ("threads", 0),
+        ("buffers_per_connection_object", 8),
+    ):
         m = report[name]
         if m["last_third_median"] > m["first_third_median"] + slack:
-            failures.append("server %s kept growing: median %g -> %g" % (
-                name, m["first_third_median"], m["last_third_median"]))
+            failures.append(
+                "server %s kept growing: median %g -> %g"
+                % (name, m["first_third_median"], m["last_third_median"])
+            )
     return report, failures
 
 
@@ -480,10 +511,15 @@ def run(args: argparse.Namespace) -> int:
                 return self
 
         ids = Ids()
-        threads = [threading.Thread(target=client_thread, name="soak-client-%d" % i,
-                                    args=(server.address, per_thread, args.seed * 1000 + i,
-                                          deadline, stats, ids, stop), daemon=True)
-                   for i in range(args.client_threads)]
+        threads = [
+            threading.Thread(
+                target=client_thread,
+                name="soak-client-%d" % i,
+                args=(server.address, per_thread, args.seed * 1000 + i, deadline, stats, ids, stop),
+                daemon=True,
+            )
+            for i in range(args.client_threads)
+        ]
         for t in threads:
             t.start()
         next_sample = time.monotonic() + args.sample
@@ -494,11 +530,20 @@ def run(args: argparse.Namespace) -> int:
                 samples.append(s)
                 next_sample += args.sample
                 if not args.quiet:
-                    print("[%5.1fs] rss %6.1f MiB  fds %4d  conns %4d  timers %3d  replies %8d"
-                          "  problems %d" % (s["t"] - baseline["t"], s["rss_kb"] / 1024,
-                                             s["fds"], s["connections"], s["timers"],
-                                             stats.c["replies"], stats.c["problems"]),
-                          flush=True)
+                    print(
+                        "[%5.1fs] rss %6.1f MiB  fds %4d  conns %4d  timers %3d  replies %8d"
+                        "  problems %d"
+                        % (
+                            s["t"] - baseline["t"],
+                            s["rss_kb"] / 1024,
+                            s["fds"],
+                            s["connections"],
+                            s["timers"],
+                            stats.c["replies"],
+                            stats.c["problems"],
+                        ),
+                        flush=True,
+                    )
             if time.monotonic() > deadline + 4 * IO_TIMEOUT:
                 failures.append("client threads did not finish")
                 stop.set()
@@ -506,8 +551,9 @@ def run(args: argparse.Namespace) -> int:
         # Every client has closed: the server must get back to its baseline.
         end_wait = time.monotonic() + IO_TIMEOUT
         final = server.sample()
-        while (final["connections"] or final["fds"] > baseline["fds"]
-               or final["pool_queued"]) and time.monotonic() < end_wait:
+        while (
+            final["connections"] or final["fds"] > baseline["fds"] or final["pool_queued"]
+        ) and time.monotonic() < end_wait:
             time.sleep(0.1)
             final = server.sample()
         samples.append(final)
@@ -523,9 +569,11 @@ def run(args: argparse.Namespace) -> int:
     growth, growth_failures = growth_checks(samples[1:-1], args, warmup_until)
     failures += growth_failures
     if c["missing_live"] or c["missing_half_closed"] or c["missing_server_closed"]:
-        failures.append("replies lost to peers that were owed them: live %d, half-closed %d,"
-                        " server-closed %d" % (c["missing_live"], c["missing_half_closed"],
-                                               c["missing_server_closed"]))
+        failures.append(
+            "replies lost to peers that were owed them: live %d, half-closed %d,"
+            " server-closed %d"
+            % (c["missing_live"], c["missing_half_closed"], c["missing_server_closed"])
+        )
     if c["bad_replies"]:
         failures.append("%d corrupt or unexpected replies" % c["bad_replies"])
     if stats.problems and not failures:
@@ -537,11 +585,13 @@ def run(args: argparse.Namespace) -> int:
     if final["connections"]:
         failures.append("%d connections still open at the end" % final["connections"])
     if final["fds"] > baseline["fds"]:
-        failures.append("server fds not back to baseline: %d -> %d"
-                        % (baseline["fds"], final["fds"]))
+        failures.append(
+            "server fds not back to baseline: %d -> %d" % (baseline["fds"], final["fds"])
+        )
     if final["live_connection_objects"] > baseline["live_connection_objects"]:
-        failures.append("TcpConnection objects alive at the end: %d"
-                        % final["live_connection_objects"])
+        failures.append(
+            "TcpConnection objects alive at the end: %d" % final["live_connection_objects"]
+        )
 
     elapsed = final["t"] - baseline["t"]
     steady = [s for s in samples[1:-1] if s["t"] >= warmup_until]
@@ -556,9 +606,11 @@ def run(args: argparse.Namespace) -> int:
             "replies_per_second": round(c["replies"] / max(elapsed, 1e-9)),
             "abandoned_requests": c["abandoned"],
             "fates": {f: c["fate_" + f] for f in FATES},
-            "missing_replies": {"live": c["missing_live"],
-                                "half_closed": c["missing_half_closed"],
-                                "server_closed": c["missing_server_closed"]},
+            "missing_replies": {
+                "live": c["missing_live"],
+                "half_closed": c["missing_half_closed"],
+                "server_closed": c["missing_server_closed"],
+            },
             "bad_replies": c["bad_replies"],
             "problems": stats.problems,
         },
@@ -577,17 +629,22 @@ def run(args: argparse.Namespace) -> int:
         },
         "resources": {
             "baseline": {k: baseline[k] for k in ("rss_kb", "fds", "threads", "timers")},
-            "end": {k: final[k] for k in ("rss_kb", "fds", "threads", "timers",
-                                          "connections")},
+            "end": {k: final[k] for k in ("rss_kb", "fds", "threads", "timers", "connections")},
             "max_connections": max(s["connections"] for s in samples),
             "max_fds": max(s["fds"] for s in samples),
             "max_timers": max(s["timers"] for s in samples),
             "rss_kb_steady_first_last": [steady[0]["rss_kb"], steady[-1]["rss_kb"]]
-            if steady else None,
+            if steady
+            else None,
             "growth": growth,
         },
-        "samples": [{k: s[k] for k in ("t", "rss_kb", "fds", "threads", "connections",
-                                       "timers", "dropped_sends")} for s in samples],
+        "samples": [
+            {
+                k: s[k]
+                for k in ("t", "rss_kb", "fds", "threads", "connections", "timers", "dropped_sends")
+            }
+            for s in samples
+        ],
         "failures": failures,
         "ok": not failures,
     }
@@ -602,38 +659,76 @@ def run(args: argparse.Namespace) -> int:
 def print_summary(s: dict[str, Any]) -> None:
     c, srv, res = s["client"], s["server"], s["resources"]
     print()
-    print("soak: %.0f s, %d connections opened, %d requests, %d replies (%d/s)" % (
-        s["elapsed"], c["connections_opened"], c["requests"], c["replies"],
-        c["replies_per_second"]))
+    print(
+        "soak: %.0f s, %d connections opened, %d requests, %d replies (%d/s)"
+        % (
+            s["elapsed"],
+            c["connections_opened"],
+            c["requests"],
+            c["replies"],
+            c["replies_per_second"],
+        )
+    )
     print("  connection ends: " + ", ".join("%s %d" % kv for kv in c["fates"].items()))
-    print("  replies missing: live %(live)d, half-closed %(half_closed)d, "
-          "server-closed %(server_closed)d; corrupt/unexpected %(bad)d" % dict(
-              c["missing_replies"], bad=c["bad_replies"]))
-    print("  server drops: sends %d (%d bytes) to closed/reset peers (%d requests were "
-          "abandoned by clients), functors %d" % (srv["dropped_sends"], srv["dropped_bytes"],
-                                                 c["abandoned_requests"],
-                                                 srv["dropped_functors"]))
-    print("  server errors: callbacks %d, pool tasks failed %d, discarded %d, accept "
-          "errors %d" % (srv["callback_errors"], srv["pool_failed"], srv["pool_discarded"],
-                         srv["accept_errors"]))
+    print(
+        "  replies missing: live %(live)d, half-closed %(half_closed)d, "
+        "server-closed %(server_closed)d; corrupt/unexpected %(bad)d"
+        % dict(c["missing_replies"], bad=c["bad_replies"])
+    )
+    print(
+        "  server drops: sends %d (%d bytes) to closed/reset peers (%d requests were "
+        "abandoned by clients), functors %d"
+        % (
+            srv["dropped_sends"],
+            srv["dropped_bytes"],
+            c["abandoned_requests"],
+            srv["dropped_functors"],
+        )
+    )
+    print(
+        "  server errors: callbacks %d, pool tasks failed %d, discarded %d, accept "
+        "errors %d"
+        % (srv["callback_errors"], srv["pool_failed"], srv["pool_discarded"], srv["accept_errors"])
+    )
     counts = srv["counts"]
-    print("  timers: fired %d, cancelled %d; requests by kind: %s" % (
-        counts.get("timers_fired", 0), counts.get("timers_cancelled", 0),
-        ", ".join("%s %d" % (k[4:], v) for k, v in sorted(counts.items())
-                  if k.startswith("req_"))))
+    print(
+        "  timers: fired %d, cancelled %d; requests by kind: %s"
+        % (
+            counts.get("timers_fired", 0),
+            counts.get("timers_cancelled", 0),
+            ", ".join(
+                "%s %d" % (k[4:], v) for k, v in sorted(counts.items()) if k.startswith("req_")
+            ),
+        )
+    )
     b, e = res["baseline"], res["end"]
-    print("  server RSS: %.1f MiB at start, %.1f MiB at end; fds %d -> %d (max %d); "
-          "threads %d -> %d; max connections %d; max timers %d" % (
-              b["rss_kb"] / 1024, e["rss_kb"] / 1024, b["fds"], e["fds"], res["max_fds"],
-              b["threads"], e["threads"], res["max_connections"], res["max_timers"]))
+    print(
+        "  server RSS: %.1f MiB at start, %.1f MiB at end; fds %d -> %d (max %d); "
+        "threads %d -> %d; max connections %d; max timers %d"
+        % (
+            b["rss_kb"] / 1024,
+            e["rss_kb"] / 1024,
+            b["fds"],
+            e["fds"],
+            res["max_fds"],
+            b["threads"],
+            e["threads"],
+            res["max_connections"],
+            res["max_timers"],
+        )
+    )
     g = res["growth"]
     if "rss_kb" in g:
-        print("  steady state (first third -> last third, medians): RSS %.1f -> %.1f MiB, "
-              "fds-conns %g -> %g" % (
-                  g["rss_kb"]["first_third_median"] / 1024,
-                  g["rss_kb"]["last_third_median"] / 1024,
-                  g["fds_minus_connections"]["first_third_median"],
-                  g["fds_minus_connections"]["last_third_median"]))
+        print(
+            "  steady state (first third -> last third, medians): RSS %.1f -> %.1f MiB, "
+            "fds-conns %g -> %g"
+            % (
+                g["rss_kb"]["first_third_median"] / 1024,
+                g["rss_kb"]["last_third_median"] / 1024,
+                g["fds_minus_connections"]["first_third_median"],
+                g["fds_minus_connections"]["last_third_median"],
+            )
+        )
     if s["failures"]:
         print("FAILED:")
         for f in s["failures"]:
@@ -649,12 +744,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--client-threads", type=int, default=12)
     p.add_argument("--threads", type=int, default=4, help="server ThreadPool size (default 4)")
     p.add_argument("--sample", type=float, default=2.0, help="seconds between samples")
-    p.add_argument("--warmup", type=float, default=10.0,
-                   help="seconds excluded from the growth check (at most a quarter of the run)")
-    p.add_argument("--rss-tolerance", type=float, default=0.10,
-                   help="allowed relative RSS growth, first to last third (default 0.10)")
-    p.add_argument("--rss-slack-mb", type=float, default=4.0,
-                   help="allowed absolute RSS growth on top of that (default 4 MiB)")
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=10.0,
+        help="seconds excluded from the growth check (at most a quarter of the run)",
+    )
+    p.add_argument(
+        "--rss-tolerance",
+        type=float,
+        default=0.10,
+        help="allowed relative RSS growth, first to last third (default 0.10)",
+    )
+    p.add_argument(
+        "--rss-slack-mb",
+        type=float,
+        default=4.0,
+        help="allowed absolute RSS growth on top of that (default 4 MiB)",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", help="write the summary (and samples) to this file")
     p.add_argument("--python", default=sys.executable, help="interpreter for the server")

@@ -56,7 +56,12 @@ def make_bench(impl: str) -> Bench:
             loop.loop()
 
         b.cancel_all, b.run, b.stop, b.drain, b.close = (
-            cancel_all, loop.loop, loop.quit, drain, loop.close)
+            cancel_all,
+            loop.loop,
+            loop.quit,
+            drain,
+            loop.close,
+        )
         return b
 
     import asyncio
@@ -81,7 +86,12 @@ def make_bench(impl: str) -> Bench:
 
     b.schedule = aloop.call_later
     b.cancel_all, b.run, b.stop, b.drain, b.close = (
-        cancel_handles, aloop.run_forever, aloop.stop, adrain, aloop.close)
+        cancel_handles,
+        aloop.run_forever,
+        aloop.stop,
+        adrain,
+        aloop.close,
+    )
     return b
 
 
@@ -107,8 +117,11 @@ def fire_test(b: Bench, delays: list[float]) -> dict[str, float]:
     t2 = time.perf_counter()
     if fired != n:
         raise RuntimeError(f"only {fired} of {n} timers fired")
-    return {"timers_per_s": round(n / (t2 - t0)), "schedule_s": round(t1 - t0, 4),
-            "fire_s": round(t2 - t1, 4)}
+    return {
+        "timers_per_s": round(n / (t2 - t0)),
+        "schedule_s": round(t1 - t0, 4),
+        "fire_s": round(t2 - t1, 4),
+    }
 
 
 def cancel_test(b: Bench, delays: list[float]) -> dict[str, float]:
@@ -131,8 +144,12 @@ def cancel_test(b: Bench, delays: list[float]) -> dict[str, float]:
     t3 = time.perf_counter()
     if fired:
         raise RuntimeError(f"{fired} cancelled timers fired")
-    return {"cancel_ops_per_s": round(2 * n / (t3 - t0)), "cancel_schedule_s": round(t1 - t0, 4),
-            "cancel_s": round(t2 - t1, 4), "drain_s": round(t3 - t2, 4)}
+    return {
+        "cancel_ops_per_s": round(2 * n / (t3 - t0)),
+        "cancel_schedule_s": round(t1 - t0, 4),
+        "cancel_s": round(t2 - t1, 4),
+        "drain_s": round(t3 - t2, 4),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,8 +163,12 @@ def main(argv: list[str] | None = None) -> int:
 
     rng = random.Random(42)
     delays = [rng.random() * args.max_delay for _ in range(args.n)]
-    out: dict[str, Any] = {"bench": "timers", "impl": args.impl, "n": args.n,
-                           "python": platform.python_version()}
+    out: dict[str, Any] = {
+        "bench": "timers",
+        "impl": args.impl,
+        "n": args.n,
+        "python": platform.python_version(),
+    }
     try:
         b = make_bench(args.impl)
         try:

@@ -79,20 +79,33 @@ class Store:
 
     def __init__(self) -> None:
         self.data: dict[bytes, bytes] = {}
-        self.expires: dict[bytes, float] = {}        # key -> deadline (monotonic seconds)
+        self.expires: dict[bytes, float] = {}  # key -> deadline (monotonic seconds)
         self.lock = threading.Lock()
         c: dict[bytes, tuple[Callable[[list[bytes]], bytes], int]] = {}
         self._commands = c
         # name: (method, arity) -- redis arity: n exact, -n at least n (name included).
         for name, fn, arity in (
-            (b"PING", self.ping, -1), (b"ECHO", self.echo, 2), (b"SET", self.set, -3),
-            (b"GET", self.get, 2), (b"DEL", self.delete, -2), (b"EXISTS", self.exists, -2),
-            (b"INCR", self.incr, 2), (b"DECR", self.decr, 2), (b"INCRBY", self.incrby, 3),
-            (b"DECRBY", self.decrby, 3), (b"MGET", self.mget, -2), (b"MSET", self.mset, -3),
-            (b"EXPIRE", self.expire, 3), (b"PEXPIRE", self.pexpire, 3), (b"TTL", self.ttl, 2),
-            (b"PTTL", self.pttl, 2), (b"DBSIZE", self.dbsize, 1),
-            (b"FLUSHALL", self.flushall, -1), (b"FLUSHDB", self.flushall, -1),
-            (b"CONFIG", self.config, -2), (b"COMMAND", self.command, -1),
+            (b"PING", self.ping, -1),
+            (b"ECHO", self.echo, 2),
+            (b"SET", self.set, -3),
+            (b"GET", self.get, 2),
+            (b"DEL", self.delete, -2),
+            (b"EXISTS", self.exists, -2),
+            (b"INCR", self.incr, 2),
+            (b"DECR", self.decr, 2),
+            (b"INCRBY", self.incrby, 3),
+            (b"DECRBY", self.decrby, 3),
+            (b"MGET", self.mget, -2),
+            (b"MSET", self.mset, -3),
+            (b"EXPIRE", self.expire, 3),
+            (b"PEXPIRE", self.pexpire, 3),
+            (b"TTL", self.ttl, 2),
+            (b"PTTL", self.pttl, 2),
+            (b"DBSIZE", self.dbsize, 1),
+            (b"FLUSHALL", self.flushall, -1),
+            (b"FLUSHDB", self.flushall, -1),
+            (b"CONFIG", self.config, -2),
+            (b"COMMAND", self.command, -1),
             (b"SELECT", self.select, 2),
         ):
             c[name] = (fn, arity)
@@ -104,13 +117,17 @@ class Store:
         entry = self._commands.get(name) or self._commands.get(name.upper())
         if entry is None:
             args = "".join("'%s' " % a[:128].decode("utf-8", "replace") for a in argv[1:])
-            return error("unknown command '%s', with args beginning with: %s"
-                         % (name[:128].decode("utf-8", "replace"), args))
+            return error(
+                "unknown command '%s', with args beginning with: %s"
+                % (name[:128].decode("utf-8", "replace"), args)
+            )
         fn, arity = entry
         n = len(argv)
         if (arity > 0 and n != arity) or n < -arity:
-            return error("wrong number of arguments for '%s' command"
-                         % name.decode("utf-8", "replace").lower())
+            return error(
+                "wrong number of arguments for '%s' command"
+                % name.decode("utf-8", "replace").lower()
+            )
         return fn(argv)
 
     # -- keyspace helpers ----------------------------------------------------------------
@@ -167,7 +184,7 @@ class Store:
 
     def set(self, argv: list[bytes]) -> bytes:
         key = argv[1]
-        if len(argv) == 3:                       # the common case: SET key value
+        if len(argv) == 3:  # the common case: SET key value
             self.data[key] = argv[2]
             if self.expires:
                 self.expires.pop(key, None)
@@ -227,7 +244,7 @@ class Store:
         value += by
         if value < INT64_MIN or value > INT64_MAX:
             return error("increment or decrement would overflow")
-        self.data[key] = b"%d" % value          # keeps its TTL, as in redis
+        self.data[key] = b"%d" % value  # keeps its TTL, as in redis
         return b":%d\r\n" % value
 
     def incr(self, argv: list[bytes]) -> bytes:
@@ -313,9 +330,10 @@ class Store:
         if sub == b"GET":
             if len(argv) < 3:
                 return error("wrong number of arguments for 'config|get' command")
-            return EMPTY_ARRAY                  # no configuration to show
-        return error("unknown subcommand '%s'. Try CONFIG HELP."
-                     % argv[1][:128].decode("utf-8", "replace"))
+            return EMPTY_ARRAY  # no configuration to show
+        return error(
+            "unknown subcommand '%s'. Try CONFIG HELP." % argv[1][:128].decode("utf-8", "replace")
+        )
 
     def command(self, argv: list[bytes]) -> bytes:
         return EMPTY_ARRAY
@@ -334,17 +352,22 @@ class _Parse:
 
     def __init__(self) -> None:
         self.argv: list[bytes] = []
-        self.left = 0          # bulk strings still expected by the current *N command
-        self.bulk = -1         # length of the bulk string whose $N header was read
-        self.closing = False   # QUIT or a protocol error: ignore further input
+        self.left = 0  # bulk strings still expected by the current *N command
+        self.bulk = -1  # length of the bulk string whose $N header was read
+        self.closing = False  # QUIT or a protocol error: ignore further input
 
 
 class ProtocolError(Exception):
     pass
 
 
-def parse_commands(st: _Parse, buf: Buffer, cmds: list[list[bytes]],
-                   max_bulk: int = MAX_BULK, max_multibulk: int = MAX_MULTIBULK) -> None:
+def parse_commands(
+    st: _Parse,
+    buf: Buffer,
+    cmds: list[list[bytes]],
+    max_bulk: int = MAX_BULK,
+    max_multibulk: int = MAX_MULTIBULK,
+) -> None:
     """Append every complete command in *buf* to *cmds*; a partial one stays in *st*/*buf*.
 
     Raises ProtocolError (message in redis's words) on malformed input or over a limit;
@@ -354,10 +377,10 @@ def parse_commands(st: _Parse, buf: Buffer, cmds: list[list[bytes]],
     readline = buf.readline
     retrieve = buf.retrieve_as_bytes
     read_crlf = buf.read_uint16
-    argv, left, n = st.argv, st.left, st.bulk       # locals in the loop, saved on exit
+    argv, left, n = st.argv, st.left, st.bulk  # locals in the loop, saved on exit
     try:
         while True:
-            if n >= 0:                               # waiting for a bulk string's bytes
+            if n >= 0:  # waiting for a bulk string's bytes
                 if len(buf) < n + 2:
                     return
                 argv.append(retrieve(n))
@@ -372,13 +395,15 @@ def parse_commands(st: _Parse, buf: Buffer, cmds: list[list[bytes]],
             line = readline(b"\n")
             if line is None:
                 if len(buf) > MAX_INLINE:
-                    raise ProtocolError("Protocol error: too big inline request" if not left
-                                        else "Protocol error: too big bulk count string")
+                    raise ProtocolError(
+                        "Protocol error: too big inline request"
+                        if not left
+                        else "Protocol error: too big bulk count string"
+                    )
                 return
-            if left:                                 # inside *N: expect $len
-                if line[0] != 36:                    # '$'
-                    raise ProtocolError("Protocol error: expected '$', got '%s'"
-                                        % chr(line[0]))
+            if left:  # inside *N: expect $len
+                if line[0] != 36:  # '$'
+                    raise ProtocolError("Protocol error: expected '$', got '%s'" % chr(line[0]))
                 try:
                     k = int(line[1:-2]) if line[-2] == 13 else -1
                 except ValueError:
@@ -387,7 +412,7 @@ def parse_commands(st: _Parse, buf: Buffer, cmds: list[list[bytes]],
                     raise ProtocolError("Protocol error: invalid bulk length")
                 n = k
                 continue
-            if line[0] == 42:                        # '*': a multibulk command
+            if line[0] == 42:  # '*': a multibulk command
                 try:
                     k = int(line[1:-2]) if line[-2] == 13 else -2
                 except ValueError:
@@ -397,7 +422,7 @@ def parse_commands(st: _Parse, buf: Buffer, cmds: list[list[bytes]],
                 if k > 0:
                     left = k
                 continue
-            inline = line.split()                    # an inline command (CRLF or LF)
+            inline = line.split()  # an inline command (CRLF or LF)
             if inline:
                 cmds.append(inline)
     finally:
@@ -407,8 +432,14 @@ def parse_commands(st: _Parse, buf: Buffer, cmds: list[list[bytes]],
 class RespServer(ICppnpUsr):
     """The cppnp handler: parse on the loop thread, execute, one send per batch."""
 
-    def __init__(self, store: Store, pool: ThreadPool | None = None, *,
-                 max_bulk: int = MAX_BULK, max_multibulk: int = MAX_MULTIBULK) -> None:
+    def __init__(
+        self,
+        store: Store,
+        pool: ThreadPool | None = None,
+        *,
+        max_bulk: int = MAX_BULK,
+        max_multibulk: int = MAX_MULTIBULK,
+    ) -> None:
         self.store = store
         self.pool = pool
         self.max_bulk = max_bulk
@@ -437,15 +468,17 @@ class RespServer(ICppnpUsr):
             return
         self._run(conn, cmds, failure)
 
-    def _run_locked(self, conn: TcpConnection, cmds: list[list[bytes]],
-                    failure: ProtocolError | None) -> None:
+    def _run_locked(
+        self, conn: TcpConnection, cmds: list[list[bytes]], failure: ProtocolError | None
+    ) -> None:
         with self.store.lock:
             self._run(conn, cmds, failure)
 
-    def _run(self, conn: TcpConnection, cmds: list[list[bytes]],
-             failure: ProtocolError | None) -> None:
+    def _run(
+        self, conn: TcpConnection, cmds: list[list[bytes]], failure: ProtocolError | None
+    ) -> None:
         execute = self.store.execute
-        if len(cmds) == 1 and failure is None:           # no pipeline: no join
+        if len(cmds) == 1 and failure is None:  # no pipeline: no join
             argv = cmds[0]
             if len(argv[0]) == 4 and argv[0].upper() == b"QUIT":
                 self._quit(conn, [OK])
@@ -471,12 +504,19 @@ class RespServer(ICppnpUsr):
         if isinstance(context, _Parse):
             context.closing = True
         conn.send(b"".join(replies))
-        conn.shutdown()                      # after the replies; the client then closes
+        conn.shutdown()  # after the replies; the client then closes
 
 
-def serve(loop: EventLoop, host: str = "127.0.0.1", port: int = 6380, *,
-          pool: ThreadPool | None = None, max_bulk: int = MAX_BULK,
-          max_multibulk: int = MAX_MULTIBULK, reuse_port: bool = False) -> TcpServer:
+def serve(
+    loop: EventLoop,
+    host: str = "127.0.0.1",
+    port: int = 6380,
+    *,
+    pool: ThreadPool | None = None,
+    max_bulk: int = MAX_BULK,
+    max_multibulk: int = MAX_MULTIBULK,
+    reuse_port: bool = False,
+) -> TcpServer:
     """Create and start the RESP server on *loop* (loop thread), with active expiry."""
     store = Store()
     handler = RespServer(store, pool, max_bulk=max_bulk, max_multibulk=max_multibulk)
@@ -498,12 +538,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=6380)
-    p.add_argument("--threads", type=int, default=0,
-                   help="run commands on a ThreadPool of N workers (0: on the loop thread)")
-    p.add_argument("--max-bulk", type=int, default=MAX_BULK,
-                   help="largest bulk string accepted, bytes (default 512 MiB)")
-    p.add_argument("--max-multibulk", type=int, default=MAX_MULTIBULK,
-                   help="most arguments per command (default 1M)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="run commands on a ThreadPool of N workers (0: on the loop thread)",
+    )
+    p.add_argument(
+        "--max-bulk",
+        type=int,
+        default=MAX_BULK,
+        help="largest bulk string accepted, bytes (default 512 MiB)",
+    )
+    p.add_argument(
+        "--max-multibulk",
+        type=int,
+        default=MAX_MULTIBULK,
+        help="most arguments per command (default 1M)",
+    )
     args = p.parse_args(argv)
 
     def on_term(signum: int, frame: FrameType | None) -> None:
@@ -515,8 +567,14 @@ def main(argv: list[str] | None = None) -> int:
         pool = ThreadPool(args.threads, name="resp-worker")
         pool.start()
     with EventLoop() as loop:
-        server = serve(loop, args.host, args.port, pool=pool, max_bulk=args.max_bulk,
-                       max_multibulk=args.max_multibulk)
+        server = serve(
+            loop,
+            args.host,
+            args.port,
+            pool=pool,
+            max_bulk=args.max_bulk,
+            max_multibulk=args.max_multibulk,
+        )
         host, port = server.address
         print("listening on %s:%d" % (host, port), flush=True)
         try:

@@ -155,8 +155,12 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
 
     def settled() -> bool:
         gc.collect()
-        return (fd_count() <= fds and threading.active_count() <= threads
-                and cppnp.live_connections() <= conns and cppnp.live_buffers() <= bufs)
+        return (
+            fd_count() <= fds
+            and threading.active_count() <= threads
+            and cppnp.live_connections() <= conns
+            and cppnp.live_buffers() <= bufs
+        )
 
     deadline = time.monotonic() + 5
     while not settled() and time.monotonic() < deadline:

@@ -87,8 +87,14 @@ def child_env() -> dict[str, str]:
 def run_child(code: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """Run *code* in a fresh interpreter; fail (with its output) if it hangs."""
     try:
-        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
-                              text=True, timeout=timeout, env=child_env(), cwd="/")
+        return subprocess.run(
+            [sys.executable, "-c", code, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=child_env(),
+            cwd="/",
+        )
     except subprocess.TimeoutExpired as exc:
         pytest.fail("child hung: stdout=%r stderr=%r" % (exc.stdout, exc.stderr))
 
@@ -138,10 +144,8 @@ class Ledger:
 
     # -- the check --
     def records(self) -> list[logging.LogRecord]:
-        every = [r for when in ("setup", "call", "teardown")
-                 for r in self.caplog.get_records(when)]  # type: ignore[arg-type]
-        return [r for r in every
-                if r.name.startswith("cppnp") and r.levelno >= logging.WARNING]
+        every = [r for when in ("setup", "call", "teardown") for r in self.caplog.get_records(when)]  # type: ignore[arg-type]
+        return [r for r in every if r.name.startswith("cppnp") and r.levelno >= logging.WARNING]
 
     @staticmethod
     def _text(r: logging.LogRecord) -> str:
@@ -160,8 +164,12 @@ class Ledger:
                 assert loop.pending_functors == 0, "functors left on a closed loop"
                 continue
             wait_for(lambda st=st: st.connection_count() == 0, TIMEOUT)
-            wait_for(lambda loop=loop: call_in_loop(loop, lambda: (
-                loop.timer_count, loop.pending_functors)) == (0, 0), TIMEOUT)
+            wait_for(
+                lambda loop=loop: (
+                    call_in_loop(loop, lambda: (loop.timer_count, loop.pending_functors)) == (0, 0)
+                ),
+                TIMEOUT,
+            )
         for loop in self.loops:
             if not loop.closed and not loop.running:
                 assert loop.timer_count == 0, "timers left behind"
@@ -184,7 +192,7 @@ class Ledger:
         """Drop tracebacks: they reference frames holding connections (leak check)."""
         for when in ("setup", "call", "teardown"):
             for r in self.caplog.get_records(when):  # type: ignore[arg-type]
-                r.msg, r.args = r.getMessage(), None        # args may hold a Task
+                r.msg, r.args = r.getMessage(), None  # args may hold a Task
                 r.exc_info = None
 
 

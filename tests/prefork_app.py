@@ -51,17 +51,23 @@ def main() -> int:
     p.add_argument("--work", type=float, default=0.5)
     p.add_argument("--drain-timeout", type=float, default=20.0)
     p.add_argument("--no-reuse-port", action="store_true")
-    p.add_argument("--stop-when-ready", action="store_true",
-                   help="on_ready calls Supervisor.stop()")
+    p.add_argument(
+        "--stop-when-ready", action="store_true", help="on_ready calls Supervisor.stop()"
+    )
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(process)d %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(process)d %(levelname)s %(message)s"
+    )
 
     def make_server(loop: EventLoop) -> list[object]:
         pool = ThreadPool(args.threads, name="work")
         pool.start()
-        server = TcpServer(loop, ("127.0.0.1", args.port), LineServer(pool, args.work),
-                           reuse_port=not args.no_reuse_port)
+        server = TcpServer(
+            loop,
+            ("127.0.0.1", args.port),
+            LineServer(pool, args.work),
+            reuse_port=not args.no_reuse_port,
+        )
         return [server, pool]
 
     def on_ready(sup: Supervisor) -> None:
@@ -69,8 +75,9 @@ def main() -> int:
         if args.stop_when_ready:
             sup.stop()
 
-    return serve(make_server, processes=args.processes, drain_timeout=args.drain_timeout,
-                 on_ready=on_ready)
+    return serve(
+        make_server, processes=args.processes, drain_timeout=args.drain_timeout, on_ready=on_ready
+    )
 
 
 if __name__ == "__main__":

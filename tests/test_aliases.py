@@ -28,8 +28,9 @@ ALIASES = [
 ]
 
 
-@pytest.mark.parametrize("cls, alias, name", ALIASES,
-                         ids=["%s.%s" % (c.__name__, a) for c, a, _ in ALIASES])
+@pytest.mark.parametrize(
+    "cls, alias, name", ALIASES, ids=["%s.%s" % (c.__name__, a) for c, a, _ in ALIASES]
+)
 def test_alias_is_the_snake_case_object(cls: type, alias: str, name: str) -> None:
     assert getattr(cls, alias) is getattr(cls, name)
 

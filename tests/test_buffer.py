@@ -28,6 +28,7 @@ from cppnp import Buffer
 
 # -- helpers ------------------------------------------------------------------------------
 
+
 def run_forked(fn: Callable[[], None], timeout: float = 60.0) -> None:
     """Run *fn* in a forked child, so that a memory error in the core fails the test (with
     the signal that killed the child) instead of killing the whole session.
@@ -37,7 +38,7 @@ def run_forked(fn: Callable[[], None], timeout: float = 60.0) -> None:
     """
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:        # child
+    if pid == 0:  # child
         code = 1
         try:
             os.close(r)
@@ -69,8 +70,11 @@ def run_forked(fn: Callable[[], None], timeout: float = 60.0) -> None:
         os.close(r)
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
-        pytest.fail("child killed by signal %d (memory corruption?)\n%s"
-                    % (os.WTERMSIG(status), out.decode(errors="replace")), pytrace=False)
+        pytest.fail(
+            "child killed by signal %d (memory corruption?)\n%s"
+            % (os.WTERMSIG(status), out.decode(errors="replace")),
+            pytrace=False,
+        )
     if os.WEXITSTATUS(status) != 0:
         pytest.fail("child failed:\n" + out.decode(errors="replace"), pytrace=False)
 
@@ -102,7 +106,7 @@ def data_address(obj: object) -> int:
     release.argtypes = [ctypes.POINTER(_PyBuffer)]
     release.restype = None
     view = _PyBuffer()
-    get(obj, ctypes.byref(view), 0)     # PyDLL: a Python error is raised by ctypes
+    get(obj, ctypes.byref(view), 0)  # PyDLL: a Python error is raised by ctypes
     try:
         return int(view.buf or 0)
     finally:
@@ -168,7 +172,7 @@ def test_grow() -> None:
     assert buf.readable_bytes() == 350
     assert buf.prependable_bytes() == prep + 50
 
-    big = cap * 2      # more than fits even after compaction: the storage must grow
+    big = cap * 2  # more than fits even after compaction: the storage must grow
     buf.append(b"z" * big)
     assert buf.readable_bytes() == 350 + big
     assert capacity(buf) > cap
@@ -219,9 +223,9 @@ def test_shrink() -> None:
     assert buf.writable_bytes() == 100
     assert buf.retrieve_all() == b"y" * 500
 
-    buf.shrink()            # empty, no reserve: storage given back
+    buf.shrink()  # empty, no reserve: storage given back
     assert buf.readable_bytes() == 0
-    buf.append(b"again")    # and the buffer is still usable
+    buf.append(b"again")  # and the buffer is still usable
     assert buf.retrieve_all() == b"again"
     with pytest.raises(ValueError):
         buf.shrink(-1)
@@ -257,13 +261,14 @@ def test_prepend_near_full_block_keeps_bounds(slack: int) -> None:
     The readable bytes are moved up by the prepend size; the writer must stay inside the
     block (writable_bytes() never wraps around) and the data must be intact.
     """
+
     def body() -> None:
         buf = Buffer(b"a")
         cap = capacity(buf)
         buf.append(b"b" * (buf.writable_bytes() - slack))
         assert buf.writable_bytes() == slack
-        buf.prepend(b"1234")        # fits in the prependable area
-        buf.prepend(b"ABCDEFGH")    # does not: the readable bytes must move
+        buf.prepend(b"1234")  # fits in the prependable area
+        buf.prepend(b"ABCDEFGH")  # does not: the readable bytes must move
         expect = b"ABCDEFGH" + b"1234" + b"a" + b"b" * (cap - initial_prepend() - 1 - slack)
         assert contents(buf) == expect
         assert buf.writable_bytes() < 2**40, "writer beyond the end of the block"
@@ -282,6 +287,7 @@ def test_prepend_near_full_block_keeps_bounds(slack: int) -> None:
 def test_append_after_prepend_on_full_block(slack: int) -> None:
     """A prepend leaves the reader inside the cheap-prepend area; a following append that
     needs room must not compute the free space from a wrapped-around reader index."""
+
     def body() -> None:
         buf = Buffer(b"a")
         buf.append(b"b" * (buf.writable_bytes() - slack))
@@ -340,7 +346,7 @@ def test_find_eol() -> None:
     buf.append(b"\n")
     assert buf.find_eol() == 100000
     assert buf.find_eol(100000) == 100000
-    assert buf.find_eol(100001) == -1      # start == readable is allowed
+    assert buf.find_eol(100001) == -1  # start == readable is allowed
 
 
 def test_find_crlf_and_eol_offsets() -> None:
@@ -411,7 +417,7 @@ def test_append_types() -> None:
     buf.append(b"b")
     buf.append(bytearray(b"ba"))
     buf.append(memoryview(b"xmvx")[1:3])
-    buf.append("é✓")                         # str is UTF-8 encoded
+    buf.append("é✓")  # str is UTF-8 encoded
     buf.append(b"")
     assert contents(buf) == b"bbamv" + "é✓".encode()
     for bad in (None, 123, 1.5, [1, 2], object()):
@@ -420,7 +426,7 @@ def test_append_types() -> None:
         with pytest.raises(TypeError):
             buf.prepend(bad)
     with pytest.raises((TypeError, BufferError)):
-        buf.append(memoryview(b"abcdef")[::2])    # not contiguous
+        buf.append(memoryview(b"abcdef")[::2])  # not contiguous
     assert contents(buf) == b"bbamv" + "é✓".encode()
     assert contents(Buffer("ü")) == "ü".encode()
 
@@ -446,7 +452,7 @@ def test_views_are_read_only() -> None:
     with pytest.raises(TypeError):
         view[0] = ord("j")
     with pytest.raises((TypeError, BufferError)):
-        struct.pack_into("B", buf, 0, 1)     # asks for a writable buffer
+        struct.pack_into("B", buf, 0, 1)  # asks for a writable buffer
     peek = buf.peek()
     assert isinstance(peek, memoryview)
     assert peek.readonly
@@ -462,10 +468,10 @@ def test_peek_is_zero_copy() -> None:
     base = data_address(buf)
     assert base != 0
     with buf.peek() as view:
-        assert data_address(view) == base       # the same memory, not a copy
+        assert data_address(view) == base  # the same memory, not a copy
         assert bytes(view) == b"0123456789"
     buf.retrieve(3)
-    assert data_address(buf) == base + 3        # the view starts at the reader index
+    assert data_address(buf) == base + 3  # the view starts at the reader index
     assert contents(buf) == b"3456789"
 
 
@@ -485,7 +491,7 @@ def test_empty_buffer_views() -> None:
 def test_view_length_is_fixed_at_export() -> None:
     buf = Buffer(b"abc")
     with buf.peek() as view:
-        buf.append(b"def")       # fits in place: no grow
+        buf.append(b"def")  # fits in place: no grow
         assert len(view) == 3
         assert contents(buf) == b"abcdef"
     assert contents(buf) == b"abcdef"
@@ -495,6 +501,7 @@ def test_view_length_is_fixed_at_export() -> None:
 def test_grow_while_view_exported_is_memory_safe(op: str) -> None:
     """Growing the storage under a live view must not free the memory the view points
     into; the view's *contents* may be stale, reading it must be safe."""
+
     def body() -> None:
         buf = Buffer(b"a" * 1000)
         views = []
@@ -514,13 +521,13 @@ def test_grow_while_view_exported_is_memory_safe(op: str) -> None:
                 buf.append(chunk)
                 expect += chunk
             assert contents(buf) == bytes(expect)
-            for v in views:                         # old views: stale but readable
+            for v in views:  # old views: stale but readable
                 assert len(bytes(v)) == len(v)
             with pytest.raises(BufferError):
                 buf.shrink()
         for v in views:
             v.release()
-        buf.shrink(0)                               # no view left: allowed again
+        buf.shrink(0)  # no view left: allowed again
         assert contents(buf) == bytes(expect)
 
     run_forked(body)
@@ -662,7 +669,7 @@ class BufferModel(RuleBasedStateMachine):
     @rule()
     def release_view(self) -> None:
         view = self.views.pop(0)
-        assert len(bytes(view)) == len(view)   # stale contents are fine; reading is safe
+        assert len(bytes(view)) == len(view)  # stale contents are fine; reading is safe
         view.release()
 
     @invariant()
@@ -680,12 +687,15 @@ class BufferModel(RuleBasedStateMachine):
 
 def test_buffer_matches_bytearray_model() -> None:
     def body() -> None:
-        run_state_machine_as_test(BufferModel, settings=settings(
-            max_examples=150,
-            stateful_step_count=40,
-            deadline=None,
-            database=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ))
+        run_state_machine_as_test(
+            BufferModel,
+            settings=settings(
+                max_examples=150,
+                stateful_step_count=40,
+                deadline=None,
+                database=None,
+                suppress_health_check=[HealthCheck.too_slow],
+            ),
+        )
 
     run_forked(body, timeout=120)

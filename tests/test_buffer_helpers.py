@@ -12,10 +12,20 @@ from cppnp import Buffer
 
 NAMED = [
     # name, struct format (None: no struct code), width
-    ("int8", ">b", 1), ("uint8", ">B", 1),
-    ("int16", ">h", 2), ("int16_le", "<h", 2), ("uint16", ">H", 2), ("uint16_le", "<H", 2),
-    ("int32", ">i", 4), ("int32_le", "<i", 4), ("uint32", ">I", 4), ("uint32_le", "<I", 4),
-    ("int64", ">q", 8), ("int64_le", "<q", 8), ("uint64", ">Q", 8), ("uint64_le", "<Q", 8),
+    ("int8", ">b", 1),
+    ("uint8", ">B", 1),
+    ("int16", ">h", 2),
+    ("int16_le", "<h", 2),
+    ("uint16", ">H", 2),
+    ("uint16_le", "<H", 2),
+    ("int32", ">i", 4),
+    ("int32_le", "<i", 4),
+    ("uint32", ">I", 4),
+    ("uint32_le", "<I", 4),
+    ("int64", ">q", 8),
+    ("int64_le", "<q", 8),
+    ("uint64", ">Q", 8),
+    ("uint64_le", "<Q", 8),
 ]
 
 
@@ -28,7 +38,7 @@ def test_find_matches_bytes_find() -> None:
     assert buf.find(b"") == 0 and buf.find(b"", 5) == 5
     assert buf.find(bytearray(b"Host")) == data.find(b"Host")
     assert buf.find(memoryview(b"xbodyx")[1:5]) == data.find(b"body")
-    assert buf.readable_bytes() == len(data)        # nothing consumed
+    assert buf.readable_bytes() == len(data)  # nothing consumed
 
 
 def test_find_after_retrieve_counts_from_the_reader() -> None:
@@ -52,7 +62,7 @@ def test_readline_returns_lines_with_delimiter_and_none_when_partial() -> None:
     assert buf.readline() == b"one\n"
     assert buf.readline() == b"two\r\n"
     assert buf.readline() is None
-    assert buf.retrieve_all() == b"thr"          # the partial line was left in place
+    assert buf.retrieve_all() == b"thr"  # the partial line was left in place
     assert buf.readline() is None
 
     buf = Buffer(b"a\r\nb\nc\r\n")
@@ -94,13 +104,19 @@ def test_readline_and_find_match_a_model(chunks: list[bytes], delim: bytes) -> N
 
 @pytest.mark.parametrize(("name", "fmt", "width"), NAMED)
 def test_named_int_helpers_match_struct(name: str, fmt: str, width: int) -> None:
-    samples = [bytes(range(1, 9)), b"\xff" * 8, b"\x80" + b"\x00" * 7, b"\x7f" + b"\xff" * 7,
-               b"\x00" * 7 + b"\x80", bytes(range(0xf8, 0x100))]
+    samples = [
+        bytes(range(1, 9)),
+        b"\xff" * 8,
+        b"\x80" + b"\x00" * 7,
+        b"\x7f" + b"\xff" * 7,
+        b"\x00" * 7 + b"\x80",
+        bytes(range(0xF8, 0x100)),
+    ]
     for raw in samples:
         buf = Buffer(raw + b"tail")
         expected = struct.unpack(fmt, raw[:width])[0]
         assert getattr(buf, "peek_" + name)() == expected
-        assert len(buf) == 12                            # peek does not consume
+        assert len(buf) == 12  # peek does not consume
         assert getattr(buf, "read_" + name)() == expected
         assert len(buf) == 12 - width
         assert buf.peek() == (raw + b"tail")[width:]
@@ -112,7 +128,7 @@ def test_named_int_helpers_too_few_bytes(name: str, fmt: str, width: int) -> Non
     for op in ("peek_", "read_"):
         with pytest.raises(ValueError, match=r"^%s\(\) needs %d readable" % (op + name, width)):
             getattr(buf, op + name)()
-        assert len(buf) == width - 1                     # nothing consumed
+        assert len(buf) == width - 1  # nothing consumed
 
 
 @settings(max_examples=300, deadline=None)
@@ -128,7 +144,7 @@ def test_peek_int_and_read_int_match_int_from_bytes(
 ) -> None:
     buf = Buffer(data)
     if offset + width <= len(data):
-        expected = int.from_bytes(data[offset:offset + width], order, signed=signed)  # type: ignore[arg-type]
+        expected = int.from_bytes(data[offset : offset + width], order, signed=signed)  # type: ignore[arg-type]
         assert buf.peek_int(width, order, signed, offset) == expected  # type: ignore[arg-type]
         assert buf.peek_int(width, byteorder=order, signed=signed, offset=offset) == expected  # type: ignore[arg-type]
     else:
@@ -148,7 +164,7 @@ def test_peek_int_and_read_int_match_int_from_bytes(
 def test_int_defaults_are_big_endian_signed() -> None:
     buf = Buffer(b"\xff\xfe\x00\x01")
     assert buf.peek_int(2) == -2
-    assert buf.peek_int(2, signed=False) == 0xfffe
+    assert buf.peek_int(2, signed=False) == 0xFFFE
     assert buf.peek_int(2, "little") == -257
     assert buf.peek_int(2, offset=2) == 1
     assert buf.read_int(4) == -131071

@@ -85,8 +85,12 @@ def test_codec_handler_requires_on_frame_and_forwards_callbacks() -> None:
 
 def test_codec_option_validation() -> None:
     rec = Recorder()
-    for bad in ({"header_bytes": 0}, {"header_bytes": 9}, {"byteorder": "network"},
-                {"max_frame": -1}):
+    for bad in (
+        {"header_bytes": 0},
+        {"header_bytes": 9},
+        {"byteorder": "network"},
+        {"max_frame": -1},
+    ):
         with pytest.raises(ValueError):
             LengthFieldCodec(rec, **bad)
     with pytest.raises(ValueError):
@@ -132,8 +136,9 @@ STREAMS = {
 
 def encode_all(kind: str, opts: dict[str, Any], frames: list[bytes]) -> bytes:
     if kind.startswith("length"):
-        return b"".join(lf_encode(f, opts["header_bytes"], opts.get("byteorder", "big"))
-                        for f in frames)
+        return b"".join(
+            lf_encode(f, opts["header_bytes"], opts.get("byteorder", "big")) for f in frames
+        )
     return b"".join(f + opts["delimiter"] for f in frames)
 
 
@@ -147,9 +152,9 @@ def test_frames_split_at_every_byte_boundary(serve: Any, name: str) -> None:
         with st_.connect() as s:
             conn = rec.only_conn()
             s.sendall(stream[:cut])
-            wait_for(lambda c=conn, n=cut: c.bytes_received == n)     # a read of its own
+            wait_for(lambda c=conn, n=cut: c.bytes_received == n)  # a read of its own
             s.sendall(stream[cut:])
-            assert recv_exact(s, len(stream)) == stream, cut     # echoed, re-framed
+            assert recv_exact(s, len(stream)) == stream, cut  # echoed, re-framed
             assert rec.frames[conn.id] == frames, cut
         wait_for(lambda: not rec.conns)
     assert codec.protocol_errors == 0
@@ -170,8 +175,9 @@ def test_many_frames_in_one_read(serve: Any, kind: str) -> None:
     assert codec.frames_received == len(frames)
 
 
-def test_max_size_frame_passes_and_one_byte_more_closes(serve: Any,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
+def test_max_size_frame_passes_and_one_byte_more_closes(
+    serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     limit = 1 << 20
     st_, rec, codec = serve_codec(serve, "length", max_frame=limit)
     big = bytes(range(256)) * (limit // 256)
@@ -193,7 +199,8 @@ def test_max_size_frame_passes_and_one_byte_more_closes(serve: Any,
 
 
 def test_negative_header_is_a_protocol_error_after_the_good_frames(
-        serve: Any, caplog: pytest.LogCaptureFixture) -> None:
+    serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     st_, rec, codec = serve_codec(serve, "length", echo=False)
     with caplog.at_level(logging.WARNING, logger="cppnp"), st_.connect() as s:
         conn = rec.only_conn()
@@ -206,20 +213,21 @@ def test_negative_header_is_a_protocol_error_after_the_good_frames(
 
 
 def test_line_longer_than_max_line_closes_without_buffering_it(
-        serve: Any, caplog: pytest.LogCaptureFixture) -> None:
+    serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     st_, rec, codec = serve_codec(serve, "line", max_line=1000, delimiter=b"\r\n")
     with caplog.at_level(logging.WARNING, logger="cppnp"):
-        with st_.connect() as s:                        # exactly max_line: fine
+        with st_.connect() as s:  # exactly max_line: fine
             s.sendall(b"y" * 1000 + b"\r\n")
             assert recv_exact(s, 1002) == b"y" * 1000 + b"\r\n"
-        with st_.connect() as s:                        # max_line + 1, then the delimiter
+        with st_.connect() as s:  # max_line + 1, then the delimiter
             s.sendall(b"a\r\n" + b"z" * 1001 + b"\r\n")
             assert recv_until_eof(s) == b"a\r\n"
         wait_for(lambda: not rec.conns)
-        with st_.connect() as s:                        # garbage with no delimiter at all
+        with st_.connect() as s:  # garbage with no delimiter at all
             conn = rec.only_conn()
             try:
-                for _ in range(64):                     # 4 MiB: far over the limit
+                for _ in range(64):  # 4 MiB: far over the limit
                     s.sendall(b"\x00\xff" * 32768)
             except (BrokenPipeError, ConnectionResetError):
                 pass
@@ -253,7 +261,8 @@ def cppnp_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFix
 
 
 def test_on_frame_exception_is_counted_and_later_frames_still_arrive(
-        serve: Any, cppnp_log: pytest.LogCaptureFixture) -> None:
+    serve: Any, cppnp_log: pytest.LogCaptureFixture
+) -> None:
     class Flaky(Recorder):
         def on_frame(self, conn: Any, frame: bytes) -> None:
             if frame == b"boom":
@@ -299,8 +308,12 @@ def test_worker_sends_through_a_pool_keep_frames_intact(serve: Any, kind: str) -
         handler.codec = codec
         st_ = serve(codec)
         requests = [b"req%d" % i for i in range(10)]
-        expected = {b"%s:%d:%d:" % (r, t, i) + bytes([t]) * (1000 * (i % 5) + t)
-                    for r in requests for t in range(8) for i in range(20)}
+        expected = {
+            b"%s:%d:%d:" % (r, t, i) + bytes([t]) * (1000 * (i % 5) + t)
+            for r in requests
+            for t in range(8)
+            for i in range(20)
+        }
         size = sum(len(codec.encode(e)) for e in expected)
         with st_.connect() as s:
             s.sendall(b"".join(codec.encode(r) for r in requests))
@@ -309,8 +322,8 @@ def test_worker_sends_through_a_pool_keep_frames_intact(serve: Any, kind: str) -
         pos = 0
         while pos < len(data):
             if kind == "length":
-                n = int.from_bytes(data[pos:pos + 4], "big")
-                got.append(data[pos + 4:pos + 4 + n])
+                n = int.from_bytes(data[pos : pos + 4], "big")
+                got.append(data[pos + 4 : pos + 4 + n])
                 pos += 4 + n
             else:
                 end = data.index(b"\n", pos)
@@ -328,16 +341,17 @@ def test_worker_sends_through_a_pool_keep_frames_intact(serve: Any, kind: str) -
 
 # -- hypothesis: random streams and splits against a pure-Python model ---------------------
 
+
 def model_length(stream: bytes, limit: int) -> tuple[list[bytes], bool]:
     frames: list[bytes] = []
     pos = 0
     while len(stream) - pos >= 4:
-        n = int.from_bytes(stream[pos:pos + 4], "big")
+        n = int.from_bytes(stream[pos : pos + 4], "big")
         if n > limit:
             return frames, True
         if len(stream) - pos - 4 < n:
             break
-        frames.append(stream[pos + 4:pos + 4 + n])
+        frames.append(stream[pos + 4 : pos + 4 + n])
         pos += 4 + n
     return frames, False
 
@@ -353,7 +367,7 @@ def model_lines(stream: bytes, delim: bytes, limit: int) -> tuple[list[bytes], b
         pos = end + len(delim)
 
 
-_frame = st.binary(max_size=60).map(lambda b: ("frame", b))      # crosses both limits
+_frame = st.binary(max_size=60).map(lambda b: ("frame", b))  # crosses both limits
 # Exactly at and around the limits (48 for frames, 24 for lines).
 _boundary = st.sampled_from([23, 24, 25, 47, 48, 49]).map(lambda n: ("frame", b"x" * n))
 _raw = st.binary(min_size=1, max_size=8).map(lambda b: ("raw", b))
@@ -371,8 +385,7 @@ def test_stream_matches_the_model(serve: Any, kind: str) -> None:
     if kind == "length":
         st_, rec, codec = serve_codec(serve, "length", echo=False, max_frame=48)
     else:
-        st_, rec, codec = serve_codec(serve, "line", echo=False, max_line=24,
-                                      delimiter=b"\r\n")
+        st_, rec, codec = serve_codec(serve, "line", echo=False, max_line=24, delimiter=b"\r\n")
 
     @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(parts=st.lists(pieces, max_size=12), cuts=st.lists(st.integers(0, 400), max_size=4))
@@ -382,8 +395,14 @@ def test_stream_matches_the_model(serve: Any, kind: str) -> None:
     check()
 
 
-def stream_matches_the_model(st_: ServerThread, rec: Recorder, codec: Any, kind: str,
-                             parts: list[tuple[str, bytes]], cuts: list[int]) -> None:
+def stream_matches_the_model(
+    st_: ServerThread,
+    rec: Recorder,
+    codec: Any,
+    kind: str,
+    parts: list[tuple[str, bytes]],
+    cuts: list[int],
+) -> None:
     if kind == "length":
         stream = b"".join(lf_encode(b) if k == "frame" else b for k, b in parts)
         frames, error = model_length(stream, 48)

@@ -71,9 +71,9 @@ def test_d01_repeating_timer_fires_at_most_once_per_iteration() -> None:
             if len(seen) == 200:
                 lp.quit()
 
-        tid = lp.run_every(1e-9, tick)          # the smallest interval accepted
+        tid = lp.run_every(1e-9, tick)  # the smallest interval accepted
         guard = lp.run_after(TIMEOUT, lp.quit)
-        lp.loop()                               # quit() from the callback takes effect
+        lp.loop()  # quit() from the callback takes effect
         lp.cancel_timer(tid)
         lp.cancel_timer(guard)
         assert len(seen) == 200
@@ -107,10 +107,13 @@ def test_d01_quit_from_another_thread_stops_a_loop_with_a_tiny_interval_timer() 
 def test_d01_nan_and_infinite_timer_arguments_name_the_call() -> None:
     nan, inf = math.nan, math.inf
     with EventLoop() as lp:
-        for call, arg, name in ((lp.run_at, nan, "run_at"), (lp.run_after, nan, "run_after"),
-                                (lp.run_every, nan, "run_every"),
-                                (lp.run_every, inf, "run_every"),
-                                (lp.run_every, -inf, "run_every")):
+        for call, arg, name in (
+            (lp.run_at, nan, "run_at"),
+            (lp.run_after, nan, "run_after"),
+            (lp.run_every, nan, "run_every"),
+            (lp.run_every, inf, "run_every"),
+            (lp.run_every, -inf, "run_every"),
+        ):
             with pytest.raises(ValueError, match=r"%s\(\)" % name):
                 call(arg, lambda: None)
         box: dict[str, BaseException] = {}
@@ -146,20 +149,20 @@ def test_d02_event_loop_init_twice_raises_and_leaks_nothing() -> None:
     lp = EventLoop()
     try:
         with pytest.raises(RuntimeError, match="__init__"):
-            lp.__init__()                   # type: ignore[misc]
+            lp.__init__()  # type: ignore[misc]
         lp.close()
         fds = fd_count()
         for _ in range(3):
             # Before: a closed loop came back to life with a new epoll fd, eventfd and
             # event array (~4 KiB) each time.
             with pytest.raises(RuntimeError, match="__init__"):
-                lp.__init__()               # type: ignore[misc]
+                lp.__init__()  # type: ignore[misc]
         assert lp.closed and fd_count() == fds
         with pytest.raises(RuntimeError):
             lp.run_once(0)
     finally:
         lp.close()
-    EventLoop().close()                     # this thread can still make a loop
+    EventLoop().close()  # this thread can still make a loop
 
 
 class Echo(ICppnpUsr):
@@ -171,7 +174,7 @@ def test_d02_tcp_server_init_twice_raises_and_keeps_serving(serve: Serve) -> Non
     with EventLoop() as lp:
         fresh = TcpServer(lp, ("127.0.0.1", 0), Echo())
         with pytest.raises(RuntimeError, match="__init__"):
-            fresh.__init__(lp, ("127.0.0.1", 0), Echo())    # type: ignore[misc]
+            fresh.__init__(lp, ("127.0.0.1", 0), Echo())  # type: ignore[misc]
     st = serve(Echo())
     server = st.server
     assert server is not None
@@ -179,7 +182,7 @@ def test_d02_tcp_server_init_twice_raises_and_keeps_serving(serve: Serve) -> Non
     with pytest.raises(RuntimeError, match="__init__"):
         server.__init__(st.loop, ("127.0.0.1", 0), other)  # type: ignore[misc]
     assert server.loop is st.loop and server.handler is st.handler
-    with st.connect() as s:             # still served by the loop it was started on
+    with st.connect() as s:  # still served by the loop it was started on
         s.sendall(b"ping")
         assert recv_exact(s, 4) == b"ping"
 
@@ -187,11 +190,11 @@ def test_d02_tcp_server_init_twice_raises_and_keeps_serving(serve: Serve) -> Non
 def test_d02_buffer_and_connection_init_twice_raise(serve: Serve) -> None:
     b = Buffer(b"abc")
     with pytest.raises(RuntimeError, match="__init__"):
-        b.__init__(b"x")                    # type: ignore[misc]
-    assert b.retrieve_all() == b"abc"       # before: b"abcx"
+        b.__init__(b"x")  # type: ignore[misc]
+    assert b.retrieve_all() == b"abc"  # before: b"abcx"
     empty = Buffer()
     with pytest.raises(RuntimeError, match="__init__"):
-        empty.__init__()                    # type: ignore[misc]
+        empty.__init__()  # type: ignore[misc]
     conns: list[TcpConnection] = []
 
     class Keep(Echo):
@@ -202,7 +205,7 @@ def test_d02_buffer_and_connection_init_twice_raise(serve: Serve) -> None:
     with st.connect() as s:
         conn = wait_for(lambda: conns and conns[0])
         with pytest.raises(TypeError):
-            conn.__init__()                 # type: ignore[misc]
+            conn.__init__()  # type: ignore[misc]
         s.sendall(b"ok")
         assert recv_exact(s, 2) == b"ok"
     wait_for(lambda: st.connection_count() == 0)
@@ -592,9 +595,15 @@ def test_d09_stopped_server_accept_retry_timer_is_cancelled(how: str) -> None:
 
     from faults_support import child_env
 
-    proc = subprocess.Popen([sys.executable, "-c", _RETRY_TIMER_CHILD, how],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=child_env(), cwd="/")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _RETRY_TIMER_CHILD, how],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        cwd="/",
+    )
     try:
         assert proc.stdout is not None and proc.stdin is not None
         port = json.loads(proc.stdout.readline())["port"]
@@ -609,9 +618,9 @@ def test_d09_stopped_server_accept_retry_timer_is_cancelled(how: str) -> None:
             proc.wait()
     assert proc.returncode == 0, err[-3000:]
     got = json.loads(out.strip().splitlines()[-1])
-    assert got["accept_errors"] >= 1 and got["paused_timers"] == 1, got   # the setup worked
-    assert got["after_stop"] == 0, got          # before: the retry timer stayed armed
-    assert got["fds_after"] == got["fds_before"], got   # before: it reopened the spare fd
+    assert got["accept_errors"] >= 1 and got["paused_timers"] == 1, got  # the setup worked
+    assert got["after_stop"] == 0, got  # before: the retry timer stayed armed
+    assert got["fds_after"] == got["fds_before"], got  # before: it reopened the spare fd
 
 
 # -- 12: timer ids are ints ---------------------------------------------------------------------
@@ -624,12 +633,12 @@ def test_d12_cancel_timer_with_a_non_int_id_is_type_error() -> None:
         assert tid == 1
         for bad in (1.5, 1.0, True, "1", None, b"1"):
             with pytest.raises(TypeError):
-                lp.cancel_timer(bad)        # type: ignore[arg-type]
+                lp.cancel_timer(bad)  # type: ignore[arg-type]
         box: list[BaseException] = []
 
         def other() -> None:
             try:
-                lp.cancel_timer(1.5)        # type: ignore[arg-type]
+                lp.cancel_timer(1.5)  # type: ignore[arg-type]
             except BaseException as exc:  # handed to the test thread
                 box.append(exc)
 
@@ -639,10 +648,10 @@ def test_d12_cancel_timer_with_a_non_int_id_is_type_error() -> None:
         assert len(box) == 1 and isinstance(box[0], TypeError)
         lp.run_once(0)
         assert fired == [1], "timer 1 was cancelled by a non-int id"
-        lp.cancel_timer(2**70)              # an int no timer has: ignored
+        lp.cancel_timer(2**70)  # an int no timer has: ignored
         lp.cancel_timer(-1)
     with pytest.raises(TypeError):
-        lp.cancel_timer(1.5)                # type: ignore[arg-type]
+        lp.cancel_timer(1.5)  # type: ignore[arg-type]
 
 
 # -- 13: the connection state machine ---------------------------------------------------------
@@ -655,14 +664,14 @@ def test_d13_send_after_shutdown_on_the_loop_thread_is_dropped(serve: Serve) -> 
         def on_connection(self, conn: TcpConnection) -> None:
             conn.send(b"before")
             conn.shutdown()
-            conn.send(b"x")                 # before: delivered
+            conn.send(b"x")  # before: delivered
             seen["connected"] = conn.connected
             seen["dropped"] = (conn.dropped_sends, conn.dropped_bytes)
 
     st = serve(ShutThenSend())
     with st.connect() as s:
         assert recv_until_eof(s) == b"before"
-    wait_for(lambda: "dropped" in seen)     # the FIN may come before on_connection returns
+    wait_for(lambda: "dropped" in seen)  # the FIN may come before on_connection returns
     assert seen == {"dropped": (1, 1), "connected": True}
     wait_for(lambda: st.connection_count() == 0)
 
@@ -695,25 +704,26 @@ class Gate(ICppnpUsr, IRun2):
 
 
 def state_of(st: ServerThread, conn: TcpConnection) -> tuple[bool, bool, bool, int]:
-    return call_in_loop(st.loop, lambda: (conn.connected, conn.closed, conn.reading,
-                                          conn.output_bytes))
+    return call_in_loop(
+        st.loop, lambda: (conn.connected, conn.closed, conn.reading, conn.output_bytes)
+    )
 
 
 def test_d13_every_method_in_the_disconnecting_state(serve: Serve) -> None:
-    big = bytes(range(256)) * (16 << 10)        # 4 MiB: stays queued for a slow reader
+    big = bytes(range(256)) * (16 << 10)  # 4 MiB: stays queued for a slow reader
     h: dict[str, Any] = {}
 
     class Shut(ICppnpUsr):
         def on_connection(self, conn: TcpConnection) -> None:
             conn.send(big)
-            conn.shutdown()                     # output queued: FIN pending (Disconnecting)
-            conn.shutdown()                     # no-op
+            conn.shutdown()  # output queued: FIN pending (Disconnecting)
+            conn.shutdown()  # no-op
             h["queued"] = conn.output_bytes
-            h["conn"] = conn                    # last: the test thread waits for it
+            h["conn"] = conn  # last: the test thread waits for it
 
         def on_message(self, conn: TcpConnection, buf: Buffer) -> None:
             h.setdefault("received", bytearray()).extend(buf.retrieve_all())
-            conn.send(b"reply")                 # dropped: after shutdown()
+            conn.send(b"reply")  # dropped: after shutdown()
 
         def on_close(self, conn: TcpConnection) -> None:
             h["closed"] = h.get("closed", 0) + 1
@@ -723,16 +733,16 @@ def test_d13_every_method_in_the_disconnecting_state(serve: Serve) -> None:
         conn = wait_for(lambda: h.get("conn"))
         assert h["queued"] > 0
         assert state_of(st, conn)[:3] == (True, False, True)
-        conn.send(b"from another thread")      # dropped
-        call_in_loop(st.loop, lambda: conn.send(b"from the loop"))      # dropped
+        conn.send(b"from another thread")  # dropped
+        call_in_loop(st.loop, lambda: conn.send(b"from the loop"))  # dropped
         call_in_loop(st.loop, conn.stop_reading)
         s.sendall(b"ping")
         call_in_loop(st.loop, lambda: None)
         assert "received" not in h
         call_in_loop(st.loop, conn.start_reading)
         wait_for(lambda: bytes(h.get("received", b"")) == b"ping")
-        conn.set_tcp_no_delay(False)            # still allowed: the socket is open
-        assert recv_until_eof(s) == big         # all accepted output, then the FIN
+        conn.set_tcp_no_delay(False)  # still allowed: the socket is open
+        assert recv_until_eof(s) == big  # all accepted output, then the FIN
         wait_for(lambda: conn.dropped_sends == 3)
         assert conn.connected and not conn.closed
     wait_for(lambda: h.get("closed") == 1)
@@ -766,12 +776,13 @@ def test_d13_force_close_in_the_disconnecting_state(serve: Serve) -> None:
 
 @pytest.mark.parametrize("nthreads", [0, 2], ids=["single", "pool2"])
 def test_d13_every_method_while_disconnected_and_waiting_for_tasks(
-        serve: Serve, nthreads: int) -> None:
+    serve: Serve, nthreads: int
+) -> None:
     pool = ThreadPool(nthreads)
     pool.start()
     h = Gate(pool)
     if nthreads == 0:
-        h.gate.set()            # single-thread mode: the task runs inline, nothing waits
+        h.gate.set()  # single-thread mode: the task runs inline, nothing waits
     try:
         st = serve(h)
         s = st.connect()
@@ -781,14 +792,19 @@ def test_d13_every_method_while_disconnected_and_waiting_for_tasks(
             wait_for(lambda: conn.pending_tasks == 1)
         else:
             assert recv_exact(s, 4) == b"hold"
-        rst_close(s)                            # peer reset: Disconnected
+        rst_close(s)  # peer reset: Disconnected
         wait_for(lambda: not conn.connected)
         if nthreads:
             # Socket closed, a task still in flight: not released yet.
             assert not conn.closed and h.closed == [] and conn.pending_tasks == 1
-            for fn in (lambda: conn.send(b"late"), conn.shutdown, conn.force_close,
-                       conn.stop_reading, conn.start_reading,
-                       lambda: conn.set_tcp_no_delay(True)):
+            for fn in (
+                lambda: conn.send(b"late"),
+                conn.shutdown,
+                conn.force_close,
+                conn.stop_reading,
+                conn.start_reading,
+                lambda: conn.set_tcp_no_delay(True),
+            ):
                 fn()
                 call_in_loop(st.loop, fn)
             wait_for(lambda: conn.dropped_sends == 2)
@@ -797,7 +813,7 @@ def test_d13_every_method_while_disconnected_and_waiting_for_tasks(
         wait_for(lambda: h.closed == [conn])
         assert conn.closed and not conn.connected
         before = conn.dropped_sends
-        conn.send(b"after release")             # Released: dropped and counted
+        conn.send(b"after release")  # Released: dropped and counted
         conn.shutdown()
         conn.force_close()
         conn.start_reading()
@@ -859,7 +875,7 @@ def test_d18_start_reading_delivers_buffered_input(serve: Serve) -> None:
         def on_write_complete(self, conn: TcpConnection) -> None:
             h["in_callback"] = True
             try:
-                conn.start_reading()            # must not call on_message from in here
+                conn.start_reading()  # must not call on_message from in here
             finally:
                 h["in_callback"] = False
 
@@ -870,8 +886,9 @@ def test_d18_start_reading_delivers_buffered_input(serve: Serve) -> None:
         assert recv_exact(s, 14) == b"ONE\nTWO\nTHREE\n"
         conn = h["conn"]
         # The partial line is offered once per resume, not in a loop.
-        wait_for(lambda: call_in_loop(st.loop, lambda: (conn.reading, conn.input_bytes))
-                 == (True, 7))
+        wait_for(
+            lambda: call_in_loop(st.loop, lambda: (conn.reading, conn.input_bytes)) == (True, 7)
+        )
         calls = call_in_loop(st.loop, lambda: h["calls"])
         for _ in range(3):
             call_in_loop(st.loop, lambda: None)
@@ -893,7 +910,7 @@ def test_d18_start_reading_from_another_thread_delivers_on_the_loop_thread(serve
         def on_message(self, conn: TcpConnection, buf: Buffer) -> None:
             h["threads"].append(threading.get_ident())
             if len(h["threads"]) == 1:
-                conn.stop_reading()             # leave the data, pause
+                conn.stop_reading()  # leave the data, pause
                 return
             conn.send(buf.retrieve_all())
 
@@ -902,7 +919,7 @@ def test_d18_start_reading_from_another_thread_delivers_on_the_loop_thread(serve
         s.sendall(b"data")
         conn = wait_for(lambda: h.get("conn"))
         wait_for(lambda: call_in_loop(st.loop, lambda: not conn.reading))
-        conn.start_reading()                    # from the test thread
+        conn.start_reading()  # from the test thread
         assert recv_exact(s, 4) == b"data"
     assert set(h["threads"]) == {st.loop.thread_id}
     wait_for(lambda: st.connection_count() == 0)
@@ -944,7 +961,8 @@ class PingGet(ICppnpUsr, IRun2):
 
 @pytest.mark.parametrize("nthreads", [0, 2], ids=["single", "pool2"])
 def test_d20_send_after_tasks_goes_out_behind_replies_in_flight(
-        serve: Serve, nthreads: int) -> None:
+    serve: Serve, nthreads: int
+) -> None:
     pool = ThreadPool(nthreads)
     pool.start()
     h = PingGet(pool)
@@ -956,7 +974,7 @@ def test_d20_send_after_tasks_goes_out_behind_replies_in_flight(
             # Before: TypeError (no after_tasks), and a plain send overtook the replies.
             assert recv_exact(s, len(want)) == want
             h.pong_sent.clear()
-            s.sendall(b"PING\n")                # nothing in flight: written at once
+            s.sendall(b"PING\n")  # nothing in flight: written at once
             assert recv_exact(s, 5) == b"PONG\n"
             s.sendall(b"GET c\nPING\nGET d\n")
             want = b"VALUE c\nPONG\nVALUE d\n"
@@ -972,7 +990,7 @@ def test_d20_later_loop_sends_queue_behind_a_held_send(serve: Serve) -> None:
             buf.retrieve_all()
             self.pool.add_task(Task(self, b"GET x\n", conn))
             conn.send(b"held\n", after_tasks=True)
-            conn.send(b"plain\n")               # must not overtake the held send
+            conn.send(b"plain\n")  # must not overtake the held send
             self.pong_sent.set()
 
     pool = ThreadPool(2)
@@ -998,7 +1016,7 @@ def test_d20_held_send_with_shutdown_and_with_a_reset(serve: Serve) -> None:
             self.pool.add_task(Task(self, b"GET " + msg + b"\n", conn))
             conn.send(b"last\n", after_tasks=True)
             if msg == b"shut":
-                conn.shutdown()                 # the FIN waits for the held send
+                conn.shutdown()  # the FIN waits for the held send
             self.pong_sent.set()
 
         def on_close(self, conn: TcpConnection) -> None:
@@ -1052,7 +1070,7 @@ def test_d20_held_send_reaches_a_half_closed_peer(serve: Serve, nthreads: int) -
         st = serve(h)
         with st.connect() as s:
             s.sendall(b"GET a\nPING\n")
-            s.shutdown(socket.SHUT_WR)          # the peer is done sending; replies go on
+            s.shutdown(socket.SHUT_WR)  # the peer is done sending; replies go on
             assert recv_until_eof(s) == b"VALUE a\nPONG\n"
         conn = h.conns[0]
         wait_for(lambda: conn.closed)
@@ -1083,7 +1101,7 @@ def test_d20_after_tasks_from_another_thread(serve: Serve) -> None:
             s.sendall(b"go")
             conn = wait_for(lambda: h.conns and h.conns[0])
             wait_for(lambda: conn.pending_tasks == 1)
-            conn.send(b"behind\n", after_tasks=True)    # from the test thread
+            conn.send(b"behind\n", after_tasks=True)  # from the test thread
             gate.set()
             want = b"VALUE y\nbehind\n"
             assert recv_exact(s, len(want)) == want

@@ -41,16 +41,24 @@ RACE_ITERATIONS = int(os.environ.get("CPPNP_RACE_ITERATIONS", "150"))
 def run_child(code: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
     """Run *code* in a fresh interpreter (this one's); a hang is killed after *timeout*."""
     try:
-        return subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired as exc:
-        raise AssertionError("the child hung (deadlock?) for %.0f s; stdout so far: %r"
-                             % (timeout, exc.stdout)) from None
+        raise AssertionError(
+            "the child hung (deadlock?) for %.0f s; stdout so far: %r" % (timeout, exc.stdout)
+        ) from None
 
 
 def assert_child_ok(proc: subprocess.CompletedProcess[str], expected_stdout: str) -> None:
     assert proc.returncode == 0, "child exit %d\nstdout: %s\nstderr: %s" % (
-        proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+        proc.returncode,
+        proc.stdout[-2000:],
+        proc.stderr[-3000:],
+    )
     assert proc.stderr == ""
     assert proc.stdout == expected_stdout
 
@@ -120,15 +128,19 @@ def test_d02_reinit_of_a_started_or_used_pool_raises() -> None:
         late.__init__(3)                      # the first __init__ of a bare object is fine
         print("late", late.num_threads)
         """)
-    assert_child_ok(proc, "started: RuntimeError\nran 5000 5000 8\nused: RuntimeError\n"
-                          "fresh: RuntimeError 2\nlate 3\n")
+    assert_child_ok(
+        proc,
+        "started: RuntimeError\nran 5000 5000 8\nused: RuntimeError\n"
+        "fresh: RuntimeError 2\nlate 3\n",
+    )
 
 
 # -- 3: add_task racing stop() ----------------------------------------------------------------
 
 
-def race_add_task_with_stop(h: Keeper, conn: TcpConnection, kind: str,
-                            drain: bool) -> tuple[int, ...]:
+def race_add_task_with_stop(
+    h: Keeper, conn: TcpConnection, kind: str, drain: bool
+) -> tuple[int, ...]:
     """One add_task racing one stop(); returns (ran, raised, discarded, queued,
     conn.pending_tasks, strands) for the raced task."""
     pool = ThreadPool(2, name="race")
@@ -153,8 +165,8 @@ def race_add_task_with_stop(h: Keeper, conn: TcpConnection, kind: str,
         except RuntimeError:
             raised.append(1)
 
-    if kind == "strand":                    # a strand with a task queued or running:
-        pool.add_task(gate_task, key="k")   # the raced task joins its backlog
+    if kind == "strand":  # a strand with a task queued or running:
+        pool.add_task(gate_task, key="k")  # the raced task joins its backlog
     t = threading.Thread(target=adder, name="adder")
     t.start()
     barrier.wait()
@@ -168,15 +180,20 @@ def race_add_task_with_stop(h: Keeper, conn: TcpConnection, kind: str,
             h.ran.clear()
     discarded = pool.discarded
     if kind == "strand":
-        discarded -= 1 - len(gate_ran)      # the gate task may be discarded too
-    return (len(ran), len(raised), discarded, pool.queued, conn.pending_tasks,
-            pool.stats()["strands"])
+        discarded -= 1 - len(gate_ran)  # the gate task may be discarded too
+    return (
+        len(ran),
+        len(raised),
+        discarded,
+        pool.queued,
+        conn.pending_tasks,
+        pool.stats()["strands"],
+    )
 
 
 @pytest.mark.parametrize("drain", [True, False], ids=["drain", "discard"])
 @pytest.mark.parametrize("kind", ["plain", "strand", "conn"])
-def test_d03_add_task_racing_stop_never_loses_a_task(serve: Any, drain: bool,
-                                                     kind: str) -> None:
+def test_d03_add_task_racing_stop_never_loses_a_task(serve: Any, drain: bool, kind: str) -> None:
     """Either the task runs, or add_task raises, or it is counted as discarded (and its
     connection's count released): the old pool lost ~10% of them on 3.13t."""
     h = Keeper()
@@ -211,7 +228,8 @@ class SlowHashKey:
 @pytest.mark.parametrize("drain", [True, False], ids=["drain", "discard"])
 @pytest.mark.parametrize("nthreads", [0, 2], ids=["single", "pool2"])
 def test_d03_add_task_overtaken_by_stop_raises_and_releases_the_connection(
-        serve: Any, drain: bool, nthreads: int) -> None:
+    serve: Any, drain: bool, nthreads: int
+) -> None:
     """The deterministic form of the race: add_task is inside the key's __hash__ (user
     code) while stop() runs to the end.  The old pool had already checked ``_stopping``
     and counted the task: it went into a closed queue nobody reads (``queued`` stayed 1,
@@ -241,7 +259,7 @@ def test_d03_add_task_overtaken_by_stop_raises_and_releases_the_connection(
     assert (pool.queued, pool.completed, pool.discarded, conn.pending_tasks) == (0, 0, 0, 0)
     assert h.ran == []
     client.close()
-    wait_for(lambda: h.closed == 1, TIMEOUT)           # the connection is released
+    wait_for(lambda: h.closed == 1, TIMEOUT)  # the connection is released
     h.conns.clear()
 
 
@@ -269,8 +287,7 @@ def test_d04_counters_stay_exact_under_concurrent_callers() -> None:
     for t in threads:
         t.join(TIMEOUT)
     stats = pool.stats()
-    assert (stats["completed"], stats["per_worker"]["caller"]) == (4 * per_thread,
-                                                                    4 * per_thread)
+    assert (stats["completed"], stats["per_worker"]["caller"]) == (4 * per_thread, 4 * per_thread)
     assert (stats["queued"], stats["running"], stats["strands"]) == (0, 0, 0)
     pool.stop()
 
@@ -300,7 +317,7 @@ def books_round(drain: bool) -> None:
         try:
             pool.start()
         except RuntimeError:
-            pass                                  # stop() came first: refused
+            pass  # stop() came first: refused
         pool.stats()
 
     threads = [threading.Thread(target=adder, args=(n,)) for n in range(3)]
@@ -337,12 +354,12 @@ def test_d04_stop_racing_start_never_joins_an_unstarted_thread() -> None:
             try:
                 pool.start()
             except RuntimeError:
-                pass                                  # stop() came first: refused
+                pass  # stop() came first: refused
 
         t = threading.Thread(target=starter)
         t.start()
         barrier.wait()
-        spin_until = time.perf_counter() + (i % 20) * 1e-5   # vary who comes first
+        spin_until = time.perf_counter() + (i % 20) * 1e-5  # vary who comes first
         while time.perf_counter() < spin_until:
             pass
         try:
@@ -441,9 +458,11 @@ def test_d05_key_hash_eq_and_finalizers_may_reenter_add_task(nthreads: int, what
     """A key's ``__hash__``/``__eq__`` or a finalizer run by the GC calls add_task: the old
     pool held its non-reentrant mutex around them and deadlocked."""
     proc = run_child(REENTRY_CHILD.format(nthreads=nthreads, what=what), timeout=60)
-    expected = {"hash": "True False 0 0\n['hash', 'outer']\n",
-                "eq": "True False 0 0\n['eq', 'second']\n",
-                "del": "True True 0 0\n[]\n"}[what]
+    expected = {
+        "hash": "True False 0 0\n['hash', 'outer']\n",
+        "eq": "True False 0 0\n['eq', 'second']\n",
+        "del": "True True 0 0\n[]\n",
+    }[what]
     assert_child_ok(proc, expected)
 
 
@@ -475,7 +494,7 @@ def test_d06_interrupt_in_an_inline_task_then_resume_keeps_serving_the_connectio
         box["loop"], box["address"] = loop, server.address
         ready.set()
         try:
-            for _ in range(5):                    # resume after each Ctrl-C
+            for _ in range(5):  # resume after each Ctrl-C
                 try:
                     loop.loop()
                     break
@@ -494,7 +513,7 @@ def test_d06_interrupt_in_an_inline_task_then_resume_keeps_serving_the_connectio
             assert recv_exact(s, 4) == b"one\n"
             s.sendall(b"interrupt\n")
             wait_for(lambda: box["interrupts"] == 1, TIMEOUT)
-            s.sendall(b"two\n")                   # the same connection, after the resume
+            s.sendall(b"two\n")  # the same connection, after the resume
             assert recv_exact(s, 4) == b"two\n"
             conn = h.conns[0]
             assert conn.pending_tasks == 0 and pool.stats()["strands"] == 0
@@ -523,12 +542,11 @@ def test_d08_unhashable_key_raises_before_counting(serve: Any, nthreads: int) ->
         pool.add_task(Task(h, msg, conn), key=[msg])
     with pytest.raises(TypeError):
         pool.add_task(h.run2, msg, conn, key={})
-    assert (conn.pending_tasks, pool.queued, pool.running, pool.stats()["strands"]) == (
-        0, 0, 0, 0)
-    pool.add_task(Task(h, b"ok", conn))             # the connection still works
+    assert (conn.pending_tasks, pool.queued, pool.running, pool.stats()["strands"]) == (0, 0, 0, 0)
+    pool.add_task(Task(h, b"ok", conn))  # the connection still works
     assert recv_exact(s, 2) == b"ok"
     s.close()
-    wait_for(lambda: h.closed == 1, TIMEOUT)          # ... and is released
+    wait_for(lambda: h.closed == 1, TIMEOUT)  # ... and is released
     assert pool.stop(timeout=TIMEOUT)
     assert (pool.queued, pool.completed, pool.failed) == (0, 1, 0)
     h.conns.clear()
@@ -552,13 +570,14 @@ def test_d10_idle_workers_take_tasks_queued_behind_a_slow_one() -> None:
             fast_done.append(i)
 
     with EventLoopThread() as loop:
-        def queue_all() -> None:                  # on the loop thread: one deferred wakeup
-            pool.add_task(gate.wait, 3 * TIMEOUT)     # outlasts wait_for below
+
+        def queue_all() -> None:  # on the loop thread: one deferred wakeup
+            pool.add_task(gate.wait, 3 * TIMEOUT)  # outlasts wait_for below
             for i in range(15):
                 pool.add_task(fast, i)
 
         try:
-            for _ in range(3):                    # a few rounds, each from idle workers
+            for _ in range(3):  # a few rounds, each from idle workers
                 gate.clear()
                 fast_done.clear()
                 wait_for(lambda: pool.running == 0 and pool.queued == 0, TIMEOUT)
@@ -608,8 +627,7 @@ class LineReplier(Keeper):
             if self.key is None:
                 self.pool.add_task(self.reply, buf.retrieve_as_bytes(i + 1), conn)
             else:
-                self.pool.add_task(self.reply, buf.retrieve_as_bytes(i + 1), conn,
-                                   key=self.key)
+                self.pool.add_task(self.reply, buf.retrieve_as_bytes(i + 1), conn, key=self.key)
 
     def reply(self, line: bytes, conn: TcpConnection) -> None:
         with self.lock:
@@ -626,7 +644,7 @@ class LineReplier(Keeper):
         else:
             n = int(line.split(b" ")[1])
             if n % 7 == 0:
-                threading.Event().wait(0.001)     # an uneven amount of work
+                threading.Event().wait(0.001)  # an uneven amount of work
         conn.send(line)
         with self.lock:
             self.active -= 1
@@ -660,8 +678,8 @@ def test_d15_key_false_opts_out_of_ordering_but_still_counts(serve: Any) -> None
         s.sendall(b"first\n")
         assert h.first_started.wait(TIMEOUT)
         conn = server_conn(h)
-        assert conn.pending_tasks == 1                 # counted on the connection
-        s.sendall(b"second\n")                         # runs beside the first one
+        assert conn.pending_tasks == 1  # counted on the connection
+        s.sendall(b"second\n")  # runs beside the first one
         assert recv_exact(s, 13) == b"second\nfirst\n"
         assert h.overlapped == 1
     wait_for(lambda: h.closed == 1, TIMEOUT)
@@ -707,8 +725,9 @@ def block_all_workers(st: Any, pool: ThreadPool, n: int) -> list[socket.socket]:
 
 
 @pytest.mark.parametrize("nthreads", [1, 3], ids=["pool1", "pool3"])
-def test_d19_work_of_reset_or_force_closed_connections_is_discarded(serve: Any,
-                                                                   nthreads: int) -> None:
+def test_d19_work_of_reset_or_force_closed_connections_is_discarded(
+    serve: Any, nthreads: int
+) -> None:
     """While every worker is blocked, 12 clients send a request and reset, one connection
     is force-closed by the server and one peer half-closes (FIN).  Once the workers are
     free, only the blockers and the half-closed peer's request run; the other 13 tasks are
@@ -736,14 +755,13 @@ def test_d19_work_of_reset_or_force_closed_connections_is_discarded(serve: Any,
         for s in resets:
             rst_close(s)
         dead[-1].force_close()
-        wait_for(lambda: not any(c.connected for c in dead) and fin_conn.peer_closed,
-                 TIMEOUT)
+        wait_for(lambda: not any(c.connected for c in dead) and fin_conn.peer_closed, TIMEOUT)
         assert pool.queued == 14
         gate.set()
         for b in blockers:
             assert recv_exact(b, 5) == b"block"
             b.close()
-        assert recv_exact(fin, 6) == b"fin-me"      # the half-closed peer got its reply
+        assert recv_exact(fin, 6) == b"fin-me"  # the half-closed peer got its reply
         assert fin.recv(1) == b""
         fin.close()
         forced.close()
@@ -782,7 +800,7 @@ def test_d19_run_if_closed_opts_in(serve: Any) -> None:
         assert pool.stop(timeout=TIMEOUT)
     assert sorted(h.ran) == [b"block", b"keep-me"]
     assert (pool.discarded, pool.cancelled, pool.completed) == (0, 0, 2)
-    assert keep_conn.dropped_sends == 1                 # its reply had nowhere to go
+    assert keep_conn.dropped_sends == 1  # its reply had nowhere to go
     h.conns.clear()
 
 
@@ -793,11 +811,12 @@ def test_d19_run_if_closed_opts_in(serve: Any) -> None:
 def test_issue9_pool_docstrings_end_with_the_thread_contract(cls: type) -> None:
     missing = []
     for name, member in vars(cls).items():
-        if name.startswith("_") or name[0].isupper():   # private, or a seed alias
+        if name.startswith("_") or name[0].isupper():  # private, or a seed alias
             continue
         doc = inspect.getdoc(member) or ""
         last = doc.strip().splitlines()[-1].strip() if doc.strip() else ""
-        if not (last.endswith("Thread-safe.") or last.endswith("Loop thread only.")) \
-                or last not in ("Thread-safe.", "Loop thread only."):
+        if not (
+            last.endswith("Thread-safe.") or last.endswith("Loop thread only.")
+        ) or last not in ("Thread-safe.", "Loop thread only."):
             missing.append(name)
     assert missing == []

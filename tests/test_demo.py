@@ -17,23 +17,40 @@ TIMEOUT = 60.0
 
 def cppnp_env() -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("PYTHONPATH", None)            # run what is installed, not the source tree
+    env.pop("PYTHONPATH", None)  # run what is installed, not the source tree
     return env
 
 
 @pytest.mark.parametrize("threads", [0, 4], ids=["single", "pool4"])
 def test_demo_verifies_every_echo(threads: int) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "cppnp", "demo", "--threads", str(threads), "--conns", "4",
-         "--messages", "30", "--fib", "5"],
-        capture_output=True, timeout=TIMEOUT, env=cppnp_env(), check=False)
+        [
+            sys.executable,
+            "-m",
+            "cppnp",
+            "demo",
+            "--threads",
+            str(threads),
+            "--conns",
+            "4",
+            "--messages",
+            "30",
+            "--fib",
+            "5",
+        ],
+        capture_output=True,
+        timeout=TIMEOUT,
+        env=cppnp_env(),
+        check=False,
+    )
     out = proc.stdout.decode()
     assert proc.returncode == 0, out + proc.stderr.decode()
     assert "every echo verified" in out
     assert re.search(r"echoes verified: 120 of 120 sent", out), out
     assert re.search(r"mismatches: 0\b", out), out
-    assert re.search(r"dropped replies: 0; callback errors: 0; connections left open: 0$",
-                     out, re.M), out
+    assert re.search(
+        r"dropped replies: 0; callback errors: 0; connections left open: 0$", out, re.M
+    ), out
     mode = "single-thread mode" if threads == 0 else "%d worker threads" % threads
     assert mode in out
     # A message may reach the server in several reads (several tasks): >= 120.
@@ -42,9 +59,13 @@ def test_demo_verifies_every_echo(threads: int) -> None:
 
 
 def test_demo_rejects_bad_arguments() -> None:
-    proc = subprocess.run([sys.executable, "-m", "cppnp", "demo", "--threads", "many"],
-                          capture_output=True, timeout=TIMEOUT, env=cppnp_env(),
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cppnp", "demo", "--threads", "many"],
+        capture_output=True,
+        timeout=TIMEOUT,
+        env=cppnp_env(),
+        check=False,
+    )
     assert proc.returncode == 2
     assert proc.stdout == b""
     assert proc.stderr.decode().startswith("python -m cppnp demo: error: argument --threads: ")
@@ -63,9 +84,22 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
 @pytest.mark.parametrize("threads", [0, 2], ids=["single", "pool2"])
 def test_echo_server_serves_then_exits_zero_on_sigint(threads: int) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cppnp", "echo", "--port", "0", "--threads", str(threads),
-         "--fib", "5"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cppnp_env())
+        [
+            sys.executable,
+            "-m",
+            "cppnp",
+            "echo",
+            "--port",
+            "0",
+            "--threads",
+            str(threads),
+            "--fib",
+            "5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cppnp_env(),
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().decode()
@@ -80,10 +114,10 @@ def test_echo_server_serves_then_exits_zero_on_sigint(threads: int) -> None:
                     msg = b"conn %d round %d|" % (i, round_)
                     s.sendall(msg)
                     assert recv_exactly(s, len(msg)) == msg
-            big = bytes(range(256)) * 512               # 128 KiB through the pool
+            big = bytes(range(256)) * 512  # 128 KiB through the pool
             socks[0].sendall(big)
             assert recv_exactly(socks[0], len(big)) == big
-            socks[1].shutdown(socket.SHUT_WR)           # half-close: the server closes
+            socks[1].shutdown(socket.SHUT_WR)  # half-close: the server closes
             assert socks[1].recv(1) == b""
         finally:
             for s in socks:

@@ -207,7 +207,7 @@ def test_close_is_idempotent_and_closed_loop_refuses_work() -> None:
         lp.queue_in_loop(lambda: None)
     with pytest.raises(RuntimeError):
         in_thread(lambda: lp.run_in_loop(lambda: None))
-    lp.quit()                       # harmless
+    lp.quit()  # harmless
     in_thread(lp.quit)
     stats = lp.stats()
     assert stats["channels"] == 0 and stats["timers"] == 0 and stats["pending_functors"] == 0
@@ -217,7 +217,7 @@ def test_close_from_another_thread_when_not_running() -> None:
     lp = EventLoop()
     in_thread(lp.close)
     assert lp.closed
-    lp2 = EventLoop()        # this thread may have a new one now
+    lp2 = EventLoop()  # this thread may have a new one now
     lp2.close()
 
 
@@ -242,8 +242,16 @@ def test_close_drops_and_counts_pending_functors() -> None:
 
 def test_stats_keys(loop: EventLoop) -> None:
     stats = loop.stats()
-    for key in ("channels", "timers", "pending_functors", "callback_errors", "dropped_sends",
-                "dropped_bytes", "dropped_functors", "iterations"):
+    for key in (
+        "channels",
+        "timers",
+        "pending_functors",
+        "callback_errors",
+        "dropped_sends",
+        "dropped_bytes",
+        "dropped_functors",
+        "iterations",
+    ):
         assert isinstance(stats[key], int), key
     assert loop.callback_errors == stats["callback_errors"]
     assert loop.dropped_sends == stats["dropped_sends"]
@@ -263,7 +271,7 @@ def test_loop_clock_is_monotonic_clock(loop: EventLoop) -> None:
 def test_quit_from_another_thread_wakes_an_idle_loop() -> None:
     plain = LoopInThread()
     assert plain.loop is not None
-    time.sleep(0.05)                  # let it block in epoll_wait (no timers, no fds)
+    time.sleep(0.05)  # let it block in epoll_wait (no timers, no fds)
     assert plain.loop.timer_count == 0
     plain.loop.quit()
     assert plain.join(10), "quit() from another thread did not wake the loop"
@@ -277,7 +285,7 @@ def test_quit_before_loop_runs_one_iteration(loop: EventLoop) -> None:
     loop.run_after(0, lambda: ran.append("timer"))
     before = loop.stats()["iterations"]
     loop.quit()
-    loop.loop()                        # must return, not block
+    loop.loop()  # must return, not block
     assert loop.stats()["iterations"] - before == 1
     assert ran == ["timer", "functor"]  # timers, then functors, in one iteration
     assert loop.timer_count == 0
@@ -310,14 +318,13 @@ def test_run_once_returns(loop: EventLoop) -> None:
 def test_queue_in_loop_from_another_thread_wakes_the_loop(loop_thread: EventLoop) -> None:
     ran = threading.Event()
     where: list[int] = []
-    time.sleep(0.02)               # idle in epoll_wait with no timeout
+    time.sleep(0.02)  # idle in epoll_wait with no timeout
     loop_thread.queue_in_loop(lambda: (where.append(threading.get_ident()), ran.set()))
     assert ran.wait(10), "queue_in_loop from another thread did not wake the loop"
     assert where == [loop_thread.thread_id]
 
 
-def test_run_in_loop_runs_now_on_loop_thread_and_queues_elsewhere(
-        loop_thread: EventLoop) -> None:
+def test_run_in_loop_runs_now_on_loop_thread_and_queues_elsewhere(loop_thread: EventLoop) -> None:
     order: list[str] = []
 
     def on_loop() -> None:
@@ -327,7 +334,7 @@ def test_run_in_loop_runs_now_on_loop_thread_and_queues_elsewhere(
     call_in_loop(loop_thread, on_loop)
     assert order == ["inline", "after"]
     done = threading.Event()
-    loop_thread.run_in_loop(done.set)          # from this thread: queued
+    loop_thread.run_in_loop(done.set)  # from this thread: queued
     assert done.wait(10)
 
 
@@ -353,14 +360,14 @@ def test_many_cross_thread_posts_all_run(loop_thread: EventLoop) -> None:
     barrier = threading.Barrier(3)
 
     def inc() -> None:
-        counter[0] += 1             # loop thread only: no lock needed
+        counter[0] += 1  # loop thread only: no lock needed
 
     def poster() -> None:
         barrier.wait(10)
         for i in range(per_thread):
             loop_thread.queue_in_loop(inc)
             if i % 500 == 0:
-                time.sleep(0.001)   # let the loop go idle in between
+                time.sleep(0.001)  # let the loop go idle in between
 
     threads = [threading.Thread(target=poster) for _ in range(3)]
     for t in threads:
@@ -472,13 +479,25 @@ def test_gil_released_while_idle() -> None:
     does not iterate meanwhile.  A loop that held the GIL while blocked would hang the
     child (a failure here, bounded by the subprocess timeout)."""
     try:
-        proc = subprocess.run([sys.executable, "-c", _GIL_CHILD], capture_output=True,
-                              text=True, timeout=30, env=child_env())
+        proc = subprocess.run(
+            [sys.executable, "-c", _GIL_CHILD],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=child_env(),
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("the idle loop held the GIL: other threads made no progress")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [
-        "counted", "300000", "300000", "loop_iterations", "0", "alive", "False"], proc.stdout
+        "counted",
+        "300000",
+        "300000",
+        "loop_iterations",
+        "0",
+        "alive",
+        "False",
+    ], proc.stdout
 
 
 # -- errors in callbacks ----------------------------------------------------------------------
@@ -496,13 +515,19 @@ def cppnp_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFix
 
 
 def _cppnp_errors(caplog: pytest.LogCaptureFixture, exc: type[BaseException]) -> list[Any]:
-    return [r for r in caplog.records
-            if r.name == "cppnp" and r.levelno >= logging.ERROR
-            and r.exc_info is not None and r.exc_info[0] is exc]
+    return [
+        r
+        for r in caplog.records
+        if r.name == "cppnp"
+        and r.levelno >= logging.ERROR
+        and r.exc_info is not None
+        and r.exc_info[0] is exc
+    ]
 
 
 def test_exception_in_timer_is_logged_and_loop_continues(
-        loop: EventLoop, cppnp_log: pytest.LogCaptureFixture) -> None:
+    loop: EventLoop, cppnp_log: pytest.LogCaptureFixture
+) -> None:
     ran: list[str] = []
 
     def bad() -> None:
@@ -519,7 +544,8 @@ def test_exception_in_timer_is_logged_and_loop_continues(
 
 
 def test_exception_in_functor_is_logged_and_loop_continues(
-        loop: EventLoop, cppnp_log: pytest.LogCaptureFixture) -> None:
+    loop: EventLoop, cppnp_log: pytest.LogCaptureFixture
+) -> None:
     ran: list[str] = []
 
     def bad() -> None:
@@ -535,7 +561,8 @@ def test_exception_in_functor_is_logged_and_loop_continues(
 
 
 def test_exception_in_every_handler_callback_is_logged_and_serving_continues(
-        serve: Callable[..., Any], cppnp_log: pytest.LogCaptureFixture) -> None:
+    serve: Callable[..., Any], cppnp_log: pytest.LogCaptureFixture
+) -> None:
     closed: list[str] = []
 
     class Faulty(ICppnpUsr):
@@ -574,7 +601,7 @@ def test_exception_in_every_handler_callback_is_logged_and_serving_continues(
     with st.connect() as s:
         s.sendall(b"again")
         assert recv_exact(s, 5) == b"again"
-    wait_for(lambda: len(closed) == 2)         # all errors are logged during the test
+    wait_for(lambda: len(closed) == 2)  # all errors are logged during the test
     wait_for(lambda: st.connection_count() == 0)
     assert len(_cppnp_errors(cppnp_log, ValueError)) == 2
     assert len(_cppnp_errors(cppnp_log, RuntimeError)) == 2
@@ -596,7 +623,7 @@ def test_base_exception_in_functor_propagates_and_keeps_the_rest(loop: EventLoop
     assert not loop.running
     assert ran == ["before"]
     loop.queue_in_loop(loop.quit)
-    loop.loop()                         # usable again; the queued functor was kept
+    loop.loop()  # usable again; the queued functor was kept
     assert ran == ["before", "after"]
 
 
@@ -655,14 +682,19 @@ print("closed", lp.closed, flush=True)
 def test_keyboard_interrupt_leaves_loop(mode: str) -> None:
     """SIGINT while the main thread's loop waits in epoll (idle) or runs a Python
     callback: KeyboardInterrupt comes out of loop(), which can then run again and close."""
-    proc = subprocess.Popen([sys.executable, "-c", _SIGINT_CHILD, mode],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=child_env(), preexec_fn=default_sigint)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SIGINT_CHILD, mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        preexec_fn=default_sigint,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.strip() == "ready", line
-        time.sleep(0.1)      # let it block in epoll_wait / sleep (either way it must work)
+        time.sleep(0.1)  # let it block in epoll_wait / sleep (either way it must work)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)
     except BaseException:
@@ -703,7 +735,7 @@ def test_event_loop_thread_runs_init_in_loop_thread() -> None:
     finally:
         lt.stop()
     assert lp.closed
-    lt.stop()                     # twice: fine
+    lt.stop()  # twice: fine
 
 
 def test_event_loop_thread_init_error() -> None:

@@ -22,15 +22,18 @@ import redis
 
 from conftest import recv_exact, recv_until_eof, wait_for
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       "examples", "resp_server.py")
+EXAMPLE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "resp_server.py"
+)
 
 
 class RespProcess:
     def __init__(self, *args: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, EXAMPLE, "--port", "0", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -44,8 +47,9 @@ class RespProcess:
 
     def client(self, **kwargs: Any) -> redis.Redis:
         # protocol=2: the example speaks RESP2 (redis-py 8 asks for RESP3 with HELLO).
-        r = redis.Redis(host=self.address[0], port=self.address[1], socket_timeout=20,
-                        protocol=2, **kwargs)
+        r = redis.Redis(
+            host=self.address[0], port=self.address[1], socket_timeout=20, protocol=2, **kwargs
+        )
         self.clients.append(r)
         return r
 
@@ -102,12 +106,12 @@ def test_strings_counters_and_keys(resp: RespProcess) -> None:
     assert r.incr("n") == 1 and r.incr("n") == 2 and r.decr("n") == 1
     assert r.incrby("n", 41) == 42 and r.incrby("n", -50) == -8 and r.decr("fresh") == -1
     assert r.decrby("n", 2) == -10
-    r.set("big", str(2 ** 63 - 1))
+    r.set("big", str(2**63 - 1))
     with pytest.raises(redis.ResponseError, match="overflow"):
         r.incr("big")
     assert r.mset({"a": "1", "b": "2", "c": "3"}) is True
     assert r.mget("a", "missing", "c") == [b"1", None, b"3"]
-    assert r.dbsize() == 8           # bin empty n fresh big a b c
+    assert r.dbsize() == 8  # bin empty n fresh big a b c
     assert r.flushall() is True and r.dbsize() == 0
     assert r.config_get("save") == {}
     assert r.execute_command("select", 0) is True
@@ -118,25 +122,29 @@ def test_error_replies_are_redis_style(resp: RespProcess) -> None:
     with pytest.raises(redis.ResponseError) as info:
         r.execute_command("FOO", "bar", "baz")
     assert str(info.value) == "unknown command 'FOO', with args beginning with: 'bar' 'baz' "
-    with pytest.raises(redis.ResponseError,
-                       match=r"^wrong number of arguments for 'get' command$"):
+    with pytest.raises(redis.ResponseError, match=r"^wrong number of arguments for 'get' command$"):
         r.execute_command("GET")
-    with pytest.raises(redis.ResponseError,
-                       match=r"^wrong number of arguments for 'mset' command$"):
+    with pytest.raises(
+        redis.ResponseError, match=r"^wrong number of arguments for 'mset' command$"
+    ):
         r.execute_command("MSET", "a", "1", "b")
     r.set("s", "abc")
-    for cmd in (("INCR", "s"), ("INCRBY", "n", "x"), ("INCRBY", "n", "1.5"),
-                ("INCRBY", "n", "99999999999999999999"), ("EXPIRE", "s", "soon"),
-                ("SET", "k", "v", "EX", "ten")):
-        with pytest.raises(redis.ResponseError,
-                           match=r"^value is not an integer or out of range$"):
+    for cmd in (
+        ("INCR", "s"),
+        ("INCRBY", "n", "x"),
+        ("INCRBY", "n", "1.5"),
+        ("INCRBY", "n", "99999999999999999999"),
+        ("EXPIRE", "s", "soon"),
+        ("SET", "k", "v", "EX", "ten"),
+    ):
+        with pytest.raises(redis.ResponseError, match=r"^value is not an integer or out of range$"):
             r.execute_command(*cmd)
     with pytest.raises(redis.ResponseError, match=r"^syntax error$"):
         r.execute_command("SET", "k", "v", "NX", "XX")
     with pytest.raises(redis.ResponseError, match="invalid expire time"):
         r.execute_command("SET", "k", "v", "EX", "0")
     assert r.get("s") == b"abc"
-    assert r.ping() is True            # the connection is still fine after every error
+    assert r.ping() is True  # the connection is still fine after every error
 
 
 def test_expiry(resp: RespProcess) -> None:
@@ -148,12 +156,12 @@ def test_expiry(resp: RespProcess) -> None:
     assert r.ttl("plain") == -1
     assert r.expire("plain", 50) is True and 49 <= r.ttl("plain") <= 50
     assert r.expire("missing", 5) is False
-    assert r.set("plain", "2") and r.ttl("plain") == -1        # SET clears the TTL
+    assert r.set("plain", "2") and r.ttl("plain") == -1  # SET clears the TTL
     r.set("kept", "1", ex=100)
     assert r.incr("cnt") == 1 and r.expire("cnt", 100)
-    assert r.incr("cnt") == 2 and r.ttl("cnt") > 0                 # INCR keeps it
+    assert r.incr("cnt") == 2 and r.ttl("cnt") > 0  # INCR keeps it
     assert r.set("kept", "2", keepttl=True) and r.ttl("kept") > 0
-    assert r.expire("ex", 0) is True and r.get("ex") is None       # <= 0 deletes
+    assert r.expire("ex", 0) is True and r.get("ex") is None  # <= 0 deletes
     # Short expiries: lazily on access and actively (DBSIZE drops without any access).
     # (The size is taken before the short keys exist: on a loaded machine some may already
     # have expired by the time a later DBSIZE is answered.)
@@ -215,50 +223,58 @@ def test_concurrent_clients_pipelining(resp: RespProcess) -> None:
 def test_inline_commands_and_quit(resp: RespProcess) -> None:
     with resp.raw() as s:
         s.sendall(b"PING\r\nSET  ik   iv\r\nGET ik\r\n\r\nECHO hi\r\nINCR ik\r\nget ik\n")
-        expect = (b"+PONG\r\n+OK\r\n$2\r\niv\r\n$2\r\nhi\r\n"
-                  b"-ERR value is not an integer or out of range\r\n$2\r\niv\r\n")
+        expect = (
+            b"+PONG\r\n+OK\r\n$2\r\niv\r\n$2\r\nhi\r\n"
+            b"-ERR value is not an integer or out of range\r\n$2\r\niv\r\n"
+        )
         assert recv_exact(s, len(expect)) == expect
         s.sendall(b"COMMAND\r\nCONFIG GET save\r\n")
         assert recv_exact(s, 8) == b"*0\r\n*0\r\n"
         s.sendall(b"QUIT\r\nPING\r\n")
-        assert recv_until_eof(s) == b"+OK\r\n"      # nothing after QUIT is answered
-    with resp.raw() as s:                           # QUIT in a RESP pipeline
+        assert recv_until_eof(s) == b"+OK\r\n"  # nothing after QUIT is answered
+    with resp.raw() as s:  # QUIT in a RESP pipeline
         s.sendall(b"*1\r\n$4\r\nPING\r\n*1\r\n$4\r\nquit\r\n*1\r\n$4\r\nPING\r\n")
         assert recv_until_eof(s) == b"+PONG\r\n+OK\r\n"
 
 
 def test_command_split_at_every_byte_boundary(resp: RespProcess) -> None:
-    cmds = (b"*3\r\n$3\r\nSET\r\n$5\r\nsplit\r\n$10\r\nab\r\ncd\r\nef\r\n"
-            b"*2\r\n$3\r\nGET\r\n$5\r\nsplit\r\n"
-            b"PING\r\n")
+    cmds = (
+        b"*3\r\n$3\r\nSET\r\n$5\r\nsplit\r\n$10\r\nab\r\ncd\r\nef\r\n"
+        b"*2\r\n$3\r\nGET\r\n$5\r\nsplit\r\n"
+        b"PING\r\n"
+    )
     expect = b"+OK\r\n$10\r\nab\r\ncd\r\nef\r\n+PONG\r\n"
     with resp.raw() as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for cut in range(1, len(cmds)):
             s.sendall(cmds[:cut])
-            time.sleep(0.002)     # usually a separate read; the result must not depend on it
+            time.sleep(0.002)  # usually a separate read; the result must not depend on it
             s.sendall(cmds[cut:])
             assert recv_exact(s, len(expect)) == expect, cut
 
 
-@pytest.mark.parametrize(("payload", "reply"), [
-    (b"*2\r\n$3\r\nGET\r\n$2000\r\n", b"-ERR Protocol error: invalid bulk length\r\n"),
-    (b"*2\r\n$3\r\nGET\r\n$-1\r\n", b"-ERR Protocol error: invalid bulk length\r\n"),
-    (b"*2\r\n$3\r\nGET\r\n$x\r\n", b"-ERR Protocol error: invalid bulk length\r\n"),
-    (b"*9\r\n", b"-ERR Protocol error: invalid multibulk length\r\n"),
-    (b"*1x\r\n", b"-ERR Protocol error: invalid multibulk length\r\n"),
-    (b"*1\r\n:3\r\n", b"-ERR Protocol error: expected '$', got ':'\r\n"),
-    (b"*1\r\n$4\r\nPINGxx", b"-ERR Protocol error: expected CRLF after bulk string\r\n"),
-    (b"x" * 70000, b"-ERR Protocol error: too big inline request\r\n"),
-])
-def test_protocol_errors_reply_and_close(resp_small: RespProcess, payload: bytes,
-                                         reply: bytes) -> None:
+@pytest.mark.parametrize(
+    ("payload", "reply"),
+    [
+        (b"*2\r\n$3\r\nGET\r\n$2000\r\n", b"-ERR Protocol error: invalid bulk length\r\n"),
+        (b"*2\r\n$3\r\nGET\r\n$-1\r\n", b"-ERR Protocol error: invalid bulk length\r\n"),
+        (b"*2\r\n$3\r\nGET\r\n$x\r\n", b"-ERR Protocol error: invalid bulk length\r\n"),
+        (b"*9\r\n", b"-ERR Protocol error: invalid multibulk length\r\n"),
+        (b"*1x\r\n", b"-ERR Protocol error: invalid multibulk length\r\n"),
+        (b"*1\r\n:3\r\n", b"-ERR Protocol error: expected '$', got ':'\r\n"),
+        (b"*1\r\n$4\r\nPINGxx", b"-ERR Protocol error: expected CRLF after bulk string\r\n"),
+        (b"x" * 70000, b"-ERR Protocol error: too big inline request\r\n"),
+    ],
+)
+def test_protocol_errors_reply_and_close(
+    resp_small: RespProcess, payload: bytes, reply: bytes
+) -> None:
     with resp_small.raw() as s:
         s.sendall(b"PING\r\n" + payload)
         assert recv_until_eof(s) == b"+PONG\r\n" + reply
     r = resp_small.client()
-    assert r.set("k", "x" * 1024) and r.get("k") == b"x" * 1024    # the limit itself is fine
-    assert r.mset({"k%d" % i: "v" for i in range(3)}) is True        # 7 arguments
+    assert r.set("k", "x" * 1024) and r.get("k") == b"x" * 1024  # the limit itself is fine
+    assert r.mset({"k%d" % i: "v" for i in range(3)}) is True  # 7 arguments
 
 
 def test_large_value_in_many_reads(resp: RespProcess) -> None:
@@ -267,5 +283,5 @@ def test_large_value_in_many_reads(resp: RespProcess) -> None:
     assert r.set("blob", value) is True
     assert r.get("blob") == value
     pipe = r.pipeline(transaction=False)
-    pipe.set("b1", value[:1 << 20]).get("blob").get("b1")
-    assert pipe.execute() == [True, value, value[:1 << 20]]
+    pipe.set("b1", value[: 1 << 20]).get("blob").get("b1")
+    assert pipe.execute() == [True, value, value[: 1 << 20]]

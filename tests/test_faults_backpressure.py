@@ -33,7 +33,6 @@ from faults_support import (
 Serve = Callable[..., ServerThread]
 
 
-
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -41,9 +40,9 @@ def rss_bytes() -> int:
 
 # -- B1: slow reader, fast writer -----------------------------------------------------------
 
-REQ = 4096                     # request frame
-REPLY = 16384                  # reply per request
-N_REQ = 2000                   # 8 MiB of requests, 32 MiB of replies
+REQ = 4096  # request frame
+REPLY = 16384  # reply per request
+N_REQ = 2000  # 8 MiB of requests, 32 MiB of replies
 HWM = 256 * 1024
 
 
@@ -123,8 +122,9 @@ class FlowControlled(ICppnpUsr, IRun2):
 
 
 @pytest.mark.parametrize("nthreads", POOL_SIZES, ids=POOL_IDS)
-def test_slow_reader_fast_writer_output_stays_bounded(serve: Serve, ledger: Any,
-                                                      nthreads: int) -> None:
+def test_slow_reader_fast_writer_output_stays_bounded(
+    serve: Serve, ledger: Any, nthreads: int
+) -> None:
     pool = ledger.pool(nthreads)
     h = FlowControlled(pool)
     st = ledger.server(serve(h))
@@ -134,8 +134,7 @@ def test_slow_reader_fast_writer_output_stays_bounded(serve: Serve, ledger: Any,
     sender.start()
     try:
         wait_for(lambda: h.hwm_calls, TIMEOUT)
-        wait_for(lambda: call_in_loop(st.loop, lambda: pool.queued + pool.running) == 0,
-                 TIMEOUT)
+        wait_for(lambda: call_in_loop(st.loop, lambda: pool.queued + pool.running) == 0, TIMEOUT)
 
         def snapshot() -> tuple[Any, ...]:
             c = h.conn
@@ -164,11 +163,12 @@ def test_slow_reader_fast_writer_output_stays_bounded(serve: Serve, ledger: Any,
     # is what makes the documented pause-until-write-complete pattern safe.
     assert h.stale_write_completes == [], (
         "on_write_complete ran with output still queued (%d times, up to %d bytes)"
-        % (len(h.stale_write_completes), max(h.stale_write_completes)))
-    assert len(h.hwm_calls) <= h.resumes + 1          # once per crossing
+        % (len(h.stale_write_completes), max(h.stale_write_completes))
+    )
+    assert len(h.hwm_calls) <= h.resumes + 1  # once per crossing
     bound = HWM + (MAX_INFLIGHT + 3 * h.batch_max) * REPLY + REPLY
     assert h.max_output <= bound, (h.max_output, h.batch_max)
-    assert h.max_output < N_REQ * REPLY // 4          # far below "everything queued"
+    assert h.max_output < N_REQ * REPLY // 4  # far below "everything queued"
 
 
 # -- B2: memory returned after a flooded connection dies --------------------------------------
@@ -205,7 +205,7 @@ def test_flooded_connection_memory_is_released(serve: Serve, ledger: Any) -> Non
     conn = h.conns[0]
     queued = call_in_loop(st.loop, lambda c=conn: c.output_bytes)
     assert queued >= (FLOOD_MB - 4) << 20
-    assert rss_bytes() - base >= (FLOOD_MB // 2) << 20      # it really was held
+    assert rss_bytes() - base >= (FLOOD_MB // 2) << 20  # it really was held
     rst_close(s)
     wait_for(lambda: h.at_close, TIMEOUT)
     assert h.at_close == [0]
@@ -242,8 +242,7 @@ class Writer(ICppnpUsr):
         self.complete.append(conn.output_bytes)
 
 
-def test_huge_write_then_small_writes_arrive_exactly_in_order(serve: Serve,
-                                                              ledger: Any) -> None:
+def test_huge_write_then_small_writes_arrive_exactly_in_order(serve: Serve, ledger: Any) -> None:
     h = Writer()
     st = ledger.server(serve(h))
     expected = hashlib.sha256(HUGE + b"!")
@@ -261,7 +260,7 @@ def test_huge_write_then_small_writes_arrive_exactly_in_order(serve: Serve,
             n += len(chunk)
         wait_for(lambda: h.complete, TIMEOUT)
     assert got.hexdigest() == expected.hexdigest()
-    assert h.complete[-1] == 0                        # drained; EPOLLOUT dropped
+    assert h.complete[-1] == 0  # drained; EPOLLOUT dropped
 
 
 # -- B4: input floods; the frame cap is the application's ------------------------------------
@@ -315,7 +314,7 @@ def flood(sock: socket.socket, data: bytes) -> None:
     try:
         sock.sendall(data)
     except OSError:
-        pass                           # the server closed on us: expected
+        pass  # the server closed on us: expected
 
 
 @pytest.mark.parametrize("framing", ["line", "length"])
@@ -323,7 +322,7 @@ def test_input_flood_is_cut_at_the_frame_cap(serve: Serve, ledger: Any, framing:
     h = Capped(framing)
     st = ledger.server(serve(h))
     if framing == "line":
-        data = b"x" * (8 << 20)                        # no delimiter at all
+        data = b"x" * (8 << 20)  # no delimiter at all
     else:
         data = struct.pack("!I", 0xFFFFFFFF) + b"y" * (1 << 20)
     s = st.connect()
@@ -339,8 +338,9 @@ def test_input_flood_is_cut_at_the_frame_cap(serve: Serve, ledger: Any, framing:
 
 
 @pytest.mark.parametrize("framing", ["line", "length"])
-def test_frame_sent_one_byte_at_a_time_is_held_until_complete(serve: Serve, ledger: Any,
-                                                              framing: str) -> None:
+def test_frame_sent_one_byte_at_a_time_is_held_until_complete(
+    serve: Serve, ledger: Any, framing: str
+) -> None:
     h = Capped(framing)
     st = ledger.server(serve(h))
     body = b"0123456789abcdefghi\n"
@@ -348,7 +348,7 @@ def test_frame_sent_one_byte_at_a_time_is_held_until_complete(serve: Serve, ledg
     with st.connect() as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for i in range(len(frame)):
-            s.send(frame[i:i + 1])
+            s.send(frame[i : i + 1])
             time.sleep(0.002)
         assert recv_exact(s, len(frame)) == frame
     wait_for(lambda: h.closes == 1, TIMEOUT)
@@ -452,14 +452,16 @@ def test_full_pool_queue_never_blocks_the_loop_thread(serve: Serve, ledger: Any)
             s.sendall(b"t" * 20)
             # 20 submissions from the loop thread: 2 running + 5 queued, 13 refused.
             wait_for(lambda: h.accepted + h.rejected == 20, TIMEOUT)
-            other.sendall(b"echo?")                 # the loop thread is not blocked
+            other.sendall(b"echo?")  # the loop thread is not blocked
             assert recv_exact(other, 5) == b"echo?"
             assert h.rejected > 0 and pool.queued <= 5
             gate.set()
             wait_for(lambda: h.ran == h.accepted, TIMEOUT)
-            assert recv_exact(s, len(b"%d/%d" % (h.accepted, h.rejected))) == \
-                b"%d/%d" % (h.accepted, h.rejected)
+            assert recv_exact(s, len(b"%d/%d" % (h.accepted, h.rejected))) == b"%d/%d" % (
+                h.accepted,
+                h.rejected,
+            )
     finally:
         gate.set()
-    assert h.accepted <= 2 + 5 + 2      # workers may have taken tasks meanwhile
+    assert h.accepted <= 2 + 5 + 2  # workers may have taken tasks meanwhile
     assert pool.failed == 0

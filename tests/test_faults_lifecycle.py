@@ -37,7 +37,6 @@ from faults_support import (
 Serve = Callable[..., ServerThread]
 
 
-
 @pytest.fixture(params=POOL_SIZES, ids=POOL_IDS)
 def nthreads(request: pytest.FixtureRequest) -> int:
     return int(request.param)
@@ -52,10 +51,10 @@ class Tracked(ICppnpUsr, IRun2):
     def __init__(self, pool: ThreadPool) -> None:
         self.pool = pool
         self.lock = threading.Lock()
-        self.conns: dict[int, TcpConnection] = {}       # open connections (loop thread)
+        self.conns: dict[int, TcpConnection] = {}  # open connections (loop thread)
         self.by_port: dict[int, int] = {}
         self.fds: dict[int, int] = {}
-        self.iteration: dict[int, int] = {}             # id -> iteration of on_connection
+        self.iteration: dict[int, int] = {}  # id -> iteration of on_connection
         self.messages: Counter[int] = Counter()
         self.received: Counter[int] = Counter()
         self.closes: Counter[int] = Counter()
@@ -135,8 +134,9 @@ class SelfCloser(Tracked):
 
 
 @pytest.mark.parametrize("how", ["force_close", "shutdown"])
-def test_callback_closes_its_own_connection(serve: Serve, ledger: Any, nthreads: int,
-                                            how: str) -> None:
+def test_callback_closes_its_own_connection(
+    serve: Serve, ledger: Any, nthreads: int, how: str
+) -> None:
     """The reply sent before the close arrives, then EOF; on_close runs once and no
     callback follows it; the server keeps serving other clients."""
     pool = ledger.pool(nthreads)
@@ -150,7 +150,7 @@ def test_callback_closes_its_own_connection(serve: Serve, ledger: Any, nthreads:
             s.sendall(b"bye?")
             assert recv_until_eof(s) == b"bye"
             if how == "shutdown":
-                assert h.closes[cid] == 0          # half-closed: waits for the peer
+                assert h.closes[cid] == 0  # half-closed: waits for the peer
         h.wait_closed(cid)
     assert sum(h.closes.values()) == 5
     h.assert_clean()
@@ -171,8 +171,9 @@ class ConnectionAborter(Tracked):
 
 
 @pytest.mark.parametrize("what", ["abort", "raise"])
-def test_on_connection_aborts_or_raises(serve: Serve, ledger: Any, nthreads: int,
-                                        what: str) -> None:
+def test_on_connection_aborts_or_raises(
+    serve: Serve, ledger: Any, nthreads: int, what: str
+) -> None:
     """abort: the connection is closed before any on_message (even though the client
     sent at once); raise: logged and counted, the connection is served as usual."""
     pool = ledger.pool(nthreads)
@@ -214,8 +215,9 @@ class OtherCloser(Tracked):
             self.deferred.append(other.connected)
 
 
-def test_callback_closes_another_connection_in_the_same_batch(serve: Serve, ledger: Any,
-                                                              nthreads: int) -> None:
+def test_callback_closes_another_connection_in_the_same_batch(
+    serve: Serve, ledger: Any, nthreads: int
+) -> None:
     pool = ledger.pool(nthreads)
     h = OtherCloser(pool)
     st = ledger.server(serve(h))
@@ -225,11 +227,11 @@ def test_callback_closes_another_connection_in_the_same_batch(serve: Serve, ledg
         release = park_loop(st.loop)
         a.sendall(b"kill:%d" % b_id)
         b.sendall(b"bmsg")
-        time.sleep(0.02)                   # both readable when the loop polls next
+        time.sleep(0.02)  # both readable when the loop polls next
         release()
         assert recv_until_eof(b) in (b"", b"bmsg")
         h.wait_closed(b_id)
-        a.sendall(b"ping")                 # the closer itself is unaffected
+        a.sendall(b"ping")  # the closer itself is unaffected
         assert recv_exact(a, 4) == b"ping"
         a.close()
         b.close()
@@ -258,20 +260,26 @@ class BatchReuse(Tracked):
         if data == b"trigger":
             b = self.conns[self.b_id]
             before = b.connected
-            b.send(b"x" * 100)             # loop thread: written (and failing) right now
-            self.rounds.append({"b_connected_before": before, "b_connected_after":
-                                b.connected, "iteration": conn.loop.stats()["iterations"]})
+            b.send(b"x" * 100)  # loop thread: written (and failing) right now
+            self.rounds.append(
+                {
+                    "b_connected_before": before,
+                    "b_connected_after": b.connected,
+                    "iteration": conn.loop.stats()["iterations"],
+                }
+            )
             return
         super().handle(conn, data)
 
     def act(self, conn: TcpConnection, data: bytes) -> None:
         if data == b"hold":
-            self.gate.wait(TIMEOUT)        # B's reply, late: must be dropped
+            self.gate.wait(TIMEOUT)  # B's reply, late: must be dropped
         conn.send(data)
 
 
-def test_fd_reused_within_one_epoll_batch_gets_no_stale_event(serve: Serve, ledger: Any,
-                                                              nthreads: int) -> None:
+def test_fd_reused_within_one_epoll_batch_gets_no_stale_event(
+    serve: Serve, ledger: Any, nthreads: int
+) -> None:
     pool = ledger.pool(nthreads)
     h = BatchReuse(pool)
     st = ledger.server(serve(h))
@@ -283,14 +291,14 @@ def test_fd_reused_within_one_epoll_batch_gets_no_stale_event(serve: Serve, ledg
         h.b_id = b_id = h.conn_id(b)
         b_fd = h.fds[b_id]
         if nthreads:
-            b.sendall(b"hold")             # a task for B in flight across its death
+            b.sendall(b"hold")  # a task for B in flight across its death
             wait_for(lambda: pool.running == 1, TIMEOUT)
         release = park_loop(st.loop)
         a.sendall(b"trigger")
         time.sleep(0.02)
         rst_close(b)
         time.sleep(0.02)
-        c = st.connect()                   # completes in the kernel; accepted later
+        c = st.connect()  # completes in the kernel; accepted later
         time.sleep(0.05)
         release()
         c_id = h.conn_id(c)
@@ -300,13 +308,17 @@ def test_fd_reused_within_one_epoll_batch_gets_no_stale_event(serve: Serve, ledg
         h.wait_closed(b_id)
         c.sendall(b"hello")
         c.shutdown(socket.SHUT_WR)
-        assert recv_until_eof(c) == b"hello"       # C's own echo and nothing of B's
+        assert recv_until_eof(c) == b"hello"  # C's own echo and nothing of B's
         c.close()
         a.close()
         h.wait_closed(c_id)
         h.wait_closed(a_id)
-        if (r["b_connected_before"] and not r["b_connected_after"]
-                and h.fds[c_id] == b_fd and h.iteration[c_id] == r["iteration"]):
+        if (
+            r["b_connected_before"]
+            and not r["b_connected_after"]
+            and h.fds[c_id] == b_fd
+            and h.iteration[c_id] == r["iteration"]
+        ):
             exercised += 1
         assert h.messages[b_id] == (1 if nthreads else 0)
         assert h.messages[c_id] == 1
@@ -319,7 +331,7 @@ def test_fd_reused_within_one_epoll_batch_gets_no_stale_event(serve: Serve, ledg
 # -- A6: double close, close from other threads, with a write pending -------------------------
 
 
-BIG = bytes(range(256)) * (8 * 4096)          # 8 MiB
+BIG = bytes(range(256)) * (8 * 4096)  # 8 MiB
 
 
 class BigSender(Tracked):
@@ -341,8 +353,9 @@ class BigSender(Tracked):
         self.new_fd_ino = os.fstat(self.new_fd).st_ino
 
 
-def test_double_close_from_every_thread_with_a_write_pending(serve: Serve, ledger: Any,
-                                                             nthreads: int) -> None:
+def test_double_close_from_every_thread_with_a_write_pending(
+    serve: Serve, ledger: Any, nthreads: int
+) -> None:
     pool = ledger.pool(nthreads)
     h = BigSender(pool)
     st = ledger.server(serve(h))
@@ -352,17 +365,17 @@ def test_double_close_from_every_thread_with_a_write_pending(serve: Serve, ledge
         cid = h.conn_id(s)
         conn = h.conns[cid]
         wait_for(lambda: call_in_loop(st.loop, lambda: conn.output_bytes) > 0, TIMEOUT)
-        conn.force_close()                             # this thread
+        conn.force_close()  # this thread
         conn.force_close()
-        pool.add_task(conn.force_close)                # a worker (or inline here)
-        call_in_loop(st.loop, conn.force_close)        # the loop thread
+        pool.add_task(conn.force_close)  # a worker (or inline here)
+        call_in_loop(st.loop, conn.force_close)  # the loop thread
         h.wait_closed(cid)
-        pool.add_task(conn.force_close)                # after release: no-ops
+        pool.add_task(conn.force_close)  # after release: no-ops
         call_in_loop(st.loop, conn.force_close)
         call_in_loop(st.loop, conn.shutdown)
         for _ in range(5):
             call_in_loop(st.loop, lambda: None)
-        with st.connect() as other:                    # more fds come and go
+        with st.connect() as other:  # more fds come and go
             other.sendall(b"x")
             assert recv_exact(other, 1) == b"x"
     finally:
@@ -394,15 +407,16 @@ class Counting(Tracked):
     def on_connection(self, conn: TcpConnection) -> None:
         super().on_connection(conn)
         if self.shutdown_first:
-            conn.shutdown()            # our FIN first: the peer's FIN then means EPOLLHUP
+            conn.shutdown()  # our FIN first: the peer's FIN then means EPOLLHUP
 
     def act(self, conn: TcpConnection, data: bytes) -> None:
-        pass                           # count only (the peer is gone by now anyway)
+        pass  # count only (the peer is gone by now anyway)
 
 
 @pytest.mark.parametrize("shutdown_first", [False, True], ids=["rdhup", "hup"])
-def test_every_byte_arrives_before_the_close(serve: Serve, ledger: Any, nthreads: int,
-                                             shutdown_first: bool) -> None:
+def test_every_byte_arrives_before_the_close(
+    serve: Serve, ledger: Any, nthreads: int, shutdown_first: bool
+) -> None:
     """The peer writes more than a socket buffer and closes at once: every byte reaches
     on_message before the single on_close (also when the server had already shut down
     its side, so the last events carry EPOLLHUP together with EPOLLIN)."""
@@ -427,7 +441,8 @@ def test_every_byte_arrives_before_the_close(serve: Serve, ledger: Any, nthreads
 
 
 def test_pause_resume_are_noops_after_close_and_fin_while_paused_keeps_data(
-        serve: Serve, ledger: Any) -> None:
+    serve: Serve, ledger: Any
+) -> None:
     class Paused(Tracked):
         def on_connection(self, conn: TcpConnection) -> None:
             super().on_connection(conn)
@@ -444,8 +459,9 @@ def test_pause_resume_are_noops_after_close_and_fin_while_paused_keeps_data(
     s = st.connect()
     cid = h.conn_id(s)
     conn = h.conns[cid]
-    sender = threading.Thread(target=lambda: (s.sendall(b"p" * payload),
-                                              s.shutdown(socket.SHUT_WR)))
+    sender = threading.Thread(
+        target=lambda: (s.sendall(b"p" * payload), s.shutdown(socket.SHUT_WR))
+    )
     sender.start()
     for _ in range(3):
         call_in_loop(st.loop, lambda: None)
@@ -466,13 +482,13 @@ def test_pause_resume_are_noops_after_close_and_fin_while_paused_keeps_data(
     h.forget()
 
 
-def test_peer_data_survives_a_hangup_while_reading_is_stopped(serve: Serve,
-                                                              ledger: Any) -> None:
+def test_peer_data_survives_a_hangup_while_reading_is_stopped(serve: Serve, ledger: Any) -> None:
     """Our side is shut down and reading is paused; the peer sends its last bytes and
     closes (a clean FIN, no reset): the kernel reports EPOLLHUP.  The bytes must still
     reach on_message once reading resumes, before the single on_close (as they do after
     a FIN without our shutdown: test_tcp_connection::
     test_fin_while_reading_is_stopped_is_seen_after_start)."""
+
     class PausedShut(Tracked):
         def on_connection(self, conn: TcpConnection) -> None:
             super().on_connection(conn)
@@ -488,10 +504,10 @@ def test_peer_data_survives_a_hangup_while_reading_is_stopped(serve: Serve,
     s = st.connect()
     cid = h.conn_id(s)
     conn = h.conns[cid]
-    assert recv_until_eof(s) == b""                    # our FIN
+    assert recv_until_eof(s) == b""  # our FIN
     s.sendall(b"tail")
     s.close()
-    time.sleep(0.1)                                    # the peer's FIN arrives
+    time.sleep(0.1)  # the peer's FIN arrives
     for _ in range(3):
         call_in_loop(st.loop, lambda: None)
     closed_while_paused = h.closes[cid]
@@ -499,7 +515,8 @@ def test_peer_data_survives_a_hangup_while_reading_is_stopped(serve: Serve,
     del conn
     h.wait_closed(cid)
     assert h.received_at_close[cid] == 4, (
-        "the peer's last bytes were dropped (closed while paused: %d)" % closed_while_paused)
+        "the peer's last bytes were dropped (closed while paused: %d)" % closed_while_paused
+    )
     h.assert_clean()
     h.forget()
 
@@ -531,8 +548,7 @@ class BusyProbe(Tracked):
         self.write_completes += 1
 
 
-@pytest.mark.parametrize("case", ["paused_peer_writes", "output_drained", "oob",
-                                  "dup_after_close"])
+@pytest.mark.parametrize("case", ["paused_peer_writes", "output_drained", "oob", "dup_after_close"])
 def test_no_busy_loop(serve: Serve, ledger: Any, case: str) -> None:
     """(a) unread data while paused, (b) an empty output buffer after a big write,
     (c) urgent (MSG_OOB) data, (d) a dup of a connection's fd kept open after the
@@ -554,8 +570,13 @@ def test_no_busy_loop(serve: Serve, ledger: Any, case: str) -> None:
             wait_for(lambda: h.write_completes >= 1, TIMEOUT)
             assert call_in_loop(st.loop, lambda: conn.output_bytes) == 0
         elif case == "oob":
-            for part, oob in ((b"a", False), (b"x", True), (b"b", False), (b"y", True),
-                              (b"c", False)):
+            for part, oob in (
+                (b"a", False),
+                (b"x", True),
+                (b"b", False),
+                (b"y", True),
+                (b"c", False),
+            ):
                 s.send(part, socket.MSG_OOB if oob else 0)
                 time.sleep(0.005)
             got = bytearray()
@@ -569,11 +590,11 @@ def test_no_busy_loop(serve: Serve, ledger: Any, case: str) -> None:
             dup_fd = call_in_loop(st.loop, lambda: os.dup(conn.fileno))
             conn.force_close()
             h.wait_closed(cid)
-            s.sendall(b"d" * 1000)         # readable on the dup'ed file description
+            s.sendall(b"d" * 1000)  # readable on the dup'ed file description
         idle = iterations_while_idle(st)
         assert idle <= MAX_IDLE_ITERATIONS, "busy loop: %d iterations in 0.3 s" % idle
         if case == "paused_peer_writes":
-            conn.start_reading()           # a paused connection sees the FIN only then
+            conn.start_reading()  # a paused connection sees the FIN only then
     finally:
         if dup_fd >= 0:
             os.close(dup_fd)

@@ -23,7 +23,6 @@ from faults_support import POOL_IDS, POOL_SIZES, TIMEOUT, run_child
 Serve = Callable[..., ServerThread]
 
 
-
 # -- H1: exit without closing anything --------------------------------------------------------
 
 _EXIT_CHILD = r"""
@@ -109,7 +108,7 @@ def test_loop_dropped_without_close_with_an_open_connection(ledger: Any) -> None
         box["alive"] = [r() is not None for r in refs]
         client.close()
         box["fds_left"] = fd_count() - fds
-        lp2 = EventLoop()                     # the dead loop no longer owns this thread
+        lp2 = EventLoop()  # the dead loop no longer owns this thread
         lp2.close()
         box["new_loop"] = True
 
@@ -176,14 +175,14 @@ def _settle(h: Sticky, n: int) -> int:
     wait_for(lambda: h.closed == n, TIMEOUT)
     for _ in range(3):
         gc.collect()
-    snap = tracemalloc.take_snapshot().filter_traces([
-        tracemalloc.Filter(False, __file__), tracemalloc.Filter(False, tracemalloc.__file__)])
+    snap = tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.Filter(False, __file__), tracemalloc.Filter(False, tracemalloc.__file__)]
+    )
     return sum(stat.size for stat in snap.statistics("filename"))
 
 
 @pytest.mark.parametrize("nthreads", POOL_SIZES, ids=POOL_IDS)
-def test_connect_close_cycles_leave_nothing_alive(serve: Serve, ledger: Any,
-                                                  nthreads: int) -> None:
+def test_connect_close_cycles_leave_nothing_alive(serve: Serve, ledger: Any, nthreads: int) -> None:
     pool = ledger.pool(nthreads)
     h = Sticky(pool)
     st = ledger.server(serve(h))
@@ -199,7 +198,7 @@ def test_connect_close_cycles_leave_nothing_alive(serve: Serve, ledger: Any,
         after = _settle(h, CYCLES)
     finally:
         tracemalloc.stop()
-    wait_for(lambda: st.loop.stats()["timers"] == 0, TIMEOUT)    # the short ones fired
+    wait_for(lambda: st.loop.stats()["timers"] == 0, TIMEOUT)  # the short ones fired
     gc.collect()
     alive = sum(1 for r in h.refs if r() is not None)
     assert alive == 0, "%d of %d connections still alive" % (alive, len(h.refs))
@@ -207,4 +206,6 @@ def test_connect_close_cycles_leave_nothing_alive(serve: Serve, ledger: Any,
     growth = after - before
     # Flat-ish: well under one small allocation per cycle.
     assert growth < 64 * 1024, "traced memory grew by %d bytes over %d cycles" % (
-        growth, CYCLES - WARMUP)
+        growth,
+        CYCLES - WARMUP,
+    )

@@ -25,7 +25,6 @@ from faults_support import (
 Serve = Callable[..., ServerThread]
 
 
-
 class Keeper(ICppnpUsr):
     def __init__(self) -> None:
         self.conns: list[TcpConnection] = []
@@ -55,7 +54,7 @@ class Keeper(ICppnpUsr):
                 self.reentry[name] = "no error"
             except RuntimeError:
                 self.reentry[name] = "RuntimeError"
-            except BaseException as exc:      # reported by the test
+            except BaseException as exc:  # reported by the test
                 self.reentry[name] = repr(exc)
 
     def on_close(self, conn: TcpConnection) -> None:
@@ -73,14 +72,15 @@ OTHER_THREAD_CALLS: dict[str, Callable[[ServerThread, Keeper], Any]] = {
 
 
 @pytest.mark.parametrize("call", list(OTHER_THREAD_CALLS))
-def test_loop_thread_only_call_from_another_thread_raises(serve: Serve, ledger: Any,
-                                                          call: str) -> None:
+def test_loop_thread_only_call_from_another_thread_raises(
+    serve: Serve, ledger: Any, call: str
+) -> None:
     h = Keeper()
     st = ledger.server(serve(h))
     try:
         with st.connect() as s:
             wait_for(lambda: h.conns, TIMEOUT)
-            call_in_loop(st.loop, lambda: OTHER_THREAD_CALLS[call](st, h))   # fine here
+            call_in_loop(st.loop, lambda: OTHER_THREAD_CALLS[call](st, h))  # fine here
             with pytest.raises(RuntimeError):
                 OTHER_THREAD_CALLS[call](st, h)
             s.sendall(b"ok")
@@ -92,17 +92,22 @@ def test_loop_thread_only_call_from_another_thread_raises(serve: Serve, ledger: 
 # -- E7: reentrancy from inside a callback ----------------------------------------------------
 
 
-def test_second_loop_nested_run_and_close_inside_a_callback_raise(serve: Serve,
-                                                                  ledger: Any) -> None:
+def test_second_loop_nested_run_and_close_inside_a_callback_raise(
+    serve: Serve, ledger: Any
+) -> None:
     h = Keeper()
     st = ledger.server(serve(h))
     with st.connect() as s:
         s.sendall(b"reenter")
-        assert recv_exact(s, 7) == b"reenter"        # the loop carried on
+        assert recv_exact(s, 7) == b"reenter"  # the loop carried on
         s.sendall(b"again")
         assert recv_exact(s, 5) == b"again"
-    assert h.reentry == {"EventLoop()": "RuntimeError", "loop.loop()": "RuntimeError",
-                         "loop.run_once()": "RuntimeError", "loop.close()": "RuntimeError"}
+    assert h.reentry == {
+        "EventLoop()": "RuntimeError",
+        "loop.loop()": "RuntimeError",
+        "loop.run_once()": "RuntimeError",
+        "loop.close()": "RuntimeError",
+    }
     assert not st.loop.closed and st.stats()["callback_errors"] == 0
     h.conns.clear()
 
@@ -120,13 +125,12 @@ class Replier(Keeper, IRun2):
         for _ in range(10):
             try:
                 conn.send(data)
-            except BaseException as exc:      # send() must never raise here
+            except BaseException as exc:  # send() must never raise here
                 self.errors.append(exc)
 
 
 @pytest.mark.parametrize("nthreads", POOL_SIZES, ids=POOL_IDS)
-def test_send_after_close_is_dropped_and_counted(serve: Serve, ledger: Any,
-                                                 nthreads: int) -> None:
+def test_send_after_close_is_dropped_and_counted(serve: Serve, ledger: Any, nthreads: int) -> None:
     pool = ledger.pool(nthreads)
     h = Replier(pool)
     st = ledger.server(serve(h))
@@ -137,9 +141,9 @@ def test_send_after_close_is_dropped_and_counted(serve: Serve, ledger: Any,
     conn = h.conns[0]
     before = st.stats()
     for _ in range(10):
-        conn.send(b"late")                              # this thread
+        conn.send(b"late")  # this thread
     call_in_loop(st.loop, lambda: [conn.send(b"late") for _ in range(10)])
-    pool.add_task(Task(h, b"late", conn))               # a worker, or inline here
+    pool.add_task(Task(h, b"late", conn))  # a worker, or inline here
     wait_for(lambda: call_in_loop(st.loop, lambda: conn.dropped_sends) == 30, TIMEOUT)
     after = st.stats()
     assert h.errors == []
@@ -147,7 +151,7 @@ def test_send_after_close_is_dropped_and_counted(serve: Serve, ledger: Any,
     assert after["dropped_bytes"] - before["dropped_bytes"] == 30 * 4
     assert conn.output_bytes == 0 and conn.bytes_sent == 1
     assert conn.pending_tasks == 0
-    assert ledger.records() == []                       # counted, not logged per write
+    assert ledger.records() == []  # counted, not logged per write
     h.conns.clear()
 
 
@@ -163,14 +167,14 @@ INVALID_STATE_CASES: dict[str, str] = {
     "conn.set_tcp_no_delay": "TcpConnection.__new__(TcpConnection).set_tcp_no_delay(True)",
     "conn.set_keep_alive": "TcpConnection.__new__(TcpConnection).set_keep_alive(True)",
     "conn.attributes": "c = TcpConnection.__new__(TcpConnection); "
-                       "repr(c), c.name, c.peer_address, c.local_address, c.fileno, "
-                       "c.connected, c.closed, c.output_bytes, c.input_bytes",
+    "repr(c), c.name, c.peer_address, c.local_address, c.fileno, "
+    "c.connected, c.closed, c.output_bytes, c.input_bytes",
     "server.start": "TcpServer.__new__(TcpServer).start()",
     "server.stop": "TcpServer.__new__(TcpServer).stop()",
     "server.attributes": "s = TcpServer.__new__(TcpServer); repr(s), s.address, "
-                         "s.connection_count, s.connections()",
+    "s.connection_count, s.connections()",
     "server.on_uninitialised_loop": "TcpServer(EventLoop.__new__(EventLoop), "
-                                    "('127.0.0.1', 0), ICppnpUsr()).start()",
+    "('127.0.0.1', 0), ICppnpUsr()).start()",
     "loop.queue_in_loop": "EventLoop.__new__(EventLoop).queue_in_loop(print)",
     "loop.run_in_loop": "EventLoop.__new__(EventLoop).run_in_loop(print)",
     "loop.run_after": "EventLoop.__new__(EventLoop).run_after(1, print)",
@@ -181,15 +185,15 @@ INVALID_STATE_CASES: dict[str, str] = {
     "loop.loop": "EventLoop.__new__(EventLoop).loop()",
     "loop.run_once": "EventLoop.__new__(EventLoop).run_once(0)",
     "loop.attributes": "lp = EventLoop.__new__(EventLoop); repr(lp), lp.stats(), "
-                       "lp.pending_functors, lp.timer_count, lp.is_in_loop_thread()",
+    "lp.pending_functors, lp.timer_count, lp.is_in_loop_thread()",
     "pool.add_task": "ThreadPool.__new__(ThreadPool).add_task(print)",
     "pool.start_stop": "p = ThreadPool.__new__(ThreadPool); p.start(); p.stop()",
     "pool.attributes": "p = ThreadPool.__new__(ThreadPool); repr(p), p.stats(), p.queued",
     "task.do_task": "Task.__new__(Task).do_task()",
     "buffer.ops": "b = Buffer.__new__(Buffer); b.append(b'abc'); b.peek(); b.retrieve(1); "
-                  "b.retrieve_all(); b.shrink(); b.find_eol()",
+    "b.retrieve_all(); b.shrink(); b.find_eol()",
     "closed_loop.server_start": "lp = EventLoop(); lp.close(); "
-                                "TcpServer(lp, ('127.0.0.1', 0), ICppnpUsr()).start()",
+    "TcpServer(lp, ('127.0.0.1', 0), ICppnpUsr()).start()",
     "closed_loop.run_after": "lp = EventLoop(); lp.close(); lp.run_after(0, print)",
     "stopped_pool.add_task": "p = ThreadPool(2); p.start(); p.stop(); p.add_task(print)",
 }
@@ -237,26 +241,39 @@ def invalid_state_results() -> dict[str, str]:
 
     from faults_support import child_env
 
-    proc = subprocess.run([sys.executable, "-c", _HARNESS], input=json.dumps(
-        INVALID_STATE_CASES), capture_output=True, text=True, timeout=60, env=child_env(),
-        cwd="/")
+    proc = subprocess.run(
+        [sys.executable, "-c", _HARNESS],
+        input=json.dumps(INVALID_STATE_CASES),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+        cwd="/",
+    )
     assert proc.returncode == 0, proc.stderr
     return dict(json.loads(proc.stdout))
 
 
 @pytest.mark.parametrize("case", list(INVALID_STATE_CASES))
 def test_object_in_an_invalid_state_raises_instead_of_crashing(
-        invalid_state_results: dict[str, str], case: str) -> None:
+    invalid_state_results: dict[str, str], case: str
+) -> None:
     outcome = invalid_state_results[case]
     assert outcome.startswith(("ok", "exception")), "%s: %s (code: %s)" % (
-        case, outcome, INVALID_STATE_CASES[case])
+        case,
+        outcome,
+        INVALID_STATE_CASES[case],
+    )
 
 
 def test_harness_reports_a_crash_as_a_crash() -> None:
     """The invalid-state harness itself can tell a crash from an exception."""
-    proc = run_child(_HARNESS.replace("cases = json.loads(sys.stdin.read())", "cases = {"
-                     "'crash': 'import ctypes; ctypes.string_at(0)', "
-                     "'raise': 'raise ValueError'}"))
+    proc = run_child(
+        _HARNESS.replace(
+            "cases = json.loads(sys.stdin.read())",
+            "cases = {'crash': 'import ctypes; ctypes.string_at(0)', 'raise': 'raise ValueError'}",
+        )
+    )
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
     # Under ASan (make sanitize) the sanitizer's SEGV handler reports the crash and may end
@@ -265,4 +282,3 @@ def test_harness_reports_a_crash_as_a_crash() -> None:
     assert got["crash"].startswith(("killed by signal", "exit ")), got["crash"]
     assert not got["crash"].startswith(("ok", "exception"))
     assert got["raise"] == "exception ValueError"
-

@@ -35,7 +35,6 @@ from faults_support import (
 Serve = Callable[..., ServerThread]
 
 
-
 @pytest.fixture
 def nofile(request: pytest.FixtureRequest) -> Iterator[Callable[[int], None]]:
     """ensure(n): raise the soft RLIMIT_NOFILE to at least n (restored afterwards)."""
@@ -168,16 +167,22 @@ def _ping(port: int, msg: bytes = b"ping") -> tuple[socket.socket, bool]:
 
 
 def test_emfile_on_accept_sheds_without_spinning_and_recovers() -> None:
-    proc = subprocess.Popen([sys.executable, "-c", _EMFILE_CHILD], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=child_env(), cwd="/")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _EMFILE_CHILD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        cwd="/",
+    )
     served: list[socket.socket] = []
     try:
         assert proc.stdout is not None
         port, free = map(int, proc.stdout.readline().split())
-        assert 8 <= free <= 10                     # baseline + 8 (+ a hole or two)
+        assert 8 <= free <= 10  # baseline + 8 (+ a hole or two)
         started = time.monotonic()
-        for _ in range(50):                        # the storm
+        for _ in range(50):  # the storm
             s, ok = _ping(port)
             if ok:
                 served.append(s)
@@ -187,9 +192,12 @@ def test_emfile_on_accept_sheds_without_spinning_and_recovers() -> None:
         assert len(served) == free == st["opened"]
         assert st["shed"] == 50 - len(served) and st["accept_errors"] >= st["shed"]
         assert st["fds"] == st["limit"], "fds were not all in use"
-        checked = _talk(proc, "check")             # constructors with no fd left
-        assert checked["loop"].startswith("OSError") and checked["server"].startswith(
-            "OSError") and checked["socket"].startswith("OSError"), checked
+        checked = _talk(proc, "check")  # constructors with no fd left
+        assert (
+            checked["loop"].startswith("OSError")
+            and checked["server"].startswith("OSError")
+            and checked["socket"].startswith("OSError")
+        ), checked
         assert checked["leaked"] == 0
         # No busy loop while exhausted, with connection attempts still coming in.
         cpu0, t0 = proc_cpu_seconds(proc.pid), time.monotonic()
@@ -200,18 +208,18 @@ def test_emfile_on_accept_sheds_without_spinning_and_recovers() -> None:
             time.sleep(0.1)
         cpu, wall = proc_cpu_seconds(proc.pid) - cpu0, time.monotonic() - t0
         assert cpu < 0.3 * wall, "busy loop: %.2f s CPU in %.2f s" % (cpu, wall)
-        for s in served:                           # existing connections keep working
+        for s in served:  # existing connections keep working
             s.sendall(b"still")
             assert recv_exact(s, 5) == b"still"
-        for s in served[:5]:                       # free 5 fds
+        for s in served[:5]:  # free 5 fds
             s.close()
         wait_for(lambda: _talk(proc, "status")["closed"] >= min(5, len(served)), TIMEOUT)
-        for _ in range(min(5, len(served))):       # accepting resumes
+        for _ in range(min(5, len(served))):  # accepting resumes
             s, ok = _ping(port, b"again")
             served.append(s)
             assert ok
         st = _talk(proc, "status")
-        elapsed = time.monotonic() - started        # at most one line a second
+        elapsed = time.monotonic() - started  # at most one line a second
         assert 1 <= st["warnings"] <= math.ceil(elapsed) + 1, "accept errors logged per call"
         proc.stdin.write("quit\n")  # type: ignore[union-attr]
         proc.stdin.flush()  # type: ignore[union-attr]
@@ -277,7 +285,8 @@ class Guarded(ICppnpUsr):
 
 
 def test_idle_hoarders_are_reaped_capped_and_the_active_client_is_served(
-        serve: Serve, ledger: Any) -> None:
+    serve: Serve, ledger: Any
+) -> None:
     h = Guarded()
     st = ledger.server(serve(h))
     h.server = st.server
@@ -292,19 +301,19 @@ def test_idle_hoarders_are_reaped_capped_and_the_active_client_is_served(
         wait_for(lambda: st.connection_count() == CAP, TIMEOUT)
         per_conn = (tracemalloc.get_traced_memory()[0] - base) / (CAP - 1)
         tracemalloc.stop()
-        for _ in range(50):                                # over the cap
+        for _ in range(50):  # over the cap
             hoarders.append(st.connect())
         served = 0
         deadline = time.monotonic() + 2 * IDLE
-        while time.monotonic() < deadline:                 # the active client chats
+        while time.monotonic() < deadline:  # the active client chats
             active.sendall(b"ping")
             assert recv_exact(active, 4) == b"ping"
             served += 1
             time.sleep(0.01)
-        for s in hoarders[CAP - 1:]:
+        for s in hoarders[CAP - 1 :]:
             assert recv_until_eof(s) == b"busy\n"
-        for s in hoarders[:CAP - 1]:
-            assert recv_until_eof(s) == b""                # reaped
+        for s in hoarders[: CAP - 1]:
+            assert recv_until_eof(s) == b""  # reaped
         active.sendall(b"last")
         assert recv_exact(active, 4) == b"last"
     finally:
@@ -321,7 +330,7 @@ def test_idle_hoarders_are_reaped_capped_and_the_active_client_is_served(
 # -- F3: accept burst while the loop is busy --------------------------------------------------
 
 BURST = 600
-MAX_ACCEPTS_PER_EVENT = 256     # tcp_server.pyx
+MAX_ACCEPTS_PER_EVENT = 256  # tcp_server.pyx
 
 
 class Burst(ICppnpUsr):
@@ -341,8 +350,9 @@ class Burst(ICppnpUsr):
         self.closed += 1
 
 
-def test_accept_burst_while_the_loop_is_busy(serve: Serve, ledger: Any,
-                                             nofile: Callable[[int], None]) -> None:
+def test_accept_burst_while_the_loop_is_busy(
+    serve: Serve, ledger: Any, nofile: Callable[[int], None]
+) -> None:
     nofile(2 * BURST + 300)
     h = Burst()
     st = ledger.server(serve(h))

@@ -35,7 +35,6 @@ from faults_support import (
 Serve = Callable[..., ServerThread]
 
 
-
 def default_sigint() -> None:
     """preexec_fn: a child of a background job inherits SIGINT ignored; Python then
     installs no KeyboardInterrupt handler.  Give the child the default disposition."""
@@ -43,9 +42,15 @@ def default_sigint() -> None:
 
 
 def spawn(code: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=child_env(), cwd="/",
-                            preexec_fn=default_sigint)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        cwd="/",
+        preexec_fn=default_sigint,
+    )
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 20.0) -> tuple[int, str, str]:
@@ -148,7 +153,7 @@ def test_signal_while_blocked_in_epoll_stops_gracefully(sig: str, nthreads: int)
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
-        slow = small_rcvbuf_client(("127.0.0.1", port))      # never reads
+        slow = small_rcvbuf_client(("127.0.0.1", port))  # never reads
         clients.append(slow)
         slow.sendall(b"big")
         idle = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
@@ -429,8 +434,9 @@ class Gated(ICppnpUsr, IRun2):
 
 
 @pytest.mark.parametrize("nthreads", POOL_SIZES, ids=POOL_IDS)
-def test_graceful_stop_with_100_clients_and_tasks_in_flight(serve: Serve, ledger: Any,
-                                                            nthreads: int) -> None:
+def test_graceful_stop_with_100_clients_and_tasks_in_flight(
+    serve: Serve, ledger: Any, nthreads: int
+) -> None:
     pool = ledger.pool(nthreads)
     h = Gated(pool)
     st = ledger.server(serve(h))
@@ -441,8 +447,8 @@ def test_graceful_stop_with_100_clients_and_tasks_in_flight(serve: Serve, ledger
             c.sendall(b"ping")
         for c in clients:
             assert recv_exact(c, 4) == b"ping"
-        in_flight = 50 if nthreads else 0           # a blocked inline task would block
-        for c in clients[:in_flight]:               # the loop thread itself
+        in_flight = 50 if nthreads else 0  # a blocked inline task would block
+        for c in clients[:in_flight]:  # the loop thread itself
             c.sendall(b"slow")
         wait_for(lambda: sum(c.pending_tasks for c in h.conns) == in_flight, TIMEOUT)
         call_in_loop(st.loop, st.server.stop)
@@ -450,12 +456,12 @@ def test_graceful_stop_with_100_clients_and_tasks_in_flight(serve: Serve, ledger
             socket.create_connection(st.address, timeout=TIMEOUT).close()
         for c in clients[in_flight:]:
             assert recv_until_eof(c) == b""
-        wait_for(lambda: st.connection_count() == in_flight, TIMEOUT)   # held by tasks
+        wait_for(lambda: st.connection_count() == in_flight, TIMEOUT)  # held by tasks
         assert all(not c.connected for c in h.conns)
         h.gate.set()
         wait_for(lambda: st.connection_count() == 0, TIMEOUT)
         for c in clients[:in_flight]:
-            assert recv_until_eof(c) == b""         # the late replies were dropped
+            assert recv_until_eof(c) == b""  # the late replies were dropped
     finally:
         h.gate.set()
         for c in clients:

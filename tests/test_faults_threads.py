@@ -42,7 +42,6 @@ from faults_support import (
 Serve = Callable[..., ServerThread]
 
 
-
 @pytest.fixture(params=POOL_SIZES, ids=POOL_IDS)
 def nthreads(request: pytest.FixtureRequest) -> int:
     return int(request.param)
@@ -95,7 +94,7 @@ def test_posts_to_an_idle_loop_and_a_barrier_aligned_flood(idle_loop: EventLoop)
     barrier = threading.Barrier(nthreads)
 
     def inc() -> None:
-        counter[0] += 1                 # loop thread only
+        counter[0] += 1  # loop thread only
 
     def poster() -> None:
         barrier.wait(TIMEOUT)
@@ -121,7 +120,7 @@ class Hammer(ICppnpUsr, IRun2):
         self.pool = pool
         self.rounds = rounds
         self.fired = 0
-        self.short_kept = 0             # short timers not cancelled: each fires once
+        self.short_kept = 0  # short timers not cancelled: each fires once
         self.short_total = 0
         self.long_kept: list[int] = []  # 30 s timers not cancelled (the test cancels)
         self.errors: list[BaseException] = []
@@ -160,14 +159,13 @@ class Hammer(ICppnpUsr, IRun2):
                     conn.set_keep_alive(i % 3 == 0)
                 if rng.random() < 0.01:
                     time.sleep(rng.random() / 1000)
-        except BaseException as exc:        # reported by the test
+        except BaseException as exc:  # reported by the test
             self.errors.append(exc)
         finally:
             self.done.set()
 
 
-def test_thread_safe_api_hammered_from_workers(serve: Serve, ledger: Any,
-                                               nthreads: int) -> None:
+def test_thread_safe_api_hammered_from_workers(serve: Serve, ledger: Any, nthreads: int) -> None:
     pool = ledger.pool(nthreads)
     rounds = 2500
     h = Hammer(pool, rounds)
@@ -178,8 +176,9 @@ def test_thread_safe_api_hammered_from_workers(serve: Serve, ledger: Any,
         assert h.done.wait(TIMEOUT)
         assert h.errors == []
         assert got == b"".join(b"%06d\n" % i for i in range(rounds))
-    wait_for(lambda: call_in_loop(st.loop, lambda: st.loop.timer_count) == len(h.long_kept),
-             TIMEOUT)
+    wait_for(
+        lambda: call_in_loop(st.loop, lambda: st.loop.timer_count) == len(h.long_kept), TIMEOUT
+    )
     # From another thread a cancel is queued, so a timer due then may still run once.
     assert h.short_kept <= h.fired <= h.short_total
 
@@ -216,7 +215,7 @@ class Faulty(ICppnpUsr, IRun2):
         raise Boom("boom in %s" % what)
 
     def on_connection(self, conn: TcpConnection) -> None:
-        conn.set_high_water_mark(1)          # every buffered send crosses it
+        conn.set_high_water_mark(1)  # every buffered send crosses it
         conn.loop.run_after(0, lambda: self._once("timer"))
         conn.loop.queue_in_loop(lambda: self._once("functor"))
         self._once("on_connection")
@@ -228,7 +227,7 @@ class Faulty(ICppnpUsr, IRun2):
 
     def run2(self, data: bytes, conn: TcpConnection) -> None:
         if data == b"big":
-            conn.send(b"B" * (8 << 20))       # buffered: high water mark, write complete
+            conn.send(b"B" * (8 << 20))  # buffered: high water mark, write complete
         else:
             conn.send(data)
         self._once("task")
@@ -244,12 +243,19 @@ class Faulty(ICppnpUsr, IRun2):
         self._once("on_close")
 
 
-KINDS = ["on_connection", "on_message", "on_write_complete", "on_high_water_mark",
-         "on_close", "timer", "functor", "task"]
+KINDS = [
+    "on_connection",
+    "on_message",
+    "on_write_complete",
+    "on_high_water_mark",
+    "on_close",
+    "timer",
+    "functor",
+    "task",
+]
 
 
-def test_exception_in_every_kind_of_callback(serve: Serve, ledger: Any,
-                                             nthreads: int) -> None:
+def test_exception_in_every_kind_of_callback(serve: Serve, ledger: Any, nthreads: int) -> None:
     pool = ledger.pool(nthreads)
     h = Faulty(pool)
     st = ledger.server(serve(h))
@@ -257,19 +263,19 @@ def test_exception_in_every_kind_of_callback(serve: Serve, ledger: Any,
         ledger.expect("Boom: boom in %s$" % kind, 1)
     with small_rcvbuf_client(st.address) as s:
         s.sendall(b"one")
-        assert recv_exact(s, 3) == b"one"     # on_message and the task raised: still served
+        assert recv_exact(s, 3) == b"one"  # on_message and the task raised: still served
         s.sendall(b"big")
         assert recv_exact(s, 8 << 20) == b"B" * (8 << 20)
         s.sendall(b"two")
         assert recv_exact(s, 3) == b"two"
     wait_for(lambda: h.closed == 1, TIMEOUT)
-    with st.connect() as s:                   # the next connection: nothing raises now
+    with st.connect() as s:  # the next connection: nothing raises now
         s.sendall(b"three")
         assert recv_exact(s, 5) == b"three"
     wait_for(lambda: h.closed == 2, TIMEOUT)
     assert h.raised == set(KINDS)
     wait_for(lambda: len(ledger.matching("Boom")) == len(KINDS), TIMEOUT)
-    assert st.stats()["callback_errors"] == len(KINDS) - 1   # all but the task
+    assert st.stats()["callback_errors"] == len(KINDS) - 1  # all but the task
     assert pool.failed == 1
 
 
@@ -277,6 +283,7 @@ def test_broken_log_filter_does_not_stop_the_loop(ledger: Any) -> None:
     """The loop reports callback errors on the ``cppnp`` logger; a logging filter or
     handler that itself raises must not take the loop down (uvloop
     test_set_exc_handler_broken: the loop keeps running)."""
+
     class Broken(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             raise RuntimeError("broken log filter")
@@ -288,6 +295,7 @@ def test_broken_log_filter_does_not_stop_the_loop(ledger: Any) -> None:
     ledger.expect("ZeroDivisionError: callback error")
     logger.addFilter(broken)
     try:
+
         def bad() -> None:
             raise ZeroDivisionError("callback error")
 
@@ -298,7 +306,7 @@ def test_broken_log_filter_does_not_stop_the_loop(ledger: Any) -> None:
         try:
             lp.loop()
             escaped = None
-        except Exception as exc:            # checked below
+        except Exception as exc:  # checked below
             escaped = exc
         lp.cancel_timer(safety)
         # Drain whatever an escaped exception left behind, with the filter removed.
@@ -318,8 +326,7 @@ def test_broken_log_filter_does_not_stop_the_loop(ledger: Any) -> None:
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit], ids=["KI", "SystemExit"])
-def test_base_exception_in_a_task(ledger: Any, nthreads: int,
-                                  exc: type[BaseException]) -> None:
+def test_base_exception_in_a_task(ledger: Any, nthreads: int, exc: type[BaseException]) -> None:
     """Pool mode: a worker cannot be interrupted by a signal, so the pool's policy is to
     log and count the task as failed; the worker lives on.  Single-thread mode: the task
     runs on the loop thread (where Ctrl-C lands); like a functor or timer raising it
@@ -347,7 +354,7 @@ def test_base_exception_in_a_task(ledger: Any, nthreads: int,
         else:
             with pytest.raises(exc):
                 lp.loop()
-            lp.loop()                  # usable again; the next functor was kept
+            lp.loop()  # usable again; the next functor was kept
         assert ran == ["after"]
     finally:
         lp.close()
@@ -361,14 +368,17 @@ def test_quit_before_loop_from_another_thread_is_not_lost(ledger: Any) -> None:
         made, quitted = threading.Event(), threading.Event()
         box: dict[str, Any] = {}
 
-        def main(made: threading.Event = made, quitted: threading.Event = quitted,
-                 box: dict[str, Any] = box) -> None:
+        def main(
+            made: threading.Event = made,
+            quitted: threading.Event = quitted,
+            box: dict[str, Any] = box,
+        ) -> None:
             lp = EventLoop()
             box["loop"] = lp
             made.set()
             quitted.wait(TIMEOUT)
             try:
-                lp.loop()              # must return: the quit came first
+                lp.loop()  # must return: the quit came first
                 box["returned"] = True
             finally:
                 lp.close()
@@ -387,7 +397,7 @@ def test_start_then_stop_at_once_many_times(ledger: Any) -> None:
         lt = EventLoopThread(name="race-%d" % i)
         lp = lt.start()
         if i % 2:
-            lp.quit()                  # possibly before loop() started
+            lp.quit()  # possibly before loop() started
         lt.stop(timeout=TIMEOUT)
         assert lp.closed
 
@@ -450,7 +460,7 @@ def test_functors_pending_at_quit_are_dropped_and_the_connection_released(ledger
         box["loop"], box["server"] = lp, server
         ready.set()
         try:
-            lp.loop()                  # until the functor below quits it
+            lp.loop()  # until the functor below quits it
             box["pending_at_exit"] = lp.pending_functors
             box["connections_at_exit"] = server.connection_count
             stopped.set()
@@ -470,11 +480,11 @@ def test_functors_pending_at_quit_are_dropped_and_the_connection_released(ledger
     b_port = b.getsockname()[1]
 
     def destroy_and_quit() -> None:
-        a.close()                      # a FIN the loop will never poll
+        a.close()  # a FIN the loop will never poll
         time.sleep(0.02)
         for conn in server.connections():
             if conn.peer_address[1] == b_port:
-                conn.force_close()     # queued: runs in the next functor pass
+                conn.force_close()  # queued: runs in the next functor pass
         lp.quit()
 
     lp.queue_in_loop(destroy_and_quit)
@@ -487,7 +497,7 @@ def test_functors_pending_at_quit_are_dropped_and_the_connection_released(ledger
         assert box["connections_at_exit"] == 2 and pending >= 1
         assert box["dropped"] >= pending
         assert box["connections_after_close"] == 0
-        assert h.closes == 0           # close() releases without callbacks
+        assert h.closes == 0  # close() releases without callbacks
         assert recv_until_eof(b) == b""
     finally:
         finish.set()

@@ -29,7 +29,6 @@ from faults_support import POOL_IDS, POOL_SIZES, TIMEOUT, recv_exact
 Serve = Callable[..., ServerThread]
 
 
-
 class TimerUser(ICppnpUsr, IRun2):
     """``arm`` starts three timer cases on the loop thread; ``stop`` is a pool task that
     cancels the third (from a worker, or inline on the loop thread)."""
@@ -53,8 +52,8 @@ class TimerUser(ICppnpUsr, IRun2):
             def every() -> None:
                 self.self_cancel += 1
                 if self.self_cancel == 3:
-                    loop.cancel_timer(box["id"])       # inside its own callback
-                    loop.cancel_timer(box["id"])       # twice: no-op
+                    loop.cancel_timer(box["id"])  # inside its own callback
+                    loop.cancel_timer(box["id"])  # twice: no-op
 
             box["id"] = loop.run_every(0.002, every)
             when = loop.time() + 0.005
@@ -62,7 +61,7 @@ class TimerUser(ICppnpUsr, IRun2):
 
             def a() -> None:
                 self.same_tick.append("a")
-                loop.cancel_timer(ids["b"])            # due in this same tick
+                loop.cancel_timer(ids["b"])  # due in this same tick
 
             ids["a"] = loop.run_at(when, a)
             ids["b"] = loop.run_at(when, lambda: self.same_tick.append("b"))
@@ -83,7 +82,8 @@ class TimerUser(ICppnpUsr, IRun2):
 
 @pytest.mark.parametrize("nthreads", POOL_SIZES, ids=POOL_IDS)
 def test_timers_cancelled_from_own_callback_same_tick_and_another_thread(
-        serve: Serve, ledger: Any, nthreads: int) -> None:
+    serve: Serve, ledger: Any, nthreads: int
+) -> None:
     pool = ledger.pool(nthreads)
     h = TimerUser(pool)
     st = ledger.server(serve(h))
@@ -93,14 +93,14 @@ def test_timers_cancelled_from_own_callback_same_tick_and_another_thread(
         wait_for(lambda: h.remote >= 3 and h.self_cancel >= 3 and h.same_tick, TIMEOUT)
         s.sendall(b"stop")
         assert recv_exact(s, 7) == b"stopped"
-    call_in_loop(st.loop, lambda: None)               # a queued cancel has run by now
+    call_in_loop(st.loop, lambda: None)  # a queued cancel has run by now
     remote_final = h.remote
-    time.sleep(0.02)                                  # 20 periods of the 1 ms timer
+    time.sleep(0.02)  # 20 periods of the 1 ms timer
     for _ in range(3):
         call_in_loop(st.loop, lambda: None)
     assert h.remote == remote_final, "the timer fired after its cancel was handled"
     if nthreads == 0:
-        assert remote_final == h.remote_at_cancel      # same thread: immediate
+        assert remote_final == h.remote_at_cancel  # same thread: immediate
     else:
         assert remote_final - h.remote_at_cancel <= 1  # queued: at most one more
     assert h.self_cancel == 3
@@ -117,7 +117,7 @@ def test_old_timer_id_never_cancels_a_new_timer(ledger: Any) -> None:
         assert fired == [1] and lp.timer_count == 0
         ids = [lp.run_after(60, lambda: None) for _ in range(10_000)]
         assert t1 not in ids and len(set(ids)) == len(ids)
-        lp.cancel_timer(t1)                           # stale: must hit nothing
+        lp.cancel_timer(t1)  # stale: must hit nothing
         lp.cancel_timer(t1)
         assert lp.timer_count == 10_000
         for tid in ids:
@@ -141,6 +141,7 @@ def test_cross_thread_cancel_racing_the_deadline(ledger: Any) -> None:
         def make(i: int) -> Callable[[], None]:
             def cb() -> None:
                 counts[i] += 1
+
             return cb
 
         def arm() -> None:

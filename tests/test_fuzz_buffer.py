@@ -43,7 +43,7 @@ from hypothesis.stateful import (
 from cppnp import Buffer
 
 CHEAP_PREPEND = Buffer(b"x").prependable_bytes()
-MAX_READABLE = 1 << 20          # keep each buffer below 1 MiB (speed, not correctness)
+MAX_READABLE = 1 << 20  # keep each buffer below 1 MiB (speed, not correctness)
 MAX_HELD = 6
 
 # -- running in a forked child -------------------------------------------------------------
@@ -61,7 +61,7 @@ def run_forked(fn: Callable[[str], None], timeout: float = 90.0, stall: float = 
     os.close(fd)
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:                                  # child: no threads are started here
+    if pid == 0:  # child: no threads are started here
         code = 1
         try:
             os.close(r)
@@ -92,25 +92,38 @@ def run_forked(fn: Callable[[str], None], timeout: float = 90.0, stall: float = 
             if size != logged:
                 logged, last_step = size, now
             if now - last_step > stall or now - start > timeout:
-                why = ("logged no step for %.0f s (a hang: heap corruption?)" % stall
-                       if now - last_step > stall else "did not finish within %.0f s" % timeout)
+                why = (
+                    "logged no step for %.0f s (a hang: heap corruption?)" % stall
+                    if now - last_step > stall
+                    else "did not finish within %.0f s" % timeout
+                )
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
                 reaped = True
-                pytest.fail("fuzz child %s; steps of the last example:\n%s"
-                            % (why, last_example(step_log)), pytrace=False)
+                pytest.fail(
+                    "fuzz child %s; steps of the last example:\n%s" % (why, last_example(step_log)),
+                    pytrace=False,
+                )
         _, status = os.waitpid(pid, 0)
         reaped = True
         if os.WIFSIGNALED(status):
-            pytest.fail("fuzz child killed by signal %d (memory corruption?); steps of the "
-                        "last example:\n%s" % (os.WTERMSIG(status), last_example(step_log)),
-                        pytrace=False)
+            pytest.fail(
+                "fuzz child killed by signal %d (memory corruption?); steps of the "
+                "last example:\n%s" % (os.WTERMSIG(status), last_example(step_log)),
+                pytrace=False,
+            )
         if os.WEXITSTATUS(status) != 0:
-            pytest.fail("fuzz child failed (exit %d):\n%s%s" % (
-                os.WEXITSTATUS(status), out.decode(errors="replace"),
-                "" if out else last_example(step_log)), pytrace=False)
+            pytest.fail(
+                "fuzz child failed (exit %d):\n%s%s"
+                % (
+                    os.WEXITSTATUS(status),
+                    out.decode(errors="replace"),
+                    "" if out else last_example(step_log),
+                ),
+                pytrace=False,
+            )
     finally:
-        if not reaped:                # e.g. pytest-timeout interrupted us: no orphan
+        if not reaped:  # e.g. pytest-timeout interrupted us: no orphan
             with contextlib.suppress(ProcessLookupError, ChildProcessError):
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
@@ -121,16 +134,18 @@ def run_forked(fn: Callable[[str], None], timeout: float = 90.0, stall: float = 
 def last_example(step_log: str) -> str:
     with open(step_log, "rb") as f:
         text = f.read().decode(errors="replace")
-    return text[text.rfind("--- example"):][-20000:]
+    return text[text.rfind("--- example") :][-20000:]
 
 
 def logged(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Write ``name(args)`` to the step log before the rule runs (for crash reports)."""
+
     @functools.wraps(fn)
     def wrapper(self: BufferMachine, **kw: Any) -> Any:
         args = ", ".join("%s=%s" % (k, short(v)) for k, v in sorted(kw.items()))
         self.log("%s(%s)" % (fn.__name__, args))
         return fn(self, **kw)
+
     return wrapper
 
 
@@ -157,8 +172,8 @@ class Held:
 
     def __init__(self, slot: Slot, base: memoryview, view: memoryview) -> None:
         self.slot = slot
-        self.base = base                    # memoryview(buf) or buf.peek()
-        self.view = view                    # base, or a slice of it
+        self.base = base  # memoryview(buf) or buf.peek()
+        self.view = view  # base, or a slice of it
         self.gen = slot.gen
         self.snapshot = bytes(view)
         self.length = len(view)
@@ -192,14 +207,16 @@ def contents(buf: Buffer) -> bytes:
 
 WHICH = st.integers(0, 1)
 SMALL = st.integers(0, 64)
-SIZES = st.one_of(st.integers(0, 300), st.sampled_from(
-    [1023, 1024, 1025, 2048, 4096, 65535, 65536, 65537, 200_000]))
+SIZES = st.one_of(
+    st.integers(0, 300),
+    st.sampled_from([1023, 1024, 1025, 2048, 4096, 65535, 65536, 65537, 200_000]),
+)
 DELTA = st.integers(-3, 3)
 FRACTION = st.floats(0, 1)
 
 
 class BufferMachine(RuleBasedStateMachine):
-    step_log = ""           # set by the test before the machine runs
+    step_log = ""  # set by the test before the machine runs
 
     def __init__(self) -> None:
         super().__init__()
@@ -213,9 +230,13 @@ class BufferMachine(RuleBasedStateMachine):
 
     # -- setup: buffers made in different ways -------------------------------------------
 
-    @initialize(kinds=st.lists(st.sampled_from(["empty", "bytes", "str", "view", "other"]),
-                               min_size=2, max_size=2),
-                seed=st.integers(0, 2**16), n=SIZES)
+    @initialize(
+        kinds=st.lists(
+            st.sampled_from(["empty", "bytes", "str", "view", "other"]), min_size=2, max_size=2
+        ),
+        seed=st.integers(0, 2**16),
+        n=SIZES,
+    )
     @logged
     def make_buffers(self, kinds: list[str], seed: int, n: int) -> None:
         for kind in kinds:
@@ -232,7 +253,7 @@ class BufferMachine(RuleBasedStateMachine):
             else:
                 src = Buffer(data)
                 src.retrieve(len(data) // 3)
-                self.slots.append(Slot(Buffer(src), data[len(data) // 3:]))
+                self.slots.append(Slot(Buffer(src), data[len(data) // 3 :]))
 
     # -- growing ---------------------------------------------------------------------------
 
@@ -266,9 +287,11 @@ class BufferMachine(RuleBasedStateMachine):
         room an in-place compaction would make, or the whole block."""
         buf = self.slots[i].buf
         cap = capacity(buf)
-        n = {"writable": buf.writable_bytes(),
-             "compact": cap - CHEAP_PREPEND - buf.readable_bytes(),
-             "capacity": cap}[edge] + delta
+        n = {
+            "writable": buf.writable_bytes(),
+            "compact": cap - CHEAP_PREPEND - buf.readable_bytes(),
+            "capacity": cap,
+        }[edge] + delta
         self._append(self.slots[i], b"e" * max(n, 0))
 
     @rule(i=WHICH, seed=st.integers(0, 2**16), n=st.one_of(SMALL, SIZES))
@@ -282,9 +305,11 @@ class BufferMachine(RuleBasedStateMachine):
         """Prepend exactly around the room in front of the reader, the cheap-prepend size,
         or all the free space of the block."""
         buf = self.slots[i].buf
-        n = {"prependable": buf.prependable_bytes(),
-             "cheap": CHEAP_PREPEND,
-             "free": buf.prependable_bytes() + buf.writable_bytes()}[edge] + delta
+        n = {
+            "prependable": buf.prependable_bytes(),
+            "cheap": CHEAP_PREPEND,
+            "free": buf.prependable_bytes() + buf.writable_bytes(),
+        }[edge] + delta
         self._prepend(self.slots[i], b"p" * max(n, 0))
 
     @rule(i=WHICH, value=st.integers(-(2**31), 2**31 - 1), front=st.booleans())
@@ -372,8 +397,11 @@ class BufferMachine(RuleBasedStateMachine):
         slot.model.clear()
         slot.gen += 1
 
-    @rule(i=WHICH, over=st.sampled_from([1, 2, 2**31, 2**62]),
-          how=st.sampled_from(["retrieve", "retrieve_as_bytes", "negative"]))
+    @rule(
+        i=WHICH,
+        over=st.sampled_from([1, 2, 2**31, 2**62]),
+        how=st.sampled_from(["retrieve", "retrieve_as_bytes", "negative"]),
+    )
     @logged
     def retrieve_out_of_range(self, i: int, over: int, how: str) -> None:
         slot = self.slots[i]
@@ -432,8 +460,8 @@ class BufferMachine(RuleBasedStateMachine):
                 assert b"\r\n" not in slot.model
                 return
             line = slot.buf.retrieve_as_bytes(at + 2)
-            assert line == bytes(slot.model[:at + 2]) and line.endswith(b"\r\n")
-            del slot.model[:at + 2]
+            assert line == bytes(slot.model[: at + 2]) and line.endswith(b"\r\n")
+            del slot.model[: at + 2]
             slot.gen += 1
 
     # -- storage -----------------------------------------------------------------------------
@@ -468,8 +496,7 @@ class BufferMachine(RuleBasedStateMachine):
     # -- views -----------------------------------------------------------------------------
 
     @precondition(lambda self: len(self.held) < MAX_HELD)
-    @rule(i=WHICH, how=st.sampled_from(["peek", "memoryview", "slice"]),
-          a=FRACTION, b=FRACTION)
+    @rule(i=WHICH, how=st.sampled_from(["peek", "memoryview", "slice"]), a=FRACTION, b=FRACTION)
     @logged
     def export(self, i: int, how: str, a: float, b: float) -> None:
         slot = self.slots[i]
@@ -534,21 +561,27 @@ class BufferMachine(RuleBasedStateMachine):
             held.release()
         for slot in self.slots:
             if len(slot.buf) == len(slot.model):
-                slot.buf.shrink()      # no view left: must be allowed again
+                slot.buf.shrink()  # no view left: must be allowed again
         os.close(self.log_fd)
 
 
 def test_buffer_stateful_fuzz() -> None:
     def body(step_log: str) -> None:
         BufferMachine.step_log = step_log
-        run_state_machine_as_test(BufferMachine, settings=settings(
-            max_examples=int(os.environ.get("CPPNP_FUZZ_EXAMPLES", "250")),
-            stateful_step_count=60,
-            deadline=None,
-            database=None,
-            print_blob=True,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                   HealthCheck.filter_too_much],
-        ))
+        run_state_machine_as_test(
+            BufferMachine,
+            settings=settings(
+                max_examples=int(os.environ.get("CPPNP_FUZZ_EXAMPLES", "250")),
+                stateful_step_count=60,
+                deadline=None,
+                database=None,
+                print_blob=True,
+                suppress_health_check=[
+                    HealthCheck.too_slow,
+                    HealthCheck.data_too_large,
+                    HealthCheck.filter_too_much,
+                ],
+            ),
+        )
 
     run_forked(body)

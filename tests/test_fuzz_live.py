@@ -51,8 +51,8 @@ from cppnp import ICppnpUsr, IRun2, Task, TcpConnection, ThreadPool
 
 TIMEOUT = 15.0
 MAX_PEERS = 5
-MAX_SENT = 768 * 1024           # per connection
-PAUSED_LIMIT = 48 * 1024        # what a client may send while the server does not read
+MAX_SENT = 768 * 1024  # per connection
+PAUSED_LIMIT = 48 * 1024  # what a client may send while the server does not read
 
 
 def payload(seed: int, n: int) -> bytes:
@@ -90,7 +90,7 @@ class Echo(ICppnpUsr, IRun2):
 
     def run2(self, chunk: bytes, conn: TcpConnection) -> None:
         if self.pool.num_threads and chunk[0] % 16 == 0:
-            time.sleep(0.0005)              # let other workers overtake, if they can
+            time.sleep(0.0005)  # let other workers overtake, if they can
         conn.send(chunk)
         with self.lock:
             self.reply_bytes[conn.id] += len(chunk)
@@ -118,9 +118,9 @@ class Peer:
         self.got = bytearray()
         self.paused_sent = 0
         self.paused = False
-        self.half = False           # client sent FIN
-        self.drained = False        # ... and read until the server's EOF
-        self.server = "open"        # or "shut" (server shutdown()) or "killed" (force_close)
+        self.half = False  # client sent FIN
+        self.drained = False  # ... and read until the server's EOF
+        self.server = "open"  # or "shut" (server shutdown()) or "killed" (force_close)
 
     def recv_exactly(self, n: int) -> None:
         while n > 0:
@@ -138,21 +138,34 @@ class Peer:
 
     def check_prefix(self) -> None:
         assert len(self.got) <= len(self.sent), "more bytes back than sent"
-        if self.got != self.sent[:len(self.got)]:
+        if self.got != self.sent[: len(self.got)]:
             at = next(i for i, (a, b) in enumerate(zip(self.got, self.sent)) if a != b)
-            raise AssertionError("echo differs from what was sent at byte %d of %d"
-                                 % (at, len(self.got)))
+            raise AssertionError(
+                "echo differs from what was sent at byte %d of %d" % (at, len(self.got))
+            )
 
 
 # Operations, weighted by repetition.
-PEER_OPS = (["send"] * 8 + ["recv"] * 5 + ["half_close", "drain", "close", "reset", "pause",
-             "resume", "server_shutdown", "server_force_close"])
+PEER_OPS = (
+    ["send"] * 8
+    + ["recv"] * 5
+    + [
+        "half_close",
+        "drain",
+        "close",
+        "reset",
+        "pause",
+        "resume",
+        "server_shutdown",
+        "server_force_close",
+    ]
+)
 BACKGROUND_OPS = ["timer_once"] * 2 + ["timer_every", "timer_cancel", "pool_tasks", "functors"]
 OPS = ["connect"] * 2 + PEER_OPS + BACKGROUND_OPS
 
 
 class LiveMachine(RuleBasedStateMachine):
-    threads = 4                     # set by the test
+    threads = 4  # set by the test
 
     def __init__(self) -> None:
         super().__init__()
@@ -166,9 +179,9 @@ class LiveMachine(RuleBasedStateMachine):
         # timers
         self.tlock = threading.Lock()
         self.fired: Counter[int] = Counter()
-        self.once: dict[int, bool] = {}           # id -> cancelled
-        self.every: dict[int, int] = {}           # id -> fires it must reach, then cancels
-        self.frozen: dict[int, int] = {}          # cancelled id -> fires at cancel time
+        self.once: dict[int, bool] = {}  # id -> cancelled
+        self.every: dict[int, int] = {}  # id -> fires it must reach, then cancels
+        self.frozen: dict[int, int] = {}  # cancelled id -> fires at cancel time
         # pool tasks and functors
         self.task_log: list[tuple[Any, int]] = []
         self.tasks_added: Counter[Any] = Counter()
@@ -215,8 +228,9 @@ class LiveMachine(RuleBasedStateMachine):
     # -- client actions --------------------------------------------------------------------
 
     def do_send(self, p: Peer, data: st.DataObject) -> None:
-        n = data.draw(st.one_of(st.integers(1, 3000), st.sampled_from(
-            [65536, 65537, 200_000])), label="size")
+        n = data.draw(
+            st.one_of(st.integers(1, 3000), st.sampled_from([65536, 65537, 200_000])), label="size"
+        )
         if p.half or p.server == "killed" or len(p.sent) + n > MAX_SENT:
             return
         if p.paused:
@@ -259,8 +273,10 @@ class LiveMachine(RuleBasedStateMachine):
         p.recv_to_eof(reset_ok=p.server == "killed")
         p.check_prefix()
         if p.server == "open":
-            assert len(p.got) == len(p.sent), (
-                "half-closed peer got %d of %d echoed bytes" % (len(p.got), len(p.sent)))
+            assert len(p.got) == len(p.sent), "half-closed peer got %d of %d echoed bytes" % (
+                len(p.got),
+                len(p.sent),
+            )
         p.drained = True
         p.sock.close()
         self.retire(p)
@@ -319,7 +335,7 @@ class LiveMachine(RuleBasedStateMachine):
         if data.draw(st.booleans(), label="from loop"):
             tid = call_in_loop(self.loop, add, TIMEOUT)
         else:
-            with self.tlock:        # the callback reads box["id"] under the same lock
+            with self.tlock:  # the callback reads box["id"] under the same lock
                 tid = add()
         self.once[tid] = False
 
@@ -349,7 +365,7 @@ class LiveMachine(RuleBasedStateMachine):
             call_in_loop(self.loop, lambda: self.loop.cancel_timer(tid), TIMEOUT)
         else:
             self.loop.cancel_timer(tid)
-            self.barrier()                  # the queued cancel has now run
+            self.barrier()  # the queued cancel has now run
         with self.tlock:
             self.frozen[tid] = self.fired[tid]
         if tid in self.once:
@@ -415,13 +431,15 @@ class LiveMachine(RuleBasedStateMachine):
             for cid, info in h.close_info.items():
                 assert info["pending"] == 0, ("released with tasks in flight", cid, info)
                 assert info["bytes_sent"] + info["dropped_bytes"] == info["reply_bytes"], (
-                    cid, info)
+                    cid,
+                    info,
+                )
             # Every task ran, or was discarded before it ran because its connection had
             # been reset or force-closed (counted in pool.cancelled).
             assert sum(i["unfinished"] for i in h.close_info.values()) == self.pool.cancelled
         for p in self.finished:
             info = h.close_info[p.conn.id]
-            if p.server == "open":      # half-closed at the end: all of its work ran
+            if p.server == "open":  # half-closed at the end: all of its work ran
                 assert info["unfinished"] == 0, ("discarded work of a live peer", info)
                 assert info["dropped_bytes"] == 0, ("dropped a reply to a live peer", info)
             if p.server in ("open", "shut") and p.drained:
@@ -436,8 +454,7 @@ class LiveMachine(RuleBasedStateMachine):
         self.barrier()
         with self.tlock:
             for tid, n in must.items():
-                assert self.fired[tid] == n, ("timer fired %d times, want %d"
-                                              % (self.fired[tid], n))
+                assert self.fired[tid] == n, "timer fired %d times, want %d" % (self.fired[tid], n)
             for tid, n in self.frozen.items():
                 assert self.fired[tid] == n, "timer %d fired after its cancel ran" % tid
                 assert n <= 1 or tid not in self.once
@@ -459,18 +476,23 @@ class LiveMachine(RuleBasedStateMachine):
 def test_live_server_stateful_fuzz(threads: int, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, logger="cppnp")
     machine = type("LiveMachine%d" % threads, (LiveMachine,), {"threads": threads})
-    run_state_machine_as_test(machine, settings=settings(
-        max_examples=int(os.environ.get("CPPNP_FUZZ_EXAMPLES", "100")),
-        stateful_step_count=40,
-        deadline=None,
-        database=None,
-        print_blob=True,
-        # No shrinking: each attempt replays real sockets and a failing one waits for a
-        # timeout; the unshrunk steps are printed and are short enough to read.
-        phases=[Phase.explicit, Phase.reuse, Phase.generate],
-        suppress_health_check=list(HealthCheck),
-    ))
-    errors = [r.getMessage() for r in caplog.records
-              if r.name.startswith("cppnp") and r.levelno >= logging.ERROR]
+    run_state_machine_as_test(
+        machine,
+        settings=settings(
+            max_examples=int(os.environ.get("CPPNP_FUZZ_EXAMPLES", "100")),
+            stateful_step_count=40,
+            deadline=None,
+            database=None,
+            print_blob=True,
+            # No shrinking: each attempt replays real sockets and a failing one waits for a
+            # timeout; the unshrunk steps are printed and are short enough to read.
+            phases=[Phase.explicit, Phase.reuse, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        ),
+    )
+    errors = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("cppnp") and r.levelno >= logging.ERROR
+    ]
     assert errors == []
-

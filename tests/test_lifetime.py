@@ -70,20 +70,20 @@ class LifetimeHandler(ICppnpUsr, IRun2):
         self.single = pool.num_threads == 0
         self.lock = threading.Lock()
         self.gate = threading.Event()
-        self.opened: dict[int, tuple[int, int]] = {}          # id -> (peer port, fd)
-        self.by_port: dict[int, int] = {}                     # peer port -> id
+        self.opened: dict[int, tuple[int, int]] = {}  # id -> (peer port, fd)
+        self.by_port: dict[int, int] = {}  # peer port -> id
         self.refs: dict[int, weakref.ref[Any]] = {}
         self.messages: Counter[int] = Counter()
         self.added: Counter[int] = Counter()
         self.ended: Counter[int] = Counter()
         self.reply_bytes: Counter[int] = Counter()
-        self.saw_peer_closed: Counter[int] = Counter()        # tasks that ran after FIN
+        self.saw_peer_closed: Counter[int] = Counter()  # tasks that ran after FIN
         self.closes: Counter[int] = Counter()
         self.close_info: dict[int, dict[str, Any]] = {}
         self.errors: list[str] = []
         self.holders: list[threading.Thread] = []
         self.held: list[Any] = []
-        self.late_drops = 0                                   # counted after on_close
+        self.late_drops = 0  # counted after on_close
 
     # -- loop thread --
     def on_connection(self, conn: Any) -> None:
@@ -187,7 +187,7 @@ def send_chunked(sock: socket.socket, data: bytes, rng: random.Random) -> None:
     i = 0
     while i < len(data):
         n = rng.randint(1, 2 * FRAME + 3)
-        sock.sendall(data[i:i + n])
+        sock.sendall(data[i : i + n])
         i += n
 
 
@@ -206,11 +206,19 @@ def assert_all_dead(refs: dict[int, weakref.ref[Any]], timeout: float = 3.0) -> 
             break
         time.sleep(0.01)
     assert alive == [], "%d of %d connection objects still alive after release: %r" % (
-        len(alive), len(refs), [refs[c]() for c in alive[:3]])
+        len(alive),
+        len(refs),
+        [refs[c]() for c in alive[:3]],
+    )
 
 
-def assert_clean(st: Any, pool: ThreadPool, h: LifetimeHandler, live_before: int,
-                 caplog: pytest.LogCaptureFixture) -> None:
+def assert_clean(
+    st: Any,
+    pool: ThreadPool,
+    h: LifetimeHandler,
+    live_before: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Nothing left behind: connections, tasks, counters, objects, errors."""
     wait_for(lambda: st.connection_count() == 0, TIMEOUT)
     wait_for(lambda: pool.queued == 0 and pool.running == 0, TIMEOUT)
@@ -229,17 +237,18 @@ def assert_clean(st: Any, pool: ThreadPool, h: LifetimeHandler, live_before: int
     stats = st.stats()
     assert stats["callback_errors"] == 0
     assert stats["dropped_sends"] == h.late_drops + sum(
-        i["dropped_sends"] for i in h.close_info.values())
+        i["dropped_sends"] for i in h.close_info.values()
+    )
     h.held.clear()
     assert_all_dead(h.refs)
     assert cppnp.live_connections() == live_before
-    errors = [r for r in caplog.records
-              if r.name.startswith("cppnp") and r.levelno >= logging.ERROR]
+    errors = [
+        r for r in caplog.records if r.name.startswith("cppnp") and r.levelno >= logging.ERROR
+    ]
     assert errors == [], [r.getMessage() for r in errors]
 
 
-def start_server(serve: Any, h: LifetimeHandler,
-                 caplog: pytest.LogCaptureFixture) -> Any:
+def start_server(serve: Any, h: LifetimeHandler, caplog: pytest.LogCaptureFixture) -> Any:
     caplog.set_level(logging.ERROR, logger="cppnp")
     return serve(h)
 
@@ -263,8 +272,9 @@ def baseline_live() -> int:
 # -- case 1: the peer closes before anything was read ------------------------------------
 
 
-def test_peer_closes_before_anything_was_read(setup: Any, pool: ThreadPool,
-                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_peer_closes_before_anything_was_read(
+    setup: Any, pool: ThreadPool, caplog: pytest.LogCaptureFixture
+) -> None:
     st, h = setup
     live = baseline_live()
     rng = random.Random(SEED + 1 + pool.num_threads)
@@ -272,21 +282,21 @@ def test_peer_closes_before_anything_was_read(setup: Any, pool: ThreadPool,
         s = st.connect()
         how = rng.choice(["close", "shutdown", "accepted-then-close", "accepted-then-reset"])
         if how.startswith("accepted"):
-            cid = h.conn_id(s)                         # accepted and registered first
+            cid = h.conn_id(s)  # accepted and registered first
             if how.endswith("reset"):
                 rst_close(s)
             else:
                 s.close()
-        else:                                          # maybe before the accept
+        else:  # maybe before the accept
             cid_port = s.getsockname()[1]
             if how == "close":
                 s.close()
             else:
                 s.shutdown(socket.SHUT_WR)
-                assert recv_to_eof(s) == b""           # the server closes at once
+                assert recv_to_eof(s) == b""  # the server closes at once
                 s.close()
             cid = int(wait_for(lambda p=cid_port: h.by_port.get(p), TIMEOUT))
-        info = h.wait_closed(cid)                      # released with nothing else to do
+        info = h.wait_closed(cid)  # released with nothing else to do
         assert info["pending"] == 0 and info["bytes_sent"] == 0
         assert h.messages[cid] == 0 and h.added[cid] == 0
     assert len(h.opened) == ITERATIONS
@@ -297,7 +307,8 @@ def test_peer_closes_before_anything_was_read(setup: Any, pool: ThreadPool,
 
 
 def test_half_close_with_tasks_in_flight_gets_every_reply(
-        setup: Any, pool: ThreadPool, caplog: pytest.LogCaptureFixture) -> None:
+    setup: Any, pool: ThreadPool, caplog: pytest.LogCaptureFixture
+) -> None:
     st, h = setup
     live = baseline_live()
     rng = random.Random(SEED + 2 + pool.num_threads)
@@ -308,12 +319,18 @@ def test_half_close_with_tasks_in_flight_gets_every_reply(
         # Pool mode: half of the time the first task waits until the server has seen
         # the FIN, so the half-close certainly lands while all n tasks are in flight.
         hold = not h.single and rng.random() < 0.5
-        frames = [frame(b"w" if hold and i == 0 else b"q",
-                        rng.choice([0, 0, 1, 5, 20]) if not h.single else rng.choice([0, 1]),
-                        it, i) for i in range(n)]
+        frames = [
+            frame(
+                b"w" if hold and i == 0 else b"q",
+                rng.choice([0, 0, 1, 5, 20]) if not h.single else rng.choice([0, 1]),
+                it,
+                i,
+            )
+            for i in range(n)
+        ]
         send_chunked(s, b"".join(frames), rng)
         s.shutdown(socket.SHUT_WR)
-        got = recv_to_eof(s)                           # every reply, in order, then EOF
+        got = recv_to_eof(s)  # every reply, in order, then EOF
         s.close()
         assert got == b"".join(reply_of(f) for f in frames), (it, n)
         in_flight_cases += hold
@@ -333,14 +350,14 @@ class TriggerHandler(LifetimeHandler):
     def __init__(self, pool: ThreadPool) -> None:
         super().__init__(pool)
         self.trigger_id = -1
-        self.completed_target = 0                      # pool.completed once it ended
+        self.completed_target = 0  # pool.completed once it ended
 
     def on_message(self, conn: Any, buf: Any) -> None:
         if conn.id != self.trigger_id:
             super().on_message(conn, buf)
             return
         buf.retrieve_all()
-        self.gate.set()                                # the watched task replies and
+        self.gate.set()  # the watched task replies and
         # finishes (the pool counts it completed and, in the same GIL-held step, tells
         # the connection) while the loop thread is still in this callback.
         wait_in_worker(lambda: self.pool.completed >= self.completed_target)
@@ -348,7 +365,8 @@ class TriggerHandler(LifetimeHandler):
 
 @pytest.mark.parametrize("pool", [4], ids=["pool4"], indirect=True)
 def test_half_close_reply_not_lost_when_task_finishes_during_the_eof_pass(
-        serve: Any, pool: ThreadPool, caplog: pytest.LogCaptureFixture) -> None:
+    serve: Any, pool: ThreadPool, caplog: pytest.LogCaptureFixture
+) -> None:
     """The release of a half-closed connection must not overtake a reply its last task
     queued before finishing.
 
@@ -381,7 +399,7 @@ def test_half_close_reply_not_lost_when_task_finishes_during_the_eof_pass(
         assert parked.wait(TIMEOUT)
         a.shutdown(socket.SHUT_WR)
         b.sendall(b"trigger")
-        time.sleep(0.05)                               # let both reach the server socket
+        time.sleep(0.05)  # let both reach the server socket
         release.set()
         got = recv_to_eof(a)
         a.close()
@@ -399,8 +417,8 @@ class RelayHandler(LifetimeHandler):
     def __init__(self, pool: ThreadPool) -> None:
         super().__init__(pool)
         self.relay_id = -1
-        self.target: Any = None                        # weakref to the target conn
-        self.busy = threading.Event()                  # holds the one worker awake
+        self.target: Any = None  # weakref to the target conn
+        self.busy = threading.Event()  # holds the one worker awake
         self.target_state: list[tuple[bool, bool]] = []
 
     def on_message(self, conn: Any, buf: Any) -> None:
@@ -409,7 +427,7 @@ class RelayHandler(LifetimeHandler):
             return
         buf.retrieve_all()
         target = self.target()
-        if target is None:                             # released and gone already
+        if target is None:  # released and gone already
             self.target_state.append((False, True))
             self.busy.set()
             return
@@ -418,13 +436,14 @@ class RelayHandler(LifetimeHandler):
         with self.lock:
             self.added[target.id] += 1
         self.pool.add_task(Task(self, frame(b"q", 0, 9, 9), target))
-        self.busy.set()                                # the awake worker runs it next
+        self.busy.set()  # the awake worker runs it next
         wait_in_worker(lambda: self.pool.completed >= done)
 
 
 @pytest.mark.parametrize("pool", [1], ids=["pool1"], indirect=True)
 def test_half_closed_peer_gets_replies_of_a_task_added_before_its_release(
-        serve: Any, pool: ThreadPool, caplog: pytest.LogCaptureFixture) -> None:
+    serve: Any, pool: ThreadPool, caplog: pytest.LogCaptureFixture
+) -> None:
     """A task added for a half-closed connection that is not released yet (still
     ``connected``, not ``closed``) is counted on it, so its reply must be written before
     the connection is released -- also when the task is added and finishes between
@@ -443,12 +462,15 @@ def test_half_closed_peer_gets_replies_of_a_task_added_before_its_release(
         a_id, b_id = h.conn_id(a), h.conn_id(b)
         h.target = h.refs[a_id]
         h.relay_id = b_id
-        pool.add_task(h.busy.wait, TIMEOUT)            # the worker stays awake: no wakeup
+        pool.add_task(h.busy.wait, TIMEOUT)  # the worker stays awake: no wakeup
         wait_for(lambda: pool.running == 1, TIMEOUT)
         parked, release = threading.Event(), threading.Event()
 
-        def park(parked: threading.Event = parked, release: threading.Event = release,
-                 b: socket.socket = b) -> None:
+        def park(
+            parked: threading.Event = parked,
+            release: threading.Event = release,
+            b: socket.socket = b,
+        ) -> None:
             parked.set()
             release.wait(TIMEOUT)
             # Fires after the I/O of the next pass (the one that reads A's EOF).
@@ -457,7 +479,7 @@ def test_half_closed_peer_gets_replies_of_a_task_added_before_its_release(
         st.loop.queue_in_loop(park)
         assert parked.wait(TIMEOUT)
         a.shutdown(socket.SHUT_WR)
-        time.sleep(0.05)                               # let the FIN reach the server
+        time.sleep(0.05)  # let the FIN reach the server
         release.set()
         got = recv_to_eof(a)
         a.close()
@@ -465,9 +487,10 @@ def test_half_closed_peer_gets_replies_of_a_task_added_before_its_release(
         h.wait_closed(a_id)
         h.wait_closed(b_id)
         connected, closed = h.target_state[-1]
-        if connected and not closed:                   # the task was added in time
+        if connected and not closed:  # the task was added in time
             assert got == reply_of(frame(b"q", 0, 9, 9)), (
-                "round %d: reply of a task added before the release was dropped" % it)
+                "round %d: reply of a task added before the release was dropped" % it
+            )
     assert_clean(st, pool, h, live, caplog)
 
 
@@ -475,7 +498,8 @@ def test_half_closed_peer_gets_replies_of_a_task_added_before_its_release(
 
 
 def test_peer_closes_after_everything_was_answered(
-        setup: Any, pool: ThreadPool, caplog: pytest.LogCaptureFixture) -> None:
+    setup: Any, pool: ThreadPool, caplog: pytest.LogCaptureFixture
+) -> None:
     st, h = setup
     live = baseline_live()
     rng = random.Random(SEED + 3 + pool.num_threads)
@@ -505,7 +529,8 @@ def test_peer_closes_after_everything_was_answered(
 
 
 def test_peer_resets_or_closes_with_tasks_in_flight(
-        setup: Any, pool: ThreadPool, caplog: pytest.LogCaptureFixture) -> None:
+    setup: Any, pool: ThreadPool, caplog: pytest.LogCaptureFixture
+) -> None:
     st, h = setup
     live = baseline_live()
     rng = random.Random(SEED + 4 + pool.num_threads)
@@ -519,8 +544,9 @@ def test_peer_resets_or_closes_with_tasks_in_flight(
         # disconnect (reset: socket gone; close: FIN seen), so all replies are late.
         hold = not h.single and rng.random() < 0.5
         mode = (b"x" if how == "reset" else b"w") if hold else b"q"
-        frames = [frame(mode, rng.choice([0, 2, 10]) if not h.single else 0, it, i)
-                  for i in range(n)]
+        frames = [
+            frame(mode, rng.choice([0, 2, 10]) if not h.single else 0, it, i) for i in range(n)
+        ]
         s.sendall(b"".join(frames))
         if hold:
             wait_for(lambda c=cid, n=n: h.added[c] == n, TIMEOUT)
@@ -534,12 +560,12 @@ def test_peer_resets_or_closes_with_tasks_in_flight(
         else:
             s.close()
         info = h.wait_closed(cid)
-        assert info["all_ended"]                       # released after the last task
+        assert info["all_ended"]  # released after the last task
         if hold:
             assert h.ended[cid] == n
         if hold and how == "reset":
             held_resets += 1
-            assert info["dropped_sends"] == n          # every late reply dropped, counted
+            assert info["dropped_sends"] == n  # every late reply dropped, counted
             assert info["dropped_bytes"] == n * FRAME
             assert info["bytes_sent"] == 0
     if not h.single:
@@ -552,12 +578,15 @@ def test_peer_resets_or_closes_with_tasks_in_flight(
 
 # A task blocked in single-thread mode would block the loop thread: there the late
 # reply comes from a thread of our own holding a reference to the connection.
-@pytest.mark.parametrize("pool,late", [(4, "pool-task"), (4, "held-reference"),
-                                       (0, "held-reference")],
-                         ids=["pool4-pool-task", "pool4-held-reference",
-                              "single-held-reference"], indirect=["pool"])
+@pytest.mark.parametrize(
+    "pool,late",
+    [(4, "pool-task"), (4, "held-reference"), (0, "held-reference")],
+    ids=["pool4-pool-task", "pool4-held-reference", "single-held-reference"],
+    indirect=["pool"],
+)
 def test_late_reply_never_reaches_a_connection_reusing_the_fd(
-        setup: Any, pool: ThreadPool, late: str, caplog: pytest.LogCaptureFixture) -> None:
+    setup: Any, pool: ThreadPool, late: str, caplog: pytest.LogCaptureFixture
+) -> None:
     st, h = setup
     live = baseline_live()
     rounds = 12
@@ -578,12 +607,12 @@ def test_late_reply_never_reaches_a_connection_reusing_the_fd(
         b = st.connect()
         b_id = h.conn_id(b)
         reused += h.opened[b_id][1] == a_fd
-        h.gate.set()                                   # A's late reply goes now
+        h.gate.set()  # A's late reply goes now
         info = h.wait_closed(a_id)
         if late == "held-reference":
             for t in h.holders:
                 t.join(TIMEOUT)
-            call_in_loop(st.loop, lambda: None)        # the queued send has been handled
+            call_in_loop(st.loop, lambda: None)  # the queued send has been handled
             conn_a = h.held.pop()
             assert conn_a.id == a_id and conn_a.dropped_sends == 1
             h.late_drops += 1

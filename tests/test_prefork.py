@@ -40,7 +40,7 @@ def proc_state(pid: int) -> str | None:
             stat = f.read()
     except OSError:
         return None
-    return stat[stat.rindex(")") + 2:].split()[0]
+    return stat[stat.rindex(")") + 2 :].split()[0]
 
 
 def alive(pid: int) -> bool:
@@ -58,7 +58,7 @@ def children_of(ppid: int) -> set[int]:
                 stat = f.read()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         if int(fields[1]) == ppid and fields[0] not in ("Z", "X"):
             out.add(int(name))
     return out
@@ -70,9 +70,13 @@ class Service:
     def __init__(self, *args: str, processes: int = 2, port: int | None = None) -> None:
         self.port = free_port() if port is None else port
         self.proc = subprocess.Popen(
-            [sys.executable, APP, "--port", str(self.port), "--processes", str(processes),
-             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=child_env(), start_new_session=True)
+            [sys.executable, APP, "--port", str(self.port), "--processes", str(processes), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env(),
+            start_new_session=True,
+        )
         self.pids: set[int] = {self.proc.pid}
         self.children: list[int] = []
         self.stderr = ""
@@ -123,7 +127,7 @@ def services() -> Iterator[list[Service]]:
     for svc in started:
         if svc.proc.poll() is None:
             svc.proc.send_signal(signal.SIGTERM)
-        svc.finish()        # also closes its pipes
+        svc.finish()  # also closes its pipes
         pids = set(svc.pids)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(alive(p) for p in pids):
@@ -135,8 +139,9 @@ def services() -> Iterator[list[Service]]:
     assert not leaked, "processes left alive: %s" % leaked
 
 
-def start(services: list[Service], *args: str, processes: int = 2,
-          port: int | None = None) -> Service:
+def start(
+    services: list[Service], *args: str, processes: int = 2, port: int | None = None
+) -> Service:
     svc = Service(*args, processes=processes, port=port)
     services.append(svc)
     return svc
@@ -180,7 +185,8 @@ def test_connections_spread_over_every_child(services: list[Service]) -> None:
 
 
 def test_child_killed_under_load_is_restarted_and_others_see_no_error(
-        services: list[Service]) -> None:
+    services: list[Service],
+) -> None:
     svc = start(services, "--threads", "0", processes=3)
     children = svc.wait_ready()
     socks = [svc.connect() for _ in range(24)]
@@ -206,7 +212,7 @@ def test_child_killed_under_load_is_restarted_and_others_see_no_error(
     for t in threads:
         t.start()
     try:
-        time.sleep(0.3)     # load running on every connection
+        time.sleep(0.3)  # load running on every connection
         os.kill(victim, signal.SIGKILL)
         killed.set()
         survivors = [i for i, pid in enumerate(owners) if pid != victim]
@@ -240,8 +246,7 @@ def test_child_killed_under_load_is_restarted_and_others_see_no_error(
     assert "ready (pid %d)" % newpid in svc.stderr
 
 
-def test_sigterm_drains_in_flight_requests_and_every_process_exits(
-        services: list[Service]) -> None:
+def test_sigterm_drains_in_flight_requests_and_every_process_exits(services: list[Service]) -> None:
     svc = start(services, "--threads", "4", "--work", "0.5", processes=2)
     children = svc.wait_ready()
     busy = [svc.connect() for _ in range(20)]
@@ -317,14 +322,13 @@ def test_stop_from_on_ready(services: list[Service]) -> None:
 
 
 def test_drain_deadline_force_closes_and_exits_zero(services: list[Service]) -> None:
-    svc = start(services, "--threads", "1", "--work", "30", "--drain-timeout", "0.5",
-                processes=1)
+    svc = start(services, "--threads", "1", "--work", "30", "--drain-timeout", "0.5", processes=1)
     (child,) = svc.wait_ready()
     with svc.connect() as s:
         s.sendall(b"slow 1\n")
         assert recv_line(s).startswith("ack 1 ")
         svc.proc.send_signal(signal.SIGTERM)
-        assert recv_until_eof(s) == b""         # force-closed at the deadline, no reply
+        assert recv_until_eof(s) == b""  # force-closed at the deadline, no reply
     assert svc.finish() == 0
     assert "1 connection(s) force-closed" in svc.stderr
     assert "child 0 (pid %d) exited with status 0" % child in svc.stderr
@@ -389,7 +393,7 @@ def test_parent_killed_children_exit(services: list[Service]) -> None:
             wait_for(reaped, timeout=10)
             took = time.monotonic() - t0
             for s in conns:
-                assert recv_until_eof(s) == b""     # drained: a FIN, not a reset
+                assert recv_until_eof(s) == b""  # drained: a FIN, not a reset
         finally:
             for s in conns:
                 s.close()
@@ -402,16 +406,16 @@ def test_parent_killed_children_exit(services: list[Service]) -> None:
 
 
 def test_all_children_fail_to_bind_clear_error_no_restart(services: list[Service]) -> None:
-    with socket.socket() as squatter:     # holds the port without SO_REUSEPORT
+    with socket.socket() as squatter:  # holds the port without SO_REUSEPORT
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         port = squatter.getsockname()[1]
         svc = start(services, processes=3, port=port)
-        assert svc.finish() == 1            # PreforkError out of main()
+        assert svc.finish() == 1  # PreforkError out of main()
     err = svc.stderr
     assert "PreforkError" in err and "failed to start" in err, err
     assert "Address already in use" in err and "reuse_port=True" in err
-    assert err.count("started (pid") == 3, err       # no restart
+    assert err.count("started (pid") == 3, err  # no restart
     assert "restarting in" not in err
 
 
@@ -432,7 +436,10 @@ def test_cli_echo_processes() -> None:
     """``cppnp echo --processes 2``: two children answer on one port; SIGTERM stops all."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "cppnp", "echo", "--port", "0", "--processes", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
     )
     try:
         assert proc.stdout is not None

@@ -34,8 +34,7 @@ def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str
     env.pop("PYTHONPATH", None)
     # Tools call helpers by name (cython-lint runs pycodestyle): find the venv's first.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_ruff() -> None:
@@ -46,8 +45,11 @@ def test_ruff() -> None:
 
 def test_cython_lint() -> None:
     tool = find_tool("cython-lint")
-    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "src" / "_core").rglob("*")
-                   if p.suffix in (".pyx", ".pxd", ".pxi"))
+    files = sorted(
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "src" / "_core").rglob("*")
+        if p.suffix in (".pyx", ".pxd", ".pxi")
+    )
     assert files, "no Cython sources found"
     proc = run([tool, *files])
     assert proc.returncode == 0, "cython-lint failed:\n%s\n%s" % (proc.stdout, proc.stderr)

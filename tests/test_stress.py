@@ -28,8 +28,8 @@ from conftest import call_in_loop, rst_close, wait_for
 from cppnp import ICppnpUsr, IRun2, Task, ThreadPool
 
 TIMEOUT = 30.0
-CLIENT_THREADS = 20                 # concurrent clients ...
-CONNS_PER_THREAD = 3                # ... each opening this many connections in turn
+CLIENT_THREADS = 20  # concurrent clients ...
+CONNS_PER_THREAD = 3  # ... each opening this many connections in turn
 CONNS = CLIENT_THREADS * CONNS_PER_THREAD
 # Client threads share one Counter: `counter[k] += 1` is not atomic without the GIL.
 OUTCOME_LOCK = threading.Lock()
@@ -60,8 +60,11 @@ def recv_to_eof(sock: socket.socket) -> bytes:
 
 
 def cppnp_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name.startswith("cppnp") and r.levelno >= logging.ERROR]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("cppnp") and r.levelno >= logging.ERROR
+    ]
 
 
 def assert_all_dead(refs: dict[int, Any], timeout: float = 3.0) -> None:
@@ -73,7 +76,9 @@ def assert_all_dead(refs: dict[int, Any], timeout: float = 3.0) -> None:
             break
         time.sleep(0.01)
     assert alive == [], "%d of %d connection objects still alive after release" % (
-        len(alive), len(refs))
+        len(alive),
+        len(refs),
+    )
 
 
 @pytest.fixture
@@ -120,7 +125,7 @@ class FramedEcho(ICppnpUsr, IRun2):
         while len(buf) >= 4:
             n = buf.peek_int32()
             if len(buf) < 4 + n:
-                break                                  # a partial frame: wait for more
+                break  # a partial frame: wait for more
             frame = buf.retrieve_as_bytes(4 + n)
             with self.lock:
                 self.added[conn.id] += 1
@@ -153,8 +158,9 @@ class FramedEcho(ICppnpUsr, IRun2):
 class Client:
     """One client connection with a fate: live, half(-close), close or reset."""
 
-    def __init__(self, address: Any, cid: int, rng: random.Random,
-                 errors: list[str], outcome: Counter[str]) -> None:
+    def __init__(
+        self, address: Any, cid: int, rng: random.Random, errors: list[str], outcome: Counter[str]
+    ) -> None:
         self.address = address
         self.cid = cid
         self.rng = rng
@@ -162,8 +168,9 @@ class Client:
         self.outcome = outcome
         self.fate = rng.choices(["live", "half", "close", "reset"], [4, 3, 2, 2])[0]
         count = rng.randint(60, 200)
-        self.frames = [make_frame(cid, i, rng.choice([0, 1, 10, 50, 200, 700]))
-                       for i in range(count)]
+        self.frames = [
+            make_frame(cid, i, rng.choice([0, 1, 10, 50, 200, 700])) for i in range(count)
+        ]
 
     def fail(self, what: str) -> None:
         self.errors.append("conn %d (%s): %s" % (self.cid, self.fate, what))
@@ -171,9 +178,9 @@ class Client:
     def send_burst(self, s: socket.socket, frames: list[bytes]) -> None:
         data = b"".join(frames)
         i = 0
-        while i < len(data):                          # partial and merged frames
+        while i < len(data):  # partial and merged frames
             n = self.rng.choice([1, 3, 17, 200, 4096, len(data)])
-            s.sendall(data[i:i + n])
+            s.sendall(data[i : i + n])
             i += n
 
     def run(self) -> None:
@@ -195,7 +202,7 @@ class Client:
             sent = 0
             while sent < stop_at:
                 burst = min(stop_at - sent, rng.randint(1, 25))
-                self.send_burst(s, self.frames[sent:sent + burst])
+                self.send_burst(s, self.frames[sent : sent + burst])
                 sent += burst
                 if self.fate != "half" and rng.random() < 0.4:
                     # Read some or all of what is owed so far.
@@ -207,14 +214,22 @@ class Client:
                     s.shutdown(socket.SHUT_WR)
                     got += recv_to_eof(s)
             elif self.fate == "half":
-                s.shutdown(socket.SHUT_WR)            # replies still owed: all must come
+                s.shutdown(socket.SHUT_WR)  # replies still owed: all must come
                 got += recv_to_eof(s)
             if self.fate in ("live", "half"):
                 if bytes(got) != expected:
-                    self.fail("stream differs: got %d bytes, want %d; first difference "
-                              "at %d" % (len(got), len(expected), next(
-                                  (i for i, (x, y) in enumerate(zip(got, expected))
-                                   if x != y), min(len(got), len(expected)))))
+                    self.fail(
+                        "stream differs: got %d bytes, want %d; first difference "
+                        "at %d"
+                        % (
+                            len(got),
+                            len(expected),
+                            next(
+                                (i for i, (x, y) in enumerate(zip(got, expected)) if x != y),
+                                min(len(got), len(expected)),
+                            ),
+                        )
+                    )
                 else:
                     with OUTCOME_LOCK:
                         self.outcome["verified"] += len(self.frames)
@@ -229,14 +244,20 @@ class Client:
             self.outcome[self.fate] += 1
 
 
-def run_clients(address: Any, seed: int, threads: int, per_thread: int,
-                errors: list[str], outcome: Counter[str]) -> None:
+def run_clients(
+    address: Any, seed: int, threads: int, per_thread: int, errors: list[str], outcome: Counter[str]
+) -> None:
     master = random.Random(seed)
-    plans = [[Client(address, t * per_thread + k, random.Random(master.random()), errors,
-                     outcome) for k in range(per_thread)] for t in range(threads)]
+    plans = [
+        [
+            Client(address, t * per_thread + k, random.Random(master.random()), errors, outcome)
+            for k in range(per_thread)
+        ]
+        for t in range(threads)
+    ]
 
     def worker(clients: list[Client]) -> None:
-        for c in clients:                             # later ones reuse fds of earlier
+        for c in clients:  # later ones reuse fds of earlier
             c.run()
 
     ts = [threading.Thread(target=worker, args=(p,), name="stress-client") for p in plans]
@@ -247,10 +268,12 @@ def run_clients(address: Any, seed: int, threads: int, per_thread: int,
     assert not any(t.is_alive() for t in ts), "a client hung"
 
 
-@pytest.mark.parametrize("nthreads,seed", [(4, 1), (4, 2), (0, 3)],
-                         ids=["pool4-seed1", "pool4-seed2", "single-seed3"])
-def test_stress_random_disconnects(serve: Any, new_pool: Any, nthreads: int, seed: int,
-                                   caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "nthreads,seed", [(4, 1), (4, 2), (0, 3)], ids=["pool4-seed1", "pool4-seed2", "single-seed3"]
+)
+def test_stress_random_disconnects(
+    serve: Any, new_pool: Any, nthreads: int, seed: int, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.ERROR, logger="cppnp")
     gc.collect()
     live_before = cppnp.live_connections()
@@ -259,8 +282,14 @@ def test_stress_random_disconnects(serve: Any, new_pool: Any, nthreads: int, see
     st = serve(h)
     errors: list[str] = []
     outcome: Counter[str] = Counter()
-    run_clients(st.address, seed, threads=CLIENT_THREADS, per_thread=CONNS_PER_THREAD,
-                errors=errors, outcome=outcome)
+    run_clients(
+        st.address,
+        seed,
+        threads=CLIENT_THREADS,
+        per_thread=CONNS_PER_THREAD,
+        errors=errors,
+        outcome=outcome,
+    )
     assert errors == [], "seed %d: %s" % (seed, errors[:5])
     wait_for(lambda: st.connection_count() == 0, TIMEOUT)
     wait_for(lambda: pool.queued == 0 and pool.running == 0, TIMEOUT)
@@ -307,8 +336,9 @@ class GatedEcho(FramedEcho):
 
 
 @pytest.mark.parametrize("drain", [True, False], ids=["drain", "discard"])
-def test_pool_stop_with_connection_tasks_queued(serve: Any, new_pool: Any, drain: bool,
-                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_pool_stop_with_connection_tasks_queued(
+    serve: Any, new_pool: Any, drain: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.ERROR, logger="cppnp")
     pool = new_pool(2, "stop-worker")
     h = GatedEcho(pool)
@@ -321,7 +351,8 @@ def test_pool_stop_with_connection_tasks_queued(serve: Any, new_pool: Any, drain
     assert pool.queued == 28
     stopper_box: dict[str, Any] = {}
     stopper = threading.Thread(
-        target=lambda: stopper_box.setdefault("ok", pool.stop(drain=drain, timeout=TIMEOUT)))
+        target=lambda: stopper_box.setdefault("ok", pool.stop(drain=drain, timeout=TIMEOUT))
+    )
     stopper.start()
     if not drain:
         # Once stop() has discarded anything, whatever is still queued -- also in a
@@ -332,7 +363,7 @@ def test_pool_stop_with_connection_tasks_queued(serve: Any, new_pool: Any, drain
     assert stopper_box == {"ok": True}
     received = []
     for s in socks:
-        s.shutdown(socket.SHUT_WR)                    # the server closes after replying
+        s.shutdown(socket.SHUT_WR)  # the server closes after replying
         received.append(recv_to_eof(s))
         s.close()
     if drain:
@@ -383,7 +414,7 @@ class ChattyTask(ICppnpUsr, IRun2):
     def _send(self, conn: Any, data: bytes) -> None:
         try:
             conn.send(data)
-        except BaseException as exc:                  # send() must never raise
+        except BaseException as exc:  # send() must never raise
             self.send_errors.append(exc)
         with self.lock:
             self.sends += 1
@@ -401,8 +432,9 @@ class ChattyTask(ICppnpUsr, IRun2):
                 time.sleep(0.0002)
 
 
-def test_loop_quit_while_workers_still_send(serve: Any, new_pool: Any,
-                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_loop_quit_while_workers_still_send(
+    serve: Any, new_pool: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     """Workers blocked mid-task while the loop stops and closes; then every one of
     them sends after the close.  Nothing raises, nothing hangs, and every late send is
     accounted for (a dropped send or a dropped functor), none left queued on the
@@ -415,13 +447,13 @@ def test_loop_quit_while_workers_still_send(serve: Any, new_pool: Any,
     socks = [st.connect() for _ in range(4)]
     try:
         for s in socks:
-            s.sendall(b"m001m002")                    # two tasks per connection
-        wait_for(lambda: h.at_gate == 4, TIMEOUT)     # one per connection at a time
-        st.stop()                                     # server.stop + quit + close
+            s.sendall(b"m001m002")  # two tasks per connection
+        wait_for(lambda: h.at_gate == 4, TIMEOUT)  # one per connection at a time
+        st.stop()  # server.stop + quit + close
         loop = st.loop
         assert loop.closed
         before = loop.stats()
-        h.gate.set()                                  # the 4 held tasks send after the close
+        h.gate.set()  # the 4 held tasks send after the close
         assert pool.stop(drain=True, timeout=TIMEOUT) is True
     finally:
         h.gate.set()
@@ -434,8 +466,12 @@ def test_loop_quit_while_workers_still_send(serve: Any, new_pool: Any,
     assert pool.failed == 0 and (pool.completed, pool.cancelled) == (4, 4)
     late = 4 * 10
     after = loop.stats()
-    accounted = (after["dropped_sends"] - before["dropped_sends"]
-                 + after["dropped_functors"] - before["dropped_functors"])
+    accounted = (
+        after["dropped_sends"]
+        - before["dropped_sends"]
+        + after["dropped_functors"]
+        - before["dropped_functors"]
+    )
     assert after["pending_functors"] == 0, "work left queued on a closed loop"
     assert accounted >= late, (before, after)
     assert st.server is not None
@@ -446,7 +482,8 @@ def test_loop_quit_while_workers_still_send(serve: Any, new_pool: Any,
 
 @pytest.mark.parametrize("seed", [11, 12, 13])
 def test_loop_quit_at_a_random_moment_while_workers_send(
-        serve: Any, new_pool: Any, seed: int, caplog: pytest.LogCaptureFixture) -> None:
+    serve: Any, new_pool: Any, seed: int, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.ERROR, logger="cppnp")
     rng = random.Random(seed)
     pool = new_pool(4, "quit-worker")
@@ -458,7 +495,7 @@ def test_loop_quit_at_a_random_moment_while_workers_send(
             s.sendall(b"m001" * rng.randint(1, 4))
         target = rng.randint(1, 30)
         wait_for(lambda: h.sends >= target, TIMEOUT)
-        st.stop()                                     # no hang while workers send
+        st.stop()  # no hang while workers send
         assert pool.stop(drain=True, timeout=TIMEOUT) is True
     finally:
         pool.stop(drain=False, timeout=TIMEOUT)
@@ -472,8 +509,9 @@ def test_loop_quit_at_a_random_moment_while_workers_send(
     assert_all_dead({i: r for i, r in enumerate(h.refs)})
 
 
-def test_stop_server_then_pool_with_tasks_in_flight(serve: Any, new_pool: Any,
-                                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_stop_server_then_pool_with_tasks_in_flight(
+    serve: Any, new_pool: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     """server.stop() force-closes connections whose tasks are still running: they are
     released (on_close once) when the tasks finish, their replies dropped and counted;
     their tasks that had not started are discarded (counted in pool.cancelled)."""
@@ -488,7 +526,7 @@ def test_stop_server_then_pool_with_tasks_in_flight(serve: Any, new_pool: Any,
     assert st.server is not None
     call_in_loop(st.loop, st.server.stop)
     wait_for(lambda: all(r() is None or not r().connected for r in h.refs.values()), TIMEOUT)
-    assert st.connection_count() == 3                 # held by their tasks
+    assert st.connection_count() == 3  # held by their tasks
     h.gate.set()
     wait_for(lambda: st.connection_count() == 0, TIMEOUT)
     assert pool.stop(timeout=TIMEOUT) is True

@@ -64,11 +64,16 @@ class Recorder(ICppnpUsr):
     def on_close(self, conn: TcpConnection) -> None:
         if self.keep:
             self.closed.append(conn)
-        self.state_at_close.append({
-            "connected": conn.connected, "closed": conn.closed,
-            "peer_closed": conn.peer_closed, "fileno": conn.fileno,
-            "output_bytes": conn.output_bytes, "in_loop": conn.loop.is_in_loop_thread(),
-        })
+        self.state_at_close.append(
+            {
+                "connected": conn.connected,
+                "closed": conn.closed,
+                "peer_closed": conn.peer_closed,
+                "fileno": conn.fileno,
+                "output_bytes": conn.output_bytes,
+                "in_loop": conn.loop.is_in_loop_thread(),
+            }
+        )
 
     def conn(self, st: ServerThread, i: int = 0) -> TcpConnection:
         wait_for(lambda: len(self.conns) > i)
@@ -91,7 +96,7 @@ def test_str_is_sent_as_utf8(serve: Serve) -> None:
         s.sendall(b"?")
         assert recv_exact(s, len(text.encode())) == text.encode("utf-8")
         conn = rec.conn(st)
-        conn.send("ü✓")                      # from another thread: encoded and queued
+        conn.send("ü✓")  # from another thread: encoded and queued
         assert recv_exact(s, len("ü✓".encode())) == "ü✓".encode()
     rec.forget()
 
@@ -103,31 +108,32 @@ def test_send_empty_is_a_noop(serve: Serve) -> None:
         conn = rec.conn(st)
         before = call_in_loop(st.loop, lambda: (conn.bytes_sent, conn.dropped_sends))
         call_in_loop(st.loop, lambda: (conn.send(b""), conn.send(""), conn.send(bytearray())))
-        conn.send(b"")                       # from another thread too
+        conn.send(b"")  # from another thread too
         conn.send(memoryview(b""))
         assert call_in_loop(st.loop, lambda: (conn.bytes_sent, conn.dropped_sends)) == before
         conn.send(b"x")
         assert recv_exact(s, 1) == b"x"
         s.settimeout(0.05)
         with pytest.raises(socket.timeout):
-            s.recv(1)                        # nothing else was sent
+            s.recv(1)  # nothing else was sent
     rec.forget()
 
 
 BAD_SEND = [None, 123, 1.5, [1, 2], {"a": 1}, object(), memoryview(b"abcdef")[::2]]
 
 
-@pytest.mark.parametrize("bad", BAD_SEND,
-                         ids=["None", "int", "float", "list", "dict", "object", "strided"])
+@pytest.mark.parametrize(
+    "bad", BAD_SEND, ids=["None", "int", "float", "list", "dict", "object", "strided"]
+)
 def test_send_rejects_non_bytes_like(serve: Serve, bad: Any) -> None:
     rec = Recorder()
     st = serve(rec)
     with st.connect() as s:
         conn = rec.conn(st)
         with pytest.raises(TypeError):
-            conn.send(bad)                   # another thread
+            conn.send(bad)  # another thread
         with pytest.raises(TypeError):
-            call_in_loop(st.loop, lambda: conn.send(bad))   # the loop thread
+            call_in_loop(st.loop, lambda: conn.send(bad))  # the loop thread
         with pytest.raises(TypeError):
             conn.Send(bad)
         conn.send(b"still ok")
@@ -140,8 +146,7 @@ def test_send_bytes_like_kinds(serve: Serve) -> None:
     rec = Recorder()
     st = serve(rec)
     arr = array.array("i", [1, 2, 3])
-    pieces: list[Any] = [b"b", bytearray(b"ba"), memoryview(b"xmvx")[1:3], arr,
-                         Buffer(b"buf")]
+    pieces: list[Any] = [b"b", bytearray(b"ba"), memoryview(b"xmvx")[1:3], arr, Buffer(b"buf")]
     expect = b"b" + b"ba" + b"mv" + arr.tobytes() + b"buf"
     with st.connect() as s:
         conn = rec.conn(st)
@@ -167,11 +172,11 @@ def test_send_copies_and_does_not_mutate_bytearray(serve: Serve) -> None:
             blocked.set()
             release.wait(10)
 
-        st.loop.queue_in_loop(block)         # the send below stays queued meanwhile
+        st.loop.queue_in_loop(block)  # the send below stays queued meanwhile
         assert blocked.wait(10)
         conn.send(data)
-        assert data == keep                  # not mutated
-        data[:] = b"X" * len(data)           # the queued send holds its own copy
+        assert data == keep  # not mutated
+        data[:] = b"X" * len(data)  # the queued send holds its own copy
         release.set()
         assert recv_exact(s, len(keep)) == keep
     rec.forget()
@@ -304,7 +309,7 @@ def test_peer_reset_mid_send_is_survived_and_counted(serve: Serve) -> None:
     finally:
         rst_close(s)
     wait_for(lambda: len(rec.closed) == 1)
-    assert rec.state_at_close[0]["output_bytes"] == 0       # freed
+    assert rec.state_at_close[0]["output_bytes"] == 0  # freed
     assert conn.dropped_sends >= 1
     assert 0 < conn.dropped_bytes <= len(big)
     assert conn.bytes_sent + conn.dropped_bytes == len(big)
@@ -321,7 +326,6 @@ def test_peer_reset_mid_send_is_survived_and_counted(serve: Serve) -> None:
         assert recv_exact(s2, 4) == b"next"
     wait_for(lambda: st.connection_count() == 0)
     rec.forget()
-
 
 
 def test_peer_reset_while_idle(serve: Serve) -> None:
@@ -347,14 +351,14 @@ def test_shutdown_after_output_drains_and_keeps_reading(serve: Serve) -> None:
             super().on_connection(conn)
             conn.send(big)
             conn.shutdown()
-            conn.shutdown()                 # twice: harmless
+            conn.shutdown()  # twice: harmless
 
     rec = Shut(reply=lambda conn, data: conn.send(b"dropped after shutdown"))
     st = serve(rec)
     with small_rcvbuf_client(st, 65536) as s:
-        assert recv_until_eof(s) == big    # everything, then our FIN
+        assert recv_until_eof(s) == big  # everything, then our FIN
         conn = rec.conn(st)
-        s.sendall(b"more")                  # the server still reads
+        s.sendall(b"more")  # the server still reads
         wait_for(lambda: bytes(rec.received) == b"more")
         wait_for(lambda: conn.dropped_sends == 1)
         assert conn.connected
@@ -389,12 +393,11 @@ def test_force_close_drops_queued_output(serve: Serve) -> None:
     assert conn.fileno == -1
     assert conn.dropped_bytes > 0
     assert conn.bytes_sent + conn.dropped_bytes == len(big)
-    conn.force_close()                      # after release: no-op
+    conn.force_close()  # after release: no-op
     conn.send(b"x")
     wait_for(lambda: conn.dropped_sends >= 2)
-    assert len(rec.closed) == 1             # on_close ran once
+    assert len(rec.closed) == 1  # on_close ran once
     rec.forget()
-
 
 
 def test_force_close_from_another_thread(serve: Serve) -> None:
@@ -427,8 +430,14 @@ class Producer(ICppnpUsr):
 
     def on_connection(self, conn: TcpConnection) -> None:
         conn.set_high_water_mark(self.hwm)
-        conn.context = {"sent": 0, "paused": False, "chain": False, "hwm": [],
-                        "max_output": 0, "resumes": 0}
+        conn.context = {
+            "sent": 0,
+            "paused": False,
+            "chain": False,
+            "hwm": [],
+            "max_output": 0,
+            "resumes": 0,
+        }
         self.conns.append(conn)
 
     def on_message(self, conn: TcpConnection, buf: Buffer) -> None:
@@ -447,7 +456,7 @@ class Producer(ICppnpUsr):
             ctx["chain"] = False
             return
         start = ctx["sent"]
-        conn.send(self.data[start:start + self.chunk])
+        conn.send(self.data[start : start + self.chunk])
         ctx["sent"] = min(start + self.chunk, self.total)
         ctx["max_output"] = max(ctx["max_output"], conn.output_bytes)
         conn.loop.queue_in_loop(lambda: self._produce(conn))
@@ -480,11 +489,11 @@ def test_slow_reader_triggers_high_water_mark_and_memory_stays_bounded(serve: Se
             return ctx["sent"], conn.output_bytes, ctx["paused"], ctx["chain"]
 
         sent1, out1, paused, chain = call_in_loop(st.loop, snapshot)
-        assert paused and not chain          # the producer stopped
+        assert paused and not chain  # the producer stopped
         assert sent1 < total
         assert out1 <= sent1
         sent2, _, _, _ = call_in_loop(st.loop, snapshot)
-        assert sent2 == sent1                # nothing more was queued while paused
+        assert sent2 == sent1  # nothing more was queued while paused
         queued = call_in_loop(st.loop, lambda: conn.context["hwm"][0])
         assert hwm <= queued <= hwm + chunk
         # The client reads everything: the producer resumes on write complete.
@@ -497,7 +506,6 @@ def test_slow_reader_triggers_high_water_mark_and_memory_stays_bounded(serve: Se
     prod.conns.clear()
 
 
-
 def test_high_water_mark_fires_once_per_crossing(serve: Serve) -> None:
     marks: list[int] = []
 
@@ -508,7 +516,7 @@ def test_high_water_mark_fires_once_per_crossing(serve: Serve) -> None:
 
         def on_message(self, conn: TcpConnection, buf: Buffer) -> None:
             buf.retrieve_all()
-            for _ in range(40):            # 40 x 256 KiB, far above the mark
+            for _ in range(40):  # 40 x 256 KiB, far above the mark
                 conn.send(b"z" * (256 * 1024))
 
         def on_high_water_mark(self, conn: TcpConnection, queued: int) -> None:
@@ -519,7 +527,7 @@ def test_high_water_mark_fires_once_per_crossing(serve: Serve) -> None:
         s.sendall(b"go")
         wait_for(lambda: marks)
         call_in_loop(st.loop, lambda: None)
-        assert len(marks) == 1              # crossing upwards once, not per send
+        assert len(marks) == 1  # crossing upwards once, not per send
         assert marks[0] >= 100_000
         assert recv_exact(s, 40 * 256 * 1024) == b"z" * (40 * 256 * 1024)
 
@@ -544,7 +552,7 @@ def test_stop_and_start_reading(serve: Serve) -> None:
         def on_connection(self, conn: TcpConnection) -> None:
             super().on_connection(conn)
             conn.stop_reading()
-            conn.stop_reading()             # idempotent
+            conn.stop_reading()  # idempotent
 
     rec = Paused(reply=lambda conn, data: None)
     st = serve(rec)
@@ -555,10 +563,13 @@ def test_stop_and_start_reading(serve: Serve) -> None:
         sender = threading.Thread(target=s.sendall, args=(first,))
         sender.start()
         for _ in range(3):
-            call_in_loop(st.loop, lambda: None)     # several loop iterations
-        assert call_in_loop(st.loop, lambda: (conn.reading, conn.bytes_received,
-                                              rec.messages)) == (False, 0, 0)
-        conn.start_reading()                # from another thread: queued
+            call_in_loop(st.loop, lambda: None)  # several loop iterations
+        assert call_in_loop(st.loop, lambda: (conn.reading, conn.bytes_received, rec.messages)) == (
+            False,
+            0,
+            0,
+        )
+        conn.start_reading()  # from another thread: queued
         conn.start_reading()
         wait_for(lambda: len(rec.received) == len(first))
         sender.join(10)
@@ -653,7 +664,7 @@ def test_connection_attributes_and_lifecycle(serve: Serve) -> None:
         def on_message(self, conn: TcpConnection, buf: Buffer) -> None:
             order.append("message")
             if len(buf) < 10:
-                return                     # leave it: it stays for the next call
+                return  # leave it: it stays for the next call
             conn.send(buf.retrieve_all())
 
         def on_close(self, conn: TcpConnection) -> None:
@@ -682,14 +693,14 @@ def test_connection_attributes_and_lifecycle(serve: Serve) -> None:
         assert call_in_loop(st.loop, lambda: len(conn.input_buffer)) == 5
         s.sendall(b"67890")
         assert recv_exact(s, 10) == b"1234567890"
-        assert call_in_loop(st.loop, lambda: (conn.bytes_received, conn.bytes_sent,
-                                              conn.input_bytes)) == (10, 10, 0)
+        assert call_in_loop(
+            st.loop, lambda: (conn.bytes_received, conn.bytes_sent, conn.input_bytes)
+        ) == (10, 10, 0)
     wait_for(lambda: len(rec.closed) == 2)
     assert order[0] == "connection" and order.count("close") == 2
     assert conn.closed and not conn.connected and conn.fileno == -1
-    assert conn.peer_address == client_address      # still known after close
+    assert conn.peer_address == client_address  # still known after close
     rec.forget()
-
 
 
 def test_connection_cannot_be_created_directly() -> None:

@@ -112,8 +112,8 @@ def test_echo_one_byte_at_a_time_ping_pong(serve: Serve) -> None:
     with st.connect() as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for i in range(len(data)):
-            s.sendall(data[i:i + 1])
-            assert s.recv(16) == data[i:i + 1]
+            s.sendall(data[i : i + 1])
+            assert s.recv(16) == data[i : i + 1]
     wait_for(lambda: len(handler.closed) == 1)
     assert handler.messages == 300
     assert handler.closed[0][1:] == (300, 300)
@@ -126,7 +126,7 @@ def test_echo_one_byte_at_a_time_streamed(serve: Serve) -> None:
     with st.connect() as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for i in range(len(data)):
-            s.send(data[i:i + 1])
+            s.send(data[i : i + 1])
         assert recv_exact(s, len(data)) == data
     wait_for(lambda: len(handler.closed) == 1)
     assert 1 <= handler.messages <= 500
@@ -139,7 +139,7 @@ def test_server_sends_one_byte_at_a_time(serve: Serve) -> None:
         def on_message(self, conn: TcpConnection, buf: Buffer) -> None:
             buf.retrieve_all()
             for i in range(len(data)):
-                conn.send(data[i:i + 1])
+                conn.send(data[i : i + 1])
 
     st = serve(Dribble())
     with st.connect() as s:
@@ -161,7 +161,7 @@ def test_length_prefixed_frames_split_anywhere(serve: Serve) -> None:
                 body = buf.retrieve_as_bytes(n)
                 reply = Buffer(body[::-1])
                 reply.prepend_int32(n)
-                conn.send(reply)        # a Buffer is bytes-like
+                conn.send(reply)  # a Buffer is bytes-like
 
     st = serve(Framed())
     rng = random.Random(5)
@@ -173,7 +173,7 @@ def test_length_prefixed_frames_split_anywhere(serve: Serve) -> None:
         pos = 0
         while pos < len(wire):
             step = rng.choice([1, 2, 3, 5, 100, 1000, 5000])
-            s.sendall(wire[pos:pos + step])
+            s.sendall(wire[pos : pos + step])
             pos += step
         assert recv_exact(s, len(expect)) == expect
 
@@ -200,10 +200,9 @@ def test_many_clients_echo_concurrently(serve: Serve) -> None:
     assert all(r == s == 256 * 1024 for _, r, s in handler.closed)
 
 
-def test_1000_concurrent_connections(serve: Serve,
-                                     nofile_limit: Callable[[int], None]) -> None:
+def test_1000_concurrent_connections(serve: Serve, nofile_limit: Callable[[int], None]) -> None:
     n = 1000
-    nofile_limit(2 * n + 200)          # both ends live in this process
+    nofile_limit(2 * n + 200)  # both ends live in this process
     handler = Echo()
     st = serve(handler)
     clients: list[socket.socket] = []
@@ -235,7 +234,7 @@ def test_start_binds_now_and_address_has_real_port(serve: Serve) -> None:
     assert 0 < port < 65536
     assert st.server is not None
     assert st.server.address == (host, port)
-    st.server.start()              # twice: harmless (and from another thread)
+    st.server.start()  # twice: harmless (and from another thread)
     assert echo_roundtrip(st, b"x") == b"x"
 
 
@@ -255,16 +254,16 @@ def test_stop_closes_listener_and_connections(serve: Serve) -> None:
     with st.connect() as s:
         assert echo_roundtrip(st, b"hi") == b"hi"
         wait_for(lambda: st.connection_count() == 1)
-        st.server.stop()                      # from another thread: queued to the loop
+        st.server.stop()  # from another thread: queued to the loop
         s.settimeout(10)
         try:
             assert recv_until_eof(s) == b""
         except ConnectionResetError:
-            pass                              # a force-close may reset
+            pass  # a force-close may reset
     wait_for(lambda: st.connection_count() == 0)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(st.address, timeout=5).close()
-    st.server.stop()                          # twice: harmless
+    st.server.stop()  # twice: harmless
 
 
 def test_stopped_server_cannot_be_restarted(serve: Serve) -> None:
@@ -330,29 +329,35 @@ def test_bind_conflict_raises_and_reuse_port_shares(serve: Serve) -> None:
         b.stop()
 
 
-@pytest.mark.parametrize("address, exc", [
-    (("127.0.0.1", -1), ValueError),
-    (("127.0.0.1", 70000), ValueError),
-    (("127.0.0.1", "80"), TypeError),
-    (("127.0.0.1", 1.5), TypeError),
-    (("127.0.0.1", True), TypeError),
-    ((b"127.0.0.1", 0), TypeError),
-    ("127.0.0.1:0", TypeError),
-    (("127.0.0.1", 0, 0), TypeError),
-    (None, TypeError),
-])
+@pytest.mark.parametrize(
+    "address, exc",
+    [
+        (("127.0.0.1", -1), ValueError),
+        (("127.0.0.1", 70000), ValueError),
+        (("127.0.0.1", "80"), TypeError),
+        (("127.0.0.1", 1.5), TypeError),
+        (("127.0.0.1", True), TypeError),
+        ((b"127.0.0.1", 0), TypeError),
+        ("127.0.0.1:0", TypeError),
+        (("127.0.0.1", 0, 0), TypeError),
+        (None, TypeError),
+    ],
+)
 def test_bad_addresses(address: Any, exc: type[BaseException]) -> None:
     with EventLoop() as lp, pytest.raises(exc):
         TcpServer(lp, address, Echo())
 
 
-@pytest.mark.parametrize("kwargs, exc", [
-    ({"backlog": 0}, ValueError),
-    ({"backlog": -5}, ValueError),
-    ({"backlog": "1"}, TypeError),
-    ({"backlog": 1.1}, TypeError),
-    ({"bogus": 1}, TypeError),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc",
+    [
+        ({"backlog": 0}, ValueError),
+        ({"backlog": -5}, ValueError),
+        ({"backlog": "1"}, TypeError),
+        ({"backlog": 1.1}, TypeError),
+        ({"bogus": 1}, TypeError),
+    ],
+)
 def test_bad_server_options(kwargs: dict[str, Any], exc: type[BaseException]) -> None:
     with EventLoop() as lp, pytest.raises(exc):
         TcpServer(lp, ("127.0.0.1", 0), Echo(), **kwargs)
@@ -439,19 +444,33 @@ def test_accepted_socket_options(serve: Serve, nodelay: bool, keepalive: bool) -
         s.sendall(b"x")
         assert recv_exact(s, 1) == b"x"
         conn = conns[0]
-        opts = call_in_loop(st.loop, lambda: (
-            _sockopt(conn, socket.IPPROTO_TCP, socket.TCP_NODELAY),
-            _sockopt(conn, socket.SOL_SOCKET, socket.SO_KEEPALIVE)))
+        opts = call_in_loop(
+            st.loop,
+            lambda: (
+                _sockopt(conn, socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                _sockopt(conn, socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            ),
+        )
         assert (bool(opts[0]), bool(opts[1])) == (nodelay, keepalive)
-        conn.set_tcp_no_delay(not nodelay)      # from this thread: queued
+        conn.set_tcp_no_delay(not nodelay)  # from this thread: queued
         conn.set_keep_alive(not keepalive)
-        opts = call_in_loop(st.loop, lambda: (
-            _sockopt(conn, socket.IPPROTO_TCP, socket.TCP_NODELAY),
-            _sockopt(conn, socket.SOL_SOCKET, socket.SO_KEEPALIVE)))
+        opts = call_in_loop(
+            st.loop,
+            lambda: (
+                _sockopt(conn, socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                _sockopt(conn, socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            ),
+        )
         assert (bool(opts[0]), bool(opts[1])) == (not nodelay, not keepalive)
-        call_in_loop(st.loop, lambda: conn.setTcpNoDelay(nodelay))   # on the loop thread
-        assert bool(call_in_loop(st.loop, lambda: _sockopt(
-            conn, socket.IPPROTO_TCP, socket.TCP_NODELAY))) == nodelay
+        call_in_loop(st.loop, lambda: conn.setTcpNoDelay(nodelay))  # on the loop thread
+        assert (
+            bool(
+                call_in_loop(
+                    st.loop, lambda: _sockopt(conn, socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                )
+            )
+            == nodelay
+        )
     conns.clear()
 
 
@@ -482,7 +501,7 @@ def test_stop_accepting_keeps_open_connections(serve: Serve) -> None:
         s.sendall(b"hi")
         assert recv_exact(s, 2) == b"hi"
         assert server.accepting
-        server.stop_accepting()                   # from another thread: queued to the loop
+        server.stop_accepting()  # from another thread: queued to the loop
         wait_for(lambda: not server.accepting)
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(st.address, timeout=5).close()

@@ -69,8 +69,7 @@ def run_in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, An
 
 
 def cppnp_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records
-            if r.name.startswith("cppnp") and r.levelno >= logging.ERROR]
+    return [r for r in caplog.records if r.name.startswith("cppnp") and r.levelno >= logging.ERROR]
 
 
 # -- lifecycle ----------------------------------------------------------------------------
@@ -80,7 +79,7 @@ def test_start_stop_lifecycle(nthreads: int) -> None:
     pool = ThreadPool(nthreads, name="tp")
     assert pool.threads == []
     pool.start()
-    pool.Start()                                    # idempotent (and the seed's name)
+    pool.Start()  # idempotent (and the seed's name)
     threads = pool.threads
     assert len(threads) == nthreads
     assert sorted(t.name for t in threads) == ["tp-%d" % i for i in range(nthreads)]
@@ -91,13 +90,13 @@ def test_start_stop_lifecycle(nthreads: int) -> None:
     assert pool.stop() is True
     assert sorted(ran) == list(range(10))
     assert not any(t.is_alive() for t in threads)
-    assert pool.stop() is True                      # a second stop is harmless
+    assert pool.stop() is True  # a second stop is harmless
     with pytest.raises(RuntimeError):
         pool.add_task(ran.append, 99)
     try:
-        pool.start()                                # a stopped pool does not restart ...
+        pool.start()  # a stopped pool does not restart ...
     except RuntimeError:
-        pass                                        # ... (refusing loudly is fine too)
+        pass  # ... (refusing loudly is fine too)
     assert not any(t.is_alive() for t in pool.threads)
     with pytest.raises(RuntimeError):
         pool.add_task(ran.append, 99)
@@ -191,7 +190,7 @@ def test_add_task_from_many_threads(make_pool: Any, nthreads: int) -> None:
         with lock:
             got.append((i, j))
         if j == 99:
-            pool.add_task(task, i, 100)               # from a worker (or its caller)
+            pool.add_task(task, i, 100)  # from a worker (or its caller)
 
     def submitter(i: int) -> None:
         for j in range(100):
@@ -232,14 +231,15 @@ def test_stop_drain_runs_everything_queued(make_pool: Any, nthreads: int) -> Non
         assert (pool.running, pool.queued) == (nthreads, 20)
         assert ran == []
     else:
-        assert len(ran) == 20 and pool.queued == 0      # ran at once
+        assert len(ran) == 20 and pool.queued == 0  # ran at once
     stopper, box = run_in_thread(lambda: pool.stop(drain=True, timeout=TIMEOUT))
     if gate is not None:
         gate.set()
     stopper.join(TIMEOUT)
     assert box == {"value": True}
-    assert sorted(ran) == sorted(["free-%d" % i for i in range(10)]
-                                 + ["keyed-%d" % i for i in range(10)])
+    assert sorted(ran) == sorted(
+        ["free-%d" % i for i in range(10)] + ["keyed-%d" % i for i in range(10)]
+    )
     assert [t for t in ran if t.startswith("keyed")] == ["keyed-%d" % i for i in range(10)]
     assert pool.discarded == 0
     assert pool.completed == 20 + nthreads
@@ -256,8 +256,7 @@ def test_stop_drain_before_start_runs_everything(make_pool: Any) -> None:
         pool.add_task(ran.append, ("keyed", i), key="k")
     assert pool.queued == 6
     assert pool.stop(drain=True, timeout=TIMEOUT) is True
-    assert sorted(ran) == sorted([("free", i) for i in range(3)]
-                                 + [("keyed", i) for i in range(3)])
+    assert sorted(ran) == sorted([("free", i) for i in range(3)] + [("keyed", i) for i in range(3)])
     assert [x for x in ran if x[0] == "keyed"] == [("keyed", i) for i in range(3)]
     assert (pool.completed, pool.discarded, pool.queued) == (6, 0, 0)
 
@@ -289,7 +288,7 @@ def test_stop_no_drain_discards_queued(make_pool: Any, nthreads: int) -> None:
     gate.set()
     stopper.join(TIMEOUT)
     assert box == {"value": True}
-    assert len(finished) == nthreads                   # running tasks were let finish
+    assert len(finished) == nthreads  # running tasks were let finish
     assert pool.discarded == expected_discarded
     if nthreads:
         assert ran == []
@@ -302,7 +301,7 @@ def test_stop_no_drain_discards_queued(make_pool: Any, nthreads: int) -> None:
 def test_stop_timeout_while_a_task_blocks(make_pool: Any) -> None:
     pool = make_pool(1)
     gate = block_workers(pool, 1)
-    assert pool.stop(timeout=0.05) is False           # the worker is still busy
+    assert pool.stop(timeout=0.05) is False  # the worker is still busy
     gate.set()
     assert pool.stop(timeout=TIMEOUT) is True
     assert pool.completed == 1
@@ -322,7 +321,7 @@ def test_stop_from_a_worker_raises(make_pool: Any) -> None:
     wait_for(lambda: pool.completed == 1, TIMEOUT)
     assert isinstance(box.get("error"), RuntimeError)
     ran: list[int] = []
-    pool.add_task(ran.append, 1)                      # the pool still works
+    pool.add_task(ran.append, 1)  # the pool still works
     wait_for(lambda: ran == [1], TIMEOUT)
 
 
@@ -335,7 +334,7 @@ def test_max_queue_raises_queue_full_never_blocks(make_pool: Any) -> None:
     ran: list[int] = []
     pool.add_task(ran.append, 0)
     pool.add_task(ran.append, 1, key="k")
-    pool.add_task(ran.append, 2, key="k")             # a strand backlog counts as queued
+    pool.add_task(ran.append, 2, key="k")  # a strand backlog counts as queued
     assert pool.queued == 3
 
     def overflow() -> list[str]:
@@ -357,7 +356,7 @@ def test_max_queue_raises_queue_full_never_blocks(make_pool: Any) -> None:
     gate.set()
     wait_for(lambda: sorted(ran) == [0, 1, 2], TIMEOUT)
     wait_for(lambda: pool.queued == 0 and pool.running == 0, TIMEOUT)
-    pool.add_task(ran.append, 3)                      # room again
+    pool.add_task(ran.append, 3)  # room again
     wait_for(lambda: 3 in ran, TIMEOUT)
     assert 99 not in ran
 
@@ -366,7 +365,7 @@ def test_max_queue_single_thread_mode_never_full(make_pool: Any) -> None:
     pool = make_pool(0, max_queue=1)
     ran: list[int] = []
     for i in range(10):
-        pool.add_task(ran.append, i)                  # runs at once: nothing queues
+        pool.add_task(ran.append, i)  # runs at once: nothing queues
     assert ran == list(range(10))
 
 
@@ -412,8 +411,7 @@ def test_same_key_runs_one_at_a_time_in_order(make_pool: Any, nthreads: int) -> 
     assert pool.stats()["strands"] == 0
 
 
-def test_same_key_from_concurrent_submitters_never_overlaps(make_pool: Any,
-                                                            nthreads: int) -> None:
+def test_same_key_from_concurrent_submitters_never_overlaps(make_pool: Any, nthreads: int) -> None:
     """Tasks sharing a key run one at a time in order -- also when several threads
     submit them, and in single-thread mode (where each runs in its own caller)."""
     pool = make_pool(nthreads)
@@ -430,7 +428,7 @@ def test_same_key_from_concurrent_submitters_never_overlaps(make_pool: Any,
         t.join(TIMEOUT)
     wait_for(lambda: pool.completed == 60, TIMEOUT)
     assert probe.max_active["shared"] == 1, "tasks sharing a key overlapped"
-    for i in range(4):                                # each submitter's order is kept
+    for i in range(4):  # each submitter's order is kept
         mine = [tag for tag in probe.order["shared"] if tag[0] == i]
         assert mine == [(i, j) for j in range(15)]
 
@@ -450,8 +448,10 @@ def test_different_keys_run_in_parallel(make_pool: Any, nthreads: int) -> None:
         for i in range(4):
             pool.add_task(task, i, key="key-%d" % i)
     else:
-        callers = [threading.Thread(target=pool.add_task, args=(task, i),
-                                    kwargs={"key": "key-%d" % i}) for i in range(4)]
+        callers = [
+            threading.Thread(target=pool.add_task, args=(task, i), kwargs={"key": "key-%d" % i})
+            for i in range(4)
+        ]
         for t in callers:
             t.start()
         for t in callers:
@@ -466,13 +466,13 @@ def test_different_keys_run_in_parallel(make_pool: Any, nthreads: int) -> None:
 def test_workers_run_concurrently_when_the_gil_is_released(make_pool: Any, n: int) -> None:
     pool = make_pool(n)
     lock = threading.Lock()
-    active = [0, 0]                                    # now, peak
+    active = [0, 0]  # now, peak
 
     def sleeper() -> None:
         with lock:
             active[0] += 1
             active[1] = max(active[1], active[0])
-        time.sleep(0.02)                               # releases the GIL
+        time.sleep(0.02)  # releases the GIL
         with lock:
             active[0] -= 1
 
@@ -494,22 +494,24 @@ def test_workers_run_concurrently_when_the_gil_is_released(make_pool: Any, n: in
 
 
 def test_raising_task_is_logged_counted_and_worker_lives_on(
-        make_pool: Any, nthreads: int, caplog: pytest.LogCaptureFixture) -> None:
+    make_pool: Any, nthreads: int, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.ERROR, logger="cppnp")
     pool = make_pool(nthreads)
 
     def boom() -> None:
         raise ValueError("boom-7f3a")
 
-    pool.add_task(boom)                               # never raises into the caller
-    pool.add_task(Task(IRun0()))                      # run0 not overridden
+    pool.add_task(boom)  # never raises into the caller
+    pool.add_task(Task(IRun0()))  # run0 not overridden
     wait_for(lambda: pool.failed == 2, TIMEOUT)
     errors = cppnp_errors(caplog)
     assert len(errors) == 2
     kinds = sorted(r.exc_info[0].__name__ for r in errors if r.exc_info)
     assert kinds == ["NotImplementedError", "ValueError"]
-    assert any("boom-7f3a" in r.exc_text or "boom-7f3a" in str(r.exc_info[1])
-               for r in errors if r.exc_info)
+    assert any(
+        "boom-7f3a" in r.exc_text or "boom-7f3a" in str(r.exc_info[1]) for r in errors if r.exc_info
+    )
     # Every worker survives and keeps taking work.
     ran: list[int] = []
     lock = threading.Lock()
@@ -570,7 +572,7 @@ def test_task_forms_do_task() -> None:
     tc = Task(lambda a, b: a * b, 6, 7)
     assert tc.do_task() == 42 and tc.DoTask() == 42 and tc() == 42
     assert tc.param is None
-    assert Task(tc).do_task() == 42                    # a Task wrapping a Task
+    assert Task(tc).do_task() == 42  # a Task wrapping a Task
 
 
 def test_task_forms_in_the_pool(make_pool: Any, nthreads: int) -> None:
@@ -586,13 +588,23 @@ def test_task_forms_in_the_pool(make_pool: Any, nthreads: int) -> None:
     pool.add_task(Task(OnlyRun0(sink)))
     pool.add_task(Task(OnlyRun2(sink), "m", param))
     pool.add_task(Task(add, "task-callable", 1))
-    pool.add_task(OnlyRun0(sink))                      # a bare IRun0
+    pool.add_task(OnlyRun0(sink))  # a bare IRun0
     pool.add_task(add, "bare-callable", 2)
-    pool.AddTask(add, "seed-alias", 3)                 # the seed's spelling
+    pool.AddTask(add, "seed-alias", 3)  # the seed's spelling
     wait_for(lambda: pool.completed == 6, TIMEOUT)
-    assert sorted(map(repr, sink)) == sorted(map(repr, [
-        "irun0", ("irun2", "m", param), ("task-callable", 1), "irun0",
-        ("bare-callable", 2), ("seed-alias", 3)]))
+    assert sorted(map(repr, sink)) == sorted(
+        map(
+            repr,
+            [
+                "irun0",
+                ("irun2", "m", param),
+                ("task-callable", 1),
+                "irun0",
+                ("bare-callable", 2),
+                ("seed-alias", 3),
+            ],
+        )
+    )
     assert pool.failed == 0
 
 
@@ -603,15 +615,15 @@ def test_bad_tasks_raise_type_error(make_pool: Any, nthreads: int) -> None:
     with pytest.raises(TypeError):
         pool.add_task(None)
     with pytest.raises(TypeError):
-        pool.add_task(Task(int), 1)                    # a Task takes no extra args
+        pool.add_task(Task(int), 1)  # a Task takes no extra args
     with pytest.raises(TypeError):
         Task(42)
     with pytest.raises(TypeError):
         Task(None)
     with pytest.raises(TypeError):
-        Task(Recorder(), b"only-one")                  # IRun2 needs msg and param
+        Task(Recorder(), b"only-one")  # IRun2 needs msg and param
     with pytest.raises(TypeError):
-        Task(OnlyRun0([]), 1)                          # IRun0 takes nothing
+        Task(OnlyRun0([]), 1)  # IRun0 takes nothing
     with pytest.raises(TypeError):
         Task(OnlyRun2([]), 1, 2, 3)
     assert (pool.queued, pool.running, pool.completed, pool.failed) == (0, 0, 0, 0)
@@ -667,8 +679,9 @@ def recv_to_eof(sock: Any) -> bytes:
     return bytes(data)
 
 
-def test_send_from_a_worker_is_written_by_the_loop_thread(serve: Any, make_pool: Any,
-                                                          nthreads: int) -> None:
+def test_send_from_a_worker_is_written_by_the_loop_thread(
+    serve: Any, make_pool: Any, nthreads: int
+) -> None:
     """A worker's send() only queues: while the loop thread is held, nothing is written;
     the bytes go out (and on_write_complete runs) on the loop thread."""
     pool = make_pool(nthreads)
@@ -677,7 +690,7 @@ def test_send_from_a_worker_is_written_by_the_loop_thread(serve: Any, make_pool:
 
     def action(msg: bytes, conn: Any) -> None:
         loop = loop_box[0]
-        if loop.is_in_loop_thread():                  # single-thread mode: written now
+        if loop.is_in_loop_thread():  # single-thread mode: written now
             conn.send(b"x" * 1000)
             observed["bytes_sent_after_send"] = conn.bytes_sent
             return
@@ -714,7 +727,8 @@ def test_send_from_a_worker_is_written_by_the_loop_thread(serve: Any, make_pool:
 
 
 def test_timers_and_write_complete_from_workers_run_on_the_loop_thread(
-        serve: Any, make_pool: Any, nthreads: int) -> None:
+    serve: Any, make_pool: Any, nthreads: int
+) -> None:
     pool = make_pool(nthreads)
     lock = threading.Lock()
     calls: dict[str, list[int]] = defaultdict(list)
@@ -725,6 +739,7 @@ def test_timers_and_write_complete_from_workers_run_on_the_loop_thread(
         def cb() -> None:
             with lock:
                 calls[name].append(threading.get_ident())
+
         return cb
 
     class Tick(IRun0):
@@ -740,7 +755,7 @@ def test_timers_and_write_complete_from_workers_run_on_the_loop_thread(
             loop.run_at(loop.time() + 0.002, record("at"))
             timer_ids["every"] = loop.run_every(0.002, Tick())
             doomed = loop.run_after(3600, record("never"))
-            loop.cancel_timer(doomed)                  # cancelled before it can fire
+            loop.cancel_timer(doomed)  # cancelled before it can fire
         elif cmd == b"stop":
             loop.cancel_timer(timer_ids["every"])
         conn.send(b"ok:" + cmd + b"\n")
@@ -752,15 +767,19 @@ def test_timers_and_write_complete_from_workers_run_on_the_loop_thread(
     with st.connect() as c:
         c.sendall(b"start\n")
         assert recv_exactly(c, 9) == b"ok:start\n"
-        wait_for(lambda: len(calls["every"]) >= 3 and calls["after"] and calls["at"]
-                 and calls["after-task"], TIMEOUT)
+        wait_for(
+            lambda: (
+                len(calls["every"]) >= 3 and calls["after"] and calls["at"] and calls["after-task"]
+            ),
+            TIMEOUT,
+        )
         c.sendall(b"stop\n")
         assert recv_exactly(c, 8) == b"ok:stop\n"
         # The cancel from the worker is queued to the loop; once it ran no timer is left.
         wait_for(lambda: call_in_loop(loop, lambda: loop.timer_count) == 0, TIMEOUT)
         fired = len(calls["every"])
         sentinel = threading.Event()
-        loop.run_after(0.03, sentinel.set)              # 15 periods of the dead timer
+        loop.run_after(0.03, sentinel.set)  # 15 periods of the dead timer
         assert sentinel.wait(TIMEOUT)
         assert len(calls["every"]) == fired
         wait_for(lambda: len(handler.write_complete_threads) >= 2, TIMEOUT)
@@ -777,8 +796,9 @@ def test_timers_and_write_complete_from_workers_run_on_the_loop_thread(
     assert st.stats()["callback_errors"] == 0
 
 
-def test_replies_from_one_worker_keep_their_order(serve: Any, make_pool: Any,
-                                                  nthreads: int) -> None:
+def test_replies_from_one_worker_keep_their_order(
+    serve: Any, make_pool: Any, nthreads: int
+) -> None:
     """One task sends 400 replies of mixed types and sizes: they arrive in order, and a
     bytearray mutated after send() arrives as it was when sent (send copies)."""
     pool = make_pool(nthreads)
@@ -787,12 +807,12 @@ def test_replies_from_one_worker_keep_their_order(serve: Any, make_pool: Any,
     sizes = [rng.choice([1, 7, 100, 3000]) for _ in range(400)]
     for i, size in enumerate(sizes):
         head = b"%05d|" % i
-        expected += (head * (size // len(head) + 1))[:max(size, len(head))]
+        expected += (head * (size // len(head) + 1))[: max(size, len(head))]
 
     def action(msg: bytes, conn: Any) -> None:
         for i, size in enumerate(sizes):
             head = b"%05d|" % i
-            body = (head * (size // len(head) + 1))[:max(size, len(head))]
+            body = (head * (size // len(head) + 1))[: max(size, len(head))]
             kind = i % 4
             if kind == 0:
                 conn.send(body)
@@ -803,13 +823,13 @@ def test_replies_from_one_worker_keep_their_order(serve: Any, make_pool: Any,
             else:
                 scratch = bytearray(body)
                 conn.send(scratch)
-                scratch[:] = b"#" * len(scratch)     # must not change what is sent
+                scratch[:] = b"#" * len(scratch)  # must not change what is sent
 
     handler = LineWorker(pool, action)
     st = serve(handler)
     with st.connect() as c:
         c.sendall(b"go\n")
-        c.shutdown(1)                                # SHUT_WR: reply, then close
+        c.shutdown(1)  # SHUT_WR: reply, then close
         got = recv_to_eof(c)
     assert got == bytes(expected)
     wait_for(handler.closed.is_set, TIMEOUT)

@@ -158,7 +158,7 @@ def test_cancel_before_firing(loop: EventLoop) -> None:
     assert loop.timer_count == 2
     loop.cancel_timer(tid)
     assert loop.timer_count == 1
-    loop.cancel_timer(tid)          # twice: no-op
+    loop.cancel_timer(tid)  # twice: no-op
     assert loop.timer_count == 1
     loop.run_after(0.03, loop.quit)
     run_loop(loop)
@@ -194,7 +194,7 @@ def test_one_shot_cancels_itself_inside_callback(loop: EventLoop) -> None:
 
     def cb() -> None:
         fired.append(1)
-        loop.cancel_timer(box["id"])    # already running: a no-op
+        loop.cancel_timer(box["id"])  # already running: a no-op
         loop.quit()
 
     box["id"] = loop.run_after(0, cb)
@@ -212,8 +212,8 @@ def test_run_every_cancelled_inside_own_callback_stops(loop: EventLoop) -> None:
         calls.append(loop.time())
         if len(calls) == 3:
             loop.cancel_timer(box["id"])
-            assert loop.timer_count == 1     # only the quit timer below is left
-            loop.run_after(interval * 10, loop.quit)   # give it ten more chances
+            assert loop.timer_count == 1  # only the quit timer below is left
+            loop.run_after(interval * 10, loop.quit)  # give it ten more chances
 
     box["id"] = loop.run_every(interval, tick)
     run_loop(loop)
@@ -228,9 +228,9 @@ def test_timer_cancels_another_due_in_same_tick(loop: EventLoop) -> None:
 
     def first() -> None:
         fired.append("first")
-        loop.cancel_timer(ids["second"])     # due now, later in this pass: must not run
-        loop.cancel_timer(ids["every"])      # repeating, due now or a hair later
-        loop.cancel_timer(ids["later"])      # due later
+        loop.cancel_timer(ids["second"])  # due now, later in this pass: must not run
+        loop.cancel_timer(ids["every"])  # repeating, due now or a hair later
+        loop.cancel_timer(ids["later"])  # due later
 
     ids["first"] = loop.run_at(when, first)
     ids["second"] = loop.run_at(when, lambda: fired.append("second"))
@@ -371,9 +371,11 @@ def test_bad_timer_args_from_another_thread(loop_thread: EventLoop) -> None:
     errors: list[type[BaseException]] = []
 
     def worker() -> None:
-        for call in (lambda: loop_thread.run_after(float("nan"), print),
-                     lambda: loop_thread.run_every(0, print),
-                     lambda: loop_thread.run_at(0, 7)):
+        for call in (
+            lambda: loop_thread.run_after(float("nan"), print),
+            lambda: loop_thread.run_every(0, print),
+            lambda: loop_thread.run_at(0, 7),
+        ):
             try:
                 call()
             except BaseException as exc:  # collected and checked below
@@ -414,17 +416,18 @@ def test_huge_delay_is_accepted_and_idle_loop_still_wakes(delay: float) -> None:
     try:
         assert timer_count(lp) == 1
         ran = threading.Event()
-        lp.queue_in_loop(ran.set)         # the wakeup works with the far timer armed
+        lp.queue_in_loop(ran.set)  # the wakeup works with the far timer armed
         assert ran.wait(10)
         call_in_loop(lp, lambda: lp.cancel_timer(box["id"]))
         assert timer_count(lp) == 0
     finally:
-        lt.stop()          # raises TimeoutError if quit() did not wake the loop
+        lt.stop()  # raises TimeoutError if quit() did not wake the loop
     assert lp.closed
 
 
-@pytest.mark.parametrize("how", [
-    "after_-1", "after_0", "after_-1e9", "after_-inf", "at_past", "at_zero", "at_-inf"])
+@pytest.mark.parametrize(
+    "how", ["after_-1", "after_0", "after_-1e9", "after_-inf", "at_past", "at_zero", "at_-inf"]
+)
 def test_past_deadline_runs_in_next_iteration(loop_thread: EventLoop, how: str) -> None:
     """A deadline in the past (or now) runs in the next iteration, even on an idle loop
     that would otherwise block in epoll."""
@@ -463,7 +466,7 @@ def test_timers_of_a_closed_loop() -> None:
     lp.run_every(100, lambda: None)
     lp.close()
     assert lp.timer_count == 0
-    lp.cancel_timer(1)        # no-op
+    lp.cancel_timer(1)  # no-op
     with pytest.raises(RuntimeError):
         lp.run_after(0, lambda: None)
     with pytest.raises(RuntimeError):
@@ -480,7 +483,7 @@ def test_cancelled_timers_do_not_pile_up(loop: EventLoop) -> None:
         for _ in range(n):
             loop.cancel_timer(loop.run_after(500, lambda: None))
 
-    churn(20000)                        # warm up
+    churn(20000)  # warm up
     tracemalloc.start()
     try:
         before, _ = tracemalloc.get_traced_memory()
@@ -495,7 +498,9 @@ def test_cancelled_timers_do_not_pile_up(loop: EventLoop) -> None:
     size = timer_heap_size(loop)
     if size is not None:
         assert size <= 2 * len(live) + 130, "heap holds %d entries for %d live timers" % (
-            size, len(live))
+            size,
+            len(live),
+        )
     for tid in live:
         loop.cancel_timer(tid)
     assert loop.timer_count == 0
@@ -525,7 +530,7 @@ def test_cancelled_timers_do_not_wake_an_idle_loop(loop_thread: EventLoop) -> No
 
     call_in_loop(loop_thread, add_and_cancel)
     before = loop_thread.stats()["iterations"]
-    time.sleep(0.25)        # all the cancelled deadlines pass while we wait
+    time.sleep(0.25)  # all the cancelled deadlines pass while we wait
     assert loop_thread.stats()["iterations"] == before, "woken up for cancelled timers"
     assert timer_count(loop_thread) == 0
 
@@ -571,6 +576,7 @@ def test_add_and_cancel_from_many_threads(loop_thread: EventLoop) -> None:
     def worker(w: int) -> None:
         barrier.wait(10)
         for i in range(250):
+
             def cb(w: int = w, i: int = i) -> None:
                 if not loop_thread.is_in_loop_thread():
                     wrong_thread.append(i)
@@ -598,6 +604,7 @@ def test_cross_thread_cancel_racing_the_fire_runs_at_most_once(loop_thread: Even
     def make(i: int) -> Callable[[], None]:
         def cb() -> None:
             counts[i] += 1
+
         return cb
 
     for i in range(300):
@@ -606,7 +613,7 @@ def test_cross_thread_cancel_racing_the_fire_runs_at_most_once(loop_thread: Even
         if i % 3 == 0:
             loop_thread.cancel_timer(tid)
     wait_for(lambda: timer_count(loop_thread) == 0)
-    call_in_loop(loop_thread, lambda: None)    # one more pass: nothing left to run
+    call_in_loop(loop_thread, lambda: None)  # one more pass: nothing left to run
     assert max(counts) <= 1
 
 

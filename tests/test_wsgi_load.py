@@ -56,8 +56,9 @@ def nofile_limit() -> Iterator[Callable[[int], None]]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def test_slowloris_does_not_stop_normal_clients(wsgi: Serve,
-                                                nofile_limit: Callable[[int], None]) -> None:
+def test_slowloris_does_not_stop_normal_clients(
+    wsgi: Serve, nofile_limit: Callable[[int], None]
+) -> None:
     n = 1000
     nofile_limit(2 * n + 500)
     w = wsgi(wsgi_apps.hello, threads=4, header_timeout=3.0)
@@ -104,7 +105,7 @@ def test_slowloris_does_not_stop_normal_clients(wsgi: Serve,
             if time.monotonic() >= next_byte and sent < len(request):
                 for s in attackers:
                     if s not in data:
-                        s.send(request[sent:sent + 1])
+                        s.send(request[sent : sent + 1])
                 sent += 1
                 next_byte += 1.0
             for key, _ in sel.select(0.05):
@@ -117,8 +118,9 @@ def test_slowloris_does_not_stop_normal_clients(wsgi: Serve,
                 if not chunk:
                     sel.unregister(sock)
                     done.add(sock)
-        answered = sum(1 for v in data.values()
-                       if v.startswith(b"HTTP/1.1 408 Request Timeout\r\n"))
+        answered = sum(
+            1 for v in data.values() if v.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+        )
         assert 2 <= sent <= 6
         sel.close()
         stop.set()
@@ -145,9 +147,10 @@ def socket_fds(pid: int) -> int:
 
 def test_10000_keep_alive_connections_held(nofile_limit: Callable[[int], None]) -> None:
     n = 10_000
-    nofile_limit(n + 500)      # the clients here; the server, a child, has its own fds
-    srv = ServerProcess("wsgi_apps:pid", "--threads", "4", "--keepalive-timeout", "120",
-                        "--backlog", "4096")
+    nofile_limit(n + 500)  # the clients here; the server, a child, has its own fds
+    srv = ServerProcess(
+        "wsgi_apps:pid", "--threads", "4", "--keepalive-timeout", "120", "--backlog", "4096"
+    )
     socks: list[socket.socket] = []
     sel = selectors.DefaultSelector()
     try:
@@ -172,7 +175,7 @@ def test_10000_keep_alive_connections_held(nofile_limit: Callable[[int], None]) 
             # Every connection is still open in the server (plus its listener).
             assert socket_fds(srv.proc.pid) >= n + 1
             if rnd == 0:
-                for s in socks:                  # a second request on each of them
+                for s in socks:  # a second request on each of them
                     s.sendall(get())
     finally:
         sel.close()
@@ -190,8 +193,7 @@ def test_1gb_streamed_to_a_slow_reader_keeps_rss_flat(threads: str) -> None:
     env = {}
     if "ASAN_OPTIONS" in os.environ:
         env["ASAN_OPTIONS"] = os.environ["ASAN_OPTIONS"] + ":quarantine_size_mb=4"
-    srv = ServerProcess("wsgi_apps:dispatch", "--threads", threads, "--send-timeout", "60",
-                        env=env)
+    srv = ServerProcess("wsgi_apps:dispatch", "--threads", threads, "--send-timeout", "60", env=env)
     try:
         base = rss_kib(srv.proc.pid)
         peak = base
@@ -268,7 +270,7 @@ def test_sigterm_under_load_finishes_in_flight_requests() -> None:
             assert read_response(s.makefile("rb")).status == 200
         for i, s in enumerate(busy):
             s.sendall(get("/slow/%d?ms=500" % i))
-        time.sleep(0.2)          # the requests have arrived; most are in the app
+        time.sleep(0.2)  # the requests have arrived; most are in the app
         srv.proc.send_signal(signal.SIGTERM)
         for i, s in enumerate(busy):
             f = s.makefile("rb")
@@ -277,7 +279,7 @@ def test_sigterm_under_load_finishes_in_flight_requests() -> None:
             assert r.header("Connection") == "close"
             assert f.read() == b""
         for s in idle:
-            assert s.recv(100) == b""          # closed between requests
+            assert s.recv(100) == b""  # closed between requests
         code, err = srv.wait()
         assert code == 0, err
         with pytest.raises(ConnectionRefusedError):
@@ -289,9 +291,14 @@ def test_sigterm_under_load_finishes_in_flight_requests() -> None:
 
 
 def test_help_documents_every_flag_with_its_default() -> None:
-    out = subprocess.run([sys.executable, "-m", "cppnp.wsgi", "--help"], capture_output=True,
-                         text=True, timeout=60, check=True,
-                         env=dict(os.environ, COLUMNS="200")).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "cppnp.wsgi", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=dict(os.environ, COLUMNS="200"),
+    ).stdout
     for f in dataclasses.fields(Config):
         if f.name == "extra":
             continue
@@ -300,7 +307,7 @@ def test_help_documents_every_flag_with_its_default() -> None:
         lines = out.splitlines()
         start = next(i for i, ln in enumerate(lines) if ln.strip().startswith(flag))
         entry = [lines[start]]
-        for ln in lines[start + 1:]:
+        for ln in lines[start + 1 :]:
             if ln.startswith("  -") or not ln.startswith("    "):
                 break
             entry.append(ln)

@@ -61,8 +61,9 @@ class Recorder:
         with self.lock:
             self.environs.append(environ)
         data = hashlib.sha256(body).hexdigest().encode()
-        start_response("200 OK", [("Content-Type", "text/plain"),
-                                  ("Content-Length", str(len(data)))])
+        start_response(
+            "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(data)))]
+        )
         return [data]
 
 
@@ -70,8 +71,12 @@ class Recorder:
 def test_environ_is_pep3333(wsgi: Serve, threads: int) -> None:
     rec = Recorder()
     w = wsgi(validator(rec), threads=threads)
-    r = requests.post(w.url + "/p%41th/x?a=1&b=%20", data=b"payload",
-                      headers={"X-Multi": "1", "Content-Type": "text/x"}, timeout=10)
+    r = requests.post(
+        w.url + "/p%41th/x?a=1&b=%20",
+        data=b"payload",
+        headers={"X-Multi": "1", "Content-Type": "text/x"},
+        timeout=10,
+    )
     assert r.status_code == 200 and r.text == hashlib.sha256(b"payload").hexdigest()
     (env,) = rec.environs
     assert env["REQUEST_METHOD"] == "POST"
@@ -86,7 +91,7 @@ def test_environ_is_pep3333(wsgi: Serve, threads: int) -> None:
     assert env["wsgi.multithread"] is (threads > 0) and env["wsgi.multiprocess"] is False
     assert env["wsgi.run_once"] is False and env["wsgi.input_terminated"] is True
     errors = env["wsgi.errors"]
-    assert getattr(errors, "errors", errors) is sys.stderr     # validator wraps it
+    assert getattr(errors, "errors", errors) is sys.stderr  # validator wraps it
     assert env["test.body"] == b"payload"
     for key, value in env.items():
         if not key.startswith(("wsgi.", "test.")):
@@ -121,7 +126,7 @@ def test_wsgi_input_api_and_spooling(wsgi: Serve, threads: int) -> None:
         first, limited, rest, some, lines, after, after2 = seen["parts"]
         assert seen["spooled"] is spooled
         assert (first, limited, rest, some) == (b"line one\n", b"abc", b"def\n", b"12345")
-        assert b"".join(lines) == body[len(b"line one\nabcdef\n12345"):]
+        assert b"".join(lines) == body[len(b"line one\nabcdef\n12345") :]
         assert after == b"" and after2 == b""
         w.stop()
 
@@ -143,15 +148,19 @@ def test_input_iteration_and_chunked_upload_spooled(wsgi: Serve, threads: int) -
 
 
 @pytest.mark.parametrize("threads", MODES, ids=MODE_IDS)
-def test_start_response_exc_info_before_headers_replaces_the_status(wsgi: Serve,
-                                                                     threads: int) -> None:
+def test_start_response_exc_info_before_headers_replaces_the_status(
+    wsgi: Serve, threads: int
+) -> None:
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         start_response("200 OK", [("Content-Type", "text/plain")])
         try:
             raise ValueError("late failure")
         except ValueError:
-            start_response("503 Service Unavailable", [("Content-Type", "text/plain"),
-                                                       ("Retry-After", "1")], sys.exc_info())
+            start_response(
+                "503 Service Unavailable",
+                [("Content-Type", "text/plain"), ("Retry-After", "1")],
+                sys.exc_info(),
+            )
         return [b"try later"]
 
     w = wsgi(validator(app), threads=threads)
@@ -161,15 +170,17 @@ def test_start_response_exc_info_before_headers_replaces_the_status(wsgi: Serve,
 
 @pytest.mark.parametrize("threads", MODES, ids=MODE_IDS)
 def test_start_response_exc_info_after_headers_reraises_and_closes(
-        wsgi: Serve, threads: int, caplog: pytest.LogCaptureFixture) -> None:
+    wsgi: Serve, threads: int, caplog: pytest.LogCaptureFixture
+) -> None:
     def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
         write = start_response("200 OK", [("Content-Type", "text/plain")])
         write(b"partial")
         try:
             raise KeyError("after the headers")
         except KeyError:
-            start_response("500 Internal Server Error", [("Content-Type", "text/plain")],
-                           sys.exc_info())
+            start_response(
+                "500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info()
+            )
         yield b"never"
 
     w = wsgi(validator(app), threads=threads)
@@ -231,7 +242,7 @@ def test_close_is_always_called(wsgi: Serve, threads: int) -> None:
     mode.update(n=3)
     assert one(w.address, get()).body == b"a" * 3000
     wait_for(lambda: log == ["closed"])
-    mode.update(fail=2)                 # raises after two chunks went out
+    mode.update(fail=2)  # raises after two chunks went out
     with socket.create_connection(w.address, timeout=10) as s:
         s.sendall(get())
         data = recv_until_eof(s)
@@ -251,8 +262,9 @@ def test_close_is_always_called(wsgi: Serve, threads: int) -> None:
 
 
 @pytest.mark.parametrize("threads", MODES, ids=MODE_IDS)
-def test_app_exception_is_500_logged_not_sent(wsgi: Serve, threads: int,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_app_exception_is_500_logged_not_sent(
+    wsgi: Serve, threads: int, caplog: pytest.LogCaptureFixture
+) -> None:
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         if environ["PATH_INFO"] == "/boom":
             raise RuntimeError("secret detail")
@@ -264,13 +276,12 @@ def test_app_exception_is_500_logged_not_sent(wsgi: Serve, threads: int,
         (r1, r2), closed = exchange(w.address, get("/boom") + get("/"), count=2)
     assert r1.status == 500 and b"secret" not in r1.raw_head + r1.body
     assert r1.body == b"500 Internal Server Error\n"
-    assert r2.status == 200 and not closed      # nothing was sent: keep-alive survives
+    assert r2.status == 200 and not closed  # nothing was sent: keep-alive survives
     assert "secret detail" in caplog.text and "Traceback" in caplog.text
 
 
 @pytest.mark.parametrize("threads", MODES, ids=MODE_IDS)
-def test_bad_responses_are_500(wsgi: Serve, threads: int,
-                               caplog: pytest.LogCaptureFixture) -> None:
+def test_bad_responses_are_500(wsgi: Serve, threads: int, caplog: pytest.LogCaptureFixture) -> None:
     cases: dict[str, Callable[[Any], Any]] = {
         "/str-body": lambda sr: (sr("200 OK", []), ["text"])[1],
         "/crlf": lambda sr: (sr("200 OK", [("X-A", "a\r\nX-Evil: 1")]), [b""])[1],
@@ -305,7 +316,7 @@ def test_file_wrapper(wsgi: Serve, tmp_path: Any, threads: int, kind: str) -> No
         headers = [("Content-Type", "application/octet-stream")]
         f: Any = io.BytesIO(data) if kind == "bytesio" else open(path, "rb")
         if kind == "offset":
-            f.read(1000)        # buffered: the file position is further on
+            f.read(1000)  # buffered: the file position is further on
         if kind == "short-cl":
             headers.append(("Content-Length", "5000"))
         opened.append(f)
@@ -324,7 +335,7 @@ def test_file_wrapper(wsgi: Serve, tmp_path: Any, threads: int, kind: str) -> No
     if kind in ("sendfile", "offset", "short-cl"):
         assert r1.header("Content-Length") == str(len(want))
     else:
-        assert r1.chunked         # iterated block by block, length unknown
+        assert r1.chunked  # iterated block by block, length unknown
     wait_for(lambda: len(opened) == 2 and all(f.closed for f in opened))
 
 
@@ -351,8 +362,9 @@ def test_sendfile_to_a_slow_reader(wsgi: Serve, tmp_path: Any, threads: int) -> 
 
 
 @pytest.mark.parametrize("threads", MODES, ids=MODE_IDS)
-def test_flask_app_with_requests(wsgi: Serve, threads: int,
-                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_flask_app_with_requests(
+    wsgi: Serve, threads: int, caplog: pytest.LogCaptureFixture
+) -> None:
     # wsgiref's validator insists on wsgi.input.read(size) with a size, while Werkzeug reads
     # a terminated input with read(): bodies go to the bare app, the rest is validated.
     checked = wsgi(validator(wsgi_apps.flask_app), threads=threads)
@@ -363,10 +375,16 @@ def test_flask_app_with_requests(wsgi: Serve, threads: int,
             assert r.status_code == 200 and r.text == "Hello, World!"
         assert session.get(checked.url + "/missing", timeout=10).status_code == 404
         r = session.post(w.url + "/json", json={"k": [1, 2, "é"]}, timeout=10)
-        assert r.json() == {"got": {"k": [1, 2, "é"]},
-                            "len": int(r.request.headers["Content-Length"])}
-        r = session.post(w.url + "/form", data={"a": "b c"},
-                         files={"up": ("f.bin", os.urandom(300000))}, timeout=10)
+        assert r.json() == {
+            "got": {"k": [1, 2, "é"]},
+            "len": int(r.request.headers["Content-Length"]),
+        }
+        r = session.post(
+            w.url + "/form",
+            data={"a": "b c"},
+            files={"up": ("f.bin", os.urandom(300000))},
+            timeout=10,
+        )
         assert r.json() == {"a": "b c", "files": ["up"]}
         with caplog.at_level(logging.ERROR):
             r = session.get(checked.url + "/boom", timeout=10)
@@ -387,7 +405,7 @@ def test_urllib3_pool_reuses_connections(wsgi: Serve) -> None:
             info = json.loads(r.data)
             assert info["PATH_INFO"] == "/u%d" % i and info["body"] == "x" * i
             ports.add(info["REMOTE_PORT"])
-        assert len(ports) == 1          # one keep-alive connection served all 30
+        assert len(ports) == 1  # one keep-alive connection served all 30
         r = pool.request("GET", "/", preload_content=False)
         r.release_conn()
     finally:
@@ -423,33 +441,47 @@ def test_curl(wsgi: Serve, threads: int, tmp_path: Any) -> None:
     # curl is the client, not under test: without the sanitizer runtimes that
     # scripts/sanitize.sh preloads into every process (curl hangs under them).
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    out = subprocess.run([CURL, "-sS", "--http1.1", w.url + "/hello", w.url + "/hello"],
-                         capture_output=True, timeout=30, check=True, env=env)
+    out = subprocess.run(
+        [CURL, "-sS", "--http1.1", w.url + "/hello", w.url + "/hello"],
+        capture_output=True,
+        timeout=30,
+        check=True,
+        env=env,
+    )
     assert out.stdout == b"Hello, World!" * 2
     upload = tmp_path / "up"
     upload.write_bytes(b"q" * 200000)
     # -T - : a chunked upload, with Expect: 100-continue.
     with open(upload, "rb") as f:
-        out = subprocess.run([CURL, "-sS", "-H", "Expect: 100-continue", "-T", "-",
-                              w.url + "/echo"], stdin=f, capture_output=True, timeout=30,
-                             check=True, env=env)
+        out = subprocess.run(
+            [CURL, "-sS", "-H", "Expect: 100-continue", "-T", "-", w.url + "/echo"],
+            stdin=f,
+            capture_output=True,
+            timeout=30,
+            check=True,
+            env=env,
+        )
     info = json.loads(out.stdout)
     assert info["body"] == "q" * 200000 and info["HTTP_TRANSFER_ENCODING"] == "chunked"
-    out = subprocess.run([CURL, "-sS", "-I", w.url + "/hello"], capture_output=True,
-                         timeout=30, check=True, env=env)
+    out = subprocess.run(
+        [CURL, "-sS", "-I", w.url + "/hello"], capture_output=True, timeout=30, check=True, env=env
+    )
     assert out.stdout.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"Content-Length: 13\r\n" in out.stdout
 
 
 def test_serve_from_python_with_sigterm() -> None:
     # serve() in a child: SIGTERM stops it gracefully with exit code 0.
-    code = ("import wsgi_apps, cppnp.wsgi, sys\n"
-            "cppnp.wsgi.serve(wsgi_apps.hello, '127.0.0.1', 0, threads=2, "
-            "ready=lambda s: print(s.address[1], flush=True))\n"
-            "print('bye', flush=True)\n")
+    code = (
+        "import wsgi_apps, cppnp.wsgi, sys\n"
+        "cppnp.wsgi.serve(wsgi_apps.hello, '127.0.0.1', 0, threads=2, "
+        "ready=lambda s: print(s.address[1], flush=True))\n"
+        "print('bye', flush=True)\n"
+    )
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
@@ -469,10 +501,14 @@ def test_serve_from_python_with_sigterm() -> None:
 def test_access_log(wsgi: Serve, threads: int, caplog: pytest.LogCaptureFixture) -> None:
     w = wsgi(validator(wsgi_apps.dispatch), threads=threads, access_log=True)
     with caplog.at_level(logging.INFO, logger="cppnp.wsgi.access"):
-        exchange(w.address, get("/hello?x=1", extra="User-Agent: tester\r\n") +
-                 b"HEAD /stream HTTP/1.1\r\nHost: t\r\n\r\n", count=1, probe=False)
-        wait_for(lambda: len([r for r in caplog.records
-                              if r.name == "cppnp.wsgi.access"]) >= 1)
+        exchange(
+            w.address,
+            get("/hello?x=1", extra="User-Agent: tester\r\n")
+            + b"HEAD /stream HTTP/1.1\r\nHost: t\r\n\r\n",
+            count=1,
+            probe=False,
+        )
+        wait_for(lambda: len([r for r in caplog.records if r.name == "cppnp.wsgi.access"]) >= 1)
     (line, *_) = [r.getMessage() for r in caplog.records if r.name == "cppnp.wsgi.access"]
     assert line.startswith("127.0.0.1 - - [")
     assert '"GET /hello?x=1 HTTP/1.1" 200 ' in line and '"tester"' in line

@@ -96,8 +96,9 @@ def test_pipelined_requests_answered_in_order_from_8_workers(wsgi: Serve) -> Non
         n = int(environ["PATH_INFO"][1:])
         time.sleep((40 - n) * 0.0005 + random.random() * 0.001)
         data = b"%d:%s" % (n, environ["wsgi.input"].read(-1))
-        start_response("200 OK", [("Content-Type", "text/plain"),
-                                  ("Content-Length", str(len(data)))])
+        start_response(
+            "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(data)))]
+        )
         return [data]
 
     w = wsgi(validator(app), threads=8, max_pipeline=64)
@@ -107,7 +108,10 @@ def test_pipelined_requests_answered_in_order_from_8_workers(wsgi: Serve) -> Non
             if i % 3 == 0:
                 body = b"body%d" % i
                 raw += b"POST /%d HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (
-                    i, len(body), body)
+                    i,
+                    len(body),
+                    body,
+                )
             else:
                 raw += get("/%d" % i)
         with socket.create_connection(w.address, timeout=10) as s:
@@ -135,13 +139,18 @@ def test_pipelining_pauses_reading_past_max_pipeline(wsgi: Serve) -> None:
 @pytest.mark.parametrize("threads", MODES, ids=MODE_IDS)
 def test_content_length_and_chunked_request_bodies(wsgi: Serve, threads: int) -> None:
     w = wsgi(ECHO, threads=threads)
-    r = one(w.address, b"POST /cl HTTP/1.1\r\nHost: t\r\nContent-Length: 11\r\n"
-                       b"Content-Type: text/plain\r\n\r\nhello world")
+    r = one(
+        w.address,
+        b"POST /cl HTTP/1.1\r\nHost: t\r\nContent-Length: 11\r\n"
+        b"Content-Type: text/plain\r\n\r\nhello world",
+    )
     info = _json(r)
     assert info["body"] == "hello world" and info["CONTENT_LENGTH"] == "11"
     assert info["CONTENT_TYPE"] == "text/plain"
-    raw = (b"POST /ch HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
-           b"5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n")
+    raw = (
+        b"POST /ch HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n"
+    )
     info = _json(one(w.address, raw))
     assert info["body"] == "hello world" and info["CONTENT_LENGTH"] == "11"
     raw = b"POST /e HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
@@ -152,12 +161,14 @@ def test_content_length_and_chunked_request_bodies(wsgi: Serve, threads: int) ->
 @pytest.mark.parametrize("threads", MODES, ids=MODE_IDS)
 def test_body_sent_byte_by_byte(wsgi: Serve, threads: int) -> None:
     w = wsgi(ECHO, threads=threads)
-    raw = (b"POST /x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
-           b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n")
+    raw = (
+        b"POST /x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n"
+    )
     with socket.create_connection(w.address, timeout=10) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for i in range(len(raw)):
-            s.send(raw[i:i + 1])
+            s.send(raw[i : i + 1])
         info = _json(read_response(s.makefile("rb")))
     assert info["body"] == "abcdefg"
 
@@ -166,28 +177,34 @@ def test_body_sent_byte_by_byte(wsgi: Serve, threads: int) -> None:
 def test_expect_100_continue(wsgi: Serve, threads: int) -> None:
     w = wsgi(ECHO, threads=threads, max_body_size=1000)
     with socket.create_connection(w.address, timeout=10) as s:
-        s.sendall(b"PUT /x HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
-                  b"Expect: 100-continue\r\n\r\n")
+        s.sendall(
+            b"PUT /x HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
         f = s.makefile("rb")
         interim = read_response(f)
         assert interim.status == 100 and interim.raw_head == b"HTTP/1.1 100 Continue\r\n\r\n"
         s.sendall(b"abcde")
         assert _json(read_response(f))["body"] == "abcde"
     # Too large: refused at once, without 100, and closed.
-    (r,), closed = exchange(w.address, b"PUT /x HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n"
-                                       b"Expect: 100-continue\r\n\r\n")
+    (r,), closed = exchange(
+        w.address,
+        b"PUT /x HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n",
+    )
     assert r.status == 413 and closed
     # An expectation we cannot meet.
-    (r,), closed = exchange(w.address, b"PUT /x HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n"
-                                       b"Expect: teapot\r\n\r\nx")
+    (r,), closed = exchange(
+        w.address, b"PUT /x HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nExpect: teapot\r\n\r\nx"
+    )
     assert r.status == 417 and closed
 
 
 def test_100_continue_waits_for_the_responses_owed(wsgi: Serve) -> None:
     w = wsgi(validator(wsgi_apps.dispatch), threads=2)
     with socket.create_connection(w.address, timeout=10) as s:
-        s.sendall(get("/slow?ms=300") + b"PUT /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3"
-                  b"\r\nExpect: 100-continue\r\n\r\n")
+        s.sendall(
+            get("/slow?ms=300") + b"PUT /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3"
+            b"\r\nExpect: 100-continue\r\n\r\n"
+        )
         f = s.makefile("rb")
         first = read_response(f)
         assert first.status == 200 and first.body == b"/slow"
@@ -203,8 +220,10 @@ def test_100_continue_waits_for_the_responses_owed(wsgi: Serve) -> None:
 def test_head(wsgi: Serve, threads: int) -> None:
     w = wsgi(validator(wsgi_apps.dispatch), threads=threads)
     with socket.create_connection(w.address, timeout=10) as s:
-        s.sendall(b"HEAD /hello HTTP/1.1\r\nHost: t\r\n\r\n"
-                  b"HEAD /stream?size=5000 HTTP/1.1\r\nHost: t\r\n\r\n" + get("/hello"))
+        s.sendall(
+            b"HEAD /hello HTTP/1.1\r\nHost: t\r\n\r\n"
+            b"HEAD /stream?size=5000 HTTP/1.1\r\nHost: t\r\n\r\n" + get("/hello")
+        )
         f = s.makefile("rb")
         r1 = read_response(f, head_request=True)
         r2 = read_response(f, head_request=True)
@@ -218,8 +237,12 @@ def test_head(wsgi: Serve, threads: int) -> None:
 @pytest.mark.parametrize("threads", MODES, ids=MODE_IDS)
 def test_target_forms_and_path_decoding(wsgi: Serve, threads: int) -> None:
     w = wsgi(ECHO, threads=threads)
-    info = _json(one(w.address, b"GET http://example.com:8080/a%20b/c?x=1&y=%41 HTTP/1.1\r\n"
-                                b"Host: other\r\n\r\n"))
+    info = _json(
+        one(
+            w.address,
+            b"GET http://example.com:8080/a%20b/c?x=1&y=%41 HTTP/1.1\r\nHost: other\r\n\r\n",
+        )
+    )
     assert info["PATH_INFO"] == "/a b/c" and info["QUERY_STRING"] == "x=1&y=%41"
     assert info["HTTP_HOST"] == "example.com:8080"
     assert info["REQUEST_URI"] == "http://example.com:8080/a%20b/c?x=1&y=%41"
@@ -245,9 +268,14 @@ def test_script_name(wsgi: Serve) -> None:
 @pytest.mark.parametrize("threads", MODES, ids=MODE_IDS)
 def test_duplicate_headers_are_joined(wsgi: Serve, threads: int) -> None:
     w = wsgi(ECHO, threads=threads)
-    info = _json(one(w.address, b"GET / HTTP/1.1\r\nHost: t\r\nX-A: 1\r\nx-a: 2\r\nX-A: 3\r\n"
-                                b"Cookie: a=1\r\nCookie: b=2\r\nX_Under: dropped\r\n"
-                                b"X-Latin: \xe9\r\n\r\n"))
+    info = _json(
+        one(
+            w.address,
+            b"GET / HTTP/1.1\r\nHost: t\r\nX-A: 1\r\nx-a: 2\r\nX-A: 3\r\n"
+            b"Cookie: a=1\r\nCookie: b=2\r\nX_Under: dropped\r\n"
+            b"X-Latin: \xe9\r\n\r\n",
+        )
+    )
     assert info["HTTP_X_A"] == "1,2,3"
     assert info["HTTP_COOKIE"] == "a=1; b=2"
     assert "HTTP_X_UNDER" not in info
@@ -275,44 +303,111 @@ CORPUS: list[tuple[str, bytes, int, bool]] = [
     ("bad-scheme", b"GET ftp://a.b/x HTTP/1.1\r\n" + H + b"\r\n", 400, True),
     ("asterisk", b"OPTIONS * HTTP/1.1\r\n" + H + b"\r\n", 200, False),
     ("connect", b"CONNECT a.b:443 HTTP/1.1\r\nHost: a.b:443\r\n\r\n", 405, True),
-    ("cl-and-te", b"POST / HTTP/1.1\r\n" + H +
-     b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, True),
-    ("te-and-cl", b"POST / HTTP/1.1\r\n" + H +
-     b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n", 400, True),
-    ("dup-cl-same", b"POST / HTTP/1.1\r\n" + H +
-     b"Content-Length: 1\r\nContent-Length: 1\r\n\r\nx", 400, True),
-    ("dup-cl-diff", b"POST / HTTP/1.1\r\n" + H +
-     b"Content-Length: 1\r\nContent-Length: 2\r\n\r\nxy", 400, True),
+    (
+        "cl-and-te",
+        b"POST / HTTP/1.1\r\n"
+        + H
+        + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+        True,
+    ),
+    (
+        "te-and-cl",
+        b"POST / HTTP/1.1\r\n"
+        + H
+        + b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        400,
+        True,
+    ),
+    (
+        "dup-cl-same",
+        b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+        400,
+        True,
+    ),
+    (
+        "dup-cl-diff",
+        b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 1\r\nContent-Length: 2\r\n\r\nxy",
+        400,
+        True,
+    ),
     ("cl-list", b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 1, 1\r\n\r\nx", 400, True),
     ("cl-negative", b"POST / HTTP/1.1\r\n" + H + b"Content-Length: -1\r\n\r\n", 400, True),
     ("cl-plus", b"POST / HTTP/1.1\r\n" + H + b"Content-Length: +1\r\n\r\nx", 400, True),
     ("cl-hex", b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 0x1\r\n\r\nx", 400, True),
-    ("cl-overflow", b"POST / HTTP/1.1\r\n" + H +
-     b"Content-Length: 99999999999999999999999\r\n\r\n", 400, True),
+    (
+        "cl-overflow",
+        b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 99999999999999999999999\r\n\r\n",
+        400,
+        True,
+    ),
     ("cl-too-big", b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 1001\r\n\r\n", 413, True),
-    ("chunk-size-bad", b"POST / HTTP/1.1\r\n" + H +
-     b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", 400, True),
-    ("chunk-size-neg", b"POST / HTTP/1.1\r\n" + H +
-     b"Transfer-Encoding: chunked\r\n\r\n-1\r\nabc\r\n0\r\n\r\n", 400, True),
-    ("chunk-size-overflow", b"POST / HTTP/1.1\r\n" + H +
-     b"Transfer-Encoding: chunked\r\n\r\nfffffffffffffffffffff\r\nx\r\n0\r\n\r\n", 400, True),
-    ("chunk-size-space", b"POST / HTTP/1.1\r\n" + H +
-     b"Transfer-Encoding: chunked\r\n\r\n3 \r\nabc\r\n0\r\n\r\n", 400, True),
-    ("chunk-lf-only", b"POST / HTTP/1.1\r\n" + H +
-     b"Transfer-Encoding: chunked\r\n\r\n3\nabc\n0\n\n", 400, True),
-    ("chunk-too-big", b"POST / HTTP/1.1\r\n" + H +
-     b"Transfer-Encoding: chunked\r\n\r\n7d0\r\n" + b"x" * 2000, 413, True),
+    (
+        "chunk-size-bad",
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+        400,
+        True,
+    ),
+    (
+        "chunk-size-neg",
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n-1\r\nabc\r\n0\r\n\r\n",
+        400,
+        True,
+    ),
+    (
+        "chunk-size-overflow",
+        b"POST / HTTP/1.1\r\n"
+        + H
+        + b"Transfer-Encoding: chunked\r\n\r\nfffffffffffffffffffff\r\nx\r\n0\r\n\r\n",
+        400,
+        True,
+    ),
+    (
+        "chunk-size-space",
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3 \r\nabc\r\n0\r\n\r\n",
+        400,
+        True,
+    ),
+    (
+        "chunk-lf-only",
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3\nabc\n0\n\n",
+        400,
+        True,
+    ),
+    (
+        "chunk-too-big",
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n7d0\r\n" + b"x" * 2000,
+        413,
+        True,
+    ),
     ("te-gzip", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: gzip\r\n\r\nabc", 400, True),
-    ("te-chunked-not-last", b"POST / HTTP/1.1\r\n" + H +
-     b"Transfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n", 400, True),
-    ("te-twice", b"POST / HTTP/1.1\r\n" + H +
-     b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, True),
-    ("te-identity", b"POST / HTTP/1.1\r\n" + H +
-     b"Transfer-Encoding: identity\r\n\r\n0\r\n\r\n", 400, True),
-    ("te-gzip-chunked", b"POST / HTTP/1.1\r\n" + H +
-     b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501, True),
-    ("te-in-http10", b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-     400, True),
+    (
+        "te-chunked-not-last",
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+        400,
+        True,
+    ),
+    (
+        "te-twice",
+        b"POST / HTTP/1.1\r\n"
+        + H
+        + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+        True,
+    ),
+    (
+        "te-identity",
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: identity\r\n\r\n0\r\n\r\n",
+        400,
+        True,
+    ),
+    (
+        "te-gzip-chunked",
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        501,
+        True,
+    ),
+    ("te-in-http10", b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, True),
     ("obs-fold", b"GET / HTTP/1.1\r\n" + H + b"X-A: b\r\n c\r\n\r\n", 400, True),
     ("space-before-colon", b"GET / HTTP/1.1\r\nHost : t\r\n\r\n", 400, True),
     ("lf-only-lines", b"GET / HTTP/1.1\nHost: t\n\n", 400, True),
@@ -330,23 +425,37 @@ CORPUS: list[tuple[str, bytes, int, bool]] = [
     ("garbage", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400, True),
     ("get-with-body", b"GET / HTTP/1.1\r\n" + H + b"Content-Length: 2\r\n\r\nab", 200, False),
     ("connection-close", b"GET / HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n", 200, True),
-    ("connection-ka-close", b"GET / HTTP/1.1\r\n" + H +
-     b"Connection: keep-alive, close\r\n\r\n", 200, True),
-    ("upgrade-ignored", b"GET / HTTP/1.1\r\n" + H +
-     b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n", 200, True),
+    (
+        "connection-ka-close",
+        b"GET / HTTP/1.1\r\n" + H + b"Connection: keep-alive, close\r\n\r\n",
+        200,
+        True,
+    ),
+    (
+        "upgrade-ignored",
+        b"GET / HTTP/1.1\r\n" + H + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        200,
+        True,
+    ),
     ("long-target", b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n" + H + b"\r\n", 414, True),
-    ("many-headers", b"GET / HTTP/1.1\r\n" + H +
-     b"".join(b"X-%d: v\r\n" % i for i in range(101)) + b"\r\n", 431, True),
-    ("huge-header", b"GET / HTTP/1.1\r\n" + H + b"X-Big: " + b"v" * 40000 + b"\r\n\r\n",
-     431, True),
+    (
+        "many-headers",
+        b"GET / HTTP/1.1\r\n" + H + b"".join(b"X-%d: v\r\n" % i for i in range(101)) + b"\r\n",
+        431,
+        True,
+    ),
+    ("huge-header", b"GET / HTTP/1.1\r\n" + H + b"X-Big: " + b"v" * 40000 + b"\r\n\r\n", 431, True),
     ("huge-header-name", b"GET / HTTP/1.1\r\n" + H + b"X" * 40000 + b": v\r\n\r\n", 431, True),
-    ("expect-unknown", b"POST / HTTP/1.1\r\n" + H + b"Expect: x\r\nContent-Length: 1\r\n\r\nx",
-     417, True),
+    (
+        "expect-unknown",
+        b"POST / HTTP/1.1\r\n" + H + b"Expect: x\r\nContent-Length: 1\r\n\r\nx",
+        417,
+        True,
+    ),
 ]
 
 
-@pytest.mark.parametrize("raw,status,closed", [c[1:] for c in CORPUS],
-                         ids=[c[0] for c in CORPUS])
+@pytest.mark.parametrize("raw,status,closed", [c[1:] for c in CORPUS], ids=[c[0] for c in CORPUS])
 def test_request_corpus(wsgi: Serve, raw: bytes, status: int, closed: bool) -> None:
     w = wsgi(validator(wsgi_apps.hello), threads=1, max_body_size=1000)
     (r,), was_closed = exchange(w.address, raw)
@@ -406,7 +515,7 @@ def test_keepalive_idle_timeout_closes_quietly(wsgi: Serve, threads: int) -> Non
         f = s.makefile("rb")
         assert read_response(f).body == b"Hello, World!"
         t0 = time.monotonic()
-        assert f.read() == b""          # EOF, and no 408 for an idle connection
+        assert f.read() == b""  # EOF, and no 408 for an idle connection
         assert time.monotonic() - t0 < 8
     wait_for(lambda: w.connection_count() == 0)
 

@@ -27,8 +27,9 @@ def echo(environ: dict[str, Any], start_response: Start) -> list[bytes]:
     info["body"] = body.decode("latin-1")
     info["multithread"] = environ["wsgi.multithread"]
     data = json.dumps(info).encode()
-    start_response("200 OK", [("Content-Type", "application/json"),
-                              ("Content-Length", str(len(data)))])
+    start_response(
+        "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+    )
     return [data]
 
 
@@ -52,8 +53,9 @@ def stream(environ: dict[str, Any], start_response: Start) -> Iterator[bytes]:
 def big(environ: dict[str, Any], start_response: Start) -> Iterator[bytes]:
     """?mb=N: N MiB with a Content-Length, one 1 MiB block at a time."""
     mib = _query(environ, "mb", 1024)
-    start_response("200 OK", [("Content-Type", "application/octet-stream"),
-                              ("Content-Length", str(mib << 20))])
+    start_response(
+        "200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(mib << 20))]
+    )
     block = b"\xab" * (1 << 20)
     for _ in range(mib):
         yield block
@@ -76,8 +78,14 @@ def pid(environ: dict[str, Any], start_response: Start) -> list[bytes]:
 def dispatch(environ: dict[str, Any], start_response: Start) -> Any:
     """Route by the first path segment to the apps above (for child-process tests)."""
     first = environ["PATH_INFO"].split("/")[1] if environ["PATH_INFO"] != "/" else "hello"
-    target = {"hello": hello, "echo": echo, "stream": stream, "big": big, "slow": slow,
-              "pid": pid}.get(first, hello)
+    target = {
+        "hello": hello,
+        "echo": echo,
+        "stream": stream,
+        "big": big,
+        "slow": slow,
+        "pid": pid,
+    }.get(first, hello)
     return target(environ, start_response)
 
 
@@ -102,5 +110,5 @@ try:
     @flask_app.route("/boom")
     def flask_boom() -> str:
         raise RuntimeError("boom")
-except ImportError:     # pragma: no cover - Flask is a test dependency
-    flask_app = None    # type: ignore[assignment]
+except ImportError:  # pragma: no cover - Flask is a test dependency
+    flask_app = None  # type: ignore[assignment]

@@ -116,8 +116,14 @@ def read_response(f: io.BufferedReader, head_request: bool = False) -> Response:
     return resp
 
 
-def exchange(address: tuple[str, int], raw: bytes, count: int = 1, timeout: float = 10.0,
-             head_request: bool = False, probe: bool = True) -> tuple[list[Response], bool]:
+def exchange(
+    address: tuple[str, int],
+    raw: bytes,
+    count: int = 1,
+    timeout: float = 10.0,
+    head_request: bool = False,
+    probe: bool = True,
+) -> tuple[list[Response], bool]:
     """Send *raw*, read *count* responses; return them and whether the server then
     closed the connection.  Decided without timing: a probe request is sent; an open
     connection answers it, a closed one gives EOF (or a reset)."""
@@ -143,8 +149,7 @@ def one(address: tuple[str, int], raw: bytes, **kw: Any) -> Response:
 
 
 def get(path: str = "/", host: str = "t", extra: str = "", version: str = "1.1") -> bytes:
-    return ("GET %s HTTP/%s\r\nHost: %s\r\n%s\r\n" % (path, version, host, extra)).encode(
-        "latin-1")
+    return ("GET %s HTTP/%s\r\nHost: %s\r\n%s\r\n" % (path, version, host, extra)).encode("latin-1")
 
 
 def rss_kib(pid: int) -> int:
@@ -163,14 +168,26 @@ class ServerProcess:
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         sock.close()
-        environ = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get(
-            "PYTHONPATH", ""))
+        environ = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
         if env:
             environ.update(env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cppnp.wsgi", app, "--port", str(self.port),
-             "--log-level", "warning", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environ, cwd=HERE)
+            [
+                sys.executable,
+                "-m",
+                "cppnp.wsgi",
+                app,
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=environ,
+            cwd=HERE,
+        )
         self.address = ("127.0.0.1", self.port)
 
         def up() -> bool:

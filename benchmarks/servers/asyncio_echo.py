@@ -156,10 +156,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", choices=LOOPBACK)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop's event loop")
-    parser.add_argument("--executor", type=int, default=0, metavar="N",
-                        help="do the work in a ThreadPoolExecutor(N) (0 = on the loop)")
-    parser.add_argument("--fib", type=int, default=0, metavar="K",
-                        help="compute fib(K) per received chunk (0 = no work)")
+    parser.add_argument(
+        "--executor",
+        type=int,
+        default=0,
+        metavar="N",
+        help="do the work in a ThreadPoolExecutor(N) (0 = on the loop)",
+    )
+    parser.add_argument(
+        "--fib",
+        type=int,
+        default=0,
+        metavar="K",
+        help="compute fib(K) per received chunk (0 = no work)",
+    )
     args = parser.parse_args(argv)
     raise_nofile_limit()
     if args.uvloop:

@@ -25,8 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fib", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(process)d %(message)s")
-    return serve_echo(args.host, args.port, processes=args.processes, threads=args.threads,
-                      fib=args.fib, drain_timeout=5.0)
+    return serve_echo(
+        args.host,
+        args.port,
+        processes=args.processes,
+        threads=args.threads,
+        fib=args.fib,
+        drain_timeout=5.0,
+    )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,7 @@ import os
 import signal
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
-                                "examples"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples"))
 
 from resp_server import (
     MAX_BULK,
@@ -42,7 +41,7 @@ class RespProtocol(asyncio.Protocol):
         self.max_bulk = max_bulk
         self.max_multibulk = max_multibulk
         self.transport: asyncio.Transport | None = None
-        self.pending: list[bytes] = []      # unparsed input, joined only when needed
+        self.pending: list[bytes] = []  # unparsed input, joined only when needed
         self.pending_len = 0
         self.argv: list[bytes] = []
         self.left = 0
@@ -59,7 +58,7 @@ class RespProtocol(asyncio.Protocol):
             self.pending.append(data)
             self.pending_len += len(data)
             if self.bulk >= 0 and self.pending_len < self.bulk + 2:
-                return                          # a large value still arriving: no join
+                return  # a large value still arriving: no join
             data = b"".join(self.pending)
             self.pending = []
             self.pending_len = 0
@@ -85,8 +84,8 @@ class RespProtocol(asyncio.Protocol):
             if n >= 0:
                 if end - pos < n + 2:
                     return pos
-                arg = data[pos:pos + n]
-                if data[pos + n:pos + n + 2] != b"\r\n":
+                arg = data[pos : pos + n]
+                if data[pos + n : pos + n + 2] != b"\r\n":
                     raise ProtocolError("Protocol error: expected CRLF after bulk string")
                 pos += n + 2
                 self.bulk = -1
@@ -101,12 +100,11 @@ class RespProtocol(asyncio.Protocol):
                 if end - pos > MAX_INLINE:
                     raise ProtocolError("Protocol error: too big inline request")
                 return pos
-            line = data[pos:e + 1]
+            line = data[pos : e + 1]
             pos = e + 1
             if self.left:
                 if line[0] != 36:
-                    raise ProtocolError("Protocol error: expected '$', got '%s'"
-                                        % chr(line[0]))
+                    raise ProtocolError("Protocol error: expected '$', got '%s'" % chr(line[0]))
                 try:
                     k = int(line[1:-2]) if line[-2] == 13 else -1
                 except ValueError:
@@ -158,7 +156,7 @@ class RespProtocol(asyncio.Protocol):
         assert self.transport is not None
         self.closing = True
         self.transport.write(b"".join(replies))
-        self.transport.close()              # after the buffered replies are written
+        self.transport.close()  # after the buffered replies are written
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -166,7 +164,10 @@ async def main_async(args: argparse.Namespace) -> None:
     store = Store()
     server = await loop.create_server(
         lambda: RespProtocol(store, args.max_bulk, args.max_multibulk),
-        args.host, args.port, reuse_address=True)
+        args.host,
+        args.port,
+        reuse_address=True,
+    )
     port = server.sockets[0].getsockname()[1]
     print("listening on %s:%d" % (args.host, port), flush=True)
 

@@ -17,7 +17,7 @@ def hello(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[b
 
 
 def block2ms(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-    time.sleep(0.002)           # a blocking call (a database, an API): the GIL is released
+    time.sleep(0.002)  # a blocking call (a database, an API): the GIL is released
     start_response("200 OK", _HEADERS)
     return [_BODY]
 

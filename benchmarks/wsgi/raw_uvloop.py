@@ -9,8 +9,7 @@ from typing import Any
 import httptools
 import uvloop
 
-RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\n"
-            b"Hello, World!")
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\nHello, World!"
 
 
 class Hello(asyncio.Protocol):

@@ -41,27 +41,90 @@ APPS = {"hello": "apps:hello", "flask": "apps:flask_app", "block2ms": "apps:bloc
 def server_argv(kind: str, app: str, threads: int, port: int) -> list[str]:
     target = APPS[app]
     if kind == "cppnp":
-        return [PY, "-m", "cppnp.wsgi", target, "--port", str(port), "--threads", str(threads),
-                "--log-level", "warning", "--backlog", "4096"]
+        return [
+            PY,
+            "-m",
+            "cppnp.wsgi",
+            target,
+            "--port",
+            str(port),
+            "--threads",
+            str(threads),
+            "--log-level",
+            "warning",
+            "--backlog",
+            "4096",
+        ]
     if kind == "granian":
-        return [os.path.join(BIN, "granian"), "--interface", "wsgi", "--workers", "1",
-                "--runtime-threads", "1", "--blocking-threads", str(threads), "--host",
-                "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning",
-                "--backlog", "4096", target]
+        return [
+            os.path.join(BIN, "granian"),
+            "--interface",
+            "wsgi",
+            "--workers",
+            "1",
+            "--runtime-threads",
+            "1",
+            "--blocking-threads",
+            str(threads),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            "--backlog",
+            "4096",
+            target,
+        ]
     if kind == "waitress":
-        return [os.path.join(BIN, "waitress-serve"), "--threads", str(threads), "--listen",
-                "127.0.0.1:%d" % port, target]
+        return [
+            os.path.join(BIN, "waitress-serve"),
+            "--threads",
+            str(threads),
+            "--listen",
+            "127.0.0.1:%d" % port,
+            target,
+        ]
     if kind == "gthread":
-        return [os.path.join(BIN, "gunicorn"), "-w", "1", "-k", "gthread", "--threads",
-                str(threads), "-b", "127.0.0.1:%d" % port, "--log-level", "warning",
-                "--backlog", "4096", target]
+        return [
+            os.path.join(BIN, "gunicorn"),
+            "-w",
+            "1",
+            "-k",
+            "gthread",
+            "--threads",
+            str(threads),
+            "-b",
+            "127.0.0.1:%d" % port,
+            "--log-level",
+            "warning",
+            "--backlog",
+            "4096",
+            target,
+        ]
     if kind == "sync":
-        return [os.path.join(BIN, "gunicorn"), "-w", "1", "-k", "sync", "-b",
-                "127.0.0.1:%d" % port, "--log-level", "warning", "--backlog", "4096", target]
+        return [
+            os.path.join(BIN, "gunicorn"),
+            "-w",
+            "1",
+            "-k",
+            "sync",
+            "-b",
+            "127.0.0.1:%d" % port,
+            "--log-level",
+            "warning",
+            "--backlog",
+            "4096",
+            target,
+        ]
     if kind == "bjoern":
         module, attr = target.split(":")
-        return [PY, "-c", "import bjoern, %s as m; bjoern.run(m.%s, '127.0.0.1', %d)"
-                % (module, attr, port)]
+        return [
+            PY,
+            "-c",
+            "import bjoern, %s as m; bjoern.run(m.%s, '127.0.0.1', %d)" % (module, attr, port),
+        ]
     if kind == "raw":
         return [PY, os.path.join(HERE, "raw_uvloop.py"), str(port)]
     raise ValueError(kind)
@@ -80,9 +143,15 @@ class Cell:
 
     @property
     def label(self) -> str:
-        names = {"cppnp": "cppnp", "granian": "granian", "waitress": "waitress",
-                 "gthread": "gunicorn gthread", "sync": "gunicorn sync", "bjoern": "bjoern",
-                 "raw": "raw uvloop+httptools"}
+        names = {
+            "cppnp": "cppnp",
+            "granian": "granian",
+            "waitress": "waitress",
+            "gthread": "gunicorn gthread",
+            "sync": "gunicorn sync",
+            "bjoern": "bjoern",
+            "raw": "raw uvloop+httptools",
+        }
         name = names[self.server]
         if self.server in ("cppnp", "granian", "waitress", "gthread"):
             name += " (%d thr)" % self.threads if self.threads else " (--threads 0)"
@@ -91,19 +160,41 @@ class Cell:
 
 def cells(quick: bool) -> list[Cell]:
     out: list[Cell] = []
-    for srv, thr in (("raw", 0), ("bjoern", 0), ("cppnp", 0), ("cppnp", 4), ("granian", 4),
-                     ("waitress", 4), ("gthread", 4), ("sync", 0)):
+    for srv, thr in (
+        ("raw", 0),
+        ("bjoern", 0),
+        ("cppnp", 0),
+        ("cppnp", 4),
+        ("granian", 4),
+        ("waitress", 4),
+        ("gthread", 4),
+        ("sync", 0),
+    ):
         out.append(Cell("hello", srv, thr))
-    for srv, thr in (("bjoern", 0), ("cppnp", 0), ("cppnp", 4), ("granian", 4),
-                     ("waitress", 4), ("gthread", 4), ("sync", 0)):
+    for srv, thr in (
+        ("bjoern", 0),
+        ("cppnp", 0),
+        ("cppnp", 4),
+        ("granian", 4),
+        ("waitress", 4),
+        ("gthread", 4),
+        ("sync", 0),
+    ):
         out.append(Cell("flask", srv, thr))
     for n in (4, 16):
         for srv in ("cppnp", "granian", "waitress", "gthread"):
             out.append(Cell("block2ms", srv, n))
     out.append(Cell("block2ms", "bjoern", 0))
     out.append(Cell("block2ms", "sync", 0))
-    for srv, thr in (("raw", 0), ("bjoern", 0), ("cppnp", 0), ("cppnp", 4), ("granian", 4),
-                     ("waitress", 4), ("gthread", 4)):
+    for srv, thr in (
+        ("raw", 0),
+        ("bjoern", 0),
+        ("cppnp", 0),
+        ("cppnp", 4),
+        ("granian", 4),
+        ("waitress", 4),
+        ("gthread", 4),
+    ):
         out.append(Cell("hello", srv, thr, 1000))
     if quick:
         out = [c for c in out if c.server in ("cppnp", "granian", "bjoern")]
@@ -127,7 +218,7 @@ def tree_cpu(root: int) -> float:
                 data = f.read()
         except OSError:
             continue
-        rest = data[data.rindex(")") + 2:].split()
+        rest = data[data.rindex(")") + 2 :].split()
         stats[int(name)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / CLK_TCK)
     total = 0.0
     todo = [root]
@@ -143,8 +234,11 @@ def tree_cpu(root: int) -> float:
 
 
 def established(port: int) -> int:
-    out = subprocess.run(["ss", "-Htn", "state", "established", "( sport = :%d )" % port],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ss", "-Htn", "state", "established", "( sport = :%d )" % port],
+        capture_output=True,
+        text=True,
+    ).stdout
     return len([ln for ln in out.splitlines() if ln.strip()])
 
 
@@ -189,17 +283,29 @@ def run_cell(cell: Cell, duration: float) -> dict[str, Any]:
     # Output to a file, never to an unread pipe: a server that logs (waitress warns about
     # its task queue under load) would block on a full pipe.
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(argv, cwd=HERE, env=env, stdout=log, stderr=log,
-                            start_new_session=True)
+    proc = subprocess.Popen(argv, cwd=HERE, env=env, stdout=log, stderr=log, start_new_session=True)
     try:
         wait_up(port, proc)
         url = "http://127.0.0.1:%d/" % port
-        wrk = ["taskset", "-c", "1", "wrk", "-t1", "-c%d" % cell.conns, "--latency",
-               "--timeout", "10s"]
-        subprocess.run([*wrk, "-d1s", url], capture_output=True, timeout=60)     # warm-up
+        wrk = [
+            "taskset",
+            "-c",
+            "1",
+            "wrk",
+            "-t1",
+            "-c%d" % cell.conns,
+            "--latency",
+            "--timeout",
+            "10s",
+        ]
+        subprocess.run([*wrk, "-d1s", url], capture_output=True, timeout=60)  # warm-up
         cpu0 = tree_cpu(proc.pid)
-        w = subprocess.Popen([*wrk, "-d%gs" % duration, url], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+        w = subprocess.Popen(
+            [*wrk, "-d%gs" % duration, url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         time.sleep(duration / 2)
         conns_seen = established(port)
         out, _ = w.communicate(timeout=duration + 60)
@@ -235,33 +341,47 @@ def fmt_rps(v: float | None) -> str:
 
 
 def report(summaries: dict[str, Summary], meta: dict[str, Any]) -> str:
-    lines = ["# WSGI servers, one process each (%s)" % meta["date"], "",
-             "`make bench-wsgi` (%s): server on CPU 0 (taskset), `wrk -t1` on CPU 1, %d "
-             "rounds of %g s per cell, cells alternating; medians.  Python %s, %s.  "
-             "Server CPU per request from /proc (utime+stime of the server's process tree)."
-             % (meta["command"], meta["rounds"], meta["duration"], meta["python"],
-                meta["versions"]), ""]
-    groups = [("hello", 50, "plain WSGI hello, -c50"), ("flask", 50, "Flask hello, -c50"),
-              ("block2ms", 50, "app blocks 2 ms, -c50 (ideal: threads / 2 ms)"),
-              ("hello", 1000, "plain WSGI hello, -c1000")]
+    lines = [
+        "# WSGI servers, one process each (%s)" % meta["date"],
+        "",
+        "`make bench-wsgi` (%s): server on CPU 0 (taskset), `wrk -t1` on CPU 1, %d "
+        "rounds of %g s per cell, cells alternating; medians.  Python %s, %s.  "
+        "Server CPU per request from /proc (utime+stime of the server's process tree)."
+        % (meta["command"], meta["rounds"], meta["duration"], meta["python"], meta["versions"]),
+        "",
+    ]
+    groups = [
+        ("hello", 50, "plain WSGI hello, -c50"),
+        ("flask", 50, "Flask hello, -c50"),
+        ("block2ms", 50, "app blocks 2 ms, -c50 (ideal: threads / 2 ms)"),
+        ("hello", 1000, "plain WSGI hello, -c1000"),
+    ]
     for app, conns, title in groups:
-        rows = [s for s in summaries.values()
-                if s.cell["app"] == app and s.cell["conns"] == conns]
+        rows = [s for s in summaries.values() if s.cell["app"] == app and s.cell["conns"] == conns]
         if not rows:
             continue
-        lines += ["## " + title, "",
-                  "| server | req/s | server CPU / req | p99 | errors | conns mid-run |",
-                  "| :--- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "## " + title,
+            "",
+            "| server | req/s | server CPU / req | p99 | errors | conns mid-run |",
+            "| :--- | ---: | ---: | ---: | ---: | ---: |",
+        ]
         rows.sort(key=lambda s: (s.cell["threads"], -(s.median("rps") or 0)))
         for s in rows:
             cpu = s.median("cpu_us_per_req")
             p99 = s.median("p99_ms")
             errs = max((r["socket_errors"] + r["non2xx"]) for r in s.runs)
-            lines.append("| %s | %s | %s | %s | %d | %d |" % (
-                s.cell["label"], fmt_rps(s.median("rps")),
-                "%.1f µs" % cpu if cpu is not None else "-",
-                "%.2f ms" % p99 if p99 is not None else "-", errs,
-                int(s.median("established_mid_run") or 0)))
+            lines.append(
+                "| %s | %s | %s | %s | %d | %d |"
+                % (
+                    s.cell["label"],
+                    fmt_rps(s.median("rps")),
+                    "%.1f µs" % cpu if cpu is not None else "-",
+                    "%.2f ms" % p99 if p99 is not None else "-",
+                    errs,
+                    int(s.median("established_mid_run") or 0),
+                )
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -271,6 +391,7 @@ def versions() -> str:
     for name in ("granian", "bjoern", "waitress", "gunicorn", "uvloop", "httptools", "flask"):
         try:
             from importlib.metadata import version
+
             out.append("%s %s" % (name, version(name)))
         except Exception:
             pass
@@ -304,28 +425,34 @@ def main(argv: list[str] | None = None) -> int:
         todo = [c for c in todo if c.conns in keep_n]
     summaries = {c.key: Summary(dict(asdict(c), label=c.label)) for c in todo}
     for rnd in range(args.rounds):
-        order = todo[rnd % len(todo):] + todo[:rnd % len(todo)]
+        order = todo[rnd % len(todo) :] + todo[: rnd % len(todo)]
         for cell in order:
             try:
                 res = run_cell(cell, args.duration)
-            except Exception as exc:        # a peer that fails to start is reported
+            except Exception as exc:  # a peer that fails to start is reported
                 res = {"error": str(exc)[-500:], "socket_errors": 0, "non2xx": 0}
             summaries[cell.key].runs.append(res)
-            print("round %d %-40s %s" % (rnd + 1, cell.key, json.dumps(
-                {k: v for k, v in res.items() if k != "error"})), flush=True)
+            print(
+                "round %d %-40s %s"
+                % (rnd + 1, cell.key, json.dumps({k: v for k, v in res.items() if k != "error"})),
+                flush=True,
+            )
     date = datetime.date.today().isoformat()
-    meta = {"date": date, "rounds": args.rounds, "duration": args.duration,
-            "python": platform.python_version(), "versions": versions(),
-            "command": "benchmarks/wsgi/run.py " + " ".join(argv or sys.argv[1:])}
+    meta = {
+        "date": date,
+        "rounds": args.rounds,
+        "duration": args.duration,
+        "python": platform.python_version(),
+        "versions": versions(),
+        "command": "benchmarks/wsgi/run.py " + " ".join(argv or sys.argv[1:]),
+    }
     os.makedirs(RESULTS, exist_ok=True)
     stem = os.path.join(RESULTS, args.out or "wsgi-%s" % date)
     with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "cells": [asdict(s) for s in summaries.values()]}, f,
-                  indent=1)
+        json.dump({"meta": meta, "cells": [asdict(s) for s in summaries.values()]}, f, indent=1)
     from goals import goals_markdown
 
-    text = report(summaries, meta) + "\n" + goals_markdown(
-        [asdict(s) for s in summaries.values()])
+    text = report(summaries, meta) + "\n" + goals_markdown([asdict(s) for s in summaries.values()])
     with open(stem + ".md", "w") as f:
         f.write(text + "\n")
     print(text)

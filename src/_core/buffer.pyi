@@ -1,4 +1,3 @@
-
 from typing import Literal
 
 from typing_extensions import Buffer as _BufferLike
@@ -31,7 +30,10 @@ class Buffer:
     def find(self, sub: _BufferLike, start: int = ...) -> int: ...
     def readline(self, delimiter: _BufferLike = ...) -> bytes | None: ...
     def peek_int(
-        self, width: int, byteorder: Literal["big", "little"] = ..., signed: bool = ...,
+        self,
+        width: int,
+        byteorder: Literal["big", "little"] = ...,
+        signed: bool = ...,
         offset: int = ...,
     ) -> int: ...
     def read_int(

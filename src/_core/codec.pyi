@@ -20,7 +20,11 @@ class LengthFieldCodec(_FrameCodec):
     @property
     def max_frame(self) -> int: ...
     def __init__(
-        self, handler: Any, *, header_bytes: int = ..., byteorder: str = ...,
+        self,
+        handler: Any,
+        *,
+        header_bytes: int = ...,
+        byteorder: str = ...,
         max_frame: int = ...,
     ) -> None: ...
     def on_message(self, conn: Any, buf: Buffer) -> None: ...

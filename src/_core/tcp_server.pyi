@@ -12,9 +12,18 @@ class TcpServer:
     def accept_errors(self) -> int: ...
     @property
     def shed_connections(self) -> int: ...
-    def __init__(self, loop: EventLoop, address: tuple[str, int], handler: Any, *,
-                 name: str | None = ..., reuse_port: bool = ..., backlog: int = ...,
-                 tcp_nodelay: bool = ..., keepalive: bool = ...) -> None: ...
+    def __init__(
+        self,
+        loop: EventLoop,
+        address: tuple[str, int],
+        handler: Any,
+        *,
+        name: str | None = ...,
+        reuse_port: bool = ...,
+        backlog: int = ...,
+        tcp_nodelay: bool = ...,
+        keepalive: bool = ...,
+    ) -> None: ...
     @property
     def address(self) -> tuple[str, int]: ...
     @property

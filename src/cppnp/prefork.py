@@ -98,13 +98,13 @@ log = logging.getLogger("cppnp.prefork")
 #: Exit status of a child whose make_server() or start() raised (gunicorn uses 3 too),
 #: and of ``cppnp echo --processes`` when the service could not start.
 EXIT_BOOT_FAILED = 3
-_EXIT_CRASHED = 1           # an exception escaped the child's loop
-_EXIT_ORPHANED = 4          # the parent died before the child could arm PDEATHSIG
+_EXIT_CRASHED = 1  # an exception escaped the child's loop
+_EXIT_ORPHANED = 4  # the parent died before the child could arm PDEATHSIG
 
 _PR_SET_PDEATHSIG = 1
-_TICK = 0.05                # the child's timer: signal check-in and drain steps
-_STOP_BYTE = b"\0"          # written to the wakeup pipe by Supervisor.stop()
-_BOOT_CRASH_LIMIT = 5       # a slot whose child dies before ready this often: give up
+_TICK = 0.05  # the child's timer: signal check-in and drain steps
+_STOP_BYTE = b"\0"  # written to the wakeup pipe by Supervisor.stop()
+_BOOT_CRASH_LIMIT = 5  # a slot whose child dies before ready this often: give up
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -160,8 +160,9 @@ def reserve_port(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
 
     Thread-safe.
     """
-    info = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
-                              socket.AI_PASSIVE)[0]
+    info = socket.getaddrinfo(
+        host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+    )[0]
     sock = socket.socket(info[0], info[1], info[2])
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -173,11 +174,17 @@ def reserve_port(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     return sock
 
 
-def serve(make_server: MakeServer, *, processes: int | None = None,
-          drain_timeout: float = 30.0, kill_timeout: float = 5.0,
-          on_ready: Callable[[Supervisor], Any] | None = None,
-          backoff: float = 0.1, max_backoff: float = 10.0,
-          stable_after: float = 10.0) -> int:
+def serve(
+    make_server: MakeServer,
+    *,
+    processes: int | None = None,
+    drain_timeout: float = 30.0,
+    kill_timeout: float = 5.0,
+    on_ready: Callable[[Supervisor], Any] | None = None,
+    backoff: float = 0.1,
+    max_backoff: float = 10.0,
+    stable_after: float = 10.0,
+) -> int:
     """Run *make_server* in *processes* children (default: the CPUs this process may use)
     and supervise them until SIGTERM/SIGINT; see the module docstring.
 
@@ -187,9 +194,16 @@ def serve(make_server: MakeServer, *, processes: int | None = None,
 
     Main thread only.
     """
-    return Supervisor(make_server, processes=processes, drain_timeout=drain_timeout,
-                      kill_timeout=kill_timeout, on_ready=on_ready, backoff=backoff,
-                      max_backoff=max_backoff, stable_after=stable_after).run()
+    return Supervisor(
+        make_server,
+        processes=processes,
+        drain_timeout=drain_timeout,
+        kill_timeout=kill_timeout,
+        on_ready=on_ready,
+        backoff=backoff,
+        max_backoff=max_backoff,
+        stable_after=stable_after,
+    ).run()
 
 
 @dataclass
@@ -204,8 +218,8 @@ class _Child:
 
 @dataclass
 class _Slot:
-    crashes: int = 0            # consecutive crashes of short-lived children
-    boot_crashes: int = 0       # consecutive deaths before ready
+    crashes: int = 0  # consecutive crashes of short-lived children
+    boot_crashes: int = 0  # consecutive deaths before ready
     restart_at: float | None = None
     ever_ready: bool = False
 
@@ -231,11 +245,18 @@ class Supervisor:
     ``stop()`` may be used from *on_ready* or from another thread.
     """
 
-    def __init__(self, make_server: MakeServer, *, processes: int | None = None,
-                 drain_timeout: float = 30.0, kill_timeout: float = 5.0,
-                 on_ready: Callable[[Supervisor], Any] | None = None,
-                 backoff: float = 0.1, max_backoff: float = 10.0,
-                 stable_after: float = 10.0) -> None:
+    def __init__(
+        self,
+        make_server: MakeServer,
+        *,
+        processes: int | None = None,
+        drain_timeout: float = 30.0,
+        kill_timeout: float = 5.0,
+        on_ready: Callable[[Supervisor], Any] | None = None,
+        backoff: float = 0.1,
+        max_backoff: float = 10.0,
+        stable_after: float = 10.0,
+    ) -> None:
         """Check the options; nothing is forked before run().
 
         Thread-safe.
@@ -248,9 +269,13 @@ class Supervisor:
             raise TypeError("processes must be an int, got %r" % type(processes).__name__)
         if processes < 1:
             raise ValueError("processes must be >= 1, got %d" % processes)
-        for name, value in (("drain_timeout", drain_timeout), ("kill_timeout", kill_timeout),
-                            ("backoff", backoff), ("max_backoff", max_backoff),
-                            ("stable_after", stable_after)):
+        for name, value in (
+            ("drain_timeout", drain_timeout),
+            ("kill_timeout", kill_timeout),
+            ("backoff", backoff),
+            ("max_backoff", max_backoff),
+            ("stable_after", stable_after),
+        ):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError("%s must be a number >= 0, got %r" % (name, value))
         self._make_server = make_server
@@ -261,9 +286,9 @@ class Supervisor:
         self._backoff = float(backoff)
         self._max_backoff = float(max_backoff)
         self._stable_after = float(stable_after)
-        self._lock = threading.RLock()     # reentrant: stop() may run in a signal handler
-        self._children: dict[int, _Child] = {}      # pid -> child
-        self._by_fd: dict[int, _Child] = {}         # status pipe -> child
+        self._lock = threading.RLock()  # reentrant: stop() may run in a signal handler
+        self._children: dict[int, _Child] = {}  # pid -> child
+        self._by_fd: dict[int, _Child] = {}  # status pipe -> child
         self._slots = [_Slot() for _ in range(processes)]
         self._address: list[Any] | None = None
         self._restarts = 0
@@ -315,14 +340,14 @@ class Supervisor:
 
         Thread-safe.
         """
-        with self._lock:        # run() closes the pipe under the lock: no write to a reused fd
+        with self._lock:  # run() closes the pipe under the lock: no write to a reused fd
             if self._wake_w < 0 and not self._ran:
-                self._stop_early = True     # run() stops as soon as it has started
+                self._stop_early = True  # run() stops as soon as it has started
             elif self._wake_w >= 0:
                 try:
                     os.write(self._wake_w, _STOP_BYTE)
                 except OSError:
-                    pass        # the pipe is full: a wakeup is already waiting
+                    pass  # the pipe is full: a wakeup is already waiting
 
     # -- the parent ----------------------------------------------------------------------
 
@@ -335,11 +360,14 @@ class Supervisor:
             raise RuntimeError("prefork serve() must run in the main thread (signals)")
         others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
         if others:
-            log.warning("prefork: forking while other threads run (%s); a thread holding a "
-                        "lock at fork() can deadlock a child: create loops, pools and "
-                        "threads in make_server", ", ".join(others))
+            log.warning(
+                "prefork: forking while other threads run (%s); a thread holding a "
+                "lock at fork() can deadlock a child: create loops, pools and "
+                "threads in make_server",
+                ", ".join(others),
+            )
         self._set_pdeathsig = _load_prctl()
-        with self._lock:        # stop() sees either _ran False or the pipe
+        with self._lock:  # stop() sees either _ran False or the pipe
             if self._ran:
                 raise RuntimeError("a Supervisor runs once")
             self._ran = True
@@ -396,8 +424,9 @@ class Supervisor:
             if self._kill_at is not None and now >= self._kill_at and not self._killed:
                 self._killed = True
                 for child in list(self._children.values()):
-                    log.warning("prefork: child %d (pid %d) still running: SIGKILL",
-                                child.slot, child.pid)
+                    log.warning(
+                        "prefork: child %d (pid %d) still running: SIGKILL", child.slot, child.pid
+                    )
                     self._exit_code = 1
                     self._signal(child.pid, signal.SIGKILL)
             if not self._stopping:
@@ -420,9 +449,9 @@ class Supervisor:
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, (*_STOP_SIGNALS, signal.SIGCHLD))
         try:
             pid = os.fork()
-            if pid == 0:                                    # pragma: no cover (child)
+            if pid == 0:  # pragma: no cover (child)
                 os.close(status_r)
-                self._child_main(slot, status_w, parent, old_mask)   # never returns
+                self._child_main(slot, status_w, parent, old_mask)  # never returns
         except BaseException:
             os.close(status_r)
             os.close(status_w)
@@ -455,8 +484,12 @@ class Supervisor:
             for slot in self._slots:
                 slot.restart_at = None
             if self._fatal is None:
-                log.info("prefork: %s: draining %d children (deadline %.1f s)", why,
-                         len(self._children), self.drain_timeout)
+                log.info(
+                    "prefork: %s: draining %d children (deadline %.1f s)",
+                    why,
+                    len(self._children),
+                    self.drain_timeout,
+                )
             for child in list(self._children.values()):
                 self._signal(child.pid, signal.SIGTERM)
         elif escalate and not self._killed:
@@ -467,7 +500,7 @@ class Supervisor:
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
-            pass        # already dead, not yet reaped
+            pass  # already dead, not yet reaped
 
     def _read_status(self, child: _Child, poller: select.poll) -> None:
         try:
@@ -498,8 +531,9 @@ class Supervisor:
     def _on_status(self, child: _Child, msg: dict[str, Any]) -> None:
         slot = self._slots[child.slot]
         if "error" in msg:
-            self._fail("child %d (pid %d) failed to start: %s" % (child.slot, child.pid,
-                                                                   msg["error"]))
+            self._fail(
+                "child %d (pid %d) failed to start: %s" % (child.slot, child.pid, msg["error"])
+            )
             return
         if "ready" not in msg:
             return
@@ -510,17 +544,25 @@ class Supervisor:
         if self._address is None:
             self._address = addresses
         elif addresses != self._address:
-            self._fail("children listen on different addresses (%s, then %s): with port 0 "
-                       "each child picks its own port; pass a fixed port, or reserve one "
-                       "with cppnp.prefork.reserve_port()" % (self._address, addresses))
+            self._fail(
+                "children listen on different addresses (%s, then %s): with port 0 "
+                "each child picks its own port; pass a fixed port, or reserve one "
+                "with cppnp.prefork.reserve_port()" % (self._address, addresses)
+            )
             return
-        log.info("prefork: child %d ready (pid %d) on %s", child.slot, child.pid,
-                 ", ".join("%s:%s" % tuple(a[:2]) for a in addresses) or "?")
-        if not self._announced and not self._stopping and all(
-                s.ever_ready for s in self._slots):
+        log.info(
+            "prefork: child %d ready (pid %d) on %s",
+            child.slot,
+            child.pid,
+            ", ".join("%s:%s" % tuple(a[:2]) for a in addresses) or "?",
+        )
+        if not self._announced and not self._stopping and all(s.ever_ready for s in self._slots):
             self._announced = True
-            log.info("prefork: %d children ready: pids %s", self.processes,
-                     " ".join(str(p) for p in self.pids))
+            log.info(
+                "prefork: %d children ready: pids %s",
+                self.processes,
+                " ".join(str(p) for p in self.pids),
+            )
             if self._on_ready is not None:
                 self._on_ready(self)
 
@@ -559,20 +601,29 @@ class Supervisor:
             return
         slot = self._slots[child.slot]
         if code == EXIT_BOOT_FAILED and not child.ready:
-            self._fail("child %d (pid %d) failed to start (%s; see its log)"
-                       % (child.slot, child.pid, how))
+            self._fail(
+                "child %d (pid %d) failed to start (%s; see its log)" % (child.slot, child.pid, how)
+            )
             return
         if not child.ready:
             slot.boot_crashes += 1
             if slot.boot_crashes >= _BOOT_CRASH_LIMIT:
-                self._fail("child %d died before it was ready %d times in a row (last: "
-                           "pid %d %s)" % (child.slot, slot.boot_crashes, child.pid, how))
+                self._fail(
+                    "child %d died before it was ready %d times in a row (last: "
+                    "pid %d %s)" % (child.slot, slot.boot_crashes, child.pid, how)
+                )
                 return
         slot.crashes = 1 if uptime >= self._stable_after else slot.crashes + 1
         delay = min(self._max_backoff, self._backoff * 2 ** (slot.crashes - 1))
         slot.restart_at = time.monotonic() + delay
-        log.warning("prefork: child %d (pid %d) %s after %.1f s; restarting in %.1f s",
-                    child.slot, child.pid, how, uptime, delay)
+        log.warning(
+            "prefork: child %d (pid %d) %s after %.1f s; restarting in %.1f s",
+            child.slot,
+            child.pid,
+            how,
+            uptime,
+            delay,
+        )
 
     def _kill_all(self) -> None:
         """Never leave a child behind, whatever happened in the parent."""
@@ -592,8 +643,9 @@ class Supervisor:
 
     # -- the child -----------------------------------------------------------------------
 
-    def _child_main(self, slot: int, status_w: int, parent: int,
-                    mask: set[int | signal.Signals]) -> None:
+    def _child_main(
+        self, slot: int, status_w: int, parent: int, mask: set[int | signal.Signals]
+    ) -> None:
         """Run one child; never returns (os._exit: no parent atexit handlers, no
         pytest/finally blocks of the caller run twice)."""
         code = _EXIT_CRASHED
@@ -608,9 +660,16 @@ class Supervisor:
             self._by_fd.clear()
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             assert self._set_pdeathsig is not None
-            code = _ChildRuntime(self._make_server, slot, status_w, parent,
-                                 self.drain_timeout, self.kill_timeout, mask,
-                                 self._set_pdeathsig).run()
+            code = _ChildRuntime(
+                self._make_server,
+                slot,
+                status_w,
+                parent,
+                self.drain_timeout,
+                self.kill_timeout,
+                mask,
+                self._set_pdeathsig,
+            ).run()
         except BaseException:
             try:
                 log.exception("prefork: child %d crashed", slot)
@@ -643,10 +702,17 @@ def _load_prctl() -> Callable[[int], None]:
 class _ChildRuntime:
     """One child's life: boot, serve, drain, exit status."""
 
-    def __init__(self, make_server: MakeServer, slot: int, status_w: int, parent: int,
-                 drain_timeout: float, kill_timeout: float,
-                 mask: set[int | signal.Signals],
-                 set_pdeathsig: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        make_server: MakeServer,
+        slot: int,
+        status_w: int,
+        parent: int,
+        drain_timeout: float,
+        kill_timeout: float,
+        mask: set[int | signal.Signals],
+        set_pdeathsig: Callable[[int], None],
+    ) -> None:
         self.set_pdeathsig = set_pdeathsig
         self.make_server = make_server
         self.slot = slot
@@ -677,9 +743,9 @@ class _ChildRuntime:
         data = (json.dumps(msg) + "\n").encode()
         try:
             while data:
-                data = data[os.write(self.status_w, data):]
+                data = data[os.write(self.status_w, data) :]
         except OSError:
-            pass        # the parent is gone; PDEATHSIG handles the rest
+            pass  # the parent is gone; PDEATHSIG handles the rest
 
     def run(self) -> int:
         for sig in _STOP_SIGNALS:
@@ -688,7 +754,7 @@ class _ChildRuntime:
         self.set_pdeathsig(signal.SIGTERM)
         signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
         if os.getppid() != self.parent:
-            return _EXIT_ORPHANED       # the parent died before PDEATHSIG was armed
+            return _EXIT_ORPHANED  # the parent died before PDEATHSIG was armed
         try:
             loop = self.loop = EventLoop()
         except BaseException as exc:
@@ -708,9 +774,11 @@ class _ChildRuntime:
             elif isinstance(item, TcpServer) or isinstance(item, PreforkServer):
                 self.servers.append(item)
             else:
-                raise TypeError("make_server returned %r: expected a TcpServer, an object "
-                                "with start(), stop_accepting(), stop() and "
-                                "connection_count, or a list of them" % (item,))
+                raise TypeError(
+                    "make_server returned %r: expected a TcpServer, an object "
+                    "with start(), stop_accepting(), stop() and "
+                    "connection_count, or a list of them" % (item,)
+                )
         if not self.servers:
             raise TypeError("make_server returned no server")
         for server in self.servers:
@@ -722,8 +790,13 @@ class _ChildRuntime:
             self._boot(loop)
         except BaseException as exc:
             # A bind error needs no traceback; a bug in make_server does.
-            log.error("prefork: child %d (pid %d): make_server/start failed: %s", self.slot,
-                      os.getpid(), _why(exc), exc_info=not isinstance(exc, OSError))
+            log.error(
+                "prefork: child %d (pid %d): make_server/start failed: %s",
+                self.slot,
+                os.getpid(),
+                _why(exc),
+                exc_info=not isinstance(exc, OSError),
+            )
             self._report({"error": _why(exc)})
             self._teardown(graceful=False)
             return EXIT_BOOT_FAILED
@@ -745,8 +818,12 @@ class _ChildRuntime:
             loop.cancel_timer(tick)
             self._teardown(graceful=self.drained)
         if self.forced:
-            log.warning("prefork: child %d (pid %d): drain deadline: %d connection(s) "
-                        "force-closed", self.slot, os.getpid(), self.forced)
+            log.warning(
+                "prefork: child %d (pid %d): drain deadline: %d connection(s) force-closed",
+                self.slot,
+                os.getpid(),
+                self.forced,
+            )
         return code
 
     def _tick(self) -> None:
@@ -790,9 +867,9 @@ class _ChildRuntime:
     def _drain_tcp(self, server: TcpServer) -> bool:
         for conn in server.connections():
             if conn.pending_tasks or conn.output_bytes or conn.input_bytes:
-                continue                    # a request in flight
+                continue  # a request in flight
             if conn.id in self.shut:
-                conn.force_close()          # FIN sent a tick ago; the peer did not close
+                conn.force_close()  # FIN sent a tick ago; the peer did not close
             else:
                 self.shut.add(conn.id)
                 conn.shutdown()
@@ -823,8 +900,10 @@ class _ChildRuntime:
 def _why(exc: BaseException) -> str:
     text = "%s: %s" % (type(exc).__name__, exc)
     if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
-        text += (" (every child binds the address with SO_REUSEPORT: is another process "
-                 "using the port, or was the server created without reuse_port=True?)")
+        text += (
+            " (every child binds the address with SO_REUSEPORT: is another process "
+            "using the port, or was the server created without reuse_port=True?)"
+        )
     return text
 
 
@@ -835,8 +914,9 @@ def _check_reuse_port(server: Any) -> None:
     if not (isinstance(address, tuple) and len(address) >= 2):
         return
     host, port = address[0], address[1]
-    info = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
-                              socket.AI_PASSIVE)[0]
+    info = socket.getaddrinfo(
+        host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+    )[0]
     with socket.socket(info[0], info[1], info[2]) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
@@ -846,5 +926,5 @@ def _check_reuse_port(server: Any) -> None:
                 raise
             raise PreforkError(
                 "%r on %s:%d does not listen with SO_REUSEPORT: prefork children share the "
-                "port, create it with TcpServer(..., reuse_port=True)"
-                % (server, host, port)) from None
+                "port, create it with TcpServer(..., reuse_port=True)" % (server, host, port)
+            ) from None

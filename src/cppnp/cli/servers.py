@@ -75,8 +75,9 @@ def run(args: argparse.Namespace) -> int:
     if args.verbose:
         logging.basicConfig(level=logging.DEBUG, format="%(threadName)s %(message)s")
     if args.command == "echo" and args.processes > 1:
-        return serve_echo(args.host, args.port, processes=args.processes,
-                          threads=args.threads, fib=args.fib)
+        return serve_echo(
+            args.host, args.port, processes=args.processes, threads=args.threads, fib=args.fib
+        )
     pool = None
     handler: Any
     with EventLoop() as loop:
@@ -137,9 +138,16 @@ def add_parsers(sub: Any) -> None:
         sp.set_defaults(func=run)
 
 
-def serve_echo(host: str = "127.0.0.1", port: int = 9000, *, processes: int = 1,
-               threads: int = 0, fib: int = 0, drain_timeout: float = 30.0,
-               out: TextIO | None = None) -> int:
+def serve_echo(
+    host: str = "127.0.0.1",
+    port: int = 9000,
+    *,
+    processes: int = 1,
+    threads: int = 0,
+    fib: int = 0,
+    drain_timeout: float = 30.0,
+    out: TextIO | None = None,
+) -> int:
     """``cppnp echo --processes N``: the echo server (``threads``/``fib`` as in the CLI: the
     seed's pool) in *processes* prefork children on one port.
 
@@ -160,8 +168,9 @@ def serve_echo(host: str = "127.0.0.1", port: int = 9000, *, processes: int = 1,
         if threads > 0 or fib > 0:
             pool = ThreadPool(threads, name="worker")
             pool.start()
-            server = TcpServer(loop, (host, port), EchoServer(pool, fib), name="echo",
-                               reuse_port=True)
+            server = TcpServer(
+                loop, (host, port), EchoServer(pool, fib), name="echo", reuse_port=True
+            )
             return [server, pool]
         return [TcpServer(loop, (host, port), EchoHandler(), name="echo", reuse_port=True)]
 
@@ -171,8 +180,9 @@ def serve_echo(host: str = "127.0.0.1", port: int = 9000, *, processes: int = 1,
         print("children: %s" % " ".join(str(pid) for pid in sup.pids), file=out, flush=True)
 
     try:
-        return serve(make_server, processes=processes, drain_timeout=drain_timeout,
-                     on_ready=on_ready)
+        return serve(
+            make_server, processes=processes, drain_timeout=drain_timeout, on_ready=on_ready
+        )
     except PreforkError as exc:
         print("cppnp echo: %s" % exc, file=sys.stderr, flush=True)
         return EXIT_BOOT_FAILED

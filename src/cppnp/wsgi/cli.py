@@ -50,15 +50,21 @@ def load_app(spec: str) -> Any:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the wsgi options (each documented with its default) to *parser*."""
     defaults = Config()
-    parser.add_argument("app", help="the WSGI application: module:attr "
-                        "(module:factory() calls a factory)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8000,
-                        help="port to listen on (default: %(default)s)")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"],
-                        help="level of the 'cppnp' loggers on stderr (default: %(default)s)")
+    parser.add_argument(
+        "app", help="the WSGI application: module:attr (module:factory() calls a factory)"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=8000, help="port to listen on (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="level of the 'cppnp' loggers on stderr (default: %(default)s)",
+    )
     for f in dataclasses.fields(Config):
         if f.name == "extra":
             continue
@@ -66,27 +72,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = getattr(defaults, f.name)
         text = HELP.get(f.name, "")
         if isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, default=default,
-                                action=argparse.BooleanOptionalAction,
-                                help=text + " (default: %s)" % ("on" if default else "off"))
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                default=default,
+                action=argparse.BooleanOptionalAction,
+                help=text + " (default: %s)" % ("on" if default else "off"),
+            )
         else:
             kind = type(default)
-            parser.add_argument(flag, dest=f.name, type=kind, default=default,
-                                metavar=kind.__name__.upper(),
-                                help=text + " (default: %(default)s)")
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                type=kind,
+                default=default,
+                metavar=kind.__name__.upper(),
+                help=text + " (default: %(default)s)",
+            )
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve with parsed *args* (from a parser set up by add_arguments)."""
     from cppnp.wsgi.server import serve
 
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     logging.getLogger("cppnp.wsgi.access").setLevel(
-        logging.INFO if args.access_log else logging.WARNING)
+        logging.INFO if args.access_log else logging.WARNING
+    )
     app = load_app(args.app)
-    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
-               if f.name != "extra" and hasattr(args, f.name)}
+    options = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(Config)
+        if f.name != "extra" and hasattr(args, f.name)
+    }
     threads = options.pop("threads")
     serve(app, args.host, args.port, threads=threads, **options)
     return 0
@@ -96,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cppnp.wsgi",
         description="Serve a WSGI application with cppnp: HTTP/1.1, the app on a worker "
-                    "pool, all I/O on one loop thread.")
+        "pool, all I/O on one loop thread.",
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -37,30 +37,34 @@ class Config:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("threads", "max_headers") and (
-                    not isinstance(value, int) or value < 0):
+            if f.name in ("threads", "max_headers") and (not isinstance(value, int) or value < 0):
                 raise ValueError("%s must be an int >= 0, got %r" % (f.name, value))
             if f.name.startswith(("max_", "spool", "send_buffer", "backlog")) and (
-                    not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
                 raise ValueError("%s must be an int >= 1, got %r" % (f.name, value))
             if f.name.endswith("_timeout") and (
-                    not isinstance(value, (int, float)) or not value > 0):
+                not isinstance(value, (int, float)) or not value > 0
+            ):
                 raise ValueError("%s must be a number > 0, got %r" % (f.name, value))
-        if self.script_name and (not self.script_name.startswith("/")
-                                 or self.script_name.endswith("/")):
-            raise ValueError("script_name must start with '/' and not end with it, got %r"
-                             % (self.script_name,))
+        if self.script_name and (
+            not self.script_name.startswith("/") or self.script_name.endswith("/")
+        ):
+            raise ValueError(
+                "script_name must start with '/' and not end with it, got %r" % (self.script_name,)
+            )
 
     def min_timeout(self) -> float:
         """The shortest of the timeouts (the sweep runs a few times per it).  Thread-safe."""
-        return min(self.header_timeout, self.keepalive_timeout, self.body_timeout,
-                   self.send_timeout)
+        return min(
+            self.header_timeout, self.keepalive_timeout, self.body_timeout, self.send_timeout
+        )
 
 
 # Help text for each flag (the CLI adds the default).
 HELP: dict[str, str] = {
     "threads": "worker threads that run the app; 0 runs it on the loop thread "
-               "(for apps that never block)",
+    "(for apps that never block)",
     "backlog": "listen() backlog",
     "reuse_port": "set SO_REUSEPORT on the listener",
     "access_log": "log one line per request on the 'cppnp.wsgi.access' logger (stderr)",
@@ -73,14 +77,13 @@ HELP: dict[str, str] = {
     "spool_threshold": "request bodies larger than this are spooled to a temporary file",
     "header_timeout": "seconds to receive a request's line and headers (408 and close)",
     "keepalive_timeout": "seconds an idle keep-alive connection is kept",
-    "body_timeout": "seconds without request-body bytes before the connection is "
-                    "dropped (408)",
+    "body_timeout": "seconds without request-body bytes before the connection is dropped (408)",
     "send_timeout": "seconds a client may stop reading the response before it is dropped",
     "graceful_timeout": "on SIGTERM, seconds to finish in-flight requests before "
-                        "closing what is left",
+    "closing what is left",
     "send_buffer": "bytes of response queued for one connection before a streaming app "
-                   "waits (the high-water mark)",
+    "waits (the high-water mark)",
     "max_pipeline": "pipelined requests parsed ahead of the one being answered before "
-                    "reading pauses",
+    "reading pauses",
     "sendfile": "serve wsgi.file_wrapper files with os.sendfile from the loop thread",
 }

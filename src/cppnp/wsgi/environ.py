@@ -41,9 +41,16 @@ def header_key(name: bytes) -> str:
     return key
 
 
-def make_base_environ(*, server_name: str, server_port: int, script_name: str,
-                      url_scheme: str, multithread: bool, multiprocess: bool,
-                      file_wrapper: Any) -> dict[str, Any]:
+def make_base_environ(
+    *,
+    server_name: str,
+    server_port: int,
+    script_name: str,
+    url_scheme: str,
+    multithread: bool,
+    multiprocess: bool,
+    file_wrapper: Any,
+) -> dict[str, Any]:
     """The keys every request shares; each request starts from a copy of it."""
     return {
         "wsgi.version": (1, 0),
@@ -78,11 +85,11 @@ def split_target(url: bytes) -> tuple[str, str, str | None] | None:
     authority = None
     if url[:1] != b"/":
         if url == b"*":
-            return "", "", None         # OPTIONS *: no path (REQUEST_URI keeps the "*")
+            return "", "", None  # OPTIONS *: no path (REQUEST_URI keeps the "*")
         sep = url.find(b"://")
         if sep <= 0 or url[:sep].lower() not in (b"http", b"https"):
             return None
-        rest = url[sep + 3:]
+        rest = url[sep + 3 :]
         end = len(rest)
         for ch in (b"/", b"?"):
             i = rest.find(ch)
@@ -100,7 +107,7 @@ def split_target(url: bytes) -> tuple[str, str, str | None] | None:
     q = url.find(b"?")
     if q < 0:
         return _decode_path(url), "", authority
-    return _decode_path(url[:q]), url[q + 1:].decode("latin-1"), authority
+    return _decode_path(url[:q]), url[q + 1 :].decode("latin-1"), authority
 
 
 # RFC 9110 Host = uri-host [ ":" port ]; uri-host = IP-literal / IPv4address / reg-name.

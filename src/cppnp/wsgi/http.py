@@ -29,19 +29,18 @@ if TYPE_CHECKING:
 __all__ = ["HttpConn", "Reject"]
 
 # Connection phases (what the connection is waiting for).
-P_NEW = 0        # accepted, no request byte yet (header timeout from accept)
-P_IDLE = 1       # keep-alive, between requests (keep-alive timeout)
-P_HEADERS = 2    # inside a request line / headers (header timeout)
-P_BODY = 3       # reading a request body (body timeout, reset by each chunk)
-P_WAIT = 4       # a complete request is being answered (no read timeout)
-P_CLOSING = 5    # answered and shut down; waiting for the peer's FIN (linger)
+P_NEW = 0  # accepted, no request byte yet (header timeout from accept)
+P_IDLE = 1  # keep-alive, between requests (keep-alive timeout)
+P_HEADERS = 2  # inside a request line / headers (header timeout)
+P_BODY = 3  # reading a request body (body timeout, reset by each chunk)
+P_WAIT = 4  # a complete request is being answered (no read timeout)
+P_CLOSING = 5  # answered and shut down; waiting for the peer's FIN (linger)
 
 # Seconds a closing connection waits for the client's FIN after our output drained.
 LINGER = 2.0
 
 _METHODS: dict[bytes, str] = {}
-_SINGLE = frozenset(("HTTP_HOST", "CONTENT_LENGTH", "CONTENT_TYPE",
-                     "HTTP_TRANSFER_ENCODING"))
+_SINGLE = frozenset(("HTTP_HOST", "CONTENT_LENGTH", "CONTENT_TYPE", "HTTP_TRANSFER_ENCODING"))
 # Headers that need more than a copy into the environ (checked once headers are complete).
 _SPECIAL = frozenset(("CONTENT_LENGTH", "HTTP_TRANSFER_ENCODING", "HTTP_EXPECT"))
 # Request target -> (PATH_INFO, QUERY_STRING, REQUEST_URI) for origin-form targets seen
@@ -96,8 +95,9 @@ class HttpConn:
         "want_drain",
     )
 
-    def __init__(self, server: WsgiServer, conn: TcpConnection, base: dict[str, Any],
-                 parser_cls: Any) -> None:
+    def __init__(
+        self, server: WsgiServer, conn: TcpConnection, base: dict[str, Any], parser_cls: Any
+    ) -> None:
         self.server = server
         self.conn = conn
         self.base = base
@@ -141,8 +141,8 @@ class HttpConn:
             url = self.url + url
         else:
             self.env = self.base.copy()
-            self.nheaders = self.server.max_headers      # left before 431
-            self.hbytes = self.server.max_header_size    # bytes left before 431
+            self.nheaders = self.server.max_headers  # left before 431
+            self.hbytes = self.server.max_header_size  # bytes left before 431
             self.special = False
             if self.phase != P_NEW and self.phase != P_HEADERS:
                 self.deadline = self.server.now + self.server.header_timeout
@@ -166,7 +166,7 @@ class HttpConn:
         assert env is not None
         if key in env:
             if key in _SINGLE:
-                self._fail(400)       # several Host / Content-Length / ...: ambiguous
+                self._fail(400)  # several Host / Content-Length / ...: ambiguous
             env[key] += ("; " if key == "HTTP_COOKIE" else ",") + value.decode("latin-1")
         else:
             env[key] = value.decode("latin-1")
@@ -214,7 +214,7 @@ class HttpConn:
             path, query, authority = target  # type: ignore[misc]
             uri = url.decode("latin-1")
             if authority is not None:
-                env["HTTP_HOST"] = authority   # absolute-form: the target's authority wins
+                env["HTTP_HOST"] = authority  # absolute-form: the target's authority wins
             elif url[:1] == b"/":
                 if len(_TARGETS) >= _MAX_TARGETS:
                     _TARGETS.clear()
@@ -222,7 +222,7 @@ class HttpConn:
         host = env.get("HTTP_HOST")
         if host is None:
             if self.http11:
-                self._fail(400)              # RFC 9112 3.2: Host is required in 1.1
+                self._fail(400)  # RFC 9112 3.2: Host is required in 1.1
         elif host != self.last_host:
             if not valid_host(host):
                 self._fail(400)
@@ -230,7 +230,7 @@ class HttpConn:
         script_name = server.script_name
         if script_name:
             if path == script_name or path.startswith(script_name + "/"):
-                path = path[len(script_name):]
+                path = path[len(script_name) :]
             else:
                 env["SCRIPT_NAME"] = ""
         env["PATH_INFO"] = path
@@ -245,18 +245,18 @@ class HttpConn:
         length = 0
         if te is not None:
             if not self.http11:
-                self._fail(400)              # RFC 9112 6.1: TE in 1.0 is faulty framing
+                self._fail(400)  # RFC 9112 6.1: TE in 1.0 is faulty framing
             codings = te.lower().split(",")
             if codings[-1].strip() != "chunked":
-                self._fail(400)              # RFC 9112 6.3: chunked must come last
+                self._fail(400)  # RFC 9112 6.3: chunked must come last
             if len(codings) > 1:
-                self._fail(501)              # gzip, chunked & co: not implemented
+                self._fail(501)  # gzip, chunked & co: not implemented
             self.chunked = True
         else:
             self.chunked = False
             cl = env.get("CONTENT_LENGTH")
             if cl is not None:
-                length = int(cl)             # llhttp has checked it is all digits
+                length = int(cl)  # llhttp has checked it is all digits
                 if length > server.max_body_size:
                     self._fail(413)
         expect = env.get("HTTP_EXPECT")
@@ -267,11 +267,10 @@ class HttpConn:
                 if self.active is None and not self.ready:
                     self._send(_CONTINUE)
                 else:
-                    self.need_continue = True    # after the responses owed before it
+                    self.need_continue = True  # after the responses owed before it
         if length or self.chunked:
             self.phase = P_BODY
-            self.deadline = 0.0 if self.need_continue \
-                else server.now + server.body_timeout
+            self.deadline = 0.0 if self.need_continue else server.now + server.body_timeout
         else:
             self.phase = P_WAIT
             self.deadline = 0.0
@@ -302,8 +301,9 @@ class HttpConn:
             if self.chunked:
                 env["CONTENT_LENGTH"] = str(body.size)
             self.body = None
-        self.ready.append(Exchange(self, env, self.keep_alive,
-                                   env["REQUEST_METHOD"] == "HEAD", self.http11))
+        self.ready.append(
+            Exchange(self, env, self.keep_alive, env["REQUEST_METHOD"] == "HEAD", self.http11)
+        )
         self.env = None
         self.url = None
         self.need_continue = False
@@ -323,15 +323,15 @@ class HttpConn:
         """Parse *data*; dispatch complete requests; answer protocol errors.
         Loop thread only."""
         if self.closing:
-            return                  # answered and closing: input is discarded
+            return  # answered and closing: input is discarded
         parser_errors = self.server.parser_errors
         try:
             self.parser.feed_data(data)
-        except parser_errors[1]:    # HttpParserUpgrade: answered as a plain request
+        except parser_errors[1]:  # HttpParserUpgrade: answered as a plain request
             if self.ready:
                 self.ready[-1].keep_alive = False
             self.closing = True
-        except parser_errors[0]:    # HttpParserError (also wraps Reject)
+        except parser_errors[0]:  # HttpParserError (also wraps Reject)
             self.reject(self.error or 400)
         else:
             phase = self.phase
@@ -360,7 +360,7 @@ class HttpConn:
                 if pool is not None:
                     pool.add_task(ex.run, key=self.conn)
                 else:
-                    ex.run()        # threads=0: the app runs here, on the loop thread
+                    ex.run()  # threads=0: the app runs here, on the loop thread
         finally:
             self.dispatching = False
 
@@ -391,8 +391,9 @@ class HttpConn:
             self._send(error_response(code, self.server.date_line))
             self.close()
             return
-        if self.closing or (self.server.draining and self.phase != P_HEADERS \
-                and self.phase != P_BODY):
+        if self.closing or (
+            self.server.draining and self.phase != P_HEADERS and self.phase != P_BODY
+        ):
             self.close()
             return
         self._resume_reading()
@@ -457,7 +458,7 @@ class HttpConn:
         self.deadline = 0.0
         if phase == P_CLOSING:
             if self.conn.output_bytes:
-                self.deadline = now + LINGER   # still writing: the send timeout watches
+                self.deadline = now + LINGER  # still writing: the send timeout watches
             else:
                 self.conn.force_close()
         elif phase == P_HEADERS or phase == P_BODY:

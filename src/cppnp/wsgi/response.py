@@ -29,18 +29,30 @@ log = logging.getLogger("cppnp.wsgi")
 access_log = logging.getLogger("cppnp.wsgi.access")
 
 # Response framing.
-F_NONE = 0       # no body (HEAD, 1xx, 204, 304)
-F_LENGTH = 1     # Content-Length
-F_CHUNKED = 2    # Transfer-Encoding: chunked (HTTP/1.1, length unknown)
-F_CLOSE = 3      # delimited by closing the connection (HTTP/1.0, length unknown)
+F_NONE = 0  # no body (HEAD, 1xx, 204, 304)
+F_LENGTH = 1  # Content-Length
+F_CHUNKED = 2  # Transfer-Encoding: chunked (HTTP/1.1, length unknown)
+F_CLOSE = 3  # delimited by closing the connection (HTTP/1.0, length unknown)
 
 # Response headers the server owns: the app's are dropped (PEP 3333: no hop-by-hop headers
 # from applications); ``Connection: close`` from the app is honoured.
-_HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "te", "trailer",
-                         "upgrade", "proxy-connection"))
+_HOP_BY_HOP = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-connection",
+    )
+)
 # Header names that need a look at the start of a line of the lowercased header block.
-_SPECIAL_RE = re.compile(r"^(?:content-length|connection|transfer-encoding|keep-alive|te|"
-                         r"trailer|upgrade|proxy-connection):", re.M)
+_SPECIAL_RE = re.compile(
+    r"^(?:content-length|connection|transfer-encoding|keep-alive|te|"
+    r"trailer|upgrade|proxy-connection):",
+    re.M,
+)
 # A body this large is sent in its own send() instead of being copied behind the headers.
 _JOIN_LIMIT = 1 << 16
 # A loop-side pump (threads=0 iterables, sendfile) yields to other connections after this
@@ -49,10 +61,17 @@ _PUMP_TURNS = 16
 _SENDFILE_MAX = 1 << 21
 
 _REASONS = {
-    400: "Bad Request", 405: "Method Not Allowed", 408: "Request Timeout",
-    413: "Content Too Large", 414: "URI Too Long", 417: "Expectation Failed",
-    431: "Request Header Fields Too Large", 500: "Internal Server Error",
-    501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported",
+    400: "Bad Request",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    417: "Expectation Failed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
 }
 
 
@@ -60,9 +79,11 @@ def error_response(code: int, date_line: str, close: bool = True) -> bytes:
     """A complete plain-text response for a server-generated status."""
     reason = _REASONS.get(code, "Error")
     body = ("%d %s\n" % (code, reason)).encode("ascii")
-    head = ("HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            "Content-Length: %d\r\n%s%s\r\n\r\n"
-            % (code, reason, len(body), "Connection: close\r\n" if close else "", date_line))
+    head = (
+        "HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        "Content-Length: %d\r\n%s%s\r\n\r\n"
+        % (code, reason, len(body), "Connection: close\r\n" if close else "", date_line)
+    )
     return head.encode("latin-1") + body
 
 
@@ -110,13 +131,29 @@ class Exchange:
     """One request and its response (see the module docstring)."""
 
     __slots__ = (
-        "_file", "_it", "_result", "abort", "conn", "env", "framing", "head", "headers",
-        "headers_sent", "http11", "keep_alive", "out", "remaining", "sent", "st",
-        "started", "status",
+        "_file",
+        "_it",
+        "_result",
+        "abort",
+        "conn",
+        "env",
+        "framing",
+        "head",
+        "headers",
+        "headers_sent",
+        "http11",
+        "keep_alive",
+        "out",
+        "remaining",
+        "sent",
+        "st",
+        "started",
+        "status",
     )
 
-    def __init__(self, st: HttpConn, env: dict[str, Any], keep_alive: bool, head: bool,
-                 http11: bool) -> None:
+    def __init__(
+        self, st: HttpConn, env: dict[str, Any], keep_alive: bool, head: bool, http11: bool
+    ) -> None:
         self.st = st
         self.conn = st.conn
         self.env = env
@@ -138,8 +175,9 @@ class Exchange:
 
     # -- the WSGI callables -------------------------------------------------------------
 
-    def start_response(self, status: str, headers: list[tuple[str, str]],
-                       exc_info: Any = None) -> Callable[[bytes], None]:
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], None]:
         """PEP 3333 start_response.  The app's thread (a worker, or the loop)."""
         if exc_info is not None:
             try:
@@ -187,7 +225,7 @@ class Exchange:
             if m is not None:
                 if m.group() == "content-length:" and _SPECIAL_RE.search(low, m.end()) is None:
                     end = text.find("\r\n", m.end())
-                    cl = text[m.end():end if end >= 0 else len(text)].strip()
+                    cl = text[m.end() : end if end >= 0 else len(text)].strip()
                 else:
                     text, cl, nlines = self._filter_headers(headers)
             if text:
@@ -196,8 +234,14 @@ class Exchange:
         extra = ""
         if self.head or code[0] == "1" or code == "204" or code == "304":
             self.framing = F_NONE
-            if self.head and cl is None and body_len is not None and code[0] != "1" \
-                    and code != "204" and code != "304":
+            if (
+                self.head
+                and cl is None
+                and body_len is not None
+                and code[0] != "1"
+                and code != "204"
+                and code != "304"
+            ):
                 extra = "Content-Length: %d\r\n" % body_len
         elif cl is not None:
             if not cl.isdigit():
@@ -226,8 +270,7 @@ class Exchange:
                 extra += "Connection: keep-alive\r\n"
         else:
             extra += "Connection: close\r\n"
-        head = "HTTP/1.1 " + status + "\r\n" + text + extra + self.st.server.date_line \
-            + "\r\n\r\n"
+        head = "HTTP/1.1 " + status + "\r\n" + text + extra + self.st.server.date_line + "\r\n\r\n"
         # Every CR and LF must be one of ours: a header smuggling in a line fails here.
         lines = nlines + extra.count("\n") + 3
         if head.count("\n") != lines or head.count("\r") != lines:
@@ -280,13 +323,12 @@ class Exchange:
                     data = body
         else:
             if self.framing == F_LENGTH and self.remaining == 0:
-                return          # beyond the declared Content-Length: dropped
+                return  # beyond the declared Content-Length: dropped
             data = self._frame(chunk)
         if not data:
             return
         self.sent += len(data)
-        if defer_last and self.framing == F_LENGTH and self.remaining == 0 \
-                and self.out is None:
+        if defer_last and self.framing == F_LENGTH and self.remaining == 0 and self.out is None:
             self.out = data
             return
         self._send(data)
@@ -364,7 +406,7 @@ class Exchange:
                     out = head
                 else:
                     if self.framing == F_LENGTH and len(body) != self.remaining:
-                        body = body[:self.remaining]
+                        body = body[: self.remaining]
                     self.remaining = 0
                     if len(body) < _JOIN_LIMIT:
                         out = head + body
@@ -400,7 +442,7 @@ class Exchange:
             try:
                 server.loop.queue_in_loop(self.complete)
             except RuntimeError:
-                pass            # the loop is closed: the process is stopping
+                pass  # the loop is closed: the process is stopping
 
     def _stream(self, result: Iterable[bytes]) -> None:
         for chunk in result:
@@ -409,7 +451,7 @@ class Exchange:
             if chunk:
                 self._write_body(chunk, True)
                 if self.framing == F_NONE:
-                    break           # HEAD, 204, 304: the body is not sent, stop producing it
+                    break  # HEAD, 204, 304: the body is not sent, stop producing it
         self._end_body()
 
     def _end_body(self) -> None:
@@ -420,39 +462,52 @@ class Exchange:
         elif self.framing == F_CHUNKED:
             self.out = b"0\r\n\r\n" if self.out is None else self.out + b"0\r\n\r\n"
         elif self.framing == F_LENGTH and self.remaining > 0:
-            self.keep_alive = False      # short body: the close tells the client
+            self.keep_alive = False  # short body: the close tells the client
             self.abort = True
 
     def _close_result(self, result: Any) -> None:
         try:
             result.close()
         except Exception:
-            log.error("%s: the application iterable's close() raised\n%s", self.conn.name,
-                      traceback.format_exc().rstrip())
+            log.error(
+                "%s: the application iterable's close() raised\n%s",
+                self.conn.name,
+                traceback.format_exc().rstrip(),
+            )
 
     def _app_error(self) -> None:
         # The traceback is logged as text: a record holding the live traceback would keep
         # the frames, and through them the connection, alive as long as the record.
-        log.error("%s: exception in the WSGI application (%s %s)\n%s", self.conn.name,
-                  self.env.get("REQUEST_METHOD"), self.env.get("REQUEST_URI"),
-                  traceback.format_exc().rstrip())
+        log.error(
+            "%s: exception in the WSGI application (%s %s)\n%s",
+            self.conn.name,
+            self.env.get("REQUEST_METHOD"),
+            self.env.get("REQUEST_URI"),
+            traceback.format_exc().rstrip(),
+        )
         if not self.headers_sent:
             self.status = "500 Internal Server Error"
             self.out = error_response(500, self.st.server.date_line, not self.keep_alive)
             self.sent = len(self.out)
         else:
-            self.abort = True            # the response had started: close the connection
+            self.abort = True  # the response had started: close the connection
 
     def _log_access(self) -> None:
         env = self.env
         try:
             access_log.info(
                 '%s - - [%s] "%s %s %s" %s %d "%s" "%s" %.6f',
-                env.get("REMOTE_ADDR", "-"), time.strftime("%d/%b/%Y:%H:%M:%S %z"),
-                env.get("REQUEST_METHOD"), env.get("REQUEST_URI"),
-                env.get("SERVER_PROTOCOL"), (self.status or "-")[:3], self.sent,
-                env.get("HTTP_REFERER", "-"), env.get("HTTP_USER_AGENT", "-"),
-                time.monotonic() - self.started)
+                env.get("REMOTE_ADDR", "-"),
+                time.strftime("%d/%b/%Y:%H:%M:%S %z"),
+                env.get("REQUEST_METHOD"),
+                env.get("REQUEST_URI"),
+                env.get("SERVER_PROTOCOL"),
+                (self.status or "-")[:3],
+                self.sent,
+                env.get("HTTP_REFERER", "-"),
+                env.get("HTTP_USER_AGENT", "-"),
+                time.monotonic() - self.started,
+            )
         except Exception:
             pass
 
@@ -504,7 +559,7 @@ class Exchange:
                 if chunk:
                     self._write_body(chunk, True)
                     if self.framing == F_NONE:
-                        break       # HEAD, 204, 304: stop producing a body nobody gets
+                        break  # HEAD, 204, 304: stop producing a body nobody gets
             self._end_body()
         except ClientGone:
             self.abort = True
@@ -575,7 +630,7 @@ class Exchange:
                     st.sent_total += len(data)
                     n = len(data)
                 if n == 0:
-                    ok = False           # the file shrank under us
+                    ok = False  # the file shrank under us
                     break
                 offset += n
                 left -= n
@@ -588,8 +643,11 @@ class Exchange:
         try:
             wrapper.close()
         except Exception:
-            log.error("%s: the file wrapper's close() raised\n%s", conn.name,
-                      traceback.format_exc().rstrip())
+            log.error(
+                "%s: the file wrapper's close() raised\n%s",
+                conn.name,
+                traceback.format_exc().rstrip(),
+            )
         if not ok:
             conn.force_close()
         st.response_done(self, ok and self.keep_alive)
@@ -602,11 +660,9 @@ class Exchange:
             try:
                 wrapper.close()
             except Exception:
-                log.error("the file wrapper's close() raised\n%s",
-                          traceback.format_exc().rstrip())
+                log.error("the file wrapper's close() raised\n%s", traceback.format_exc().rstrip())
         if self._it is not None:
             self._it = None
             result, self._result = self._result, None
             if hasattr(result, "close"):
                 self._close_result(result)
-

@@ -51,10 +51,18 @@ class WsgiServer(ICppnpUsr):
     pool), ``connection_count``, ``address``.
     """
 
-    def __init__(self, loop: EventLoop, app: WsgiApp, host: str = "127.0.0.1",
-                 port: int = 8000, *, config: Config | None = None,
-                 pool: ThreadPool | None = None, name: str | None = None,
-                 **options: Any) -> None:
+    def __init__(
+        self,
+        loop: EventLoop,
+        app: WsgiApp,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        config: Config | None = None,
+        pool: ThreadPool | None = None,
+        name: str | None = None,
+        **options: Any,
+    ) -> None:
         """Prepare the server (nothing is bound until start()).  Thread-safe."""
         httptools = _httptools()
         if config is None:
@@ -68,9 +76,14 @@ class WsgiServer(ICppnpUsr):
         self.app = app
         self._parser_cls = httptools.HttpRequestParser
         self.parser_errors = (httptools.HttpParserError, httptools.HttpParserUpgrade)
-        self._tcp = TcpServer(loop, (host, port), self,
-                              name=name or "wsgi-%s:%d" % (host, port),
-                              reuse_port=config.reuse_port, backlog=config.backlog)
+        self._tcp = TcpServer(
+            loop,
+            (host, port),
+            self,
+            name=name or "wsgi-%s:%d" % (host, port),
+            reuse_port=config.reuse_port,
+            backlog=config.backlog,
+        )
         self._own_pool = pool is None
         if pool is None and config.threads > 0:
             pool = ThreadPool(config.threads, name="cppnp-wsgi")
@@ -133,10 +146,13 @@ class WsgiServer(ICppnpUsr):
         self._wildcard = host in ("", "0.0.0.0", "::")
         self._base = make_base_environ(
             server_name=socket.gethostname() if self._wildcard else host,
-            server_port=port, script_name=self.cfg.script_name,
-            url_scheme=self.cfg.url_scheme, multithread=self.pool is not None,
+            server_port=port,
+            script_name=self.cfg.script_name,
+            url_scheme=self.cfg.url_scheme,
+            multithread=self.pool is not None,
             multiprocess=bool(self.cfg.extra.get("multiprocess", False)),
-            file_wrapper=FileWrapper)
+            file_wrapper=FileWrapper,
+        )
         tick = self._tick = min(1.0, max(0.02, self.cfg.min_timeout() / 4))
         self._timer = self.loop.run_every(tick, self._sweep)
 
@@ -157,8 +173,7 @@ class WsgiServer(ICppnpUsr):
             # nothing here should keep them alive.
             self.conns.clear()
 
-    def drain(self, timeout: float | None = None,
-              on_done: Callable[[], Any] | None = None) -> None:
+    def drain(self, timeout: float | None = None, on_done: Callable[[], Any] | None = None) -> None:
         """Graceful stop: stop accepting, close idle keep-alive connections, let requests
         in flight finish (each connection closes after its response), and after
         *timeout* seconds (default ``graceful_timeout``) force-close what is left.
@@ -175,8 +190,7 @@ class WsgiServer(ICppnpUsr):
             self.draining = True
             self._tcp.stop_accepting()
             for st in list(self.conns):
-                if st.active is None and not st.ready and (
-                        st.phase == P_IDLE or st.phase == P_NEW):
+                if st.active is None and not st.ready and (st.phase == P_IDLE or st.phase == P_NEW):
                     st.close()
         self._check_drained()
 
@@ -186,8 +200,9 @@ class WsgiServer(ICppnpUsr):
         Not from the loop thread (the loop must run to drain).  Thread-safe.
         """
         if self.loop.is_in_loop_thread():
-            raise RuntimeError("WsgiServer.shutdown() would block the loop thread; "
-                               "use drain() there")
+            raise RuntimeError(
+                "WsgiServer.shutdown() would block the loop thread; use drain() there"
+            )
         done = threading.Event()
         self.drain(timeout, done.set)
         wait = (timeout if timeout is not None else self.cfg.graceful_timeout) + 1.0
@@ -283,24 +298,33 @@ class WsgiServer(ICppnpUsr):
                     st.stall_bytes = sent
                     st.stall_since = now
                 elif now - st.stall_since >= send_timeout:
-                    log.info("%s: client stopped reading for %.3g s: dropped",
-                             conn.name, send_timeout)
+                    log.info(
+                        "%s: client stopped reading for %.3g s: dropped", conn.name, send_timeout
+                    )
                     st.drop()
             elif st.stall_bytes != -1:
                 st.stall_bytes = -1
         if self.draining and self._drain_done is not None and now >= self._drain_deadline:
             left = len(self.conns)
             if left:
-                log.warning("graceful stop: %d connection(s) still open after the "
-                            "timeout: closing them", left)
+                log.warning(
+                    "graceful stop: %d connection(s) still open after the timeout: closing them",
+                    left,
+                )
             done, self._drain_done = self._drain_done, None
             self.stop()
             done()
 
 
-def serve(app: WsgiApp, host: str = "127.0.0.1", port: int = 8000, *,
-          threads: int = 4, ready: Callable[[WsgiServer], Any] | None = None,
-          **options: Any) -> None:
+def serve(
+    app: WsgiApp,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    threads: int = 4,
+    ready: Callable[[WsgiServer], Any] | None = None,
+    **options: Any,
+) -> None:
     """Serve *app* on (host, port) until SIGTERM or SIGINT (a graceful stop: in-flight
     requests finish, within ``graceful_timeout``), in the calling thread.
 
@@ -319,8 +343,9 @@ def serve(app: WsgiApp, host: str = "127.0.0.1", port: int = 8000, *,
                     raise KeyboardInterrupt
                 return
             stopping.append(signum)
-            log.info("signal %d: graceful stop (at most %.3g s)", signum,
-                     server.cfg.graceful_timeout)
+            log.info(
+                "signal %d: graceful stop (at most %.3g s)", signum, server.cfg.graceful_timeout
+            )
             server.drain(None, loop.quit)
 
         previous: dict[signal.Signals, Any] = {}
@@ -328,9 +353,14 @@ def serve(app: WsgiApp, host: str = "127.0.0.1", port: int = 8000, *,
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, on_signal)
         try:
-            log.info("serving on http://%s:%d with %s", server.address[0],
-                     server.address[1], "%d threads" % server.pool.num_threads
-                     if server.pool is not None else "the loop thread (threads=0)")
+            log.info(
+                "serving on http://%s:%d with %s",
+                server.address[0],
+                server.address[1],
+                "%d threads" % server.pool.num_threads
+                if server.pool is not None
+                else "the loop thread (threads=0)",
+            )
             if ready is not None:
                 ready(server)
             loop.loop()
