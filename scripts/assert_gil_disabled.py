@@ -21,12 +21,18 @@ if not hasattr(sys, "_is_gil_enabled") or sys._is_gil_enabled():
 warnings.simplefilter("error", RuntimeWarning)  # "The global interpreter lock (GIL) has
 names = []  # been enabled to load module ..."
 for pkg in ("_core", "cppnp"):
-    mod = importlib.import_module(pkg)
+    try:
+        mod = importlib.import_module(pkg)
+    except RuntimeWarning as exc:
+        sys.exit("assert_gil_disabled: %s" % exc)
     names.append(pkg)
     for info in pkgutil.walk_packages(mod.__path__, pkg + "."):
         if info.name.endswith("__main__"):
             continue
-        importlib.import_module(info.name)
+        try:
+            importlib.import_module(info.name)
+        except RuntimeWarning as exc:
+            sys.exit("assert_gil_disabled: %s" % exc)
         names.append(info.name)
 if sys._is_gil_enabled():
     sys.exit("assert_gil_disabled: importing cppnp enabled the GIL")
