@@ -129,11 +129,17 @@ mkdir -p "$LOGDIR"
 # quarantine_size_mb=64 (default 256): freed memory is held back this long to catch
 #   use-after-free; 64 MiB still covers every test's churn, and tests that check that a
 #   flooded buffer's memory goes back to the OS (RSS) can pass.
+# allow_user_segv_handler=0: ASan keeps its SEGV handler even when Python's faulthandler
+#   (PYTHONFAULTHANDLER=1, which the tests' children set) installs its own.  Otherwise
+#   faulthandler takes the SEGV first and chains to ASan on its own small alternate stack,
+#   where ASan fails ("nested bug in the same thread") and exits 1 with no stack trace:
+#   a crash then looks like an exit, and the report loses its frames.  faulthandler still
+#   prints the Python traceback on the SIGABRT that follows ASan's report.
 # log_path: one file per reporting process; subprocess / fork reports are not lost.
 # PYTHONMALLOC=malloc: pymalloc's arenas would hide overflows of Python objects from ASan.
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:allocator_may_return_null=1:\
 quarantine_size_mb=64:strict_string_checks=1:check_initialization_order=1:detect_stack_use_after_return=0:\
-handle_segv=1:print_summary=1:log_path=$LOGDIR/asan"
+handle_segv=1:allow_user_segv_handler=0:print_summary=1:log_path=$LOGDIR/asan"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:abort_on_error=1:\
 log_path=$LOGDIR/ubsan"
 export PYTHONMALLOC=malloc
