@@ -34,9 +34,9 @@ cdef class Buffer:
         size_t _cap
         size_t _reader
         size_t _writer
-        Py_ssize_t _exports
         void** _orphans           # blocks replaced while exported, freed on last release
         size_t _n_orphans
+        int _exports              # memoryviews exported (int: keeps Buffer at 80 bytes)
         bint _initialized         # __init__ ran: it runs once
 
     cdef inline size_t readable(self) noexcept nogil:

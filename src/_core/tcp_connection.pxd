@@ -55,7 +55,7 @@
 # _tasks_finished).  A task that finishes queues OP_FLUSH_HELD after its replies (they are
 # queued before its task_finished), so held data goes out after them.  Held data counts as
 # queued sends; while some is held, later loop-thread sends queue behind it.
-from libc.stdint cimport int64_t, uint32_t
+from libc.stdint cimport int32_t, int64_t, uint32_t
 
 from _core.buffer cimport Buffer
 from _core.channel cimport Channel
@@ -102,10 +102,10 @@ cdef class TcpConnection(Channel):
         EventLoop _loop
         ConnectionOwner _owner
         Handlers _handlers
-        int64_t _state              # atomic ConnState (see the diagram above)
-        int64_t _close_reason       # atomic CloseReason
-        int64_t _peer_closed        # atomic: read returned 0 (the peer's FIN)
-        int64_t _reading            # atomic: the user wants input (stop/start_reading)
+        int32_t _state              # atomic ConnState (see the diagram above)
+        int32_t _close_reason       # atomic CloseReason
+        int32_t _peer_closed        # atomic: read returned 0 (the peer's FIN)
+        int32_t _reading            # atomic: the user wants input (stop/start_reading)
         bint _finish_queued         # loop thread: an OP_FINISH is queued
         bint _delivery_queued       # loop thread: an OP_DELIVER is queued
         Buffer _input

@@ -16,8 +16,9 @@ from _core.includes.linux cimport (
     getsockname, send, shutdown, sockaddr, sockaddr_storage, socklen_t,
 )
 from _core.includes.sys cimport (
-    cppnp_atomic_add, cppnp_atomic_cas, cppnp_atomic_load, cppnp_atomic_store,
-    cppnp_counter_add, cppnp_relaxed_load, cppnp_relaxed_store,
+    cppnp_atomic_add, cppnp_atomic_cas32, cppnp_atomic_load, cppnp_atomic_load32,
+    cppnp_atomic_store, cppnp_atomic_store32, cppnp_counter_add, cppnp_relaxed_load,
+    cppnp_relaxed_store,
 )
 from _core.socket_ops cimport set_bool_opt, sockaddr_to_tuple, socket_error
 
@@ -161,12 +162,12 @@ cdef class TcpConnection(Channel):
         cppnp_atomic_add(&_live_connections, -1)
 
     def __repr__(self):
-        state = _STATE_NAMES.get(cppnp_atomic_load(&self._state), "?")
+        state = _STATE_NAMES.get(cppnp_atomic_load32(&self._state), "?")
         return "<TcpConnection %s %s peer=%r>" % (self.name, state, self.peer_address)
 
     cdef int start(self) except -1:
         """CONNECTING -> CONNECTED: register with the loop, call on_connection (loop thread)."""
-        cppnp_atomic_store(&self._state, CONNECTED)
+        cppnp_atomic_store32(&self._state, CONNECTED)
         self._update_interest()
         if self._handlers.on_connection is not None:
             try:
@@ -189,17 +190,17 @@ cdef class TcpConnection(Channel):
 
         Thread-safe.
         """
-        return _socket_open(cppnp_atomic_load(&self._state))
+        return _socket_open(cppnp_atomic_load32(&self._state))
 
     @property
     def peer_closed(self):
         """True once the peer has closed its sending side (read returned EOF).  Thread-safe."""
-        return cppnp_atomic_load(&self._peer_closed) != 0
+        return cppnp_atomic_load32(&self._peer_closed) != 0
 
     @property
     def closed(self):
         """True once the connection has been released (on_close has run).  Thread-safe."""
-        return cppnp_atomic_load(&self._state) == RELEASED
+        return cppnp_atomic_load32(&self._state) == RELEASED
 
     @property
     def name(self):
@@ -246,7 +247,7 @@ cdef class TcpConnection(Channel):
             # The loop closes the fd inside a critical section on the connection too, so
             # the fd cannot be closed (and its number reused) under getsockname().
             if self._local_address is None and self.fd >= 0 \
-                    and _socket_open(cppnp_atomic_load(&self._state)):
+                    and _socket_open(cppnp_atomic_load32(&self._state)):
                 ok = getsockname(self.fd, <sockaddr*>&ss, &n) == 0
             if ok:
                 self._local_address = sockaddr_to_tuple(<sockaddr*>&ss)
@@ -392,7 +393,7 @@ cdef class TcpConnection(Channel):
             if n == 0:
                 return
             if self._loop.in_loop_thread():
-                if cppnp_atomic_load(&self._state) != CONNECTED:
+                if cppnp_atomic_load32(&self._state) != CONNECTED:
                     self._drop(n)
                 elif self._held is None and not after_tasks:
                     self._write(<const char*>view.buf, n)
@@ -417,7 +418,7 @@ cdef class TcpConnection(Channel):
         # Another thread.  Counted before the state is read (and so before the caller's
         # task is counted finished): see the notes in tcp_connection.pxd.
         cppnp_atomic_add(&self._queued_sends, 1)
-        if cppnp_atomic_load(&self._state) != CONNECTED:
+        if cppnp_atomic_load32(&self._state) != CONNECTED:
             arg = (OP_DROPPED, n)
         elif after_tasks:
             arg = (OP_SEND_AFTER, (cppnp_atomic_load(&self._tasks_started), data))
@@ -436,7 +437,7 @@ cdef class TcpConnection(Channel):
         """Write accepted data now; queue what the kernel does not take (loop thread)."""
         cdef Py_ssize_t written = 0, old, mark
         cdef int fd = self.fd
-        cdef int64_t state = cppnp_atomic_load(&self._state)
+        cdef int64_t state = cppnp_atomic_load32(&self._state)
         # FIN_SENT cannot hold accepted data (the FIN waits for it); DISCONNECTED has no
         # socket.
         if state != CONNECTED and state != DISCONNECTING:
@@ -480,8 +481,8 @@ cdef class TcpConnection(Channel):
     cdef int _send_done(self) except -1:
         """An accepted send counted in _queued_sends was written or dropped (loop thread)."""
         if cppnp_atomic_add(&self._queued_sends, -1) == 0 \
-                and (cppnp_atomic_load(&self._state) != CONNECTED
-                     or cppnp_atomic_load(&self._peer_closed)):
+                and (cppnp_atomic_load32(&self._state) != CONNECTED
+                     or cppnp_atomic_load32(&self._peer_closed)):
             self._try_finish()      # the FIN or the release may have waited for it
         return 0
 
@@ -543,7 +544,7 @@ cdef class TcpConnection(Channel):
         Thread-safe.
         """
         self._check_created()
-        if not cppnp_atomic_cas(&self._state, CONNECTED, DISCONNECTING):
+        if not cppnp_atomic_cas32(&self._state, CONNECTED, DISCONNECTING):
             return
         if self._loop.in_loop_thread():
             self._try_finish()
@@ -562,11 +563,11 @@ cdef class TcpConnection(Channel):
         Thread-safe.
         """
         self._check_created()
-        cdef int64_t state = cppnp_atomic_load(&self._state)
+        cdef int64_t state = cppnp_atomic_load32(&self._state)
         if not _socket_open(state):
             return
-        cppnp_atomic_cas(&self._close_reason, CLOSE_NONE, CLOSE_FORCED)
-        cppnp_atomic_cas(&self._state, CONNECTED, DISCONNECTING)
+        cppnp_atomic_cas32(&self._close_reason, CLOSE_NONE, CLOSE_FORCED)
+        cppnp_atomic_cas32(&self._state, CONNECTED, DISCONNECTING)
         self._loop.queue(self, OP_FORCE_CLOSE)
 
     def stop_reading(self):
@@ -595,7 +596,7 @@ cdef class TcpConnection(Channel):
     @property
     def reading(self):
         """True unless stop_reading() is in effect.  Thread-safe."""
-        return cppnp_atomic_load(&self._reading) != 0
+        return cppnp_atomic_load32(&self._reading) != 0
 
     def set_tcp_no_delay(self, bint on):
         """Set TCP_NODELAY (on by default for accepted connections).  Thread-safe."""
@@ -635,20 +636,20 @@ cdef class TcpConnection(Channel):
         return 0
 
     cdef bint work_cancelled(self) noexcept:
-        return cppnp_atomic_load(&self._close_reason) >= CLOSE_RESET
+        return cppnp_atomic_load32(&self._close_reason) >= CLOSE_RESET
 
     cdef bint _release_wanted(self) noexcept:
-        cdef int64_t state = cppnp_atomic_load(&self._state)
+        cdef int64_t state = cppnp_atomic_load32(&self._state)
         return state == DISCONNECTED or (
-            state != RELEASED and cppnp_atomic_load(&self._peer_closed) != 0)
+            state != RELEASED and cppnp_atomic_load32(&self._peer_closed) != 0)
 
     # -- loop-side machinery ------------------------------------------------------------
 
     cdef int _update_interest(self) except -1:
         cdef uint32_t interest = 0
-        if not _socket_open(cppnp_atomic_load(&self._state)):
+        if not _socket_open(cppnp_atomic_load32(&self._state)):
             return 0
-        if cppnp_atomic_load(&self._reading) and not cppnp_atomic_load(&self._peer_closed):
+        if cppnp_atomic_load32(&self._reading) and not cppnp_atomic_load32(&self._peer_closed):
             interest |= EPOLLIN
         if len(self._output):
             interest |= EPOLLOUT
@@ -656,9 +657,9 @@ cdef class TcpConnection(Channel):
         return 0
 
     cdef int _set_reading(self, bint on) except -1:
-        cdef int64_t was = cppnp_atomic_load(&self._reading)
-        cppnp_atomic_store(&self._reading, on)
-        if not _socket_open(cppnp_atomic_load(&self._state)):
+        cdef int64_t was = cppnp_atomic_load32(&self._reading)
+        cppnp_atomic_store32(&self._reading, on)
+        if not _socket_open(cppnp_atomic_load32(&self._state)):
             return 0
         self._update_interest()
         if on and not was and len(self._input):
@@ -666,19 +667,19 @@ cdef class TcpConnection(Channel):
         return 0
 
     cdef int handle_event(self, uint32_t revents) except -1:
-        if not _socket_open(cppnp_atomic_load(&self._state)):
+        if not _socket_open(cppnp_atomic_load32(&self._state)):
             return 0
         if revents & EPOLLERR:
             self._fault(socket_error(self.fd))
             return 0
         if revents & (EPOLLIN | EPOLLPRI):
             self._handle_read()
-        if revents & EPOLLOUT and _socket_open(cppnp_atomic_load(&self._state)):
+        if revents & EPOLLOUT and _socket_open(cppnp_atomic_load32(&self._state)):
             self._handle_write()
         if (revents & EPOLLHUP) and not (revents & EPOLLIN) \
-                and _socket_open(cppnp_atomic_load(&self._state)):
-            if not cppnp_atomic_load(&self._reading) \
-                    and not cppnp_atomic_load(&self._peer_closed):
+                and _socket_open(cppnp_atomic_load32(&self._state)):
+            if not cppnp_atomic_load32(&self._reading) \
+                    and not cppnp_atomic_load32(&self._peer_closed):
                 # Both directions are down but the user paused reading: unread data may
                 # still be in the socket.  EPOLLHUP cannot be masked, so leave epoll until
                 # start_reading() (which reads what is left, then the EOF).
@@ -697,7 +698,7 @@ cdef class TcpConnection(Channel):
             else:
                 self._deliver()
         elif n == 0:
-            cppnp_atomic_store(&self._peer_closed, 1)
+            cppnp_atomic_store32(&self._peer_closed, 1)
             self._update_interest()
             self._try_finish()
         elif err != EAGAIN and err != EINTR:
@@ -746,7 +747,7 @@ cdef class TcpConnection(Channel):
 
     cdef int _fault(self, int err) except -1:
         """The socket failed (reset, EPIPE, hang-up...): close it, drop queued output."""
-        if not _socket_open(cppnp_atomic_load(&self._state)):
+        if not _socket_open(cppnp_atomic_load32(&self._state)):
             return 0
         if err and _logger.isEnabledFor(logging.DEBUG):
             try:
@@ -759,7 +760,7 @@ cdef class TcpConnection(Channel):
 
     cdef int _send_fin(self) except -1:
         """DISCONNECTING -> FIN_SENT: the accepted output is written; shut our side."""
-        cppnp_atomic_store(&self._state, FIN_SENT)
+        cppnp_atomic_store32(&self._state, FIN_SENT)
         shutdown(self.fd, SHUT_WR)
         return 0
 
@@ -774,8 +775,8 @@ cdef class TcpConnection(Channel):
             self._output.clear()
         self._output.release_storage()
         cppnp_relaxed_store(&self._output_len, 0)
-        cppnp_atomic_cas(&self._close_reason, CLOSE_NONE, reason)
-        cppnp_atomic_store(&self._state, DISCONNECTED)
+        cppnp_atomic_cas32(&self._close_reason, CLOSE_NONE, reason)
+        cppnp_atomic_store32(&self._state, DISCONNECTED)
         self._held = None
         cppnp_atomic_store(&self._held_target, 0)
         if held:
@@ -792,10 +793,10 @@ cdef class TcpConnection(Channel):
     cdef int _try_finish(self) except -1:
         """Something changed that may let the connection advance: send the FIN, or decide
         on the release in a functor."""
-        cdef int64_t state = cppnp_atomic_load(&self._state)
+        cdef int64_t state = cppnp_atomic_load32(&self._state)
         if state == DISCONNECTING and len(self._output) == 0 \
                 and cppnp_atomic_load(&self._queued_sends) == 0 \
-                and cppnp_atomic_load(&self._close_reason) == CLOSE_NONE:
+                and cppnp_atomic_load32(&self._close_reason) == CLOSE_NONE:
             self._send_fin()
         if not self._finish_queued and self._release_wanted():
             self._finish_queued = True
@@ -803,12 +804,12 @@ cdef class TcpConnection(Channel):
         return 0
 
     cdef int _finish(self) except -1:
-        cdef int64_t state = cppnp_atomic_load(&self._state)
+        cdef int64_t state = cppnp_atomic_load32(&self._state)
         self._finish_queued = False
         if state == RELEASED:
             return 0
         if state != DISCONNECTED:
-            if not cppnp_atomic_load(&self._peer_closed):
+            if not cppnp_atomic_load32(&self._peer_closed):
                 return 0
             if len(self._output):
                 return 0        # _handle_write calls _try_finish once drained
@@ -824,7 +825,7 @@ cdef class TcpConnection(Channel):
     cdef int _release(self) except -1:
         """DISCONNECTED -> RELEASED: on_close, and the server forgets the connection."""
         cdef Handlers handlers = self._handlers
-        cppnp_atomic_store(&self._state, RELEASED)
+        cppnp_atomic_store32(&self._state, RELEASED)
         self._input.clear()
         self._input.release_storage()
         cppnp_relaxed_store(&self._input_len, 0)
@@ -854,7 +855,7 @@ cdef class TcpConnection(Channel):
         return 0
 
     cdef int _do_op(self, int op, object value) except -1:
-        cdef int64_t state = cppnp_atomic_load(&self._state)
+        cdef int64_t state = cppnp_atomic_load32(&self._state)
         if op == OP_FINISH:
             self._finish()
         elif op == OP_WRITE_COMPLETE:
@@ -893,7 +894,7 @@ cdef class TcpConnection(Channel):
             self._flush_held(value)
         elif op == OP_DELIVER:
             self._delivery_queued = False
-            if _socket_open(state) and cppnp_atomic_load(&self._reading) \
+            if _socket_open(state) and cppnp_atomic_load32(&self._reading) \
                     and len(self._input) and not self._handlers.discard_input:
                 self._deliver()
         elif op == OP_SHUTDOWN:
@@ -913,11 +914,11 @@ cdef class TcpConnection(Channel):
 
     cdef int on_loop_closed(self) except -1:
         """The loop is closing: close the socket and release, without callbacks."""
-        if _socket_open(cppnp_atomic_load(&self._state)):
+        if _socket_open(cppnp_atomic_load32(&self._state)):
             self._close_socket(CLOSE_LOOP)
         else:
-            cppnp_atomic_cas(&self._close_reason, CLOSE_NONE, CLOSE_LOOP)
-        cppnp_atomic_store(&self._state, RELEASED)
+            cppnp_atomic_cas32(&self._close_reason, CLOSE_NONE, CLOSE_LOOP)
+        cppnp_atomic_store32(&self._state, RELEASED)
         self._owner = None
         self._handlers = _NO_HANDLERS      # break cycles through the user's handler
         self._held = None

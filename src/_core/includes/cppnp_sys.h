@@ -21,6 +21,18 @@ static inline int cppnp_atomic_cas(int64_t *p, int64_t expected, int64_t desired
                                        __ATOMIC_SEQ_CST);
 }
 
+/* 32-bit variants, for small state fields (they keep a connection object small). */
+static inline int32_t cppnp_atomic_load32(int32_t *p) {
+    return __atomic_load_n(p, __ATOMIC_SEQ_CST);
+}
+static inline void cppnp_atomic_store32(int32_t *p, int32_t v) {
+    __atomic_store_n(p, v, __ATOMIC_SEQ_CST);
+}
+static inline int cppnp_atomic_cas32(int32_t *p, int32_t expected, int32_t desired) {
+    return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_SEQ_CST,
+                                       __ATOMIC_SEQ_CST);
+}
+
 /* Counters written by one thread (the loop) and read by any: relaxed atomics, so a reader
  * never sees a torn or stale-forever value and the writer pays no locked instruction. */
 static inline int64_t cppnp_relaxed_load(int64_t *p) {
