@@ -7,16 +7,18 @@
 #                start()
 #   CONNECTING ----------> CONNECTED --- shutdown() / force_close() ---> DISCONNECTING
 #                              |                                              |
-#                              |                      accepted output written | _send_fin()
-#                              |                      (not after force_close) v
+#                              |                 accepted output written, and | _send_fin()
+#                              |                 not force_close()            v
 #                              |                                           FIN_SENT
 #                              |                                              |
-#                              +--- _close_socket(reason) <-------------------+
-#                              |    (peer reset or socket error, force_close(),
-#                              |     or the peer closed and everything is done)
+#                              +------ _close_socket(reason), from any of ----+
+#                              |       CONNECTED, DISCONNECTING, FIN_SENT: a peer reset
+#                              |       or socket error, force_close(), or the peer
+#                              |       closed and every reply was written
 #                              v
 #                         DISCONNECTED --- no task in flight, no reply queued ---> RELEASED
 #                                          _release(): on_close, forgotten by the server
+#   (EventLoop.close(): on_loop_closed() goes from any state to RELEASED, no callbacks.)
 #
 #   CONNECTING     accepted; not yet shown to the user (on_connection not called).
 #   CONNECTED      socket open: send() is accepted, input is delivered.
