@@ -39,6 +39,7 @@ def test_check_runs_free_threaded_and_tsan() -> None:
     check = makefile.split("\ncheck:", 1)[1].split("\n\n", 1)[0]
     for step in ("scripts/sanitize.sh", "$(MAKE) test-ft", "$(MAKE) tsan"):
         assert step in check, step
+    assert "\n\t-" not in check, "a step of make check ignores its failure"
     test_ft = makefile.split("\ntest-ft:", 1)[1].split("\n\n", 1)[0]
     assert "tools/free-threaded-python.sh" in test_ft
     assert "env -u PYTHON_GIL" in test_ft and "assert_gil_disabled.py" in test_ft

@@ -120,8 +120,15 @@ class FramedEcho(ICppnpUsr, IRun2):
             self.opened[conn.id] += 1
             self.refs[conn.id] = weakref.ref(conn)
 
+    def total_added(self) -> int:
+        """Tasks added so far, over all connections (read under the lock: the loop
+        thread adds while the test thread reads)."""
+        with self.lock:
+            return sum(self.added.values())
+
     def on_message(self, conn: Any, buf: Any) -> None:
-        self.on_message_calls += 1
+        with self.lock:
+            self.on_message_calls += 1
         while len(buf) >= 4:
             n = buf.peek_int32()
             if len(buf) < 4 + n:
@@ -311,7 +318,7 @@ def test_stress_random_disconnects(
     # Every task ran, or was discarded before it ran because its peer had reset.
     unfinished = sum(h.added[cid] - h.ended[cid] for cid in h.close_info)
     assert unfinished == pool.cancelled == pool.discarded
-    assert pool.completed + pool.cancelled == sum(h.added.values())
+    assert pool.completed + pool.cancelled == h.total_added()
     assert cppnp_errors(caplog) == []
     assert_all_dead(h.refs)
     assert cppnp.live_connections() == live_before
@@ -347,7 +354,7 @@ def test_pool_stop_with_connection_tasks_queued(
     frames = [[make_frame(c, i, 20) for i in range(5)] for c in range(6)]
     for s, fs in zip(socks, frames):
         s.sendall(b"".join(fs))
-    wait_for(lambda: sum(h.added.values()) == 30 and pool.running == 2, TIMEOUT)
+    wait_for(lambda: h.total_added() == 30 and pool.running == 2, TIMEOUT)
     assert pool.queued == 28
     stopper_box: dict[str, Any] = {}
     stopper = threading.Thread(
@@ -522,7 +529,7 @@ def test_stop_server_then_pool_with_tasks_in_flight(
     socks = [st.connect() for _ in range(3)]
     for i, s in enumerate(socks):
         s.sendall(make_frame(i, 0, 8) + make_frame(i, 1, 8))
-    wait_for(lambda: sum(h.added.values()) == 6 and h.started == 2, TIMEOUT)
+    wait_for(lambda: h.total_added() == 6 and h.started == 2, TIMEOUT)
     assert st.server is not None
     call_in_loop(st.loop, st.server.stop)
     wait_for(lambda: all(r() is None or not r().connected for r in h.refs.values()), TIMEOUT)

@@ -43,8 +43,10 @@ class Recorder(ICppnpUsr):
         self.reply = reply
         self.conns: list[TcpConnection] = []
         self.closed: list[TcpConnection] = []
-        self.received = bytearray()
-        self.messages = 0
+        # Written by the loop thread, read by the test thread: under a lock.
+        self.lock = threading.Lock()
+        self._received = bytearray()
+        self._messages = 0
         self.state_at_close: list[dict[str, Any]] = []
         self.keep = True
 
@@ -52,18 +54,27 @@ class Recorder(ICppnpUsr):
         if self.keep:
             self.conns.append(conn)
 
+    @property
+    def received(self) -> bytes:
+        with self.lock:
+            return bytes(self._received)
+
+    @property
+    def messages(self) -> int:
+        with self.lock:
+            return self._messages
+
     def on_message(self, conn: TcpConnection, buf: Buffer) -> None:
-        self.messages += 1
         data = buf.retrieve_all()
-        self.received += data
+        with self.lock:
+            self._messages += 1
+            self._received += data
         if self.reply is not None:
             self.reply(conn, data)
         else:
             conn.send(data)
 
     def on_close(self, conn: TcpConnection) -> None:
-        if self.keep:
-            self.closed.append(conn)
         self.state_at_close.append(
             {
                 "connected": conn.connected,
@@ -74,6 +85,8 @@ class Recorder(ICppnpUsr):
                 "in_loop": conn.loop.is_in_loop_thread(),
             }
         )
+        if self.keep:  # after the state: a test that sees it closed finds the state
+            self.closed.append(conn)
 
     def conn(self, st: ServerThread, i: int = 0) -> TcpConnection:
         wait_for(lambda: len(self.conns) > i)

@@ -62,7 +62,6 @@ cdef class _FrameCodec:
         return cppnp_atomic_load(&self._errors)
 
     cdef int _protocol_error(self, object conn, Buffer buf, str why) except -1:
-        cppnp_atomic_add(&self._errors, 1)
         buf.clear()                 # never buffer (or log) the rest of a broken stream
         try:
             # repr(conn), not conn: a LogRecord must not keep the connection alive.
@@ -70,6 +69,7 @@ cdef class _FrameCodec:
                             type(self).__name__, repr(conn), why)
         except Exception:
             pass
+        cppnp_atomic_add(&self._errors, 1)      # after the log: who sees it finds the record
         conn.force_close()
         return 0
 

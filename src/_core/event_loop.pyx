@@ -535,8 +535,8 @@ cdef class EventLoop:
     # -- errors and counters ------------------------------------------------------------
 
     cdef int report_error(self, str where) except -1:
+        log_exception("Exception in %s", where)   # first: who sees the count finds the log
         cppnp_counter_add(&self._callback_errors, 1)
-        log_exception("Exception in %s", where)
         return 0
 
     cdef int count_drop(self, Py_ssize_t nbytes) noexcept:
