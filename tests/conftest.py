@@ -45,18 +45,26 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(out)
 
 
-def recv_until_eof(sock: socket.socket, limit: int = 256 << 20) -> bytes:
-    """Everything until EOF; a reset after some data ends the read too."""
+def recv_until_eof(sock: socket.socket, limit: int = 256 << 20, reset_ok: bool = True) -> bytes:
+    """Everything until EOF; a reset after some data ends the read too (unless
+    *reset_ok* is false: then the reset raises ConnectionResetError)."""
     out = bytearray()
     while len(out) <= limit:
         try:
             chunk = sock.recv(1 << 20)
         except ConnectionResetError:
+            if not reset_ok:
+                raise
             return bytes(out)
         if not chunk:
             return bytes(out)
         out += chunk
     raise AssertionError("more than %d bytes before EOF" % limit)
+
+
+def recv_to_eof(sock: socket.socket) -> bytes:
+    """Everything until a FIN; a reset raises ConnectionResetError."""
+    return recv_until_eof(sock, reset_ok=False)
 
 
 def rst_close(sock: socket.socket) -> None:
@@ -83,6 +91,27 @@ def call_in_loop(loop: EventLoop, fn: Callable[[], Any], timeout: float = 10.0) 
     if "error" in box:
         raise box["error"]
     return box.get("value")
+
+
+@pytest.fixture
+def loop() -> Iterator[EventLoop]:
+    """An EventLoop owned by the test's thread (closed at teardown)."""
+    lp = EventLoop()
+    try:
+        yield lp
+    finally:
+        lp.close()
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[EventLoop]:
+    """An EventLoop running in its own thread (stopped and closed at teardown)."""
+    lt = EventLoopThread(name="test-loop-thread")
+    lp = lt.start()
+    try:
+        yield lp
+    finally:
+        lt.stop()
 
 
 class ServerThread:

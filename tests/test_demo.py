@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from conftest import recv_exact
+
 TIMEOUT = 60.0
 
 
@@ -71,16 +73,6 @@ def test_demo_rejects_bad_arguments() -> None:
     assert proc.stderr.decode().startswith("python -m cppnp demo: error: argument --threads: ")
 
 
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
-
-
 @pytest.mark.parametrize("threads", [0, 2], ids=["single", "pool2"])
 def test_echo_server_serves_then_exits_zero_on_sigint(threads: int) -> None:
     proc = subprocess.Popen(
@@ -113,10 +105,10 @@ def test_echo_server_serves_then_exits_zero_on_sigint(threads: int) -> None:
                 for i, s in enumerate(socks):
                     msg = b"conn %d round %d|" % (i, round_)
                     s.sendall(msg)
-                    assert recv_exactly(s, len(msg)) == msg
+                    assert recv_exact(s, len(msg)) == msg
             big = bytes(range(256)) * 512  # 128 KiB through the pool
             socks[0].sendall(big)
-            assert recv_exactly(socks[0], len(big)) == big
+            assert recv_exact(socks[0], len(big)) == big
             socks[1].shutdown(socket.SHUT_WR)  # half-close: the server closes
             assert socks[1].recv(1) == b""
         finally:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import call_in_loop, wait_for
+from conftest import call_in_loop, recv_exact, wait_for
 from cppnp import EventLoop, EventLoopThread, ICppnpUsr, IRun0, Task, TcpServer
 
 # -- helpers ------------------------------------------------------------------------------
@@ -39,25 +38,6 @@ def in_thread(fn: Callable[[], Any], timeout: float = 10.0) -> Any:
     if "error" in box:
         raise box["error"]
     return box.get("value")
-
-
-@pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    lp = EventLoop()
-    try:
-        yield lp
-    finally:
-        lp.close()
-
-
-@pytest.fixture
-def loop_thread() -> Iterator[EventLoop]:
-    lt = EventLoopThread(name="el-loop")
-    lp = lt.start()
-    try:
-        yield lp
-    finally:
-        lt.stop()
 
 
 class LoopInThread:
@@ -89,16 +69,6 @@ class LoopInThread:
     def join(self, timeout: float = 10.0) -> bool:
         self.thread.join(timeout)
         return not self.thread.is_alive()
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
 
 
 def child_env() -> dict[str, str]:

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 import cppnp
-from conftest import call_in_loop, rst_close, wait_for
+from conftest import call_in_loop, recv_exact, recv_to_eof, rst_close, wait_for
 from cppnp import ICppnpUsr, IRun2, Task, ThreadPool
 
 TIMEOUT = 20.0
@@ -163,23 +163,6 @@ class LifetimeHandler(ICppnpUsr, IRun2):
         # reading close_info raced with on_close on a free-threaded build (KeyError).
         wait_for(lambda: cid in self.close_info, TIMEOUT)
         return self.close_info[cid]
-
-
-def recv_to_eof(sock: socket.socket) -> bytes:
-    data = bytearray()
-    while chunk := sock.recv(65536):
-        data += chunk
-    return bytes(data)
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
 
 
 def send_chunked(sock: socket.socket, data: bytes, rng: random.Random) -> None:
@@ -508,7 +491,7 @@ def test_peer_closes_after_everything_was_answered(
         n = rng.randint(1, 6)
         frames = [frame(b"q", rng.choice([0, 1, 5]), it, i) for i in range(n)]
         send_chunked(s, b"".join(frames), rng)
-        assert recv_exactly(s, n * FRAME) == b"".join(reply_of(f) for f in frames)
+        assert recv_exact(s, n * FRAME) == b"".join(reply_of(f) for f in frames)
         cid = h.conn_id(s)
         how = rng.choice(["close", "shutdown", "reset"])
         if how == "shutdown":

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 import cppnp
-from conftest import call_in_loop, rst_close, wait_for
+from conftest import call_in_loop, recv_exact, recv_to_eof, rst_close, wait_for
 from cppnp import ICppnpUsr, IRun2, Task, ThreadPool
 
 TIMEOUT = 30.0
@@ -40,23 +40,6 @@ def make_frame(cid: int, seq: int, size: int) -> bytes:
     filler = bytes((cid * 31 + seq * 7 + k) % 251 for k in range(size))
     payload = head + filler
     return struct.pack("!I", len(payload)) + payload
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(min(65536, n - len(data)))
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
-
-
-def recv_to_eof(sock: socket.socket) -> bytes:
-    data = bytearray()
-    while chunk := sock.recv(65536):
-        data += chunk
-    return bytes(data)
 
 
 def cppnp_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -207,9 +190,9 @@ class Client:
                 if self.fate != "half" and rng.random() < 0.4:
                     # Read some or all of what is owed so far.
                     owed = sum(map(len, self.frames[:sent])) - len(got)
-                    got += recv_exactly(s, rng.randint(0, owed))
+                    got += recv_exact(s, rng.randint(0, owed))
             if self.fate == "live":
-                got += recv_exactly(s, len(expected) - len(got))
+                got += recv_exact(s, len(expected) - len(got))
                 if rng.random() < 0.5:
                     s.shutdown(socket.SHUT_WR)
                     got += recv_to_eof(s)

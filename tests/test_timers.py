@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
@@ -19,16 +18,6 @@ from conftest import call_in_loop, wait_for
 from cppnp import EventLoop, EventLoopThread, IRun0, Task
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    """An EventLoop owned by the test's thread; run it with run_loop()."""
-    lp = EventLoop()
-    try:
-        yield lp
-    finally:
-        lp.close()
 
 
 def run_loop(loop: EventLoop, timeout: float = 10.0) -> None:
@@ -45,17 +34,6 @@ def run_loop(loop: EventLoop, timeout: float = 10.0) -> None:
     finally:
         loop.cancel_timer(safety)
     assert not hit, "loop was not quit within %s s" % timeout
-
-
-@pytest.fixture
-def loop_thread() -> Iterator[EventLoop]:
-    """An EventLoop running in its own thread (stopped and closed at teardown)."""
-    lt = EventLoopThread(name="timer-loop")
-    lp = lt.start()
-    try:
-        yield lp
-    finally:
-        lt.stop()
 
 
 def timer_count(loop: EventLoop) -> int:
