@@ -15,7 +15,12 @@ from typing import Any, Callable
 import pytest
 
 import cppnp
-from cppnp import EventLoop, EventLoopThread, TcpServer
+from cppnp import EventLoop, EventLoopThread, TcpServer, ThreadPool
+
+TIMEOUT = 20.0
+# Where a pool applies, a case runs in single-thread mode and in pool mode.
+POOL_SIZES = [0, 4]
+POOL_IDS = ["single", "pool4"]
 
 
 def fd_count() -> int:
@@ -112,6 +117,29 @@ def loop_thread() -> Iterator[EventLoop]:
         yield lp
     finally:
         lt.stop()
+
+
+@pytest.fixture(params=POOL_SIZES, ids=POOL_IDS)
+def nthreads(request: pytest.FixtureRequest) -> int:
+    """The pool size: 0 (single-thread mode) and 4."""
+    return int(request.param)
+
+
+@pytest.fixture
+def make_pool() -> Any:
+    """make_pool(n, **kw) -> a started ThreadPool, stopped (and joined) at teardown."""
+    pools: list[ThreadPool] = []
+
+    def make(n: int, start: bool = True, **kw: Any) -> ThreadPool:
+        pool = ThreadPool(n, **kw)
+        pools.append(pool)
+        if start:
+            pool.start()
+        return pool
+
+    yield make
+    for pool in pools:
+        assert pool.stop(drain=False, timeout=TIMEOUT), "pool workers did not exit"
 
 
 class ServerThread:

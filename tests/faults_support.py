@@ -21,6 +21,9 @@ from typing import Any
 import pytest
 
 from conftest import (  # noqa: F401  (re-exported for the fault tests)
+    POOL_IDS,
+    POOL_SIZES,
+    TIMEOUT,
     ServerThread,
     call_in_loop,
     recv_exact,
@@ -29,11 +32,6 @@ from conftest import (  # noqa: F401  (re-exported for the fault tests)
     wait_for,
 )
 from cppnp import EventLoop, ThreadPool
-
-TIMEOUT = 20.0
-POOL_SIZES = [0, 4]
-POOL_IDS = ["single", "pool4"]
-
 
 # -- sockets ------------------------------------------------------------------------------
 

@@ -30,8 +30,6 @@ from cppnp import (
     ThreadPool,
 )
 from faults_support import (
-    POOL_IDS,
-    POOL_SIZES,
     TIMEOUT,
     recv_exact,
     recv_until_eof,
@@ -40,11 +38,6 @@ from faults_support import (
 )
 
 Serve = Callable[..., ServerThread]
-
-
-@pytest.fixture(params=POOL_SIZES, ids=POOL_IDS)
-def nthreads(request: pytest.FixtureRequest) -> int:
-    return int(request.param)
 
 
 @pytest.fixture
