@@ -76,8 +76,14 @@ def iterations_while_idle(st: ServerThread, seconds: float = 0.3) -> int:
 # -- subprocesses -------------------------------------------------------------------------
 
 
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
 def child_env() -> dict[str, str]:
+    """The environment of a child interpreter: unbuffered, faulthandler on, and this
+    folder on PYTHONPATH (children import the shared handlers from handlers.py)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, env.get("PYTHONPATH")) if p)
     env.pop("PYTHONWARNINGS", None)
     return env
 

@@ -23,6 +23,7 @@ import pytest
 from conftest import ServerThread, call_in_loop, fd_count, recv_exact, recv_until_eof, wait_for
 from cppnp import Buffer, EventLoop, ICppnpUsr, IRun2, Task, TcpConnection, TcpServer, ThreadPool
 from faults_support import TIMEOUT, rst_close, run_child, small_rcvbuf_client
+from handlers import Echo
 
 Serve = Callable[..., ServerThread]
 
@@ -163,11 +164,6 @@ def test_d02_event_loop_init_twice_raises_and_leaks_nothing() -> None:
     finally:
         lp.close()
     EventLoop().close()  # this thread can still make a loop
-
-
-class Echo(ICppnpUsr):
-    def on_message(self, conn: TcpConnection, buf: Buffer) -> None:
-        conn.send(buf.retrieve_all())
 
 
 def test_d02_tcp_server_init_twice_raises_and_keeps_serving(serve: Serve) -> None:

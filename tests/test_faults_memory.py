@@ -32,7 +32,8 @@ from cppnp import EventLoop, EventLoopThread, ICppnpUsr, IRun2, Task, TcpServer,
 where, nthreads = sys.argv[1], int(sys.argv[2])
 gate = threading.Event()                       # never set: a task stays in flight
 
-class Echo(ICppnpUsr, IRun2):
+class PoolEcho(ICppnpUsr, IRun2):
+    # Not handlers.Echo: echoes from the pool, and a b"hold" task stays in flight at exit.
     def __init__(self, pool):
         self.pool = pool
     def on_message(self, conn, buf):
@@ -44,7 +45,7 @@ class Echo(ICppnpUsr, IRun2):
 
 pool = ThreadPool(nthreads)
 pool.start()
-h = Echo(pool)
+h = PoolEcho(pool)
 box = {}
 if where == "thread":
     def init(lp):

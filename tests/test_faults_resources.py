@@ -64,17 +64,11 @@ class Collect(logging.Handler):
 logging.getLogger("cppnp").addHandler(Collect())
 logging.getLogger("cppnp").setLevel(logging.WARNING)
 
-class Echo(ICppnpUsr):
-    opened = closed = 0
-    def on_connection(self, conn):
-        Echo.opened += 1
-    def on_message(self, conn, buf):
-        conn.send(buf.retrieve_all())
-    def on_close(self, conn):
-        Echo.closed += 1
+from handlers import RecordingEcho
 
+echo = RecordingEcho()
 lp = EventLoop()
-server = TcpServer(lp, ("127.0.0.1", 0), Echo())
+server = TcpServer(lp, ("127.0.0.1", 0), echo)
 server.start()
 lp.run_once(0)
 highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
@@ -93,7 +87,7 @@ def open_fds():
     return n
 
 def status():
-    return {"opened": Echo.opened, "closed": Echo.closed, "accepted": server.accepted,
+    return {"opened": len(echo.opened), "closed": len(echo.closed), "accepted": server.accepted,
             "shed": server.shed_connections, "accept_errors": server.accept_errors,
             "warnings": len(warnings), "fds": open_fds(), "limit": limit}
 
@@ -113,7 +107,7 @@ def check():
     t.join()
     out["loop"] = box["loop"]
     try:
-        TcpServer(lp, ("127.0.0.1", 0), Echo()).start()
+        TcpServer(lp, ("127.0.0.1", 0), echo).start()
         out["server"] = "started"
     except OSError as exc:
         out["server"] = "OSError %d" % exc.errno

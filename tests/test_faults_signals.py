@@ -231,9 +231,7 @@ _THREAD_CHILD = r"""
 import socket, time
 from cppnp import EventLoopThread, ICppnpUsr, TcpServer
 
-class Echo(ICppnpUsr):
-    def on_message(self, conn, buf):
-        conn.send(buf.retrieve_all())
+from handlers import Echo
 
 box = {}
 def init(lp):
@@ -280,9 +278,7 @@ from cppnp import EventLoop, ICppnpUsr, TcpServer
 handled = [0]
 signal.signal(signal.SIGUSR1, lambda s, f: handled.__setitem__(0, handled[0] + 1))
 
-class Echo(ICppnpUsr):
-    def on_message(self, conn, buf):
-        conn.send(buf.retrieve_all())
+from handlers import Echo
 
 lp = EventLoop()
 server = TcpServer(lp, ("127.0.0.1", 0), Echo())
@@ -484,9 +480,7 @@ from cppnp import EventLoop, EventLoopThread, ICppnpUsr, TcpServer, ThreadPool
 # Forking a multi-threaded process is the point of this test (3.12+ warns about it).
 warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
 
-class Echo(ICppnpUsr):
-    def on_message(self, conn, buf):
-        conn.send(buf.retrieve_all())
+from handlers import Echo
 
 def echo(address, msg=b"ping"):
     with socket.create_connection(address, timeout=5) as s:
@@ -582,9 +576,7 @@ _FORK_CLOSE_CHILD = r"""
 import os, socket, threading
 from cppnp import EventLoop, ICppnpUsr, TcpServer
 
-class Echo(ICppnpUsr):
-    def on_message(self, conn, buf):
-        conn.send(buf.retrieve_all())
+from handlers import Echo
 
 lp = EventLoop()                       # owned by the main thread, idle at fork time
 server = TcpServer(lp, ("127.0.0.1", 0), Echo())

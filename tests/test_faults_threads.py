@@ -399,9 +399,7 @@ _START_STOP_CHILD = r"""
 import socket, sys
 from cppnp import EventLoopThread, ICppnpUsr, TcpServer
 
-class Echo(ICppnpUsr):
-    def on_message(self, conn, buf):
-        conn.send(buf.retrieve_all())
+from handlers import Echo
 
 for i in range(10):
     box = {}
