@@ -268,6 +268,74 @@ def read_lines(
                     return True
 
 
+def run_loadgen(
+    loadgen: Path,
+    port: int,
+    *,
+    conns: int,
+    size: int,
+    duration: float,
+    warmup: float,
+    client_cpu: int | None,
+    on_window: Callable[[str, int], None],
+) -> tuple[dict[str, Any], int | None, str]:
+    """Run the ping-pong load generator against ``HOST:port``.
+
+    *on_window(edge, loadgen_pid)* is called at ``"window-start"`` and ``"window-end"``
+    (where the callers sample CPU).  Returns the load generator's JSON result (``{}`` if it
+    printed none; ``unparsed_output`` if it was not JSON), its exit code and its stderr.
+    """
+    argv = [
+        *pin_prefix(client_cpu),
+        str(loadgen),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--conns",
+        str(conns),
+        "--size",
+        str(size),
+        "--duration",
+        str(duration),
+        "--warmup",
+        str(warmup),
+        "--mode",
+        "pingpong",
+    ]
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    track(proc)
+    result: dict[str, Any] = {}
+
+    def on_line(line: str) -> bool:
+        if line.startswith("# window-"):
+            on_window(line[2:], proc.pid)
+        elif line.startswith("{"):
+            try:
+                result.update(json.loads(line))
+            except ValueError:
+                result["unparsed_output"] = line[:500]
+            return True
+        return False
+
+    deadline = time.monotonic() + warmup + duration + 20
+    try:
+        read_lines(proc, deadline, on_line)
+        proc.wait(max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        rc = terminate(proc, grace=1.0)
+    assert proc.stderr is not None
+    return result, rc, proc.stderr.read().decode(errors="replace").strip()
+
+
 # ---- servers ----------------------------------------------------------------------------
 
 
