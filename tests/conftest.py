@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import resource
 import socket
 import struct
 import threading
@@ -188,6 +189,42 @@ def serve() -> Iterator[Callable[..., ServerThread]]:
     yield make
     for st in started:
         st.stop()
+
+
+@pytest.fixture
+def nofile_limit() -> Iterator[Callable[[int], None]]:
+    """ensure(n): raise RLIMIT_NOFILE to at least n (restored afterwards).
+
+    A hard limit below n is raised too, which needs root (CI runs as root); otherwise
+    setrlimit raises and the test fails with that reason rather than passing unchecked.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def ensure(n: int) -> None:
+        if soft >= n:
+            return
+        new_hard = hard if hard == resource.RLIM_INFINITY or hard >= n else n
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, new_hard))
+
+    yield ensure
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.fixture
+def wsgi() -> Iterator[Callable[..., Any]]:
+    """wsgi(app, **options) -> wsgi_support.WsgiThread; stopped at teardown."""
+    from wsgi_support import WsgiThread
+
+    started: list[WsgiThread] = []
+
+    def make(app: Any, **options: Any) -> WsgiThread:
+        w = WsgiThread(app, **options)
+        started.append(w)
+        return w
+
+    yield make
+    for w in started:
+        w.stop()
 
 
 @pytest.fixture

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import os
 import random
-import resource
 import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
@@ -45,25 +43,6 @@ def echo_roundtrip(st: ServerThread, data: bytes) -> bytes:
         t.join(30)
         assert not errors, errors
         return got
-
-
-@pytest.fixture
-def nofile_limit() -> Iterator[Callable[[int], None]]:
-    """ensure(n): raise RLIMIT_NOFILE to at least n (restored afterwards).
-
-    A hard limit below n is raised too, which needs root (CI runs as root); otherwise
-    setrlimit raises and the test fails with that reason rather than passing unchecked.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-
-    def ensure(n: int) -> None:
-        if soft >= n:
-            return
-        new_hard = hard if hard == resource.RLIM_INFINITY or hard >= n else n
-        resource.setrlimit(resource.RLIMIT_NOFILE, (n, new_hard))
-
-    yield ensure
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 # -- echo -----------------------------------------------------------------------------------------
