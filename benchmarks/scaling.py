@@ -279,11 +279,9 @@ def children_of(ppid: int) -> list[int]:
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/stat") as f:
-                stat = f.read()
+            fields = benchlib.stat_fields(f"/proc/{name}/stat")
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
         if int(fields[1]) == ppid and fields[0] not in ("Z", "X"):
             out.append(int(name))
     return sorted(out)
@@ -291,19 +289,17 @@ def children_of(ppid: int) -> list[int]:
 
 def thread_cpu(pid: int) -> dict[int, float]:
     """CPU seconds of each thread of *pid* (tid -> utime + stime)."""
-    out = {}
+    out: dict[int, float] = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return out
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                stat = f.read()
+            fields = benchlib.stat_fields(f"/proc/{pid}/task/{tid}/stat")
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / benchlib.CLK_TCK
+        out[int(tid)] = benchlib.stat_cpu_seconds(fields)
     return out
 
 
