@@ -10,6 +10,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -71,6 +72,23 @@ def recv_until_eof(sock: socket.socket, limit: int = 256 << 20, reset_ok: bool =
 def recv_to_eof(sock: socket.socket) -> bytes:
     """Everything until a FIN; a reset raises ConnectionResetError."""
     return recv_until_eof(sock, reset_ok=False)
+
+
+def assert_all_dead(refs: dict[int, weakref.ref[Any]], timeout: float = 3.0) -> None:
+    """Every connection object is gone once the pool is idle and gc has run (an idle
+    worker or a queue must not keep the last connection it served alive)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        gc.collect()
+        alive = [cid for cid, r in refs.items() if r() is not None]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert alive == [], "%d of %d connection objects still alive after release: %r" % (
+        len(alive),
+        len(refs),
+        [refs[c]() for c in alive[:3]],
+    )
 
 
 def rst_close(sock: socket.socket) -> None:
@@ -176,19 +194,24 @@ class ServerThread:
         self.thread.stop()
 
 
+def stopped_at_teardown(factory: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """Body of a factory fixture: yields *factory*; everything it made is stopped after."""
+    started: list[Any] = []
+
+    def make(*args: Any, **kwargs: Any) -> Any:
+        obj = factory(*args, **kwargs)
+        started.append(obj)
+        return obj
+
+    yield make
+    for obj in started:
+        obj.stop()
+
+
 @pytest.fixture
 def serve() -> Iterator[Callable[..., ServerThread]]:
     """serve(handler, **TcpServer kwargs) -> ServerThread; stopped at teardown."""
-    started: list[ServerThread] = []
-
-    def make(handler: Any, **kwargs: Any) -> ServerThread:
-        st = ServerThread(handler, **kwargs)
-        started.append(st)
-        return st
-
-    yield make
-    for st in started:
-        st.stop()
+    yield from stopped_at_teardown(ServerThread)
 
 
 @pytest.fixture
@@ -215,16 +238,7 @@ def wsgi() -> Iterator[Callable[..., Any]]:
     """wsgi(app, **options) -> wsgi_support.WsgiThread; stopped at teardown."""
     from wsgi_support import WsgiThread
 
-    started: list[WsgiThread] = []
-
-    def make(app: Any, **options: Any) -> WsgiThread:
-        w = WsgiThread(app, **options)
-        started.append(w)
-        return w
-
-    yield make
-    for w in started:
-        w.stop()
+    yield from stopped_at_teardown(WsgiThread)
 
 
 @pytest.fixture

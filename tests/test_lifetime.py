@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 import cppnp
-from conftest import call_in_loop, recv_exact, recv_to_eof, rst_close, wait_for
+from conftest import assert_all_dead, call_in_loop, recv_exact, recv_to_eof, rst_close, wait_for
 from cppnp import ICppnpUsr, IRun2, Task, ThreadPool
 
 TIMEOUT = 20.0
@@ -176,23 +176,6 @@ def send_chunked(sock: socket.socket, data: bytes, rng: random.Random) -> None:
 
 # Iterations per mode: the two modes together run 120 per case.
 ITERATIONS = 60
-
-
-def assert_all_dead(refs: dict[int, weakref.ref[Any]], timeout: float = 3.0) -> None:
-    """Every connection object is gone once the pool is idle and gc has run (an idle
-    worker or a queue must not keep the last connection it served alive)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        gc.collect()
-        alive = [cid for cid, r in refs.items() if r() is not None]
-        if not alive or time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
-    assert alive == [], "%d of %d connection objects still alive after release: %r" % (
-        len(alive),
-        len(refs),
-        [refs[c]() for c in alive[:3]],
-    )
 
 
 def assert_clean(

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 import cppnp
-from conftest import call_in_loop, recv_exact, recv_to_eof, rst_close, wait_for
+from conftest import assert_all_dead, call_in_loop, recv_exact, recv_to_eof, rst_close, wait_for
 from cppnp import ICppnpUsr, IRun2, Task, ThreadPool
 
 TIMEOUT = 30.0
@@ -50,34 +50,10 @@ def cppnp_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
-def assert_all_dead(refs: dict[int, Any], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        gc.collect()
-        alive = [cid for cid, r in refs.items() if r() is not None]
-        if not alive or time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
-    assert alive == [], "%d of %d connection objects still alive after release" % (
-        len(alive),
-        len(refs),
-    )
-
-
 @pytest.fixture
-def new_pool() -> Any:
-    """new_pool(n, name) -> a started ThreadPool, stopped at teardown."""
-    pools: list[ThreadPool] = []
-
-    def make(n: int, name: str) -> ThreadPool:
-        pool = ThreadPool(n, name=name)
-        pools.append(pool)
-        pool.start()
-        return pool
-
-    yield make
-    for pool in pools:
-        pool.stop(drain=False, timeout=TIMEOUT)
+def new_pool(make_pool: Any) -> Any:
+    """new_pool(n, name) -> conftest's make_pool(n, name=name)."""
+    return lambda n, name: make_pool(n, name=name)
 
 
 class FramedEcho(ICppnpUsr, IRun2):
