@@ -9,13 +9,16 @@ watched pool has nothing queued or running (and is stopped and joined), and the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -86,6 +89,44 @@ def child_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, env.get("PYTHONPATH")) if p)
     env.pop("PYTHONWARNINGS", None)
     return env
+
+
+def default_sigint() -> None:
+    """preexec_fn: a child of a background job inherits SIGINT ignored; Python then
+    installs no KeyboardInterrupt handler.  Give the child the default disposition."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def spawned(code: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """*code* running in a fresh interpreter (pipes for stdout/stderr, default SIGINT);
+    killed and reaped if the block leaves it running."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        cwd="/",
+        preexec_fn=default_sigint,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 20.0) -> tuple[int, str, str]:
+    """Wait for *proc*: (exit code, stdout, stderr); fail (with its output) if it hangs."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail("child hung: stdout=%r stderr=%r" % (out, err))
+    return proc.returncode, out, err
 
 
 def run_child(code: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:

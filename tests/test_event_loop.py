@@ -4,7 +4,6 @@ functors, the GIL while idle, errors in callbacks, KeyboardInterrupt, bad callba
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 
 from conftest import call_in_loop, recv_exact, wait_for
 from cppnp import EventLoop, EventLoopThread, ICppnpUsr, IRun0, Task, TcpServer
+from faults_support import child_env, finish, spawned
 
 # -- helpers ------------------------------------------------------------------------------
 
@@ -69,16 +69,6 @@ class LoopInThread:
     def join(self, timeout: float = 10.0) -> bool:
         self.thread.join(timeout)
         return not self.thread.is_alive()
-
-
-def child_env() -> dict[str, str]:
-    return dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
-
-
-def default_sigint() -> None:
-    """preexec_fn: a child of a background job inherits SIGINT ignored; Python then
-    installs no KeyboardInterrupt handler.  Give the child the default disposition."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 # -- ownership ----------------------------------------------------------------------------------
@@ -652,26 +642,14 @@ print("closed", lp.closed, flush=True)
 def test_keyboard_interrupt_leaves_loop(mode: str) -> None:
     """SIGINT while the main thread's loop waits in epoll (idle) or runs a Python
     callback: KeyboardInterrupt comes out of loop(), which can then run again and close."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SIGINT_CHILD, mode],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-        preexec_fn=default_sigint,
-    )
-    try:
+    with spawned(_SIGINT_CHILD, mode) as proc:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.strip() == "ready", line
         time.sleep(0.1)  # let it block in epoll_wait / sleep (either way it must work)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
-    except BaseException:
-        proc.kill()
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, err
+        rc, out, err = finish(proc)
+    assert rc == 0, err
     assert out.splitlines() == [
         "KeyboardInterrupt",
         "running False closed False",

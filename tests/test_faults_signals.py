@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from typing import Any, Callable
@@ -25,42 +23,15 @@ from faults_support import (
     POOL_IDS,
     POOL_SIZES,
     TIMEOUT,
-    child_env,
+    finish,
     recv_exact,
     recv_until_eof,
     run_child,
     small_rcvbuf_client,
+    spawned,
 )
 
 Serve = Callable[..., ServerThread]
-
-
-def default_sigint() -> None:
-    """preexec_fn: a child of a background job inherits SIGINT ignored; Python then
-    installs no KeyboardInterrupt handler.  Give the child the default disposition."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def spawn(code: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-c", code, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-        cwd="/",
-        preexec_fn=default_sigint,
-    )
-
-
-def finish(proc: subprocess.Popen[str], timeout: float = 20.0) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail("child hung: stdout=%r stderr=%r" % (out, err))
-    return proc.returncode, out, err
 
 
 def in_epoll_wait(pid: int) -> bool:
@@ -148,29 +119,26 @@ print(json.dumps({
 @pytest.mark.parametrize("nthreads", POOL_SIZES, ids=POOL_IDS)
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_signal_while_blocked_in_epoll_stops_gracefully(sig: str, nthreads: int) -> None:
-    proc = spawn(_GRACEFUL_CHILD, sig, str(nthreads))
     clients: list[socket.socket] = []
-    try:
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline())
-        slow = small_rcvbuf_client(("127.0.0.1", port))  # never reads
-        clients.append(slow)
-        slow.sendall(b"big")
-        idle = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-        clients.append(idle)
-        idle.sendall(b"hello")
-        assert recv_exact(idle, 5) == b"hello"
-        wait_for(lambda: in_epoll_wait(proc.pid), TIMEOUT)  # idle, replies queued
-        proc.send_signal(getattr(signal, sig))
-        rc, out, err = finish(proc)
-        assert recv_until_eof(idle) == b""
-        got = len(recv_until_eof(slow))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        for c in clients:
-            c.close()
+    with spawned(_GRACEFUL_CHILD, sig, str(nthreads)) as proc:
+        try:
+            assert proc.stdout is not None
+            port = int(proc.stdout.readline())
+            slow = small_rcvbuf_client(("127.0.0.1", port))  # never reads
+            clients.append(slow)
+            slow.sendall(b"big")
+            idle = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+            clients.append(idle)
+            idle.sendall(b"hello")
+            assert recv_exact(idle, 5) == b"hello"
+            wait_for(lambda: in_epoll_wait(proc.pid), TIMEOUT)  # idle, replies queued
+            proc.send_signal(getattr(signal, sig))
+            rc, out, err = finish(proc)
+            assert recv_until_eof(idle) == b""
+            got = len(recv_until_eof(slow))
+        finally:
+            for c in clients:
+                c.close()
     assert rc == 0 and err == "", err
     report = json.loads(out.splitlines()[-1])
     assert report["how"] == ("KeyboardInterrupt" if sig == "SIGINT" else "SystemExit")
@@ -210,17 +178,12 @@ lp.close()
 
 
 def test_sigint_caught_inside_a_callback_lets_the_loop_continue() -> None:
-    proc = spawn(_CAUGHT_CHILD)
-    try:
+    with spawned(_CAUGHT_CHILD) as proc:
         assert proc.stdout is not None
         assert proc.stdout.readline() == "ready\n"
         time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
         rc, out, err = finish(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert rc == 0 and err == "", err
     assert out == "oups\ndone\nagain 0\n"
 
@@ -255,16 +218,11 @@ except KeyboardInterrupt:
 
 
 def test_sigint_reaches_the_main_thread_which_stops_the_loop_thread() -> None:
-    proc = spawn(_THREAD_CHILD)
-    try:
+    with spawned(_THREAD_CHILD) as proc:
         assert proc.stdout is not None
         assert proc.stdout.readline() == "ready\n"
         proc.send_signal(signal.SIGINT)
         rc, out, err = finish(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert rc == 0 and err == "", err
     assert out == "stopped True False\n"
 
