@@ -18,6 +18,7 @@ import pytest
 
 import cppnp
 from cppnp import EventLoop, EventLoopThread, TcpServer, ThreadPool
+from handlers import serve_in_thread
 
 TIMEOUT = 20.0
 # Where a pool applies, a case runs in single-thread mode and in pool mode.
@@ -166,15 +167,8 @@ class ServerThread:
 
     def __init__(self, handler: Any, **kwargs: Any) -> None:
         self.handler = handler
-        self.server: TcpServer | None = None
-
-        def init(loop: EventLoop) -> None:
-            self.server = TcpServer(loop, ("127.0.0.1", 0), handler, **kwargs)
-            self.server.start()
-
-        self.thread = EventLoopThread(init, name="test-loop")
-        self.loop = self.thread.start()
-        assert self.server is not None
+        self.server: TcpServer | None
+        self.thread, self.loop, self.server = serve_in_thread(handler, **kwargs)
         self.address = self.server.address
 
     def connect(self, timeout: float = 10.0) -> socket.socket:

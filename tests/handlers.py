@@ -1,5 +1,7 @@
 """Handlers shared by the tests, and by the child processes some tests start
-(``faults_support.child_env()`` puts this folder on their ``PYTHONPATH``).
+(``faults_support.child_env()`` puts this folder on their ``PYTHONPATH``), and
+``serve_in_thread``, the server-in-a-loop-thread set-up both use (this module does not
+import pytest, so children can import it).
 
 A test that needs a variant (work in the pool, a gate, a model to check against) keeps
 its own handler and says why in its docstring.
@@ -7,7 +9,27 @@ its own handler and says why in its docstring.
 
 from __future__ import annotations
 
-from cppnp import Buffer, ICppnpUsr, TcpConnection
+from typing import Any
+
+from cppnp import Buffer, EventLoop, EventLoopThread, ICppnpUsr, TcpConnection, TcpServer
+
+
+def serve_in_thread(
+    handler: Any, thread_name: str = "test-loop", **kwargs: Any
+) -> tuple[EventLoopThread, EventLoop, TcpServer]:
+    """A started TcpServer(loop, ("127.0.0.1", 0), *handler*, **kwargs) on the loop of a
+    started EventLoopThread: (thread, loop, server).  In-process tests use conftest's
+    ``serve`` fixture (which stops it at teardown)."""
+    box: list[TcpServer] = []
+
+    def init(loop: EventLoop) -> None:
+        server = TcpServer(loop, ("127.0.0.1", 0), handler, **kwargs)
+        box.append(server)
+        server.start()
+
+    thread = EventLoopThread(init, name=thread_name)
+    loop = thread.start()
+    return thread, loop, box[0]
 
 
 class Echo(ICppnpUsr):
@@ -35,3 +57,13 @@ class RecordingEcho(Echo):
 
     def on_close(self, conn: TcpConnection) -> None:
         self.closed.append((conn.id, conn.bytes_received, conn.bytes_sent))
+
+
+class Keeper(ICppnpUsr):
+    """Keeps every new connection in ``self.conns`` (appended on the loop thread)."""
+
+    def __init__(self) -> None:
+        self.conns: list[TcpConnection] = []
+
+    def on_connection(self, conn: TcpConnection) -> None:
+        self.conns.append(conn)

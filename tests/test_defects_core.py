@@ -212,21 +212,13 @@ def test_d02_buffer_and_connection_init_twice_raise(serve: Serve) -> None:
 
 _NAME_RACE_CHILD = r"""
 import json, os, socket, sys, threading
-from cppnp import EventLoopThread, ICppnpUsr, TcpServer
+from handlers import Keeper, serve_in_thread
 
 ROUNDS, BATCH, READERS = int(sys.argv[1]), int(sys.argv[2]), 4
-new = []
-class H(ICppnpUsr):
-    def on_connection(self, conn):
-        new.append(conn)
-
-box = {}
-def init(loop):
-    box["server"] = TcpServer(loop, ("127.0.0.1", 0), H(), name="srv")
-    box["server"].start()
-lt = EventLoopThread(init)
-lt.start()
-address = box["server"].address
+keeper = Keeper()
+new = keeper.conns
+lt, _, server = serve_in_thread(keeper, name="srv")
+address = server.address
 start = threading.Barrier(READERS + 1)
 done = threading.Barrier(READERS + 1)
 batch = []
@@ -288,22 +280,13 @@ def test_d04_four_threads_reading_lazy_properties_of_a_new_connection() -> None:
 
 _FIELD_RACE_CHILD = r"""
 import json, socket, sys, threading
-from cppnp import EventLoopThread, ICppnpUsr, TcpServer
+from handlers import Keeper, serve_in_thread
 
 ROUNDS = int(sys.argv[1])
-conns = []
-
-class H(ICppnpUsr):
-    def on_connection(self, conn):
-        conns.append(conn)
-
-box = {}
-def init(loop):
-    box["server"] = TcpServer(loop, ("127.0.0.1", 0), H())
-    box["server"].start()
-lt = EventLoopThread(init)
-loop = lt.start()
-c = socket.create_connection(box["server"].address)
+keeper = Keeper()
+conns = keeper.conns
+lt, loop, server = serve_in_thread(keeper)
+c = socket.create_connection(server.address)
 while not conns:
     pass
 conn = conns[0]
@@ -357,17 +340,15 @@ def test_d04_context_and_high_water_mark_written_while_other_threads_read() -> N
 _LOCAL_ADDRESS_CHILD = r"""
 import json, socket, sys, threading
 from cppnp import EventLoopThread, ICppnpUsr, TcpServer
+from handlers import Keeper
 
 ROUNDS, BATCH, READERS = int(sys.argv[1]), int(sys.argv[2]), 3
-new = []
-
-class A(ICppnpUsr):
-    def on_connection(self, conn):
-        new.append(conn)
+keeper = Keeper()
+new = keeper.conns
 
 box = {}
 def init(loop):
-    box["a"] = TcpServer(loop, ("127.0.0.1", 0), A())
+    box["a"] = TcpServer(loop, ("127.0.0.1", 0), keeper)
     box["b"] = TcpServer(loop, ("127.0.0.1", 0), ICppnpUsr())
     box["a"].start()
     box["b"].start()

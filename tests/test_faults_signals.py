@@ -192,18 +192,10 @@ def test_sigint_caught_inside_a_callback_lets_the_loop_continue() -> None:
 
 _THREAD_CHILD = r"""
 import socket, time
-from cppnp import EventLoopThread, ICppnpUsr, TcpServer
+from handlers import Echo, serve_in_thread
 
-from handlers import Echo
-
-box = {}
-def init(lp):
-    box["server"] = TcpServer(lp, ("127.0.0.1", 0), Echo())
-    box["server"].start()
-
-lt = EventLoopThread(init)
-lp = lt.start()
-with socket.create_connection(box["server"].address, timeout=5) as s:
+lt, lp, server = serve_in_thread(Echo())
+with socket.create_connection(server.address, timeout=5) as s:
     s.sendall(b"x")
     assert s.recv(1) == b"x"
 try:
@@ -211,7 +203,7 @@ try:
     while True:
         time.sleep(0.05)
 except KeyboardInterrupt:
-    lp.queue_in_loop(box["server"].stop)
+    lp.queue_in_loop(server.stop)
     lt.stop(timeout=10)
     print("stopped", lp.closed, lt._thread.is_alive(), flush=True)
 """
@@ -438,7 +430,7 @@ from cppnp import EventLoop, EventLoopThread, ICppnpUsr, TcpServer, ThreadPool
 # Forking a multi-threaded process is the point of this test (3.12+ warns about it).
 warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
 
-from handlers import Echo
+from handlers import Echo, serve_in_thread
 
 def echo(address, msg=b"ping"):
     with socket.create_connection(address, timeout=5) as s:
@@ -464,12 +456,7 @@ def child_serves_one(wfd):
         ok = 2
     os._exit(ok)
 
-box = {}
-def init(lp):
-    box["server"] = TcpServer(lp, ("127.0.0.1", 0), Echo())
-    box["server"].start()
-lt = EventLoopThread(init)
-lp = lt.start()
+lt, lp, server = serve_in_thread(Echo())
 pool = ThreadPool(5)                   # 4 posters + 1 free worker
 pool.start()
 stop = threading.Event()
@@ -490,7 +477,7 @@ port = int(os.read(r, 100).decode())
 os.close(r)
 assert echo(("127.0.0.1", port)), "child server"
 assert os.waitpid(pid, 0)[1] == 0, "child failed"
-assert echo(box["server"].address), "parent server after fork"
+assert echo(server.address), "parent server after fork"
 
 # (b) fork from a worker thread.
 res = {}
@@ -514,11 +501,11 @@ assert res.get("status") == 0, res
 # (c) fork + exec in a tight loop while the workers post to the queue.
 for _ in range(10):
     subprocess.run(["/bin/true"], check=True, timeout=10)
-assert echo(box["server"].address), "parent server after fork+exec"
+assert echo(server.address), "parent server after fork+exec"
 
 stop.set()
 pool.stop()
-lp.queue_in_loop(box["server"].stop)
+lp.queue_in_loop(server.stop)
 lt.stop()
 print("ok", flush=True)
 """
