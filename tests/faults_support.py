@@ -98,15 +98,19 @@ def default_sigint() -> None:
 
 
 @contextlib.contextmanager
-def spawned(code: str, *args: str) -> Iterator[subprocess.Popen[str]]:
-    """*code* running in a fresh interpreter (pipes for stdout/stderr, default SIGINT);
-    killed and reaped if the block leaves it running."""
+def spawned(
+    code: str, *args: str, env: dict[str, str] | None = None, stdin: bool = False
+) -> Iterator[subprocess.Popen[str]]:
+    """*code* running in a fresh interpreter (pipes for stdout/stderr, and stdin if asked;
+    default SIGINT; *env* defaults to child_env()); killed and reaped if the block leaves
+    it running."""
     proc = subprocess.Popen(
         [sys.executable, "-c", code, *args],
+        stdin=subprocess.PIPE if stdin else None,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=child_env(),
+        env=child_env() if env is None else env,
         cwd="/",
         preexec_fn=default_sigint,
     )
@@ -129,15 +133,18 @@ def finish(proc: subprocess.Popen[str], timeout: float = 20.0) -> tuple[int, str
     return proc.returncode, out, err
 
 
-def run_child(code: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    """Run *code* in a fresh interpreter; fail (with its output) if it hangs."""
+def run_child(
+    code: str, *args: str, timeout: float = 30.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run *code* in a fresh interpreter (*env* defaults to child_env()); fail (with its
+    output) if it hangs."""
     try:
         return subprocess.run(
             [sys.executable, "-c", code, *args],
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=child_env(),
+            env=child_env() if env is None else env,
             cwd="/",
         )
     except subprocess.TimeoutExpired as exc:

@@ -22,7 +22,7 @@ import pytest
 
 from conftest import ServerThread, call_in_loop, fd_count, recv_exact, recv_until_eof, wait_for
 from cppnp import Buffer, EventLoop, ICppnpUsr, IRun2, Task, TcpConnection, TcpServer, ThreadPool
-from faults_support import TIMEOUT, rst_close, run_child, small_rcvbuf_client
+from faults_support import TIMEOUT, rst_close, run_child, small_rcvbuf_client, spawned
 from handlers import Echo
 
 Serve = Callable[..., ServerThread]
@@ -567,21 +567,7 @@ print(json.dumps(out), flush=True)
 
 @pytest.mark.parametrize("how", ["stop", "stop_accepting"])
 def test_d09_stopped_server_accept_retry_timer_is_cancelled(how: str) -> None:
-    import subprocess
-    import sys
-
-    from faults_support import child_env
-
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _RETRY_TIMER_CHILD, how],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-        cwd="/",
-    )
-    try:
+    with spawned(_RETRY_TIMER_CHILD, how, stdin=True) as proc:
         assert proc.stdout is not None and proc.stdin is not None
         port = json.loads(proc.stdout.readline())["port"]
         c = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
@@ -589,10 +575,6 @@ def test_d09_stopped_server_accept_retry_timer_is_cancelled(how: str) -> None:
         proc.stdin.flush()
         out, err = proc.communicate(timeout=60)
         c.close()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err[-3000:]
     got = json.loads(out.strip().splitlines()[-1])
     assert got["accept_errors"] >= 1 and got["paused_timers"] == 1, got  # the setup worked

@@ -17,6 +17,7 @@ import pytest
 
 import cppnp
 from cppnp import Buffer, EventLoop, EventLoopThread, Task, TcpConnection, ThreadPool
+from faults_support import run_child, spawned
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -24,6 +25,8 @@ TIMEOUT = 30.0
 
 
 def child_env() -> dict[str, str]:
+    """What a user's shell has: the installed cppnp only, no test helpers, no
+    faulthandler (faults_support.child_env() adds both)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("PYTHONPATH", None)  # what is installed, not the source tree
     env.pop("PYTHONWARNINGS", None)
@@ -31,17 +34,7 @@ def child_env() -> dict[str, str]:
 
 
 def run_python(code: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=child_env(),
-            cwd="/",
-        )
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail("child hung: stdout=%r stderr=%r" % (exc.stdout, exc.stderr))
+    return run_child(code, timeout=timeout, env=child_env())
 
 
 def cli(
@@ -305,15 +298,7 @@ def test_d17_readme_snippets_run_as_shown() -> None:
             continue
         assert "9000" in code, code
         port = free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-c", code.replace("9000", str(port))],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=child_env(),
-            cwd="/",
-        )
-        try:
+        with spawned(code.replace("9000", str(port)), env=child_env()) as proc:
             sock = connect_when_listening(proc, port)
             assert sock is not None, "snippet never listened:\n%s\n%s" % (
                 code,
@@ -331,10 +316,6 @@ def test_d17_readme_snippets_run_as_shown() -> None:
             proc.send_signal(signal.SIGINT)  # "until loop.quit() or Ctrl-C"
             _, err = proc.communicate(timeout=TIMEOUT)
             assert "KeyboardInterrupt" in err or proc.returncode == 0, err
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
 
 
 PUBLIC = [
