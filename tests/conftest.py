@@ -4,6 +4,7 @@ accounting check (no connection, Buffer, fd or thread left behind)."""
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import resource
 import socket
@@ -98,6 +99,22 @@ def rst_close(sock: socket.socket) -> None:
     sock.close()
 
 
+def capture(fn: Callable[[], Any], box: dict[str, Any]) -> None:
+    """Call *fn*: its result goes to box["value"], or its exception to box["error"] (for
+    another thread to pick up with handed_back)."""
+    try:
+        box["value"] = fn()
+    except BaseException as exc:  # handed back to the caller
+        box["error"] = exc
+
+
+def handed_back(box: dict[str, Any]) -> Any:
+    """What capture() stored: the exception is raised, else the value returned."""
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
 def call_in_loop(loop: EventLoop, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
     """Run *fn* on the loop thread and return its result (or raise its exception)."""
     done = threading.Event()
@@ -105,17 +122,28 @@ def call_in_loop(loop: EventLoop, fn: Callable[[], Any], timeout: float = 10.0) 
 
     def run() -> None:
         try:
-            box["value"] = fn()
-        except BaseException as exc:  # handed back to the caller
-            box["error"] = exc
+            capture(fn, box)
         finally:
             done.set()
 
     loop.queue_in_loop(run)
     assert done.wait(timeout), "loop did not run the functor"
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+    return handed_back(box)
+
+
+def in_thread(fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Run *fn* in a new thread; return its result or raise its exception."""
+    box: dict[str, Any] = {}
+    t = threading.Thread(target=capture, args=(fn, box))
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "thread did not finish"
+    return handed_back(box)
+
+
+def cppnp_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The records of the cppnp loggers at ERROR or above."""
+    return [r for r in caplog.records if r.name.startswith("cppnp") and r.levelno >= logging.ERROR]
 
 
 @pytest.fixture

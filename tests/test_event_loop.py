@@ -14,30 +14,11 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import call_in_loop, recv_exact, wait_for
+from conftest import call_in_loop, cppnp_errors, in_thread, recv_exact, wait_for
 from cppnp import EventLoop, EventLoopThread, ICppnpUsr, IRun0, Task, TcpServer
 from faults_support import child_env, finish, spawned
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def in_thread(fn: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Run *fn* in a new thread; return its result or raise its exception."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # handed back to the caller
-            box["error"] = exc
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), "thread did not finish"
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
 
 
 class LoopInThread:
@@ -477,11 +458,8 @@ def cppnp_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFix
 def _cppnp_errors(caplog: pytest.LogCaptureFixture, exc: type[BaseException]) -> list[Any]:
     return [
         r
-        for r in caplog.records
-        if r.name == "cppnp"
-        and r.levelno >= logging.ERROR
-        and r.exc_info is not None
-        and r.exc_info[0] is exc
+        for r in cppnp_errors(caplog)
+        if r.name == "cppnp" and r.exc_info is not None and r.exc_info[0] is exc
     ]
 
 

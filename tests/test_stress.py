@@ -24,7 +24,15 @@ from typing import Any
 import pytest
 
 import cppnp
-from conftest import assert_all_dead, call_in_loop, recv_exact, recv_to_eof, rst_close, wait_for
+from conftest import (
+    assert_all_dead,
+    call_in_loop,
+    cppnp_errors,
+    recv_exact,
+    recv_to_eof,
+    rst_close,
+    wait_for,
+)
 from cppnp import ICppnpUsr, IRun2, Task, ThreadPool
 
 TIMEOUT = 30.0
@@ -40,14 +48,6 @@ def make_frame(cid: int, seq: int, size: int) -> bytes:
     filler = bytes((cid * 31 + seq * 7 + k) % 251 for k in range(size))
     payload = head + filler
     return struct.pack("!I", len(payload)) + payload
-
-
-def cppnp_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.name.startswith("cppnp") and r.levelno >= logging.ERROR
-    ]
 
 
 @pytest.fixture

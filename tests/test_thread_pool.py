@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import wait_for
+from conftest import capture, cppnp_errors, wait_for
 from cppnp import IRun0, IRun2, QueueFull, Task, ThreadPool
 
 TIMEOUT = 20.0
@@ -34,21 +34,11 @@ def block_workers(pool: ThreadPool, n: int) -> threading.Event:
 
 
 def run_in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Start *fn* in a thread; the box gets its result (conftest.capture)."""
     box: dict[str, Any] = {}
-
-    def main() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    t = threading.Thread(target=main, name="test-helper")
+    t = threading.Thread(target=capture, args=(fn, box), name="test-helper")
     t.start()
     return t, box
-
-
-def cppnp_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name.startswith("cppnp") and r.levelno >= logging.ERROR]
 
 
 # -- lifecycle ----------------------------------------------------------------------------
