@@ -13,13 +13,15 @@ import contextlib
 import logging
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -157,6 +159,100 @@ def proc_cpu_seconds(pid: int) -> float:
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+# -- forked children ------------------------------------------------------------------------
+
+
+def run_forked(
+    fn: Callable[[], None], timeout: float = 60.0, step_log: str | None = None, stall: float = 20.0
+) -> None:
+    """Run *fn* in a forked child, so that a memory error in the core fails the test (with
+    the child's traceback, or the signal that killed it) instead of killing the session.
+    Only for code that starts no threads (the Buffer tests).
+
+    The child is killed after *timeout* seconds.  With *step_log* (a file the child appends
+    to at every step) it is also killed when it logs nothing for *stall* seconds (after
+    heap corruption, glibc malloc can hang on a garbage lock instead of aborting), and a
+    failure shows the last example logged there.  The child is never left behind.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            os.close(r)
+            try:
+                fn()
+                code, msg = 0, b""
+            except BaseException:
+                msg = traceback.format_exc().encode()[-30000:]
+            os.write(w, msg)
+        finally:
+            os._exit(code)
+    os.close(w)
+
+    def steps() -> str:
+        if step_log is None:
+            return ""
+        return "; steps of the last example:\n" + last_example(step_log)
+
+    out = b""
+    reaped = False
+    try:
+        start = last_step = time.monotonic()
+        logged = 0
+        while True:
+            ready, _, _ = select.select([r], [], [], 1.0)
+            now = time.monotonic()
+            if ready:
+                chunk = os.read(r, 65536)
+                if not chunk:
+                    break
+                out += chunk
+                continue
+            if step_log is not None:
+                size = os.stat(step_log).st_size
+                if size != logged:
+                    logged, last_step = size, now
+            stalled = step_log is not None and now - last_step > stall
+            if stalled or now - start > timeout:
+                why = (
+                    "logged no step for %.0f s (a hang: heap corruption?)" % stall
+                    if stalled
+                    else "did not finish within %.0f s" % timeout
+                )
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                reaped = True
+                pytest.fail("forked child %s%s" % (why, steps()), pytrace=False)
+        _, status = os.waitpid(pid, 0)
+        reaped = True
+        if os.WIFSIGNALED(status):
+            pytest.fail(
+                "forked child killed by signal %d (memory corruption?)%s\n%s"
+                % (os.WTERMSIG(status), steps(), out.decode(errors="replace")),
+                pytrace=False,
+            )
+        if os.WEXITSTATUS(status) != 0:
+            pytest.fail(
+                "forked child failed (exit %d):\n%s%s"
+                % (os.WEXITSTATUS(status), out.decode(errors="replace"), "" if out else steps()),
+                pytrace=False,
+            )
+    finally:
+        if not reaped:  # e.g. pytest-timeout interrupted us: no orphan
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        os.close(r)
+
+
+def last_example(step_log: str) -> str:
+    """The steps of the last example in a fuzz step log."""
+    with open(step_log, "rb") as f:
+        text = f.read().decode(errors="replace")
+    return text[text.rfind("--- example") :][-20000:]
 
 
 # -- accounting -----------------------------------------------------------------------------
