@@ -99,15 +99,22 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@contextlib.contextmanager
-def spawned(
-    code: str, *args: str, env: dict[str, str] | None = None, stdin: bool = False
-) -> Iterator[subprocess.Popen[str]]:
-    """*code* running in a fresh interpreter (pipes for stdout/stderr, and stdin if asked;
-    default SIGINT; *env* defaults to child_env()); killed and reaped if the block leaves
-    it running."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, *args],
+def user_env() -> dict[str, str]:
+    """What a user's shell has: the installed cppnp only (no PYTHONPATH, so neither the
+    source tree nor the test helpers), no PYTHONWARNINGS, unbuffered output."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("PYTHONPATH", None)
+    env.pop("PYTHONWARNINGS", None)
+    return env
+
+
+def spawn_python(
+    *argv: str, env: dict[str, str] | None = None, stdin: bool = False
+) -> subprocess.Popen[str]:
+    """``python *argv`` in a fresh interpreter: text pipes for stdout/stderr (and stdin if
+    asked), the default SIGINT disposition, cwd ``/``, *env* (default child_env())."""
+    return subprocess.Popen(
+        [sys.executable, *argv],
         stdin=subprocess.PIPE if stdin else None,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -116,22 +123,41 @@ def spawned(
         cwd="/",
         preexec_fn=default_sigint,
     )
+
+
+def reap(proc: subprocess.Popen[str]) -> None:
+    """Kill and reap *proc* if it is still running."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+@contextlib.contextmanager
+def spawned(
+    code: str, *args: str, env: dict[str, str] | None = None, stdin: bool = False
+) -> Iterator[subprocess.Popen[str]]:
+    """spawn_python("-c", *code*, *args); killed and reaped if the block leaves it running."""
+    proc = spawn_python("-c", code, *args, env=env, stdin=stdin)
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        reap(proc)
 
 
-def finish(proc: subprocess.Popen[str], timeout: float = 20.0) -> tuple[int, str, str]:
-    """Wait for *proc*: (exit code, stdout, stderr); fail (with its output) if it hangs."""
+def finish(
+    proc: subprocess.Popen[str], timeout: float = 20.0, sig: int | None = None
+) -> tuple[int, str, str]:
+    """Send *sig* (if given), then wait for *proc*: (exit code, stdout, stderr); fail (with
+    its output) if it does not exit within *timeout* seconds."""
+    if sig is not None:
+        proc.send_signal(sig)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-        pytest.fail("child hung: stdout=%r stderr=%r" % (out, err))
+        after = "" if sig is None else " after signal %d" % sig
+        pytest.fail("child hung%s: stdout=%r stderr=%r" % (after, out, err))
     return proc.returncode, out, err
 
 

@@ -17,24 +17,15 @@ import pytest
 
 import cppnp
 from cppnp import Buffer, EventLoop, EventLoopThread, Task, TcpConnection, ThreadPool
-from faults_support import run_child, spawned
+from faults_support import run_child, spawned, user_env
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 TIMEOUT = 30.0
 
 
-def child_env() -> dict[str, str]:
-    """What a user's shell has: the installed cppnp only, no test helpers, no
-    faulthandler (faults_support.child_env() adds both)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("PYTHONPATH", None)  # what is installed, not the source tree
-    env.pop("PYTHONWARNINGS", None)
-    return env
-
-
 def run_python(code: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
-    return run_child(code, timeout=timeout, env=child_env())
+    return run_child(code, timeout=timeout, env=user_env())
 
 
 def cli(
@@ -46,7 +37,7 @@ def cli(
     cmd = (exe or [sys.executable, "-m", "cppnp"]) + list(args)
     try:
         return subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, env=child_env(), cwd="/"
+            cmd, capture_output=True, text=True, timeout=timeout, env=user_env(), cwd="/"
         )
     except subprocess.TimeoutExpired as exc:
         pytest.fail(
@@ -298,7 +289,7 @@ def test_d17_readme_snippets_run_as_shown() -> None:
             continue
         assert "9000" in code, code
         port = free_port()
-        with spawned(code.replace("9000", str(port)), env=child_env()) as proc:
+        with spawned(code.replace("9000", str(port)), env=user_env()) as proc:
             sock = connect_when_listening(proc, port)
             assert sock is not None, "snippet never listened:\n%s\n%s" % (
                 code,

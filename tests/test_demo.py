@@ -3,7 +3,6 @@ client, in both modes) and ``python -m cppnp echo`` serving echoes until SIGINT.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
@@ -13,14 +12,9 @@ import sys
 import pytest
 
 from conftest import recv_exact
+from faults_support import user_env
 
 TIMEOUT = 60.0
-
-
-def cppnp_env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("PYTHONPATH", None)  # run what is installed, not the source tree
-    return env
 
 
 @pytest.mark.parametrize("threads", [0, 4], ids=["single", "pool4"])
@@ -42,7 +36,7 @@ def test_demo_verifies_every_echo(threads: int) -> None:
         ],
         capture_output=True,
         timeout=TIMEOUT,
-        env=cppnp_env(),
+        env=user_env(),
         check=False,
     )
     out = proc.stdout.decode()
@@ -65,7 +59,7 @@ def test_demo_rejects_bad_arguments() -> None:
         [sys.executable, "-m", "cppnp", "demo", "--threads", "many"],
         capture_output=True,
         timeout=TIMEOUT,
-        env=cppnp_env(),
+        env=user_env(),
         check=False,
     )
     assert proc.returncode == 2
@@ -90,7 +84,7 @@ def test_echo_server_serves_then_exits_zero_on_sigint(threads: int) -> None:
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=cppnp_env(),
+        env=user_env(),
     )
     try:
         assert proc.stdout is not None
