@@ -161,14 +161,19 @@ def finish(
     return proc.returncode, out, err
 
 
-def run_child(
-    code: str, *args: str, timeout: float = 30.0, env: dict[str, str] | None = None
+def run_python(
+    *argv: str,
+    timeout: float = 30.0,
+    env: dict[str, str] | None = None,
+    input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run *code* in a fresh interpreter (*env* defaults to child_env()); fail (with its
-    output) if it hangs."""
+    """``python *argv`` in a fresh interpreter, to completion (text output captured, cwd
+    ``/``, *env* default child_env(), *input* on its stdin); fail (with its output) if it
+    runs past *timeout* seconds."""
     try:
         return subprocess.run(
-            [sys.executable, "-c", code, *args],
+            [sys.executable, *argv],
+            input=input,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -177,6 +182,17 @@ def run_child(
         )
     except subprocess.TimeoutExpired as exc:
         pytest.fail("child hung: stdout=%r stderr=%r" % (exc.stdout, exc.stderr))
+
+
+def run_child(
+    code: str,
+    *args: str,
+    timeout: float = 30.0,
+    env: dict[str, str] | None = None,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """run_python("-c", *code*, *args): *code* in a fresh interpreter."""
+    return run_python("-c", code, *args, timeout=timeout, env=env, input=input)
 
 
 def proc_cpu_seconds(pid: int) -> float:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +14,7 @@ import pytest
 
 from conftest import call_in_loop, cppnp_errors, in_thread, recv_exact, wait_for
 from cppnp import EventLoop, EventLoopThread, ICppnpUsr, IRun0, Task, TcpServer
-from faults_support import child_env, finish, spawned
+from faults_support import finish, run_child, spawned
 
 # -- helpers ------------------------------------------------------------------------------
 
@@ -419,16 +417,7 @@ def test_gil_released_while_idle() -> None:
     """Two Python threads count to 300 000 while the loop waits in epoll_wait; the loop
     does not iterate meanwhile.  A loop that held the GIL while blocked would hang the
     child (a failure here, bounded by the subprocess timeout)."""
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", _GIL_CHILD],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=child_env(),
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail("the idle loop held the GIL: other threads made no progress")
+    proc = run_child(_GIL_CHILD, timeout=30)  # a hang: the idle loop held the GIL
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [
         "counted",

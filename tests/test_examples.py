@@ -8,13 +8,12 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import recv_exact, recv_until_eof
-from faults_support import finish, reap, spawn_python, user_env
+from faults_support import finish, reap, run_child, run_python, spawn_python, user_env
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -133,14 +132,7 @@ def test_example_seed_echo(threads: str) -> None:
 
 
 def test_example_timers() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "timers.py")],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=user_env(),
-        cwd="/",
-    )
+    proc = run_python(str(EXAMPLES / "timers.py"), timeout=TIMEOUT, env=user_env())
     assert (proc.returncode, proc.stderr) == (0, "")
     lines = proc.stdout.splitlines()
     ticks = [line for line in lines if line.startswith("tick ")]
@@ -203,14 +195,7 @@ def test_cli_discard() -> None:
 
 
 def test_cli_timers() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "cppnp", "timers", "--interval", "0.02"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=user_env(),
-        cwd="/",
-    )
+    proc = run_python("-m", "cppnp", "timers", "--interval", "0.02", timeout=30, env=user_env())
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert [ln.split()[1] for ln in lines if ln.startswith("tick ")] == ["1", "2", "3", "4", "5"]
@@ -231,14 +216,7 @@ def test_library_never_imports_the_cli() -> None:
         "            importlib.import_module(m.name)\n"
         "print(sorted(m for m in sys.modules if m.startswith('cppnp.cli')))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=user_env(),
-        cwd="/",
-    )
+    proc = run_child(code, timeout=TIMEOUT, env=user_env())
     assert (proc.returncode, proc.stderr) == (0, "")
     assert proc.stdout == "[]\n"
     for path in [*(ROOT / "src" / "cppnp").glob("*.py"), *(ROOT / "src" / "_core").iterdir()]:
