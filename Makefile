@@ -12,7 +12,7 @@ LINT_STAMP := $(VENV)/.lint-tools
 PY_SOURCES := src tests benchmarks examples scripts
 export CPPNP_STRICT ?= 1
 
-.PHONY: demo test check test-ft tsan venv install build debug sanitize lint lint-tools format \
+.PHONY: demo test check test-ft tsan venv install build debug sanitize lint lint-tools pre-commit format \
 	wheel bench bench-quick bench-scaling bench-resp bench-wsgi soak clean distclean
 
 $(PY):
@@ -71,6 +71,11 @@ lint: install $(LINT_STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/cython-lint src/_core
 	$(VENV)/bin/mypy
 	cd / && $(CURDIR)/$(PY) -m mypy.stubtest cppnp
+
+# The pre-commit hooks (.pre-commit-config.yaml: ruff check and format, cython-lint, mypy)
+# over every file, with the venv's tools (the hooks are `language: system`).
+pre-commit: $(LINT_STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/pre-commit run --all-files
 
 # Apply ruff's formatter (what `ruff format --check` in `make lint` expects).
 format: $(LINT_STAMP)

@@ -159,13 +159,22 @@ def pin_prefix(cpu: int | None) -> list[str]:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def stat_fields(path: str) -> list[str]:
+    """The fields of a ``/proc/.../stat`` file after the command name: ``[0]`` is the
+    state (field 3), ``[1]`` the parent pid.  OSError if the process is gone."""
+    with open(path, encoding="ascii", errors="replace") as f:
+        stat = f.read()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def stat_cpu_seconds(fields: list[str]) -> float:
+    """utime + stime (fields 14 and 15) of :func:`stat_fields`, in seconds."""
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def proc_cpu_seconds(pid: int) -> float:
     """utime + stime of *pid*'s whole thread group (``/proc/PID/stat``), in seconds."""
-    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-        stat = f.read()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return stat_cpu_seconds(stat_fields(f"/proc/{pid}/stat"))
 
 
 def cpu_ticks(cpu: int) -> tuple[int, int, int]:
@@ -266,6 +275,95 @@ def read_lines(
                 line, buf = buf.split(b"\n", 1)
                 if on_line(line.decode(errors="replace")):
                     return True
+
+
+def run_loadgen(
+    loadgen: Path,
+    port: int,
+    *,
+    conns: int,
+    size: int,
+    duration: float,
+    warmup: float,
+    client_cpu: int | None,
+    on_window: Callable[[str, int], None],
+) -> tuple[dict[str, Any], int | None, str]:
+    """Run the ping-pong load generator against ``HOST:port``.
+
+    *on_window(edge, loadgen_pid)* is called at ``"window-start"`` and ``"window-end"``
+    (where the callers sample CPU).  Returns the load generator's JSON result (``{}`` if it
+    printed none; ``unparsed_output`` if it was not JSON), its exit code and its stderr.
+    """
+    argv = [
+        *pin_prefix(client_cpu),
+        str(loadgen),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--conns",
+        str(conns),
+        "--size",
+        str(size),
+        "--duration",
+        str(duration),
+        "--warmup",
+        str(warmup),
+        "--mode",
+        "pingpong",
+    ]
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    track(proc)
+    result: dict[str, Any] = {}
+
+    def on_line(line: str) -> bool:
+        if line.startswith("# window-"):
+            on_window(line[2:], proc.pid)
+        elif line.startswith("{"):
+            try:
+                result.update(json.loads(line))
+            except ValueError:
+                result["unparsed_output"] = line[:500]
+            return True
+        return False
+
+    deadline = time.monotonic() + warmup + duration + 20
+    try:
+        read_lines(proc, deadline, on_line)
+        proc.wait(max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        rc = terminate(proc, grace=1.0)
+    assert proc.stderr is not None
+    return result, rc, proc.stderr.read().decode(errors="replace").strip()
+
+
+def print_result(out: dict[str, Any], measure: Callable[[], dict[str, Any]]) -> int:
+    """The micro-benchmark scripts' side of :func:`run_json_script`.
+
+    SIGTERM exits with 143; *measure()*'s result is merged into *out*, which is printed as
+    one JSON line.  An exception is reported in ``out["error"]`` (its first and last line)
+    instead of a traceback, so the runner can still parse the line.  Returns the exit
+    status: 1 if *out* has an ``error``, else 0.
+    """
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        out.update(measure())
+    except Exception as exc:  # report, don't crash the runner's JSON parsing
+        lines = str(exc).strip().splitlines() or [""]
+        why = lines[0] + (f" ... {lines[-1].strip()}" if len(lines) > 1 else "")
+        out["error"] = f"{type(exc).__name__}: {why}"
+    finally:
+        stop_all()
+    print(json.dumps(out), flush=True)
+    return 1 if "error" in out else 0
 
 
 # ---- servers ----------------------------------------------------------------------------

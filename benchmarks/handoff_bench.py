@@ -13,14 +13,14 @@ Prints one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+import benchlib
 
 Submit = Callable[[Callable[[], None]], Any]
 
@@ -67,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--impl", choices=("cppnp", "asyncio", "uvloop"), required=True)
     p.add_argument("--n", type=int, default=1_000_000, help="callbacks to hand off")
     args = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
     out: dict[str, Any] = {
         "bench": "handoff",
         "impl": args.impl,
@@ -76,45 +74,33 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "switch_interval_s": sys.getswitchinterval(),
     }
-    try:
+
+    def measure() -> dict[str, float]:
         if args.impl == "cppnp":
             from cppnp import EventLoop
 
             loop = EventLoop()
             try:
-                out.update(
-                    handoff(loop.queue_in_loop, loop.queue_in_loop, loop.loop, loop.quit, args.n)
-                )
+                return handoff(loop.queue_in_loop, loop.queue_in_loop, loop.loop, loop.quit, args.n)
             finally:
                 loop.close()
+        import asyncio
+
+        aloop: asyncio.AbstractEventLoop
+        if args.impl == "uvloop":
+            import uvloop
+
+            aloop = uvloop.new_event_loop()
         else:
-            import asyncio
+            aloop = asyncio.new_event_loop()
+        try:
+            return handoff(
+                aloop.call_soon_threadsafe, aloop.call_soon, aloop.run_forever, aloop.stop, args.n
+            )
+        finally:
+            aloop.close()
 
-            aloop: asyncio.AbstractEventLoop
-            if args.impl == "uvloop":
-                import uvloop
-
-                aloop = uvloop.new_event_loop()
-            else:
-                aloop = asyncio.new_event_loop()
-            try:
-                out.update(
-                    handoff(
-                        aloop.call_soon_threadsafe,
-                        aloop.call_soon,
-                        aloop.run_forever,
-                        aloop.stop,
-                        args.n,
-                    )
-                )
-            finally:
-                aloop.close()
-    except Exception as exc:  # report, don't crash the runner's JSON parsing
-        out["error"] = f"{type(exc).__name__}: {exc}"
-        print(json.dumps(out), flush=True)
-        return 1
-    print(json.dumps(out), flush=True)
-    return 0
+    return benchlib.print_result(out, measure)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,7 @@ the count is reduced and ``conns_capped`` is set.  Prints one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
-import signal
 import socket
 import sys
 import time
@@ -101,17 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python", default=sys.executable, help="interpreter for the server")
     p.add_argument("--settle", type=float, default=0.5, help="seconds to wait before reading RSS")
     args = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        out = measure(args.impl, args.conns, args.python, args.settle)
-    except Exception as exc:  # report, don't crash the runner's JSON parsing
-        lines = str(exc).strip().splitlines() or [""]
-        why = lines[0] + (f" ... {lines[-1].strip()}" if len(lines) > 1 else "")
-        out = {"bench": "idle_memory", "impl": args.impl, "error": f"{type(exc).__name__}: {why}"}
-    finally:
-        benchlib.stop_all()
-    print(json.dumps(out), flush=True)
-    return 1 if "error" in out else 0
+    out: dict[str, Any] = {"bench": "idle_memory", "impl": args.impl}
+    return benchlib.print_result(
+        out, lambda: measure(args.impl, args.conns, args.python, args.settle)
+    )
 
 
 if __name__ == "__main__":

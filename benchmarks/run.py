@@ -21,7 +21,6 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -161,66 +160,30 @@ def run_cell(
     client_cpu: int | None,
 ) -> dict[str, Any]:
     """Run the load generator against *server*; sample the server's CPU at the window edges."""
-    argv = [
-        *benchlib.pin_prefix(client_cpu),
-        str(loadgen),
-        "--host",
-        benchlib.HOST,
-        "--port",
-        str(server.port),
-        "--conns",
-        str(conns),
-        "--size",
-        str(size),
-        "--duration",
-        str(args.duration),
-        "--warmup",
-        str(args.warmup),
-        "--mode",
-        "pingpong",
-    ]
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    benchlib.track(proc)
     marks: dict[str, float] = {}
     client_marks: dict[str, float] = {}
     cores: dict[tuple[str, int], tuple[int, int, int]] = {}
-    result: dict[str, Any] = {}
 
-    def on_line(line: str) -> bool:
-        if line.startswith("# window-"):
-            edge = line[2:]
-            try:
-                marks[edge] = benchlib.proc_cpu_seconds(server.pid)  # the one that matters
-                client_marks[edge] = benchlib.proc_cpu_seconds(proc.pid)
-            except OSError:
-                pass  # server gone; reported below
-            for cpu in (server_cpu, client_cpu):
-                if cpu is not None:
-                    cores[edge, cpu] = benchlib.cpu_ticks(cpu)
-        elif line.startswith("{"):
-            try:
-                result.update(json.loads(line))
-            except ValueError:
-                result["unparsed_output"] = line[:500]
-            return True
-        return False
+    def on_window(edge: str, loadgen_pid: int) -> None:
+        try:
+            marks[edge] = benchlib.proc_cpu_seconds(server.pid)  # the one that matters
+            client_marks[edge] = benchlib.proc_cpu_seconds(loadgen_pid)
+        except OSError:
+            pass  # server gone; reported below
+        for cpu in (server_cpu, client_cpu):
+            if cpu is not None:
+                cores[edge, cpu] = benchlib.cpu_ticks(cpu)
 
-    deadline = time.monotonic() + args.warmup + args.duration + 20
-    try:
-        benchlib.read_lines(proc, deadline, on_line)
-        proc.wait(max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        rc = benchlib.terminate(proc, grace=1.0)
-    assert proc.stderr is not None
-    stderr = proc.stderr.read().decode(errors="replace").strip()
+    result, rc, stderr = benchlib.run_loadgen(
+        loadgen,
+        server.port,
+        conns=conns,
+        size=size,
+        duration=args.duration,
+        warmup=args.warmup,
+        client_cpu=client_cpu,
+        on_window=on_window,
+    )
     rec: dict[str, Any] = {"size": size, "conns": conns, **result, "loadgen_rc": rc}
     if stderr:
         rec["loadgen_stderr"] = "\n".join(stderr.splitlines()[-10:])

@@ -279,11 +279,9 @@ def children_of(ppid: int) -> list[int]:
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/stat") as f:
-                stat = f.read()
+            fields = benchlib.stat_fields(f"/proc/{name}/stat")
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
         if int(fields[1]) == ppid and fields[0] not in ("Z", "X"):
             out.append(int(name))
     return sorted(out)
@@ -291,19 +289,17 @@ def children_of(ppid: int) -> list[int]:
 
 def thread_cpu(pid: int) -> dict[int, float]:
     """CPU seconds of each thread of *pid* (tid -> utime + stime)."""
-    out = {}
+    out: dict[int, float] = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return out
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                stat = f.read()
+            fields = benchlib.stat_fields(f"/proc/{pid}/task/{tid}/stat")
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / benchlib.CLK_TCK
+        out[int(tid)] = benchlib.stat_cpu_seconds(fields)
     return out
 
 
@@ -374,54 +370,21 @@ def run_cell(
     loadgen: Path, server: ServerProcess, cfg: Config, args: argparse.Namespace
 ) -> dict[str, Any]:
     """One load-generator run against *server* with window-edge samples."""
-    argv = [
-        *benchlib.pin_prefix(cfg.client_cpu),
-        str(loadgen),
-        "--host",
-        benchlib.HOST,
-        "--port",
-        str(server.port),
-        "--conns",
-        str(args.conns),
-        "--size",
-        str(args.size),
-        "--duration",
-        str(args.duration),
-        "--warmup",
-        str(args.warmup),
-        "--mode",
-        "pingpong",
-    ]
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    benchlib.track(proc)
     marks: dict[str, dict[str, Any]] = {}
-    result: dict[str, Any] = {}
 
-    def on_line(line: str) -> bool:
-        if line.startswith("# window-"):
-            marks[line[2:]] = sample(server.pid, proc.pid)
-        elif line.startswith("{"):
-            try:
-                result.update(json.loads(line))
-            except ValueError:
-                result["unparsed_output"] = line[:500]
-            return True
-        return False
+    def on_window(edge: str, loadgen_pid: int) -> None:
+        marks[edge] = sample(server.pid, loadgen_pid)
 
-    deadline = time.monotonic() + args.warmup + args.duration + 20
-    try:
-        benchlib.read_lines(proc, deadline, on_line)
-        proc.wait(max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        rc = benchlib.terminate(proc, grace=1.0)
+    result, rc, _ = benchlib.run_loadgen(
+        loadgen,
+        server.port,
+        conns=args.conns,
+        size=args.size,
+        duration=args.duration,
+        warmup=args.warmup,
+        client_cpu=cfg.client_cpu,
+        on_window=on_window,
+    )
     rec: dict[str, Any] = {"server": cfg.name, **result, "loadgen_rc": rc}
     if "window-start" in marks and "window-end" in marks and result.get("round_trips"):
         rec.update(

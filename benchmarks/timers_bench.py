@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import random
-import signal
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+import benchlib
 
 
 class Bench:
@@ -159,8 +159,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=1_000_000, help="timers per test")
     p.add_argument("--max-delay", type=float, default=0.010, help="seconds (default 10 ms)")
     args = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
     rng = random.Random(42)
     delays = [rng.random() * args.max_delay for _ in range(args.n)]
     out: dict[str, Any] = {
@@ -169,19 +167,15 @@ def main(argv: list[str] | None = None) -> int:
         "n": args.n,
         "python": platform.python_version(),
     }
-    try:
+
+    def measure() -> dict[str, Any]:
         b = make_bench(args.impl)
         try:
-            out.update(fire_test(b, delays))
-            out.update(cancel_test(b, delays))
+            return {**fire_test(b, delays), **cancel_test(b, delays)}
         finally:
             b.close()
-    except Exception as exc:  # report, don't crash the runner's JSON parsing
-        out["error"] = f"{type(exc).__name__}: {exc}"
-        print(json.dumps(out), flush=True)
-        return 1
-    print(json.dumps(out), flush=True)
-    return 0
+
+    return benchlib.print_result(out, measure)
 
 
 if __name__ == "__main__":

@@ -4,18 +4,27 @@ accounting check (no connection, Buffer, fd or thread left behind)."""
 from __future__ import annotations
 
 import gc
+import logging
 import os
+import resource
 import socket
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
 
 import cppnp
-from cppnp import EventLoop, EventLoopThread, TcpServer
+from cppnp import EventLoop, EventLoopThread, TcpServer, ThreadPool
+from handlers import serve_in_thread
+
+TIMEOUT = 20.0
+# Where a pool applies, a case runs in single-thread mode and in pool mode.
+POOL_SIZES = [0, 4]
+POOL_IDS = ["single", "pool4"]
 
 
 def fd_count() -> int:
@@ -45,13 +54,16 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(out)
 
 
-def recv_until_eof(sock: socket.socket, limit: int = 256 << 20) -> bytes:
-    """Everything until EOF; a reset after some data ends the read too."""
+def recv_until_eof(sock: socket.socket, limit: int = 256 << 20, reset_ok: bool = True) -> bytes:
+    """Everything until EOF; a reset after some data ends the read too (unless
+    *reset_ok* is false: then the reset raises ConnectionResetError)."""
     out = bytearray()
     while len(out) <= limit:
         try:
             chunk = sock.recv(1 << 20)
         except ConnectionResetError:
+            if not reset_ok:
+                raise
             return bytes(out)
         if not chunk:
             return bytes(out)
@@ -59,10 +71,48 @@ def recv_until_eof(sock: socket.socket, limit: int = 256 << 20) -> bytes:
     raise AssertionError("more than %d bytes before EOF" % limit)
 
 
+def recv_to_eof(sock: socket.socket) -> bytes:
+    """Everything until a FIN; a reset raises ConnectionResetError."""
+    return recv_until_eof(sock, reset_ok=False)
+
+
+def assert_all_dead(refs: dict[int, weakref.ref[Any]], timeout: float = 3.0) -> None:
+    """Every connection object is gone once the pool is idle and gc has run (an idle
+    worker or a queue must not keep the last connection it served alive)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        gc.collect()
+        alive = [cid for cid, r in refs.items() if r() is not None]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert alive == [], "%d of %d connection objects still alive after release: %r" % (
+        len(alive),
+        len(refs),
+        [refs[c]() for c in alive[:3]],
+    )
+
+
 def rst_close(sock: socket.socket) -> None:
     """Close with SO_LINGER (1, 0): the peer gets an RST instead of a FIN."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+
+
+def capture(fn: Callable[[], Any], box: dict[str, Any]) -> None:
+    """Call *fn*: its result goes to box["value"], or its exception to box["error"] (for
+    another thread to pick up with handed_back)."""
+    try:
+        box["value"] = fn()
+    except BaseException as exc:  # handed back to the caller
+        box["error"] = exc
+
+
+def handed_back(box: dict[str, Any]) -> Any:
+    """What capture() stored: the exception is raised, else the value returned."""
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 def call_in_loop(loop: EventLoop, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
@@ -72,17 +122,72 @@ def call_in_loop(loop: EventLoop, fn: Callable[[], Any], timeout: float = 10.0) 
 
     def run() -> None:
         try:
-            box["value"] = fn()
-        except BaseException as exc:  # handed back to the caller
-            box["error"] = exc
+            capture(fn, box)
         finally:
             done.set()
 
     loop.queue_in_loop(run)
     assert done.wait(timeout), "loop did not run the functor"
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+    return handed_back(box)
+
+
+def in_thread(fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Run *fn* in a new thread; return its result or raise its exception."""
+    box: dict[str, Any] = {}
+    t = threading.Thread(target=capture, args=(fn, box))
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "thread did not finish"
+    return handed_back(box)
+
+
+def cppnp_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The records of the cppnp loggers at ERROR or above."""
+    return [r for r in caplog.records if r.name.startswith("cppnp") and r.levelno >= logging.ERROR]
+
+
+@pytest.fixture
+def loop() -> Iterator[EventLoop]:
+    """An EventLoop owned by the test's thread (closed at teardown)."""
+    lp = EventLoop()
+    try:
+        yield lp
+    finally:
+        lp.close()
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[EventLoop]:
+    """An EventLoop running in its own thread (stopped and closed at teardown)."""
+    lt = EventLoopThread(name="test-loop-thread")
+    lp = lt.start()
+    try:
+        yield lp
+    finally:
+        lt.stop()
+
+
+@pytest.fixture(params=POOL_SIZES, ids=POOL_IDS)
+def nthreads(request: pytest.FixtureRequest) -> int:
+    """The pool size: 0 (single-thread mode) and 4."""
+    return int(request.param)
+
+
+@pytest.fixture
+def make_pool() -> Any:
+    """make_pool(n, **kw) -> a started ThreadPool, stopped (and joined) at teardown."""
+    pools: list[ThreadPool] = []
+
+    def make(n: int, start: bool = True, **kw: Any) -> ThreadPool:
+        pool = ThreadPool(n, **kw)
+        pools.append(pool)
+        if start:
+            pool.start()
+        return pool
+
+    yield make
+    for pool in pools:
+        assert pool.stop(drain=False, timeout=TIMEOUT), "pool workers did not exit"
 
 
 class ServerThread:
@@ -90,15 +195,8 @@ class ServerThread:
 
     def __init__(self, handler: Any, **kwargs: Any) -> None:
         self.handler = handler
-        self.server: TcpServer | None = None
-
-        def init(loop: EventLoop) -> None:
-            self.server = TcpServer(loop, ("127.0.0.1", 0), handler, **kwargs)
-            self.server.start()
-
-        self.thread = EventLoopThread(init, name="test-loop")
-        self.loop = self.thread.start()
-        assert self.server is not None
+        self.server: TcpServer | None
+        self.thread, self.loop, self.server = serve_in_thread(handler, **kwargs)
         self.address = self.server.address
 
     def connect(self, timeout: float = 10.0) -> socket.socket:
@@ -118,19 +216,51 @@ class ServerThread:
         self.thread.stop()
 
 
+def stopped_at_teardown(factory: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """Body of a factory fixture: yields *factory*; everything it made is stopped after."""
+    started: list[Any] = []
+
+    def make(*args: Any, **kwargs: Any) -> Any:
+        obj = factory(*args, **kwargs)
+        started.append(obj)
+        return obj
+
+    yield make
+    for obj in started:
+        obj.stop()
+
+
 @pytest.fixture
 def serve() -> Iterator[Callable[..., ServerThread]]:
     """serve(handler, **TcpServer kwargs) -> ServerThread; stopped at teardown."""
-    started: list[ServerThread] = []
+    yield from stopped_at_teardown(ServerThread)
 
-    def make(handler: Any, **kwargs: Any) -> ServerThread:
-        st = ServerThread(handler, **kwargs)
-        started.append(st)
-        return st
 
-    yield make
-    for st in started:
-        st.stop()
+@pytest.fixture
+def nofile_limit() -> Iterator[Callable[[int], None]]:
+    """ensure(n): raise RLIMIT_NOFILE to at least n (restored afterwards).
+
+    A hard limit below n is raised too, which needs root (CI runs as root); otherwise
+    setrlimit raises and the test fails with that reason rather than passing unchecked.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def ensure(n: int) -> None:
+        if soft >= n:
+            return
+        new_hard = hard if hard == resource.RLIM_INFINITY or hard >= n else n
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, new_hard))
+
+    yield ensure
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.fixture
+def wsgi() -> Iterator[Callable[..., Any]]:
+    """wsgi(app, **options) -> wsgi_support.WsgiThread; stopped at teardown."""
+    from wsgi_support import WsgiThread
+
+    yield from stopped_at_teardown(WsgiThread)
 
 
 @pytest.fixture

@@ -9,18 +9,26 @@ watched pool has nothing queued or running (and is stopped and joined), and the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import select
+import signal
 import socket
 import subprocess
 import sys
 import time
-from typing import Any
+import traceback
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import pytest
 
 from conftest import (  # noqa: F401  (re-exported for the fault tests)
+    POOL_IDS,
+    POOL_SIZES,
+    TIMEOUT,
     ServerThread,
     call_in_loop,
     recv_exact,
@@ -29,11 +37,6 @@ from conftest import (  # noqa: F401  (re-exported for the fault tests)
     wait_for,
 )
 from cppnp import EventLoop, ThreadPool
-
-TIMEOUT = 20.0
-POOL_SIZES = [0, 4]
-POOL_IDS = ["single", "pool4"]
-
 
 # -- sockets ------------------------------------------------------------------------------
 
@@ -78,25 +81,118 @@ def iterations_while_idle(st: ServerThread, seconds: float = 0.3) -> int:
 # -- subprocesses -------------------------------------------------------------------------
 
 
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
 def child_env() -> dict[str, str]:
+    """The environment of a child interpreter: unbuffered, faulthandler on, and this
+    folder on PYTHONPATH (children import the shared handlers from handlers.py)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, env.get("PYTHONPATH")) if p)
     env.pop("PYTHONWARNINGS", None)
     return env
 
 
-def run_child(code: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    """Run *code* in a fresh interpreter; fail (with its output) if it hangs."""
+def default_sigint() -> None:
+    """preexec_fn: a child of a background job inherits SIGINT ignored; Python then
+    installs no KeyboardInterrupt handler.  Give the child the default disposition."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def user_env() -> dict[str, str]:
+    """What a user's shell has: the installed cppnp only (no PYTHONPATH, so neither the
+    source tree nor the test helpers), no PYTHONWARNINGS, unbuffered output."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("PYTHONPATH", None)
+    env.pop("PYTHONWARNINGS", None)
+    return env
+
+
+def spawn_python(
+    *argv: str, env: dict[str, str] | None = None, stdin: bool = False
+) -> subprocess.Popen[str]:
+    """``python *argv`` in a fresh interpreter: text pipes for stdout/stderr (and stdin if
+    asked), the default SIGINT disposition, cwd ``/``, *env* (default child_env())."""
+    return subprocess.Popen(
+        [sys.executable, *argv],
+        stdin=subprocess.PIPE if stdin else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env() if env is None else env,
+        cwd="/",
+        preexec_fn=default_sigint,
+    )
+
+
+def reap(proc: subprocess.Popen[str]) -> None:
+    """Kill and reap *proc* if it is still running."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+@contextlib.contextmanager
+def spawned(
+    code: str, *args: str, env: dict[str, str] | None = None, stdin: bool = False
+) -> Iterator[subprocess.Popen[str]]:
+    """spawn_python("-c", *code*, *args); killed and reaped if the block leaves it running."""
+    proc = spawn_python("-c", code, *args, env=env, stdin=stdin)
+    try:
+        yield proc
+    finally:
+        reap(proc)
+
+
+def finish(
+    proc: subprocess.Popen[str], timeout: float = 20.0, sig: int | None = None
+) -> tuple[int, str, str]:
+    """Send *sig* (if given), then wait for *proc*: (exit code, stdout, stderr); fail (with
+    its output) if it does not exit within *timeout* seconds."""
+    if sig is not None:
+        proc.send_signal(sig)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        after = "" if sig is None else " after signal %d" % sig
+        pytest.fail("child hung%s: stdout=%r stderr=%r" % (after, out, err))
+    return proc.returncode, out, err
+
+
+def run_python(
+    *argv: str,
+    timeout: float = 30.0,
+    env: dict[str, str] | None = None,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``python *argv`` in a fresh interpreter, to completion (text output captured, cwd
+    ``/``, *env* default child_env(), *input* on its stdin); fail (with its output) if it
+    runs past *timeout* seconds."""
     try:
         return subprocess.run(
-            [sys.executable, "-c", code, *args],
+            [sys.executable, *argv],
+            input=input,
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=child_env(),
+            env=child_env() if env is None else env,
             cwd="/",
         )
     except subprocess.TimeoutExpired as exc:
         pytest.fail("child hung: stdout=%r stderr=%r" % (exc.stdout, exc.stderr))
+
+
+def run_child(
+    code: str,
+    *args: str,
+    timeout: float = 30.0,
+    env: dict[str, str] | None = None,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """run_python("-c", *code*, *args): *code* in a fresh interpreter."""
+    return run_python("-c", code, *args, timeout=timeout, env=env, input=input)
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -105,6 +201,100 @@ def proc_cpu_seconds(pid: int) -> float:
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+# -- forked children ------------------------------------------------------------------------
+
+
+def run_forked(
+    fn: Callable[[], None], timeout: float = 60.0, step_log: str | None = None, stall: float = 20.0
+) -> None:
+    """Run *fn* in a forked child, so that a memory error in the core fails the test (with
+    the child's traceback, or the signal that killed it) instead of killing the session.
+    Only for code that starts no threads (the Buffer tests).
+
+    The child is killed after *timeout* seconds.  With *step_log* (a file the child appends
+    to at every step) it is also killed when it logs nothing for *stall* seconds (after
+    heap corruption, glibc malloc can hang on a garbage lock instead of aborting), and a
+    failure shows the last example logged there.  The child is never left behind.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            os.close(r)
+            try:
+                fn()
+                code, msg = 0, b""
+            except BaseException:
+                msg = traceback.format_exc().encode()[-30000:]
+            os.write(w, msg)
+        finally:
+            os._exit(code)
+    os.close(w)
+
+    def steps() -> str:
+        if step_log is None:
+            return ""
+        return "; steps of the last example:\n" + last_example(step_log)
+
+    out = b""
+    reaped = False
+    try:
+        start = last_step = time.monotonic()
+        logged = 0
+        while True:
+            ready, _, _ = select.select([r], [], [], 1.0)
+            now = time.monotonic()
+            if ready:
+                chunk = os.read(r, 65536)
+                if not chunk:
+                    break
+                out += chunk
+                continue
+            if step_log is not None:
+                size = os.stat(step_log).st_size
+                if size != logged:
+                    logged, last_step = size, now
+            stalled = step_log is not None and now - last_step > stall
+            if stalled or now - start > timeout:
+                why = (
+                    "logged no step for %.0f s (a hang: heap corruption?)" % stall
+                    if stalled
+                    else "did not finish within %.0f s" % timeout
+                )
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                reaped = True
+                pytest.fail("forked child %s%s" % (why, steps()), pytrace=False)
+        _, status = os.waitpid(pid, 0)
+        reaped = True
+        if os.WIFSIGNALED(status):
+            pytest.fail(
+                "forked child killed by signal %d (memory corruption?)%s\n%s"
+                % (os.WTERMSIG(status), steps(), out.decode(errors="replace")),
+                pytrace=False,
+            )
+        if os.WEXITSTATUS(status) != 0:
+            pytest.fail(
+                "forked child failed (exit %d):\n%s%s"
+                % (os.WEXITSTATUS(status), out.decode(errors="replace"), "" if out else steps()),
+                pytrace=False,
+            )
+    finally:
+        if not reaped:  # e.g. pytest-timeout interrupted us: no orphan
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        os.close(r)
+
+
+def last_example(step_log: str) -> str:
+    """The steps of the last example in a fuzz step log."""
+    with open(step_log, "rb") as f:
+        text = f.read().decode(errors="replace")
+    return text[text.rfind("--- example") :][-20000:]
 
 
 # -- accounting -----------------------------------------------------------------------------

@@ -5,13 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import os
-import select
-import signal
 import struct
-import time
-import traceback
-from typing import Callable
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -25,58 +19,9 @@ from hypothesis.stateful import (
 )
 
 from cppnp import Buffer
+from faults_support import run_forked
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def run_forked(fn: Callable[[], None], timeout: float = 60.0) -> None:
-    """Run *fn* in a forked child, so that a memory error in the core fails the test (with
-    the signal that killed the child) instead of killing the whole session.
-
-    The child reports an assertion failure's traceback through a pipe.  Only for tests
-    that run no threads (Buffer tests).
-    """
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        code = 1
-        try:
-            os.close(r)
-            try:
-                fn()
-                code = 0
-                msg = b""
-            except BaseException:
-                msg = traceback.format_exc().encode()[-20000:]
-            os.write(w, msg)
-        finally:
-            os._exit(code)
-    os.close(w)
-    out = b""
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            ready, _, _ = select.select([r], [], [], max(left, 0))
-            if not ready:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                pytest.fail("forked child did not finish within %s s" % timeout)
-            chunk = os.read(r, 65536)
-            if not chunk:
-                break
-            out += chunk
-    finally:
-        os.close(r)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        pytest.fail(
-            "child killed by signal %d (memory corruption?)\n%s"
-            % (os.WTERMSIG(status), out.decode(errors="replace")),
-            pytrace=False,
-        )
-    if os.WEXITSTATUS(status) != 0:
-        pytest.fail("child failed:\n" + out.decode(errors="replace"), pytrace=False)
 
 
 class _PyBuffer(ctypes.Structure):

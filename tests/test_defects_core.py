@@ -22,7 +22,8 @@ import pytest
 
 from conftest import ServerThread, call_in_loop, fd_count, recv_exact, recv_until_eof, wait_for
 from cppnp import Buffer, EventLoop, ICppnpUsr, IRun2, Task, TcpConnection, TcpServer, ThreadPool
-from faults_support import TIMEOUT, rst_close, run_child, small_rcvbuf_client
+from faults_support import TIMEOUT, rst_close, run_child, small_rcvbuf_client, spawned
+from handlers import Echo
 
 Serve = Callable[..., ServerThread]
 
@@ -165,11 +166,6 @@ def test_d02_event_loop_init_twice_raises_and_leaks_nothing() -> None:
     EventLoop().close()  # this thread can still make a loop
 
 
-class Echo(ICppnpUsr):
-    def on_message(self, conn: TcpConnection, buf: Buffer) -> None:
-        conn.send(buf.retrieve_all())
-
-
 def test_d02_tcp_server_init_twice_raises_and_keeps_serving(serve: Serve) -> None:
     with EventLoop() as lp:
         fresh = TcpServer(lp, ("127.0.0.1", 0), Echo())
@@ -216,21 +212,13 @@ def test_d02_buffer_and_connection_init_twice_raise(serve: Serve) -> None:
 
 _NAME_RACE_CHILD = r"""
 import json, os, socket, sys, threading
-from cppnp import EventLoopThread, ICppnpUsr, TcpServer
+from handlers import Keeper, serve_in_thread
 
 ROUNDS, BATCH, READERS = int(sys.argv[1]), int(sys.argv[2]), 4
-new = []
-class H(ICppnpUsr):
-    def on_connection(self, conn):
-        new.append(conn)
-
-box = {}
-def init(loop):
-    box["server"] = TcpServer(loop, ("127.0.0.1", 0), H(), name="srv")
-    box["server"].start()
-lt = EventLoopThread(init)
-lt.start()
-address = box["server"].address
+keeper = Keeper()
+new = keeper.conns
+lt, _, server = serve_in_thread(keeper, name="srv")
+address = server.address
 start = threading.Barrier(READERS + 1)
 done = threading.Barrier(READERS + 1)
 batch = []
@@ -292,22 +280,13 @@ def test_d04_four_threads_reading_lazy_properties_of_a_new_connection() -> None:
 
 _FIELD_RACE_CHILD = r"""
 import json, socket, sys, threading
-from cppnp import EventLoopThread, ICppnpUsr, TcpServer
+from handlers import Keeper, serve_in_thread
 
 ROUNDS = int(sys.argv[1])
-conns = []
-
-class H(ICppnpUsr):
-    def on_connection(self, conn):
-        conns.append(conn)
-
-box = {}
-def init(loop):
-    box["server"] = TcpServer(loop, ("127.0.0.1", 0), H())
-    box["server"].start()
-lt = EventLoopThread(init)
-loop = lt.start()
-c = socket.create_connection(box["server"].address)
+keeper = Keeper()
+conns = keeper.conns
+lt, loop, server = serve_in_thread(keeper)
+c = socket.create_connection(server.address)
 while not conns:
     pass
 conn = conns[0]
@@ -361,17 +340,15 @@ def test_d04_context_and_high_water_mark_written_while_other_threads_read() -> N
 _LOCAL_ADDRESS_CHILD = r"""
 import json, socket, sys, threading
 from cppnp import EventLoopThread, ICppnpUsr, TcpServer
+from handlers import Keeper
 
 ROUNDS, BATCH, READERS = int(sys.argv[1]), int(sys.argv[2]), 3
-new = []
-
-class A(ICppnpUsr):
-    def on_connection(self, conn):
-        new.append(conn)
+keeper = Keeper()
+new = keeper.conns
 
 box = {}
 def init(loop):
-    box["a"] = TcpServer(loop, ("127.0.0.1", 0), A())
+    box["a"] = TcpServer(loop, ("127.0.0.1", 0), keeper)
     box["b"] = TcpServer(loop, ("127.0.0.1", 0), ICppnpUsr())
     box["a"].start()
     box["b"].start()
@@ -590,21 +567,7 @@ print(json.dumps(out), flush=True)
 
 @pytest.mark.parametrize("how", ["stop", "stop_accepting"])
 def test_d09_stopped_server_accept_retry_timer_is_cancelled(how: str) -> None:
-    import subprocess
-    import sys
-
-    from faults_support import child_env
-
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _RETRY_TIMER_CHILD, how],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-        cwd="/",
-    )
-    try:
+    with spawned(_RETRY_TIMER_CHILD, how, stdin=True) as proc:
         assert proc.stdout is not None and proc.stdin is not None
         port = json.loads(proc.stdout.readline())["port"]
         c = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
@@ -612,10 +575,6 @@ def test_d09_stopped_server_accept_retry_timer_is_cancelled(how: str) -> None:
         proc.stdin.flush()
         out, err = proc.communicate(timeout=60)
         c.close()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err[-3000:]
     got = json.loads(out.strip().splitlines()[-1])
     assert got["accept_errors"] >= 1 and got["paused_timers"] == 1, got  # the setup worked

@@ -13,7 +13,6 @@ import inspect
 import os
 import socket
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 
+import faults_support
 from conftest import call_in_loop, recv_exact, rst_close, wait_for
 from cppnp import (
     EventLoop,
@@ -39,18 +39,8 @@ RACE_ITERATIONS = int(os.environ.get("CPPNP_RACE_ITERATIONS", "150"))
 
 
 def run_child(code: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    """Run *code* in a fresh interpreter (this one's); a hang is killed after *timeout*."""
-    try:
-        return subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(code)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError(
-            "the child hung (deadlock?) for %.0f s; stdout so far: %r" % (timeout, exc.stdout)
-        ) from None
+    """*code* (dedented) in a fresh interpreter; a hang (deadlock?) fails after *timeout*."""
+    return faults_support.run_child(textwrap.dedent(code), timeout=timeout)
 
 
 def assert_child_ok(proc: subprocess.CompletedProcess[str], expected_stdout: str) -> None:

@@ -17,31 +17,15 @@ import pytest
 
 import cppnp
 from cppnp import Buffer, EventLoop, EventLoopThread, Task, TcpConnection, ThreadPool
+from faults_support import run_child, spawned, user_env
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 TIMEOUT = 30.0
 
 
-def child_env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("PYTHONPATH", None)  # what is installed, not the source tree
-    env.pop("PYTHONWARNINGS", None)
-    return env
-
-
 def run_python(code: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=child_env(),
-            cwd="/",
-        )
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail("child hung: stdout=%r stderr=%r" % (exc.stdout, exc.stderr))
+    return run_child(code, timeout=timeout, env=user_env())
 
 
 def cli(
@@ -53,7 +37,7 @@ def cli(
     cmd = (exe or [sys.executable, "-m", "cppnp"]) + list(args)
     try:
         return subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, env=child_env(), cwd="/"
+            cmd, capture_output=True, text=True, timeout=timeout, env=user_env(), cwd="/"
         )
     except subprocess.TimeoutExpired as exc:
         pytest.fail(
@@ -305,15 +289,7 @@ def test_d17_readme_snippets_run_as_shown() -> None:
             continue
         assert "9000" in code, code
         port = free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-c", code.replace("9000", str(port))],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=child_env(),
-            cwd="/",
-        )
-        try:
+        with spawned(code.replace("9000", str(port)), env=user_env()) as proc:
             sock = connect_when_listening(proc, port)
             assert sock is not None, "snippet never listened:\n%s\n%s" % (
                 code,
@@ -331,10 +307,6 @@ def test_d17_readme_snippets_run_as_shown() -> None:
             proc.send_signal(signal.SIGINT)  # "until loop.quit() or Ctrl-C"
             _, err = proc.communicate(timeout=TIMEOUT)
             assert "KeyboardInterrupt" in err or proc.returncode == 0, err
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
 
 
 PUBLIC = [

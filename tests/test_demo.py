@@ -3,7 +3,6 @@ client, in both modes) and ``python -m cppnp echo`` serving echoes until SIGINT.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
@@ -12,13 +11,10 @@ import sys
 
 import pytest
 
+from conftest import recv_exact
+from faults_support import user_env
+
 TIMEOUT = 60.0
-
-
-def cppnp_env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("PYTHONPATH", None)  # run what is installed, not the source tree
-    return env
 
 
 @pytest.mark.parametrize("threads", [0, 4], ids=["single", "pool4"])
@@ -40,7 +36,7 @@ def test_demo_verifies_every_echo(threads: int) -> None:
         ],
         capture_output=True,
         timeout=TIMEOUT,
-        env=cppnp_env(),
+        env=user_env(),
         check=False,
     )
     out = proc.stdout.decode()
@@ -63,22 +59,12 @@ def test_demo_rejects_bad_arguments() -> None:
         [sys.executable, "-m", "cppnp", "demo", "--threads", "many"],
         capture_output=True,
         timeout=TIMEOUT,
-        env=cppnp_env(),
+        env=user_env(),
         check=False,
     )
     assert proc.returncode == 2
     assert proc.stdout == b""
     assert proc.stderr.decode().startswith("python -m cppnp demo: error: argument --threads: ")
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
 
 
 @pytest.mark.parametrize("threads", [0, 2], ids=["single", "pool2"])
@@ -98,7 +84,7 @@ def test_echo_server_serves_then_exits_zero_on_sigint(threads: int) -> None:
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=cppnp_env(),
+        env=user_env(),
     )
     try:
         assert proc.stdout is not None
@@ -113,10 +99,10 @@ def test_echo_server_serves_then_exits_zero_on_sigint(threads: int) -> None:
                 for i, s in enumerate(socks):
                     msg = b"conn %d round %d|" % (i, round_)
                     s.sendall(msg)
-                    assert recv_exactly(s, len(msg)) == msg
+                    assert recv_exact(s, len(msg)) == msg
             big = bytes(range(256)) * 512  # 128 KiB through the pool
             socks[0].sendall(big)
-            assert recv_exactly(socks[0], len(big)) == big
+            assert recv_exact(socks[0], len(big)) == big
             socks[1].shutdown(socket.SHUT_WR)  # half-close: the server closes
             assert socks[1].recv(1) == b""
         finally:

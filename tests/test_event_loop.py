@@ -4,11 +4,7 @@ functors, the GIL while idle, errors in callbacks, KeyboardInterrupt, bad callba
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,48 +12,11 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import call_in_loop, wait_for
+from conftest import call_in_loop, cppnp_errors, in_thread, recv_exact, wait_for
 from cppnp import EventLoop, EventLoopThread, ICppnpUsr, IRun0, Task, TcpServer
+from faults_support import finish, run_child, spawned
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def in_thread(fn: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Run *fn* in a new thread; return its result or raise its exception."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # handed back to the caller
-            box["error"] = exc
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), "thread did not finish"
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
-@pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    lp = EventLoop()
-    try:
-        yield lp
-    finally:
-        lp.close()
-
-
-@pytest.fixture
-def loop_thread() -> Iterator[EventLoop]:
-    lt = EventLoopThread(name="el-loop")
-    lp = lt.start()
-    try:
-        yield lp
-    finally:
-        lt.stop()
 
 
 class LoopInThread:
@@ -89,26 +48,6 @@ class LoopInThread:
     def join(self, timeout: float = 10.0) -> bool:
         self.thread.join(timeout)
         return not self.thread.is_alive()
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
-
-
-def child_env() -> dict[str, str]:
-    return dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
-
-
-def default_sigint() -> None:
-    """preexec_fn: a child of a background job inherits SIGINT ignored; Python then
-    installs no KeyboardInterrupt handler.  Give the child the default disposition."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 # -- ownership ----------------------------------------------------------------------------------
@@ -478,16 +417,7 @@ def test_gil_released_while_idle() -> None:
     """Two Python threads count to 300 000 while the loop waits in epoll_wait; the loop
     does not iterate meanwhile.  A loop that held the GIL while blocked would hang the
     child (a failure here, bounded by the subprocess timeout)."""
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", _GIL_CHILD],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=child_env(),
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail("the idle loop held the GIL: other threads made no progress")
+    proc = run_child(_GIL_CHILD, timeout=30)  # a hang: the idle loop held the GIL
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [
         "counted",
@@ -517,11 +447,8 @@ def cppnp_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFix
 def _cppnp_errors(caplog: pytest.LogCaptureFixture, exc: type[BaseException]) -> list[Any]:
     return [
         r
-        for r in caplog.records
-        if r.name == "cppnp"
-        and r.levelno >= logging.ERROR
-        and r.exc_info is not None
-        and r.exc_info[0] is exc
+        for r in cppnp_errors(caplog)
+        if r.name == "cppnp" and r.exc_info is not None and r.exc_info[0] is exc
     ]
 
 
@@ -682,26 +609,14 @@ print("closed", lp.closed, flush=True)
 def test_keyboard_interrupt_leaves_loop(mode: str) -> None:
     """SIGINT while the main thread's loop waits in epoll (idle) or runs a Python
     callback: KeyboardInterrupt comes out of loop(), which can then run again and close."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SIGINT_CHILD, mode],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-        preexec_fn=default_sigint,
-    )
-    try:
+    with spawned(_SIGINT_CHILD, mode) as proc:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.strip() == "ready", line
         time.sleep(0.1)  # let it block in epoll_wait / sleep (either way it must work)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
-    except BaseException:
-        proc.kill()
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, err
+        rc, out, err = finish(proc)
+    assert rc == 0, err
     assert out.splitlines() == [
         "KeyboardInterrupt",
         "running False closed False",

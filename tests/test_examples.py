@@ -4,45 +4,24 @@ SIGINT/SIGTERM); the library never imports the command line."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import recv_exact, recv_until_eof
+from faults_support import finish, reap, run_child, run_python, spawn_python, user_env
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 TIMEOUT = 20.0
 
 
-def _default_sigint() -> None:
-    """preexec_fn: a child of a background job inherits SIGINT ignored; Python then
-    installs no KeyboardInterrupt handler.  Give the child the default disposition."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("PYTHONPATH", None)  # what is installed, not the source tree
-    return env
-
-
 def _spawn(*argv: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
-        cwd="/",
-        preexec_fn=_default_sigint,
-    )
+    return spawn_python(*argv, env=user_env())
 
 
 def _cli(*args: str) -> subprocess.Popen[str]:
@@ -58,23 +37,6 @@ def _listening(proc: subprocess.Popen[str]) -> tuple[str, int]:
         _, err = proc.communicate()
         pytest.fail("unexpected first line %r; stderr: %s" % (line, err))
     return m.group(1), int(m.group(2))
-
-
-def _finish(proc: subprocess.Popen[str], sig: int) -> tuple[int, str, str]:
-    proc.send_signal(sig)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail("did not exit on signal %d: %s" % (sig, err))
-    return proc.returncode, out, err
-
-
-def _reap(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
 
 
 # -- examples/ ------------------------------------------------------------------------------
@@ -111,9 +73,9 @@ def test_example_echo() -> None:
             for msg in (b"hello, echo\r\n", bytes(range(256)) * 400):
                 s.sendall(msg)
                 assert recv_exact(s, len(msg)) == msg
-        rc, out, err = _finish(proc, signal.SIGINT)
+        rc, out, err = finish(proc, TIMEOUT, sig=signal.SIGINT)
     finally:
-        _reap(proc)
+        reap(proc)
     assert (rc, out, err) == (0, "", "")
 
 
@@ -128,9 +90,9 @@ def test_example_discard() -> None:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert re.fullmatch(r"\S+ closed; 100000 bytes discarded so far\n", line), line
-        rc, _, err = _finish(proc, signal.SIGINT)
+        rc, _, err = finish(proc, TIMEOUT, sig=signal.SIGINT)
     finally:
-        _reap(proc)
+        reap(proc)
     assert (rc, err) == (0, "")
 
 
@@ -140,9 +102,9 @@ def test_example_daytime() -> None:
         with socket.create_connection(address, timeout=10) as s:
             text = recv_until_eof(s).decode("ascii")  # one line, then the server's FIN
         assert re.fullmatch(r"\w+, \w+ \d{2}, \d{4} \d{2}:\d{2}:\d{2}-.*\r\n", text), text
-        rc, _, err = _finish(proc, signal.SIGINT)
+        rc, _, err = finish(proc, TIMEOUT, sig=signal.SIGINT)
     finally:
-        _reap(proc)
+        reap(proc)
     assert (rc, err) == (0, "")
 
 
@@ -163,21 +125,14 @@ def test_example_seed_echo(threads: str) -> None:
         finally:
             for s in socks:
                 s.close()
-        rc, _, err = _finish(proc, signal.SIGINT)
+        rc, _, err = finish(proc, TIMEOUT, sig=signal.SIGINT)
     finally:
-        _reap(proc)
+        reap(proc)
     assert (rc, err) == (0, "")
 
 
 def test_example_timers() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "timers.py")],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=_env(),
-        cwd="/",
-    )
+    proc = run_python(str(EXAMPLES / "timers.py"), timeout=TIMEOUT, env=user_env())
     assert (proc.returncode, proc.stderr) == (0, "")
     lines = proc.stdout.splitlines()
     ticks = [line for line in lines if line.startswith("tick ")]
@@ -206,9 +161,9 @@ def test_cli_echo_serves_and_exits_cleanly(args: tuple[str, ...], sig: int) -> N
             for msg in (b"one", b"two two", b"x" * 100_000):
                 s.sendall(msg)
                 assert recv_exact(s, len(msg)) == msg
-        rc, _, err = _finish(proc, sig)
+        rc, _, err = finish(proc, TIMEOUT, sig=sig)
     finally:
-        _reap(proc)
+        reap(proc)
     assert rc == 0, err
     assert "Traceback" not in err, err
 
@@ -219,9 +174,9 @@ def test_cli_daytime() -> None:
         host, port = _listening(proc)
         with socket.create_connection((host, port), timeout=10) as s:
             assert recv_until_eof(s).endswith(b"\r\n")
-        rc, _, err = _finish(proc, signal.SIGTERM)
+        rc, _, err = finish(proc, TIMEOUT, sig=signal.SIGTERM)
     finally:
-        _reap(proc)
+        reap(proc)
     assert rc == 0, err
 
 
@@ -233,21 +188,14 @@ def test_cli_discard() -> None:
             s.sendall(b"z" * 10_000)
             s.shutdown(socket.SHUT_WR)
             assert recv_until_eof(s) == b""
-        rc, _, err = _finish(proc, signal.SIGINT)
+        rc, _, err = finish(proc, TIMEOUT, sig=signal.SIGINT)
     finally:
-        _reap(proc)
+        reap(proc)
     assert (rc, err) == (0, "")
 
 
 def test_cli_timers() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "cppnp", "timers", "--interval", "0.02"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=_env(),
-        cwd="/",
-    )
+    proc = run_python("-m", "cppnp", "timers", "--interval", "0.02", timeout=30, env=user_env())
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert [ln.split()[1] for ln in lines if ln.startswith("tick ")] == ["1", "2", "3", "4", "5"]
@@ -268,14 +216,7 @@ def test_library_never_imports_the_cli() -> None:
         "            importlib.import_module(m.name)\n"
         "print(sorted(m for m in sys.modules if m.startswith('cppnp.cli')))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=_env(),
-        cwd="/",
-    )
+    proc = run_child(code, timeout=TIMEOUT, env=user_env())
     assert (proc.returncode, proc.stderr) == (0, "")
     assert proc.stdout == "[]\n"
     for path in [*(ROOT / "src" / "cppnp").glob("*.py"), *(ROOT / "src" / "_core").iterdir()]:

@@ -23,8 +23,6 @@ import pytest
 from conftest import ServerThread, call_in_loop, wait_for
 from cppnp import Buffer, EventLoop, ICppnpUsr, IRun2, Task, TcpConnection, ThreadPool
 from faults_support import (
-    POOL_IDS,
-    POOL_SIZES,
     TIMEOUT,
     iterations_while_idle,
     park_loop,
@@ -35,11 +33,6 @@ from faults_support import (
 )
 
 Serve = Callable[..., ServerThread]
-
-
-@pytest.fixture(params=POOL_SIZES, ids=POOL_IDS)
-def nthreads(request: pytest.FixtureRequest) -> int:
-    return int(request.param)
 
 
 class Tracked(ICppnpUsr, IRun2):

@@ -28,11 +28,13 @@ Serve = Callable[..., ServerThread]
 _EXIT_CHILD = r"""
 import socket, sys, threading
 from cppnp import EventLoop, EventLoopThread, ICppnpUsr, IRun2, Task, TcpServer, ThreadPool
+from handlers import serve_in_thread
 
 where, nthreads = sys.argv[1], int(sys.argv[2])
 gate = threading.Event()                       # never set: a task stays in flight
 
-class Echo(ICppnpUsr, IRun2):
+class PoolEcho(ICppnpUsr, IRun2):
+    # Not handlers.Echo: echoes from the pool, and a b"hold" task stays in flight at exit.
     def __init__(self, pool):
         self.pool = pool
     def on_message(self, conn, buf):
@@ -44,15 +46,10 @@ class Echo(ICppnpUsr, IRun2):
 
 pool = ThreadPool(nthreads)
 pool.start()
-h = Echo(pool)
-box = {}
+h = PoolEcho(pool)
 if where == "thread":
-    def init(lp):
-        box["server"] = TcpServer(lp, ("127.0.0.1", 0), h)
-        box["server"].start()
-    lt = EventLoopThread(init)
-    lp = lt.start()
-    s = socket.create_connection(box["server"].address)
+    lt, lp, server = serve_in_thread(h)
+    s = socket.create_connection(server.address)
     s.sendall(b"hi")
     assert s.recv(2) == b"hi"
     if nthreads:

@@ -236,20 +236,7 @@ print(json.dumps(results))
 @pytest.fixture(scope="module")
 def invalid_state_results() -> dict[str, str]:
     """Run every case once, each in a forked child of one fresh interpreter."""
-    import subprocess
-    import sys
-
-    from faults_support import child_env
-
-    proc = subprocess.run(
-        [sys.executable, "-c", _HARNESS],
-        input=json.dumps(INVALID_STATE_CASES),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=child_env(),
-        cwd="/",
-    )
+    proc = run_child(_HARNESS, input=json.dumps(INVALID_STATE_CASES), timeout=60)
     assert proc.returncode == 0, proc.stderr
     return dict(json.loads(proc.stdout))
 

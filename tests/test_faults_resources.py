@@ -10,43 +10,24 @@ from __future__ import annotations
 import gc
 import json
 import math
-import resource
 import socket
 import subprocess
-import sys
 import time
 import tracemalloc
-from collections.abc import Iterator
 from typing import Any, Callable
-
-import pytest
 
 from conftest import ServerThread, call_in_loop, wait_for
 from cppnp import Buffer, ICppnpUsr, TcpConnection, TcpServer
 from faults_support import (
     TIMEOUT,
-    child_env,
     park_loop,
     proc_cpu_seconds,
     recv_exact,
     recv_until_eof,
+    spawned,
 )
 
 Serve = Callable[..., ServerThread]
-
-
-@pytest.fixture
-def nofile(request: pytest.FixtureRequest) -> Iterator[Callable[[int], None]]:
-    """ensure(n): raise the soft RLIMIT_NOFILE to at least n (restored afterwards)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-
-    def ensure(n: int) -> None:
-        if soft < n:
-            assert hard == resource.RLIM_INFINITY or hard >= n, "hard RLIMIT_NOFILE < %d" % n
-            resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
-
-    yield ensure
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 # -- F1: EMFILE on accept ---------------------------------------------------------------------
@@ -64,17 +45,11 @@ class Collect(logging.Handler):
 logging.getLogger("cppnp").addHandler(Collect())
 logging.getLogger("cppnp").setLevel(logging.WARNING)
 
-class Echo(ICppnpUsr):
-    opened = closed = 0
-    def on_connection(self, conn):
-        Echo.opened += 1
-    def on_message(self, conn, buf):
-        conn.send(buf.retrieve_all())
-    def on_close(self, conn):
-        Echo.closed += 1
+from handlers import RecordingEcho
 
+echo = RecordingEcho()
 lp = EventLoop()
-server = TcpServer(lp, ("127.0.0.1", 0), Echo())
+server = TcpServer(lp, ("127.0.0.1", 0), echo)
 server.start()
 lp.run_once(0)
 highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
@@ -93,7 +68,7 @@ def open_fds():
     return n
 
 def status():
-    return {"opened": Echo.opened, "closed": Echo.closed, "accepted": server.accepted,
+    return {"opened": len(echo.opened), "closed": len(echo.closed), "accepted": server.accepted,
             "shed": server.shed_connections, "accept_errors": server.accept_errors,
             "warnings": len(warnings), "fds": open_fds(), "limit": limit}
 
@@ -113,7 +88,7 @@ def check():
     t.join()
     out["loop"] = box["loop"]
     try:
-        TcpServer(lp, ("127.0.0.1", 0), Echo()).start()
+        TcpServer(lp, ("127.0.0.1", 0), echo).start()
         out["server"] = "started"
     except OSError as exc:
         out["server"] = "OSError %d" % exc.errno
@@ -167,69 +142,58 @@ def _ping(port: int, msg: bytes = b"ping") -> tuple[socket.socket, bool]:
 
 
 def test_emfile_on_accept_sheds_without_spinning_and_recovers() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _EMFILE_CHILD],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-        cwd="/",
-    )
     served: list[socket.socket] = []
-    try:
-        assert proc.stdout is not None
-        port, free = map(int, proc.stdout.readline().split())
-        assert 8 <= free <= 10  # baseline + 8 (+ a hole or two)
-        started = time.monotonic()
-        for _ in range(50):  # the storm
-            s, ok = _ping(port)
-            if ok:
-                served.append(s)
-            else:
+    with spawned(_EMFILE_CHILD, stdin=True) as proc:
+        try:
+            assert proc.stdout is not None
+            port, free = map(int, proc.stdout.readline().split())
+            assert 8 <= free <= 10  # baseline + 8 (+ a hole or two)
+            started = time.monotonic()
+            for _ in range(50):  # the storm
+                s, ok = _ping(port)
+                if ok:
+                    served.append(s)
+                else:
+                    s.close()
+            st = _talk(proc, "status")
+            assert len(served) == free == st["opened"]
+            assert st["shed"] == 50 - len(served) and st["accept_errors"] >= st["shed"]
+            assert st["fds"] == st["limit"], "fds were not all in use"
+            checked = _talk(proc, "check")  # constructors with no fd left
+            assert (
+                checked["loop"].startswith("OSError")
+                and checked["server"].startswith("OSError")
+                and checked["socket"].startswith("OSError")
+            ), checked
+            assert checked["leaked"] == 0
+            # No busy loop while exhausted, with connection attempts still coming in.
+            cpu0, t0 = proc_cpu_seconds(proc.pid), time.monotonic()
+            for _ in range(10):
+                s, ok = _ping(port)
                 s.close()
-        st = _talk(proc, "status")
-        assert len(served) == free == st["opened"]
-        assert st["shed"] == 50 - len(served) and st["accept_errors"] >= st["shed"]
-        assert st["fds"] == st["limit"], "fds were not all in use"
-        checked = _talk(proc, "check")  # constructors with no fd left
-        assert (
-            checked["loop"].startswith("OSError")
-            and checked["server"].startswith("OSError")
-            and checked["socket"].startswith("OSError")
-        ), checked
-        assert checked["leaked"] == 0
-        # No busy loop while exhausted, with connection attempts still coming in.
-        cpu0, t0 = proc_cpu_seconds(proc.pid), time.monotonic()
-        for _ in range(10):
-            s, ok = _ping(port)
-            s.close()
-            assert not ok
-            time.sleep(0.1)
-        cpu, wall = proc_cpu_seconds(proc.pid) - cpu0, time.monotonic() - t0
-        assert cpu < 0.3 * wall, "busy loop: %.2f s CPU in %.2f s" % (cpu, wall)
-        for s in served:  # existing connections keep working
-            s.sendall(b"still")
-            assert recv_exact(s, 5) == b"still"
-        for s in served[:5]:  # free 5 fds
-            s.close()
-        wait_for(lambda: _talk(proc, "status")["closed"] >= min(5, len(served)), TIMEOUT)
-        for _ in range(min(5, len(served))):  # accepting resumes
-            s, ok = _ping(port, b"again")
-            served.append(s)
-            assert ok
-        st = _talk(proc, "status")
-        elapsed = time.monotonic() - started  # at most one line a second
-        assert 1 <= st["warnings"] <= math.ceil(elapsed) + 1, "accept errors logged per call"
-        proc.stdin.write("quit\n")  # type: ignore[union-attr]
-        proc.stdin.flush()  # type: ignore[union-attr]
-        _, err = proc.communicate(timeout=TIMEOUT)
-    finally:
-        for s in served:
-            s.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+                assert not ok
+                time.sleep(0.1)
+            cpu, wall = proc_cpu_seconds(proc.pid) - cpu0, time.monotonic() - t0
+            assert cpu < 0.3 * wall, "busy loop: %.2f s CPU in %.2f s" % (cpu, wall)
+            for s in served:  # existing connections keep working
+                s.sendall(b"still")
+                assert recv_exact(s, 5) == b"still"
+            for s in served[:5]:  # free 5 fds
+                s.close()
+            wait_for(lambda: _talk(proc, "status")["closed"] >= min(5, len(served)), TIMEOUT)
+            for _ in range(min(5, len(served))):  # accepting resumes
+                s, ok = _ping(port, b"again")
+                served.append(s)
+                assert ok
+            st = _talk(proc, "status")
+            elapsed = time.monotonic() - started  # at most one line a second
+            assert 1 <= st["warnings"] <= math.ceil(elapsed) + 1, "accept errors logged per call"
+            proc.stdin.write("quit\n")  # type: ignore[union-attr]
+            proc.stdin.flush()  # type: ignore[union-attr]
+            _, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            for s in served:
+                s.close()
     assert proc.returncode == 0 and err == "", err
 
 
@@ -351,9 +315,9 @@ class Burst(ICppnpUsr):
 
 
 def test_accept_burst_while_the_loop_is_busy(
-    serve: Serve, ledger: Any, nofile: Callable[[int], None]
+    serve: Serve, ledger: Any, nofile_limit: Callable[[int], None]
 ) -> None:
-    nofile(2 * BURST + 300)
+    nofile_limit(2 * BURST + 300)
     h = Burst()
     st = ledger.server(serve(h))
     existing = st.connect()

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from typing import Any, Callable
@@ -25,42 +23,15 @@ from faults_support import (
     POOL_IDS,
     POOL_SIZES,
     TIMEOUT,
-    child_env,
+    finish,
     recv_exact,
     recv_until_eof,
     run_child,
     small_rcvbuf_client,
+    spawned,
 )
 
 Serve = Callable[..., ServerThread]
-
-
-def default_sigint() -> None:
-    """preexec_fn: a child of a background job inherits SIGINT ignored; Python then
-    installs no KeyboardInterrupt handler.  Give the child the default disposition."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def spawn(code: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-c", code, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-        cwd="/",
-        preexec_fn=default_sigint,
-    )
-
-
-def finish(proc: subprocess.Popen[str], timeout: float = 20.0) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail("child hung: stdout=%r stderr=%r" % (out, err))
-    return proc.returncode, out, err
 
 
 def in_epoll_wait(pid: int) -> bool:
@@ -148,29 +119,26 @@ print(json.dumps({
 @pytest.mark.parametrize("nthreads", POOL_SIZES, ids=POOL_IDS)
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_signal_while_blocked_in_epoll_stops_gracefully(sig: str, nthreads: int) -> None:
-    proc = spawn(_GRACEFUL_CHILD, sig, str(nthreads))
     clients: list[socket.socket] = []
-    try:
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline())
-        slow = small_rcvbuf_client(("127.0.0.1", port))  # never reads
-        clients.append(slow)
-        slow.sendall(b"big")
-        idle = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-        clients.append(idle)
-        idle.sendall(b"hello")
-        assert recv_exact(idle, 5) == b"hello"
-        wait_for(lambda: in_epoll_wait(proc.pid), TIMEOUT)  # idle, replies queued
-        proc.send_signal(getattr(signal, sig))
-        rc, out, err = finish(proc)
-        assert recv_until_eof(idle) == b""
-        got = len(recv_until_eof(slow))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        for c in clients:
-            c.close()
+    with spawned(_GRACEFUL_CHILD, sig, str(nthreads)) as proc:
+        try:
+            assert proc.stdout is not None
+            port = int(proc.stdout.readline())
+            slow = small_rcvbuf_client(("127.0.0.1", port))  # never reads
+            clients.append(slow)
+            slow.sendall(b"big")
+            idle = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+            clients.append(idle)
+            idle.sendall(b"hello")
+            assert recv_exact(idle, 5) == b"hello"
+            wait_for(lambda: in_epoll_wait(proc.pid), TIMEOUT)  # idle, replies queued
+            proc.send_signal(getattr(signal, sig))
+            rc, out, err = finish(proc)
+            assert recv_until_eof(idle) == b""
+            got = len(recv_until_eof(slow))
+        finally:
+            for c in clients:
+                c.close()
     assert rc == 0 and err == "", err
     report = json.loads(out.splitlines()[-1])
     assert report["how"] == ("KeyboardInterrupt" if sig == "SIGINT" else "SystemExit")
@@ -210,17 +178,12 @@ lp.close()
 
 
 def test_sigint_caught_inside_a_callback_lets_the_loop_continue() -> None:
-    proc = spawn(_CAUGHT_CHILD)
-    try:
+    with spawned(_CAUGHT_CHILD) as proc:
         assert proc.stdout is not None
         assert proc.stdout.readline() == "ready\n"
         time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
         rc, out, err = finish(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert rc == 0 and err == "", err
     assert out == "oups\ndone\nagain 0\n"
 
@@ -229,20 +192,10 @@ def test_sigint_caught_inside_a_callback_lets_the_loop_continue() -> None:
 
 _THREAD_CHILD = r"""
 import socket, time
-from cppnp import EventLoopThread, ICppnpUsr, TcpServer
+from handlers import Echo, serve_in_thread
 
-class Echo(ICppnpUsr):
-    def on_message(self, conn, buf):
-        conn.send(buf.retrieve_all())
-
-box = {}
-def init(lp):
-    box["server"] = TcpServer(lp, ("127.0.0.1", 0), Echo())
-    box["server"].start()
-
-lt = EventLoopThread(init)
-lp = lt.start()
-with socket.create_connection(box["server"].address, timeout=5) as s:
+lt, lp, server = serve_in_thread(Echo())
+with socket.create_connection(server.address, timeout=5) as s:
     s.sendall(b"x")
     assert s.recv(1) == b"x"
 try:
@@ -250,23 +203,18 @@ try:
     while True:
         time.sleep(0.05)
 except KeyboardInterrupt:
-    lp.queue_in_loop(box["server"].stop)
+    lp.queue_in_loop(server.stop)
     lt.stop(timeout=10)
     print("stopped", lp.closed, lt._thread.is_alive(), flush=True)
 """
 
 
 def test_sigint_reaches_the_main_thread_which_stops_the_loop_thread() -> None:
-    proc = spawn(_THREAD_CHILD)
-    try:
+    with spawned(_THREAD_CHILD) as proc:
         assert proc.stdout is not None
         assert proc.stdout.readline() == "ready\n"
         proc.send_signal(signal.SIGINT)
         rc, out, err = finish(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert rc == 0 and err == "", err
     assert out == "stopped True False\n"
 
@@ -280,9 +228,7 @@ from cppnp import EventLoop, ICppnpUsr, TcpServer
 handled = [0]
 signal.signal(signal.SIGUSR1, lambda s, f: handled.__setitem__(0, handled[0] + 1))
 
-class Echo(ICppnpUsr):
-    def on_message(self, conn, buf):
-        conn.send(buf.retrieve_all())
+from handlers import Echo
 
 lp = EventLoop()
 server = TcpServer(lp, ("127.0.0.1", 0), Echo())
@@ -484,9 +430,7 @@ from cppnp import EventLoop, EventLoopThread, ICppnpUsr, TcpServer, ThreadPool
 # Forking a multi-threaded process is the point of this test (3.12+ warns about it).
 warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
 
-class Echo(ICppnpUsr):
-    def on_message(self, conn, buf):
-        conn.send(buf.retrieve_all())
+from handlers import Echo, serve_in_thread
 
 def echo(address, msg=b"ping"):
     with socket.create_connection(address, timeout=5) as s:
@@ -512,12 +456,7 @@ def child_serves_one(wfd):
         ok = 2
     os._exit(ok)
 
-box = {}
-def init(lp):
-    box["server"] = TcpServer(lp, ("127.0.0.1", 0), Echo())
-    box["server"].start()
-lt = EventLoopThread(init)
-lp = lt.start()
+lt, lp, server = serve_in_thread(Echo())
 pool = ThreadPool(5)                   # 4 posters + 1 free worker
 pool.start()
 stop = threading.Event()
@@ -538,7 +477,7 @@ port = int(os.read(r, 100).decode())
 os.close(r)
 assert echo(("127.0.0.1", port)), "child server"
 assert os.waitpid(pid, 0)[1] == 0, "child failed"
-assert echo(box["server"].address), "parent server after fork"
+assert echo(server.address), "parent server after fork"
 
 # (b) fork from a worker thread.
 res = {}
@@ -562,11 +501,11 @@ assert res.get("status") == 0, res
 # (c) fork + exec in a tight loop while the workers post to the queue.
 for _ in range(10):
     subprocess.run(["/bin/true"], check=True, timeout=10)
-assert echo(box["server"].address), "parent server after fork+exec"
+assert echo(server.address), "parent server after fork+exec"
 
 stop.set()
 pool.stop()
-lp.queue_in_loop(box["server"].stop)
+lp.queue_in_loop(server.stop)
 lt.stop()
 print("ok", flush=True)
 """
@@ -582,9 +521,7 @@ _FORK_CLOSE_CHILD = r"""
 import os, socket, threading
 from cppnp import EventLoop, ICppnpUsr, TcpServer
 
-class Echo(ICppnpUsr):
-    def on_message(self, conn, buf):
-        conn.send(buf.retrieve_all())
+from handlers import Echo
 
 lp = EventLoop()                       # owned by the main thread, idle at fork time
 server = TcpServer(lp, ("127.0.0.1", 0), Echo())

@@ -30,8 +30,6 @@ from cppnp import (
     ThreadPool,
 )
 from faults_support import (
-    POOL_IDS,
-    POOL_SIZES,
     TIMEOUT,
     recv_exact,
     recv_until_eof,
@@ -40,11 +38,6 @@ from faults_support import (
 )
 
 Serve = Callable[..., ServerThread]
-
-
-@pytest.fixture(params=POOL_SIZES, ids=POOL_IDS)
-def nthreads(request: pytest.FixtureRequest) -> int:
-    return int(request.param)
 
 
 @pytest.fixture
@@ -404,23 +397,14 @@ def test_start_then_stop_at_once_many_times(ledger: Any) -> None:
 
 _START_STOP_CHILD = r"""
 import socket, sys
-from cppnp import EventLoopThread, ICppnpUsr, TcpServer
-
-class Echo(ICppnpUsr):
-    def on_message(self, conn, buf):
-        conn.send(buf.retrieve_all())
+from handlers import Echo, serve_in_thread
 
 for i in range(10):
-    box = {}
-    def init(lp):
-        box["server"] = TcpServer(lp, ("127.0.0.1", 0), Echo())
-        box["server"].start()
-    lt = EventLoopThread(init)
-    lp = lt.start()
-    with socket.create_connection(box["server"].address, timeout=5) as s:
+    lt, lp, server = serve_in_thread(Echo())
+    with socket.create_connection(server.address, timeout=5) as s:
         s.sendall(b"ping")
         assert s.recv(4) == b"ping"
-    lp.queue_in_loop(box["server"].stop)
+    lp.queue_in_loop(server.stop)
     lt.stop(timeout=5)
     assert lp.closed
 print("ok")

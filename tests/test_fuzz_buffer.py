@@ -16,16 +16,11 @@ bad access instead.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import random
-import select
-import signal
 import struct
 import tempfile
-import time
-import traceback
 from typing import Any, Callable
 
 import pytest
@@ -41,100 +36,11 @@ from hypothesis.stateful import (
 )
 
 from cppnp import Buffer
+from faults_support import run_forked
 
 CHEAP_PREPEND = Buffer(b"x").prependable_bytes()
 MAX_READABLE = 1 << 20  # keep each buffer below 1 MiB (speed, not correctness)
 MAX_HELD = 6
-
-# -- running in a forked child -------------------------------------------------------------
-
-
-def run_forked(fn: Callable[[str], None], timeout: float = 90.0, stall: float = 20.0) -> None:
-    """Run ``fn(step_log_path)`` in a forked child and fail with its traceback, or with the
-    signal that killed it and the last steps it logged.
-
-    The child is killed if it logs no step for *stall* seconds (after heap corruption,
-    glibc malloc can hang on a garbage lock instead of aborting) or runs longer than
-    *timeout* (below pytest-timeout's 120 s); it is never left behind, whatever happens.
-    """
-    fd, step_log = tempfile.mkstemp(prefix="cppnp-fuzz-buffer-", suffix=".log")
-    os.close(fd)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: no threads are started here
-        code = 1
-        try:
-            os.close(r)
-            try:
-                fn(step_log)
-                code, msg = 0, b""
-            except BaseException:
-                msg = traceback.format_exc().encode()[-30000:]
-            os.write(w, msg)
-        finally:
-            os._exit(code)
-    os.close(w)
-    out = b""
-    reaped = False
-    try:
-        start = last_step = time.monotonic()
-        logged = 0
-        while True:
-            ready, _, _ = select.select([r], [], [], 1.0)
-            now = time.monotonic()
-            if ready:
-                chunk = os.read(r, 65536)
-                if not chunk:
-                    break
-                out += chunk
-                continue
-            size = os.stat(step_log).st_size
-            if size != logged:
-                logged, last_step = size, now
-            if now - last_step > stall or now - start > timeout:
-                why = (
-                    "logged no step for %.0f s (a hang: heap corruption?)" % stall
-                    if now - last_step > stall
-                    else "did not finish within %.0f s" % timeout
-                )
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                reaped = True
-                pytest.fail(
-                    "fuzz child %s; steps of the last example:\n%s" % (why, last_example(step_log)),
-                    pytrace=False,
-                )
-        _, status = os.waitpid(pid, 0)
-        reaped = True
-        if os.WIFSIGNALED(status):
-            pytest.fail(
-                "fuzz child killed by signal %d (memory corruption?); steps of the "
-                "last example:\n%s" % (os.WTERMSIG(status), last_example(step_log)),
-                pytrace=False,
-            )
-        if os.WEXITSTATUS(status) != 0:
-            pytest.fail(
-                "fuzz child failed (exit %d):\n%s%s"
-                % (
-                    os.WEXITSTATUS(status),
-                    out.decode(errors="replace"),
-                    "" if out else last_example(step_log),
-                ),
-                pytrace=False,
-            )
-    finally:
-        if not reaped:  # e.g. pytest-timeout interrupted us: no orphan
-            with contextlib.suppress(ProcessLookupError, ChildProcessError):
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-        os.close(r)
-        os.unlink(step_log)
-
-
-def last_example(step_log: str) -> str:
-    with open(step_log, "rb") as f:
-        text = f.read().decode(errors="replace")
-    return text[text.rfind("--- example") :][-20000:]
 
 
 def logged(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -584,4 +490,9 @@ def test_buffer_stateful_fuzz() -> None:
             ),
         )
 
-    run_forked(body)
+    fd, step_log = tempfile.mkstemp(prefix="cppnp-fuzz-buffer-", suffix=".log")
+    os.close(fd)
+    try:
+        run_forked(lambda: body(step_log), timeout=90.0, step_log=step_log)
+    finally:
+        os.unlink(step_log)

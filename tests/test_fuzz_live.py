@@ -59,8 +59,9 @@ def payload(seed: int, n: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-class Echo(ICppnpUsr, IRun2):
-    """Echo; each message is cut into random chunks, one pool task per chunk."""
+class ChunkingEcho(ICppnpUsr, IRun2):
+    """Echo; each message is cut into random chunks, one pool task per chunk (not
+    handlers.Echo: the fuzz model needs the per-connection counts and the pool)."""
 
     def __init__(self, pool: ThreadPool, seed: int) -> None:
         self.pool = pool
@@ -171,7 +172,7 @@ class LiveMachine(RuleBasedStateMachine):
         super().__init__()
         self.pool = ThreadPool(self.threads, name="fuzz-worker")
         self.pool.start()
-        self.h = Echo(self.pool, seed=1)
+        self.h = ChunkingEcho(self.pool, seed=1)
         self.st = ServerThread(self.h)
         self.loop = self.st.loop
         self.peers: list[Peer] = []

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 import cppnp
-from conftest import call_in_loop, rst_close, wait_for
+from conftest import assert_all_dead, call_in_loop, recv_exact, recv_to_eof, rst_close, wait_for
 from cppnp import ICppnpUsr, IRun2, Task, ThreadPool
 
 TIMEOUT = 20.0
@@ -165,23 +165,6 @@ class LifetimeHandler(ICppnpUsr, IRun2):
         return self.close_info[cid]
 
 
-def recv_to_eof(sock: socket.socket) -> bytes:
-    data = bytearray()
-    while chunk := sock.recv(65536):
-        data += chunk
-    return bytes(data)
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
-
-
 def send_chunked(sock: socket.socket, data: bytes, rng: random.Random) -> None:
     """Send in random pieces so the server sees partial and merged frames."""
     i = 0
@@ -193,23 +176,6 @@ def send_chunked(sock: socket.socket, data: bytes, rng: random.Random) -> None:
 
 # Iterations per mode: the two modes together run 120 per case.
 ITERATIONS = 60
-
-
-def assert_all_dead(refs: dict[int, weakref.ref[Any]], timeout: float = 3.0) -> None:
-    """Every connection object is gone once the pool is idle and gc has run (an idle
-    worker or a queue must not keep the last connection it served alive)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        gc.collect()
-        alive = [cid for cid, r in refs.items() if r() is not None]
-        if not alive or time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
-    assert alive == [], "%d of %d connection objects still alive after release: %r" % (
-        len(alive),
-        len(refs),
-        [refs[c]() for c in alive[:3]],
-    )
 
 
 def assert_clean(
@@ -508,7 +474,7 @@ def test_peer_closes_after_everything_was_answered(
         n = rng.randint(1, 6)
         frames = [frame(b"q", rng.choice([0, 1, 5]), it, i) for i in range(n)]
         send_chunked(s, b"".join(frames), rng)
-        assert recv_exactly(s, n * FRAME) == b"".join(reply_of(f) for f in frames)
+        assert recv_exact(s, n * FRAME) == b"".join(reply_of(f) for f in frames)
         cid = h.conn_id(s)
         how = rng.choice(["close", "shutdown", "reset"])
         if how == "shutdown":

@@ -24,7 +24,15 @@ from typing import Any
 import pytest
 
 import cppnp
-from conftest import call_in_loop, rst_close, wait_for
+from conftest import (
+    assert_all_dead,
+    call_in_loop,
+    cppnp_errors,
+    recv_exact,
+    recv_to_eof,
+    rst_close,
+    wait_for,
+)
 from cppnp import ICppnpUsr, IRun2, Task, ThreadPool
 
 TIMEOUT = 30.0
@@ -42,59 +50,10 @@ def make_frame(cid: int, seq: int, size: int) -> bytes:
     return struct.pack("!I", len(payload)) + payload
 
 
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(min(65536, n - len(data)))
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
-
-
-def recv_to_eof(sock: socket.socket) -> bytes:
-    data = bytearray()
-    while chunk := sock.recv(65536):
-        data += chunk
-    return bytes(data)
-
-
-def cppnp_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.name.startswith("cppnp") and r.levelno >= logging.ERROR
-    ]
-
-
-def assert_all_dead(refs: dict[int, Any], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        gc.collect()
-        alive = [cid for cid, r in refs.items() if r() is not None]
-        if not alive or time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
-    assert alive == [], "%d of %d connection objects still alive after release" % (
-        len(alive),
-        len(refs),
-    )
-
-
 @pytest.fixture
-def new_pool() -> Any:
-    """new_pool(n, name) -> a started ThreadPool, stopped at teardown."""
-    pools: list[ThreadPool] = []
-
-    def make(n: int, name: str) -> ThreadPool:
-        pool = ThreadPool(n, name=name)
-        pools.append(pool)
-        pool.start()
-        return pool
-
-    yield make
-    for pool in pools:
-        pool.stop(drain=False, timeout=TIMEOUT)
+def new_pool(make_pool: Any) -> Any:
+    """new_pool(n, name) -> conftest's make_pool(n, name=name)."""
+    return lambda n, name: make_pool(n, name=name)
 
 
 class FramedEcho(ICppnpUsr, IRun2):
@@ -214,9 +173,9 @@ class Client:
                 if self.fate != "half" and rng.random() < 0.4:
                     # Read some or all of what is owed so far.
                     owed = sum(map(len, self.frames[:sent])) - len(got)
-                    got += recv_exactly(s, rng.randint(0, owed))
+                    got += recv_exact(s, rng.randint(0, owed))
             if self.fate == "live":
-                got += recv_exactly(s, len(expected) - len(got))
+                got += recv_exact(s, len(expected) - len(got))
                 if rng.random() < 0.5:
                     s.shutdown(socket.SHUT_WR)
                     got += recv_to_eof(s)

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import os
 import random
-import resource
 import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
 
 from conftest import ServerThread, call_in_loop, recv_exact, recv_until_eof, wait_for
 from cppnp import Buffer, EventLoop, ICppnpUsr, TcpConnection, TcpServer
+from handlers import RecordingEcho
 
 Serve = Callable[..., ServerThread]
 
@@ -25,25 +24,6 @@ Serve = Callable[..., ServerThread]
 
 def pattern(n: int, seed: int = 0) -> bytes:
     return random.Random(seed * 7919 + n).randbytes(n)
-
-
-class Echo(ICppnpUsr):
-    """Echo, recording what each connection did (counts taken in on_close)."""
-
-    def __init__(self) -> None:
-        self.messages = 0
-        self.opened: list[int] = []
-        self.closed: list[tuple[int, int, int]] = []
-
-    def on_connection(self, conn: TcpConnection) -> None:
-        self.opened.append(conn.id)
-
-    def on_message(self, conn: TcpConnection, buf: Buffer) -> None:
-        self.messages += 1
-        conn.send(buf.retrieve_all())
-
-    def on_close(self, conn: TcpConnection) -> None:
-        self.closed.append((conn.id, conn.bytes_received, conn.bytes_sent))
 
 
 def echo_roundtrip(st: ServerThread, data: bytes) -> bytes:
@@ -65,25 +45,6 @@ def echo_roundtrip(st: ServerThread, data: bytes) -> bytes:
         return got
 
 
-@pytest.fixture
-def nofile_limit() -> Iterator[Callable[[int], None]]:
-    """ensure(n): raise RLIMIT_NOFILE to at least n (restored afterwards).
-
-    A hard limit below n is raised too, which needs root (CI runs as root); otherwise
-    setrlimit raises and the test fails with that reason rather than passing unchecked.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-
-    def ensure(n: int) -> None:
-        if soft >= n:
-            return
-        new_hard = hard if hard == resource.RLIM_INFINITY or hard >= n else n
-        resource.setrlimit(resource.RLIMIT_NOFILE, (n, new_hard))
-
-    yield ensure
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
 # -- echo -----------------------------------------------------------------------------------------
 
 
@@ -92,7 +53,7 @@ SIZES = [1, 2, 100, 4095, 65535, 65536, 65537, 200_000, 1 << 20, 16 << 20]
 
 @pytest.mark.parametrize("size", SIZES, ids=[str(s) for s in SIZES])
 def test_echo_is_byte_exact(serve: Serve, size: int) -> None:
-    handler = Echo()
+    handler = RecordingEcho()
     st = serve(handler)
     data = pattern(size)
     got = echo_roundtrip(st, data)
@@ -106,7 +67,7 @@ def test_echo_is_byte_exact(serve: Serve, size: int) -> None:
 def test_echo_one_byte_at_a_time_ping_pong(serve: Serve) -> None:
     """300 one-byte messages, each echoed before the next is sent: each arrives in its
     own on_message and comes back alone."""
-    handler = Echo()
+    handler = RecordingEcho()
     st = serve(handler)
     data = pattern(300, seed=1)
     with st.connect() as s:
@@ -120,7 +81,7 @@ def test_echo_one_byte_at_a_time_ping_pong(serve: Serve) -> None:
 
 
 def test_echo_one_byte_at_a_time_streamed(serve: Serve) -> None:
-    handler = Echo()
+    handler = RecordingEcho()
     st = serve(handler)
     data = pattern(500, seed=2)
     with st.connect() as s:
@@ -179,7 +140,7 @@ def test_length_prefixed_frames_split_anywhere(serve: Serve) -> None:
 
 
 def test_many_clients_echo_concurrently(serve: Serve) -> None:
-    handler = Echo()
+    handler = RecordingEcho()
     st = serve(handler)
     errors: list[BaseException] = []
 
@@ -203,7 +164,7 @@ def test_many_clients_echo_concurrently(serve: Serve) -> None:
 def test_1000_concurrent_connections(serve: Serve, nofile_limit: Callable[[int], None]) -> None:
     n = 1000
     nofile_limit(2 * n + 200)  # both ends live in this process
-    handler = Echo()
+    handler = RecordingEcho()
     st = serve(handler)
     clients: list[socket.socket] = []
     try:
@@ -228,7 +189,7 @@ def test_1000_concurrent_connections(serve: Serve, nofile_limit: Callable[[int],
 
 
 def test_start_binds_now_and_address_has_real_port(serve: Serve) -> None:
-    st = serve(Echo())
+    st = serve(RecordingEcho())
     host, port = st.address
     assert host == "127.0.0.1"
     assert 0 < port < 65536
@@ -240,7 +201,7 @@ def test_start_binds_now_and_address_has_real_port(serve: Serve) -> None:
 
 def test_address_before_start_is_the_requested_one() -> None:
     with EventLoop() as lp:
-        srv = TcpServer(lp, ("127.0.0.1", 0), Echo(), name="unstarted")
+        srv = TcpServer(lp, ("127.0.0.1", 0), RecordingEcho(), name="unstarted")
         assert srv.address == ("127.0.0.1", 0)
         assert srv.connection_count == 0
         assert srv.connections() == []
@@ -248,7 +209,7 @@ def test_address_before_start_is_the_requested_one() -> None:
 
 
 def test_stop_closes_listener_and_connections(serve: Serve) -> None:
-    handler = Echo()
+    handler = RecordingEcho()
     st = serve(handler)
     assert st.server is not None
     with st.connect() as s:
@@ -268,7 +229,7 @@ def test_stop_closes_listener_and_connections(serve: Serve) -> None:
 
 def test_stopped_server_cannot_be_restarted(serve: Serve) -> None:
     """start() after stop() raises instead of silently not listening."""
-    st = serve(Echo())
+    st = serve(RecordingEcho())
     assert st.server is not None
     call_in_loop(st.loop, st.server.stop)
     with pytest.raises(RuntimeError):
@@ -279,14 +240,14 @@ def test_stopped_server_cannot_be_restarted(serve: Serve) -> None:
 
 def test_server_stopped_before_start_cannot_start() -> None:
     with EventLoop() as lp:
-        srv = TcpServer(lp, ("127.0.0.1", 0), Echo())
+        srv = TcpServer(lp, ("127.0.0.1", 0), RecordingEcho())
         srv.stop()
         with pytest.raises(RuntimeError):
             srv.start()
 
 
 def test_stop_on_the_loop_thread(serve: Serve) -> None:
-    st = serve(Echo())
+    st = serve(RecordingEcho())
     assert st.server is not None
     call_in_loop(st.loop, st.server.stop)
     with pytest.raises(ConnectionRefusedError):
@@ -294,7 +255,7 @@ def test_stop_on_the_loop_thread(serve: Serve) -> None:
 
 
 def test_connections_and_counters(serve: Serve) -> None:
-    handler = Echo()
+    handler = RecordingEcho()
     st = serve(handler, name="counted")
     server = st.server
     assert server is not None
@@ -315,15 +276,15 @@ def test_connections_and_counters(serve: Serve) -> None:
 
 
 def test_bind_conflict_raises_and_reuse_port_shares(serve: Serve) -> None:
-    st = serve(Echo())
+    st = serve(RecordingEcho())
     port = st.address[1]
     with EventLoop() as lp:
-        clash = TcpServer(lp, ("127.0.0.1", port), Echo())
+        clash = TcpServer(lp, ("127.0.0.1", port), RecordingEcho())
         with pytest.raises(OSError):
             clash.start()
-    a = serve(Echo(), reuse_port=True)
+    a = serve(RecordingEcho(), reuse_port=True)
     with EventLoop() as lp:
-        b = TcpServer(lp, ("127.0.0.1", a.address[1]), Echo(), reuse_port=True)
+        b = TcpServer(lp, ("127.0.0.1", a.address[1]), RecordingEcho(), reuse_port=True)
         b.start()
         assert b.address == a.address
         b.stop()
@@ -345,7 +306,7 @@ def test_bind_conflict_raises_and_reuse_port_shares(serve: Serve) -> None:
 )
 def test_bad_addresses(address: Any, exc: type[BaseException]) -> None:
     with EventLoop() as lp, pytest.raises(exc):
-        TcpServer(lp, address, Echo())
+        TcpServer(lp, address, RecordingEcho())
 
 
 @pytest.mark.parametrize(
@@ -360,14 +321,14 @@ def test_bad_addresses(address: Any, exc: type[BaseException]) -> None:
 )
 def test_bad_server_options(kwargs: dict[str, Any], exc: type[BaseException]) -> None:
     with EventLoop() as lp, pytest.raises(exc):
-        TcpServer(lp, ("127.0.0.1", 0), Echo(), **kwargs)
+        TcpServer(lp, ("127.0.0.1", 0), RecordingEcho(), **kwargs)
 
 
 def test_server_needs_a_loop() -> None:
     with pytest.raises(TypeError):
-        TcpServer(None, ("127.0.0.1", 0), Echo())  # type: ignore[arg-type]
+        TcpServer(None, ("127.0.0.1", 0), RecordingEcho())  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        TcpServer(object(), ("127.0.0.1", 0), Echo())  # type: ignore[arg-type]
+        TcpServer(object(), ("127.0.0.1", 0), RecordingEcho())  # type: ignore[arg-type]
 
 
 def test_handler_with_only_some_methods(serve: Serve) -> None:
@@ -400,7 +361,7 @@ def test_default_handler_discards_input(serve: Serve) -> None:
 
 def test_client_reset_before_accept(serve: Serve) -> None:
     """A client that resets while the loop is busy: the listener keeps accepting."""
-    handler = Echo()
+    handler = RecordingEcho()
     st = serve(handler)
     blocked = threading.Event()
     release = threading.Event()
@@ -435,7 +396,7 @@ def _sockopt(conn: TcpConnection, level: int, opt: int) -> int:
 def test_accepted_socket_options(serve: Serve, nodelay: bool, keepalive: bool) -> None:
     conns: list[TcpConnection] = []
 
-    class Keep(Echo):
+    class Keep(RecordingEcho):
         def on_connection(self, conn: TcpConnection) -> None:
             conns.append(conn)
 
@@ -477,7 +438,7 @@ def test_accepted_socket_options(serve: Serve, nodelay: bool, keepalive: bool) -
 def test_idle_connections_do_not_make_the_loop_spin(serve: Serve) -> None:
     """Idle connections do not make the loop spin: iterations stay flat while 50 idle
     clients are connected and nothing happens."""
-    st = serve(Echo())
+    st = serve(RecordingEcho())
     clients = [st.connect() for _ in range(50)]
     try:
         wait_for(lambda: st.connection_count() == 50)
@@ -494,7 +455,7 @@ def test_idle_connections_do_not_make_the_loop_spin(serve: Serve) -> None:
 def test_stop_accepting_keeps_open_connections(serve: Serve) -> None:
     """stop_accepting() closes the listener; an open connection still echoes; stop() then
     force-closes it."""
-    st = serve(Echo())
+    st = serve(RecordingEcho())
     assert st.server is not None
     server = st.server
     with st.connect() as s:

@@ -1,6 +1,7 @@
 """ThreadPool: lifecycle, add_task from any thread, drain / discard on stop, bounded
-queues, key ordering, failing tasks, Task forms, real concurrency -- and the hand-off
-of sends, write-complete callbacks and timers from workers to the loop thread.
+queues, key ordering, failing tasks, Task forms, real concurrency.  The hand-off of
+sends, write-complete callbacks and timers from workers to the loop thread is in
+test_handoff.py.
 
 Every behaviour is checked in single-thread mode (``ThreadPool(0)``) and pool mode
 where it applies to both.  No timed assertions: counts, idents and orders only.
@@ -17,32 +18,10 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import call_in_loop, wait_for
-from cppnp import ICppnpUsr, IRun0, IRun2, QueueFull, Task, ThreadPool
+from conftest import capture, cppnp_errors, wait_for
+from cppnp import IRun0, IRun2, QueueFull, Task, ThreadPool
 
 TIMEOUT = 20.0
-
-
-@pytest.fixture(params=[0, 4], ids=["single", "pool4"])
-def nthreads(request: pytest.FixtureRequest) -> int:
-    return int(request.param)
-
-
-@pytest.fixture
-def make_pool() -> Any:
-    """make_pool(n, **kw) -> a started ThreadPool, stopped (and joined) at teardown."""
-    pools: list[ThreadPool] = []
-
-    def make(n: int, start: bool = True, **kw: Any) -> ThreadPool:
-        pool = ThreadPool(n, **kw)
-        pools.append(pool)
-        if start:
-            pool.start()
-        return pool
-
-    yield make
-    for pool in pools:
-        assert pool.stop(drain=False, timeout=TIMEOUT), "pool workers did not exit"
 
 
 def block_workers(pool: ThreadPool, n: int) -> threading.Event:
@@ -55,21 +34,11 @@ def block_workers(pool: ThreadPool, n: int) -> threading.Event:
 
 
 def run_in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Start *fn* in a thread; the box gets its result (conftest.capture)."""
     box: dict[str, Any] = {}
-
-    def main() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    t = threading.Thread(target=main, name="test-helper")
+    t = threading.Thread(target=capture, args=(fn, box), name="test-helper")
     t.start()
     return t, box
-
-
-def cppnp_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name.startswith("cppnp") and r.levelno >= logging.ERROR]
 
 
 # -- lifecycle ----------------------------------------------------------------------------
@@ -627,210 +596,3 @@ def test_bad_tasks_raise_type_error(make_pool: Any, nthreads: int) -> None:
     with pytest.raises(TypeError):
         Task(OnlyRun2([]), 1, 2, 3)
     assert (pool.queued, pool.running, pool.completed, pool.failed) == (0, 0, 0, 0)
-
-
-# -- the hand-off: workers -> loop thread ---------------------------------------------------
-
-
-class LineWorker(ICppnpUsr, IRun2):
-    """Each line received becomes Task(self, line, conn); *action(line, conn)* runs in
-    the pool.  Records the thread of every loop-side callback."""
-
-    def __init__(self, pool: ThreadPool, action: Callable[[bytes, Any], None]) -> None:
-        self.pool = pool
-        self.action = action
-        self.lock = threading.Lock()
-        self.task_threads: list[int] = []
-        self.write_complete_threads: list[int] = []
-        self.close_threads: list[int] = []
-        self.closed = threading.Event()
-
-    def on_message(self, conn: Any, buf: Any) -> None:
-        while (i := buf.find_eol()) >= 0:
-            self.pool.add_task(Task(self, buf.retrieve_as_bytes(i + 1), conn))
-
-    def run2(self, msg: bytes, param: Any) -> None:
-        with self.lock:
-            self.task_threads.append(threading.get_ident())
-        self.action(msg, param)
-
-    def on_write_complete(self, conn: Any) -> None:
-        self.write_complete_threads.append(threading.get_ident())
-
-    def on_close(self, conn: Any) -> None:
-        self.close_threads.append(threading.get_ident())
-        self.closed.set()
-
-
-def recv_exactly(sock: Any, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
-
-
-def recv_to_eof(sock: Any) -> bytes:
-    data = bytearray()
-    while chunk := sock.recv(65536):
-        data += chunk
-    return bytes(data)
-
-
-def test_send_from_a_worker_is_written_by_the_loop_thread(
-    serve: Any, make_pool: Any, nthreads: int
-) -> None:
-    """A worker's send() only queues: while the loop thread is held, nothing is written;
-    the bytes go out (and on_write_complete runs) on the loop thread."""
-    pool = make_pool(nthreads)
-    observed: dict[str, Any] = {}
-    loop_box: list[Any] = []
-
-    def action(msg: bytes, conn: Any) -> None:
-        loop = loop_box[0]
-        if loop.is_in_loop_thread():  # single-thread mode: written now
-            conn.send(b"x" * 1000)
-            observed["bytes_sent_after_send"] = conn.bytes_sent
-            return
-        parked, release = threading.Event(), threading.Event()
-
-        def park() -> None:
-            parked.set()
-            release.wait(TIMEOUT)
-
-        loop.queue_in_loop(park)
-        parked.wait(TIMEOUT)
-        conn.send(b"x" * 1000)
-        observed["bytes_sent_after_send"] = conn.bytes_sent
-        observed["pending_functors"] = loop.pending_functors
-        release.set()
-
-    handler = LineWorker(pool, action)
-    st = serve(handler)
-    loop_box.append(st.loop)
-    with st.connect() as c:
-        c.sendall(b"go\n")
-        assert recv_exactly(c, 1000) == b"x" * 1000
-        wait_for(lambda: handler.write_complete_threads, TIMEOUT)
-    wait_for(handler.closed.is_set, TIMEOUT)
-    if nthreads:
-        assert observed["bytes_sent_after_send"] == 0
-        assert observed["pending_functors"] >= 1
-        assert set(handler.task_threads) <= {t.ident for t in pool.threads}
-    else:
-        assert observed["bytes_sent_after_send"] == 1000
-        assert handler.task_threads == [st.loop.thread_id]
-    assert set(handler.write_complete_threads) == {st.loop.thread_id}
-    assert handler.close_threads == [st.loop.thread_id]
-
-
-def test_timers_and_write_complete_from_workers_run_on_the_loop_thread(
-    serve: Any, make_pool: Any, nthreads: int
-) -> None:
-    pool = make_pool(nthreads)
-    lock = threading.Lock()
-    calls: dict[str, list[int]] = defaultdict(list)
-    loop_box: list[Any] = []
-    timer_ids: dict[str, int] = {}
-
-    def record(name: str) -> Callable[[], None]:
-        def cb() -> None:
-            with lock:
-                calls[name].append(threading.get_ident())
-
-        return cb
-
-    class Tick(IRun0):
-        def run0(self) -> None:
-            record("every")()
-
-    def action(msg: bytes, conn: Any) -> None:
-        loop = loop_box[0]
-        cmd = msg.strip()
-        if cmd == b"start":
-            loop.run_after(0.001, record("after"))
-            loop.runAfter(0.0, Task(record("after-task")))
-            loop.run_at(loop.time() + 0.002, record("at"))
-            timer_ids["every"] = loop.run_every(0.002, Tick())
-            doomed = loop.run_after(3600, record("never"))
-            loop.cancel_timer(doomed)  # cancelled before it can fire
-        elif cmd == b"stop":
-            loop.cancel_timer(timer_ids["every"])
-        conn.send(b"ok:" + cmd + b"\n")
-
-    handler = LineWorker(pool, action)
-    st = serve(handler)
-    loop = st.loop
-    loop_box.append(loop)
-    with st.connect() as c:
-        c.sendall(b"start\n")
-        assert recv_exactly(c, 9) == b"ok:start\n"
-        wait_for(
-            lambda: (
-                len(calls["every"]) >= 3 and calls["after"] and calls["at"] and calls["after-task"]
-            ),
-            TIMEOUT,
-        )
-        c.sendall(b"stop\n")
-        assert recv_exactly(c, 8) == b"ok:stop\n"
-        # The cancel from the worker is queued to the loop; once it ran no timer is left.
-        wait_for(lambda: call_in_loop(loop, lambda: loop.timer_count) == 0, TIMEOUT)
-        fired = len(calls["every"])
-        sentinel = threading.Event()
-        loop.run_after(0.03, sentinel.set)  # 15 periods of the dead timer
-        assert sentinel.wait(TIMEOUT)
-        assert len(calls["every"]) == fired
-        wait_for(lambda: len(handler.write_complete_threads) >= 2, TIMEOUT)
-    wait_for(handler.closed.is_set, TIMEOUT)
-    assert calls["never"] == []
-    for name in ("after", "after-task", "at", "every"):
-        assert set(calls[name]) == {loop.thread_id}, name
-    assert set(handler.write_complete_threads) == {loop.thread_id}
-    if nthreads:
-        assert set(handler.task_threads) <= {t.ident for t in pool.threads}
-        assert loop.thread_id not in handler.task_threads
-    else:
-        assert set(handler.task_threads) == {loop.thread_id}
-    assert st.stats()["callback_errors"] == 0
-
-
-def test_replies_from_one_worker_keep_their_order(
-    serve: Any, make_pool: Any, nthreads: int
-) -> None:
-    """One task sends 400 replies of mixed types and sizes: they arrive in order, and a
-    bytearray mutated after send() arrives as it was when sent (send copies)."""
-    pool = make_pool(nthreads)
-    expected = bytearray()
-    rng = random.Random(99)
-    sizes = [rng.choice([1, 7, 100, 3000]) for _ in range(400)]
-    for i, size in enumerate(sizes):
-        head = b"%05d|" % i
-        expected += (head * (size // len(head) + 1))[: max(size, len(head))]
-
-    def action(msg: bytes, conn: Any) -> None:
-        for i, size in enumerate(sizes):
-            head = b"%05d|" % i
-            body = (head * (size // len(head) + 1))[: max(size, len(head))]
-            kind = i % 4
-            if kind == 0:
-                conn.send(body)
-            elif kind == 1:
-                conn.send(body.decode())
-            elif kind == 2:
-                conn.send(memoryview(body))
-            else:
-                scratch = bytearray(body)
-                conn.send(scratch)
-                scratch[:] = b"#" * len(scratch)  # must not change what is sent
-
-    handler = LineWorker(pool, action)
-    st = serve(handler)
-    with st.connect() as c:
-        c.sendall(b"go\n")
-        c.shutdown(1)  # SHUT_WR: reply, then close
-        got = recv_to_eof(c)
-    assert got == bytes(expected)
-    wait_for(handler.closed.is_set, TIMEOUT)
-    assert st.stats()["dropped_sends"] == 0

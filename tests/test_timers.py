@@ -4,13 +4,12 @@ heap compaction, and the thread the callbacks run on."""
 
 from __future__ import annotations
 
-import gc
 import math
 import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import Iterator
+import weakref
 from typing import Any, Callable
 
 import pytest
@@ -19,16 +18,6 @@ from conftest import call_in_loop, wait_for
 from cppnp import EventLoop, EventLoopThread, IRun0, Task
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    """An EventLoop owned by the test's thread; run it with run_loop()."""
-    lp = EventLoop()
-    try:
-        yield lp
-    finally:
-        lp.close()
 
 
 def run_loop(loop: EventLoop, timeout: float = 10.0) -> None:
@@ -47,27 +36,32 @@ def run_loop(loop: EventLoop, timeout: float = 10.0) -> None:
     assert not hit, "loop was not quit within %s s" % timeout
 
 
-@pytest.fixture
-def loop_thread() -> Iterator[EventLoop]:
-    """An EventLoop running in its own thread (stopped and closed at teardown)."""
-    lt = EventLoopThread(name="timer-loop")
-    lp = lt.start()
-    try:
-        yield lp
-    finally:
-        lt.stop()
-
-
 def timer_count(loop: EventLoop) -> int:
     return int(call_in_loop(loop, lambda: loop.timer_count))
 
 
-def timer_heap_size(loop: EventLoop) -> int | None:
-    """Entries in the loop's timer heap, live and cancelled, if the queue is reachable."""
-    for obj in gc.get_referents(loop):
-        if type(obj).__name__ == "TimerQueue" and hasattr(obj, "_heap_size"):
-            return int(obj._heap_size())
-    return None
+class Callback:
+    """A timer callback whose lifetime a test can watch: the loop holds a reference to it
+    while its timer is in the timer heap (a cancelled timer stays there until the heap
+    drops dead entries)."""
+
+    def __call__(self) -> None:
+        pass
+
+
+def still_held(refs: list[weakref.ref[Callback]]) -> int:
+    """How many of the callbacks behind *refs* are still alive (held by the loop)."""
+    return sum(r() is not None for r in refs)
+
+
+def cancelled_callbacks(loop: EventLoop, n: int, delay: float) -> list[weakref.ref[Callback]]:
+    """Add and cancel *n* timers, one at a time; weak references to their callbacks."""
+    refs = []
+    for _ in range(n):
+        cb = Callback()
+        refs.append(weakref.ref(cb))
+        loop.cancel_timer(loop.run_after(delay, cb))
+    return refs
 
 
 # -- order ------------------------------------------------------------------------------------
@@ -495,25 +489,27 @@ def test_cancelled_timers_do_not_pile_up(loop: EventLoop) -> None:
     assert loop.stats()["timers"] == len(live)
     # 100 000 dead 16-byte heap entries would be >= 1.6 MB.
     assert after - before < 256 * 1024, "timer heap grows with cancelled timers"
-    size = timer_heap_size(loop)
-    if size is not None:
-        assert size <= 2 * len(live) + 130, "heap holds %d entries for %d live timers" % (
-            size,
-            len(live),
-        )
+    # Cancelled entries leave the heap (and release their callbacks) by compaction: no
+    # more dead entries than live ones, plus the compaction threshold.
+    held = still_held(cancelled_callbacks(loop, 2000, 500))
+    assert held <= len(live) + 130, "heap holds %d cancelled timers next to %d live ones" % (
+        held,
+        len(live),
+    )
     for tid in live:
         loop.cancel_timer(tid)
     assert loop.timer_count == 0
 
 
 def test_mass_cancel_keeps_loop_usable(loop: EventLoop) -> None:
-    ids = [loop.run_after(0.001 * (i % 50), lambda: None) for i in range(20000)]
+    callbacks = [Callback() for _ in range(20000)]
+    refs = [weakref.ref(cb) for cb in callbacks]
+    ids = [loop.run_after(0.001 * (i % 50), cb) for i, cb in enumerate(callbacks)]
+    del callbacks
     for tid in ids:
         loop.cancel_timer(tid)
     assert loop.timer_count == 0
-    size = timer_heap_size(loop)
-    if size is not None:
-        assert size <= 130
+    assert still_held(refs) <= 130, "the heap keeps cancelled timers"
     before = loop.stats()["iterations"]
     fired: list[int] = []
     loop.run_after(0.06, lambda: (fired.append(1), loop.quit()))

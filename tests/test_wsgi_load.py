@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import resource
 import selectors
 import signal
 import socket
@@ -13,47 +12,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 
 import wsgi_apps
 from conftest import wait_for
 from cppnp.wsgi import Config
-from wsgi_support import ServerProcess, WsgiThread, get, read_response, rss_kib
-
-Serve = Callable[..., WsgiThread]
-
-
-@pytest.fixture
-def wsgi() -> Iterator[Serve]:
-    started: list[WsgiThread] = []
-
-    def make(app: Any, **options: Any) -> WsgiThread:
-        w = WsgiThread(app, **options)
-        started.append(w)
-        return w
-
-    yield make
-    for w in started:
-        w.stop()
-
-
-@pytest.fixture
-def nofile_limit() -> Iterator[Callable[[int], None]]:
-    """ensure(n): raise RLIMIT_NOFILE to at least n (restored afterwards; root raises the
-    hard limit too, as in test_tcp_server.py)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-
-    def ensure(n: int) -> None:
-        if soft >= n:
-            return
-        new_hard = hard if hard == resource.RLIM_INFINITY or hard >= n else n
-        resource.setrlimit(resource.RLIMIT_NOFILE, (n, new_hard))
-
-    yield ensure
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+from wsgi_support import Serve, ServerProcess, get, read_response, rss_kib
 
 
 def test_slowloris_does_not_stop_normal_clients(

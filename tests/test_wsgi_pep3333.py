@@ -25,25 +25,7 @@ import urllib3
 
 import wsgi_apps
 from conftest import recv_until_eof, wait_for
-from wsgi_support import WsgiThread, exchange, get, one, read_response
-
-Serve = Callable[..., WsgiThread]
-MODES = [0, 4]
-MODE_IDS = ["threads0", "threads4"]
-
-
-@pytest.fixture
-def wsgi() -> Iterator[Serve]:
-    started: list[WsgiThread] = []
-
-    def make(app: Any, **options: Any) -> WsgiThread:
-        w = WsgiThread(app, **options)
-        started.append(w)
-        return w
-
-    yield make
-    for w in started:
-        w.stop()
+from wsgi_support import MODE_IDS, MODES, Serve, exchange, get, one, read_response
 
 
 class Recorder:

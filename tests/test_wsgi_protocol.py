@@ -7,34 +7,14 @@ import json
 import random
 import socket
 import time
-from collections.abc import Iterator
-from typing import Any, Callable
+from typing import Any
 from wsgiref.validate import validator
 
 import pytest
 
 import wsgi_apps
 from conftest import recv_until_eof, wait_for
-from wsgi_support import WsgiThread, exchange, get, one, read_response
-
-Serve = Callable[..., WsgiThread]
-MODES = [0, 4]
-MODE_IDS = ["threads0", "threads4"]
-
-
-@pytest.fixture
-def wsgi() -> Iterator[Serve]:
-    started: list[WsgiThread] = []
-
-    def make(app: Any, **options: Any) -> WsgiThread:
-        w = WsgiThread(app, **options)
-        started.append(w)
-        return w
-
-    yield make
-    for w in started:
-        w.stop()
-
+from wsgi_support import MODE_IDS, MODES, Serve, exchange, get, one, read_response
 
 ECHO = validator(wsgi_apps.echo)
 HELLO = validator(wsgi_apps.hello)

@@ -16,6 +16,9 @@ from cppnp import EventLoop, EventLoopThread
 from cppnp.wsgi import WsgiServer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The server's two modes: requests handled on the loop thread, or in a pool of 4.
+MODES = [0, 4]
+MODE_IDS = ["threads0", "threads4"]
 
 
 class WsgiThread:
@@ -51,6 +54,9 @@ class WsgiThread:
             call_in_loop(self.loop, self.server.stop)
         self.thread.stop()
         assert self.server.close(timeout=10.0), "worker threads did not exit"
+
+
+Serve = Callable[..., WsgiThread]  # conftest's ``wsgi`` fixture
 
 
 @dataclass
