@@ -45,6 +45,8 @@ cdef class TcpServer(ConnectionOwner):
 
     # The Acceptor accepted *fd* from *peer* (loop thread): make and start its connection.
     cdef int _new_connection(self, int fd, const sockaddr_storage* peer) except -1
+    cdef bint _stop_to(self, int64_t state) except -1
+    cdef int _in_loop_or_closed(self, object fn) except -1
     cdef int _close_listener(self) except -1
     cdef int _check_created(self) except -1
     cdef int _maybe_detach(self) except -1

@@ -198,15 +198,8 @@ cdef class TcpServer(ConnectionOwner):
         Thread-safe.
         """
         self._check_created()
-        with self._lock:
-            if cppnp_atomic_load(&self._state) == SERVER_STOPPED:
-                return
-            cppnp_atomic_store(&self._state, SERVER_STOPPED)
-            cppnp_atomic_store(&self._acceptor.enabled, 0)
-        if self._loop.closed:
-            self._stop_in_loop()
-        else:
-            self._loop.run_or_queue(self._stop_in_loop)
+        if self._stop_to(SERVER_STOPPED):
+            self._in_loop_or_closed(self._stop_in_loop)
 
     def stop_accepting(self):
         """Close the listening socket; open connections carry on (a graceful stop's first
@@ -219,16 +212,26 @@ cdef class TcpServer(ConnectionOwner):
         Thread-safe.
         """
         self._check_created()
+        if self._stop_to(SERVER_NOT_ACCEPTING):
+            self._in_loop_or_closed(self._stop_accepting_in_loop)
+
+    cdef bint _stop_to(self, int64_t state) except -1:
+        """Move to *state* (SERVER_NOT_ACCEPTING or SERVER_STOPPED) unless already there or
+        further, and stop accepting; False if nothing changed (any thread)."""
         with self._lock:
-            state = cppnp_atomic_load(&self._state)
-            if state == SERVER_NOT_ACCEPTING or state == SERVER_STOPPED:
-                return
-            cppnp_atomic_store(&self._state, SERVER_NOT_ACCEPTING)
+            if cppnp_atomic_load(&self._state) >= state:
+                return False
+            cppnp_atomic_store(&self._state, state)
             cppnp_atomic_store(&self._acceptor.enabled, 0)
+        return True
+
+    cdef int _in_loop_or_closed(self, object fn) except -1:
+        """Run *fn* on the loop thread (now, or queued), or here once the loop is closed."""
         if self._loop.closed:
-            self._close_listener()
+            fn()
         else:
-            self._loop.run_or_queue(self._stop_accepting_in_loop)
+            self._loop.run_or_queue(fn)
+        return 0
 
     @property
     def accepting(self):
