@@ -527,8 +527,9 @@ cdef class EventLoop:
     # -- errors and counters ------------------------------------------------------------
 
     cdef int report_error(self, str where) except -1:
-        cppnp_counter_add(&self._callback_errors, 1)
+        # Log, then count: whoever sees callback_errors go up also finds the log record.
         log_exception("Exception in %s", where)
+        cppnp_counter_add(&self._callback_errors, 1)
         return 0
 
     cdef int count_drop(self, Py_ssize_t nbytes) noexcept:

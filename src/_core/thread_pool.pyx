@@ -642,12 +642,14 @@ cdef class ThreadPool:
             else:
                 job.fn(*job.args)
         except BaseException as exc:
-            cppnp_atomic_add(&self._failed, 1)
             if self._nthreads == 0 and not isinstance(exc, Exception):
+                cppnp_atomic_add(&self._failed, 1)
                 raise       # Ctrl-C in an inline task stops the caller (the loop), as it should
-            # A worker lives on: log it (never raising) and count it.
+            # A worker lives on: log it (never raising), then count it -- in that order, so
+            # whoever sees ``failed`` go up also finds the log record.
             log_exception("Exception in task %r",
                           job.task if job.task is not None else job.fn)
+            cppnp_atomic_add(&self._failed, 1)
         finally:
             cppnp_atomic_add(&self._running, -1)
             if index < self._nslots:
