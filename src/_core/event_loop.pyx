@@ -446,7 +446,12 @@ cdef class EventLoop:
         if self.is_closed():
             raise RuntimeError("cannot add a timer to a closed EventLoop")
         seq = cppnp_atomic_add(&self._next_timer_id, 1)
-        self.run_or_queue(self._add_timer_in_loop, (seq, when, interval, fn))
+        # Not run_or_queue(): on the loop thread (the common case, e.g. per-request
+        # timeouts) a direct call saves a tuple, a bound method and a Python call.
+        if self.in_loop_thread():
+            self._timers.add(seq, when, interval, fn)
+        else:
+            self.queue(self._add_timer_in_loop, (seq, when, interval, fn))
         return seq
 
     def _add_timer_in_loop(self, tuple args):
@@ -511,7 +516,10 @@ cdef class EventLoop:
         if not 0 < timer_id <= cppnp_atomic_load(&self._next_timer_id) or self.is_closed():
             return          # no timer ever had this id
         seq = timer_id
-        self.run_or_queue(self._cancel_timer_in_loop, seq)
+        if self.in_loop_thread():       # direct, as in _add_timer
+            self._timers.cancel(seq)
+        else:
+            self.queue(self._cancel_timer_in_loop, seq)
 
     def _cancel_timer_in_loop(self, int64_t seq):
         self._timers.cancel(seq)
