@@ -8,14 +8,17 @@ from setuptools import Extension, setup
 
 MODULES = [
     "buffer",
-    "channel",
     "task",
+    "channel",
     "pending",
     "timer_queue",
     "blocking_queue",
     "socket_ops",
+    "gil_share",
+    "handler",
     "event_loop",
     "tcp_connection",
+    "acceptor",
     "tcp_server",
     "thread_pool",
     "codec",
@@ -24,6 +27,7 @@ MODULES = [
 if not sys.platform.startswith("linux"):
     sys.exit("cppnp needs Linux (epoll, eventfd, accept4)")
 
+# CPPNP_DEBUG=1 (make debug): -O0 -g3 with asserts, and Cython's annotated HTML.
 DEBUG = os.environ.get("CPPNP_DEBUG") == "1"
 SANITIZE = os.environ.get("CPPNP_SANITIZE") == "1"
 # Warnings are errors in our own builds (make, CI); a user's compiler may differ.
@@ -52,7 +56,6 @@ extensions = [
         include_dirs=["src/_core/includes"],
         extra_compile_args=cflags,
         extra_link_args=ldflags,
-        define_macros=[("CPPNP_DEBUG", "1" if DEBUG else "0")],
     )
     for name in MODULES
 ]

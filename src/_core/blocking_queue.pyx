@@ -5,6 +5,8 @@ cimport cython
 from cpython.mem cimport PyMem_RawFree, PyMem_RawRealloc
 from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 
+from _core.includes.consts cimport grown_capacity
+
 
 @cython.auto_pickle(False)
 @cython.final
@@ -61,7 +63,7 @@ cdef class BlockingQueue:
             pthread_mutex_unlock(&self._mutex)
             return 1
         if self._count == self._cap:
-            newcap = self._cap * 2 + 64
+            newcap = grown_capacity(self._cap)
             grown = <PyObject**>PyMem_RawRealloc(self._ring, newcap * sizeof(PyObject*))
             if grown == NULL:
                 pthread_mutex_unlock(&self._mutex)

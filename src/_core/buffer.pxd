@@ -46,11 +46,16 @@ cdef class Buffer:
         return self._data + self._reader
 
     cdef int ensure_writable(self, size_t n) except -1
+    cdef int _make_room(self, size_t gap, size_t n) except -1
+    cdef int _relocate(self, size_t newcap, size_t gap) except -1
     cdef int _park(self, void* block) except -1
     cdef int append_ptr(self, const char* p, size_t n) except -1
     cdef int consume(self, size_t n) except -1
     cdef uint32_t _int32_at_front(self, str method) except? 0
     cdef int clear(self) except -1
+    # The one search (find, find_crlf, find_eol, readline): see buffer.pyx.
+    cdef Py_ssize_t _find(self, const char* sub, size_t m, Py_ssize_t start,
+                          str name) except -2
     cdef int release_storage(self) except -1
     # One readv() into the writable region plus a 64 KiB stack spill area, on a
     # non-blocking fd.  Returns bytes read, 0 on EOF, -1 with *err set.

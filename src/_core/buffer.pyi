@@ -1,4 +1,4 @@
-from typing import Literal
+from typing import Literal, final
 
 from typing_extensions import Buffer as _BufferLike
 
@@ -6,6 +6,7 @@ _Data = _BufferLike | str
 
 def live_buffers() -> int: ...
 
+@final
 class Buffer:
     def __init__(self, data: _Data | None = ...) -> None: ...
     def readable_bytes(self) -> int: ...

@@ -13,14 +13,17 @@ from _core.includes.linux cimport (
 )
 from _core.includes.sys cimport cppnp_atomic_add, cppnp_atomic_load
 
-include "includes/consts.pxi"
+from _core.includes.consts cimport CHEAP_PREPEND, EXTRA_BUF, INITIAL_SIZE
 
 cdef int64_t _live_buffers = 0
 cdef char _empty = 0
 
 
 def live_buffers():
-    """Return how many Buffer objects are alive (a leak check for tests)."""
+    """Return how many Buffer objects are alive (a leak check for tests).
+
+    Thread-safe.
+    """
     return cppnp_atomic_load(&_live_buffers)
 
 
@@ -65,7 +68,8 @@ cdef class Buffer:
     readable bytes; a view's *contents* are only defined until the buffer is next changed
     (a grow never frees memory under a live view, so reading a stale view is safe, just
     meaningless).  Not thread-safe: use a Buffer from one thread at a time (the loop
-    thread, for connection buffers).
+    thread, for connection buffers).  "Loop thread only." on its methods means exactly
+    that: the one thread that uses the buffer (the loop's, for a connection's buffers).
     """
 
     def __cinit__(self):
@@ -100,44 +104,65 @@ cdef class Buffer:
     # -- C-level API (loop thread) -------------------------------------------------------
 
     cdef int ensure_writable(self, size_t n) except -1:
-        cdef size_t readable = self._writer - self._reader
-        cdef size_t need, newcap
-        cdef char* block
         if self._data != NULL and self._cap - self._writer >= n:
             return 0
-        if self._data != NULL and self._cap >= CHEAP_PREPEND + readable + n \
-                and self._exports == 0:
-            # Enough room overall: move the readable bytes to the front (muduo makeSpace).
-            memmove(self._data + CHEAP_PREPEND, self._data + self._reader, readable)
-            self._reader = CHEAP_PREPEND
-            self._writer = CHEAP_PREPEND + readable
-            return 0
-        if n > (<size_t>-1) // 4:
-            raise MemoryError("Buffer cannot grow by %d bytes" % n)
-        need = CHEAP_PREPEND + readable + n
-        newcap = self._cap if self._cap else INITIAL_SIZE
-        while newcap < need:
-            newcap *= 2
-        if self._exports == 0:
-            # Grow first, then move: the reader may sit inside the prepend area (after a
-            # prepend), and moving the bytes up to CHEAP_PREPEND needs the larger block.
+        self._make_room(0, n)
+        return 0
+
+    cdef int _make_room(self, size_t gap, size_t n) except -1:
+        """Lay the storage out as [CHEAP_PREPEND | *gap* | readable | >= *n* writable]:
+        the one place the Buffer grows.  In place when the block is large enough and no
+        view is exported (muduo's makeSpace), else in a larger block (capacity doubled
+        from INITIAL_SIZE until it fits)."""
+        cdef size_t readable = self._writer - self._reader
+        cdef size_t need, newcap
+        if n > (<size_t>-1) // 4 or gap > (<size_t>-1) // 4:
+            raise MemoryError("Buffer cannot grow by %d bytes" % (n + gap))
+        need = CHEAP_PREPEND + gap + readable + n
+        if self._data != NULL and self._cap >= need and self._exports == 0:
+            newcap = self._cap
+        else:
+            newcap = self._cap if self._cap > INITIAL_SIZE else INITIAL_SIZE
+            while newcap < need:
+                newcap *= 2
+        return self._relocate(newcap, gap)
+
+    cdef int _relocate(self, size_t newcap, size_t gap) except -1:
+        """Move the readable bytes to CHEAP_PREPEND + *gap* in a block of *newcap* bytes
+        (>= CHEAP_PREPEND + gap + readable): the one place storage is replaced.  While a
+        view is exported the old block is never freed or moved under it (it is parked
+        until the Buffer dies)."""
+        cdef size_t readable = self._writer - self._reader
+        cdef char* block
+        if self._exports == 0 and self._data != NULL and newcap == self._cap:
+            memmove(self._data + CHEAP_PREPEND + gap, self._data + self._reader, readable)
+            block = self._data
+        elif self._exports == 0 and gap == 0 and newcap >= self._writer:
+            # Resize first, then move: the reader may sit inside the prepend area (after
+            # a prepend), and moving the bytes up to CHEAP_PREPEND needs the larger block.
             block = <char*>PyMem_RawRealloc(self._data, newcap)
             if block == NULL:
                 raise MemoryError()
             if self._reader != CHEAP_PREPEND and self._data != NULL:
                 memmove(block + CHEAP_PREPEND, block + self._reader, readable)
         else:
-            # A view is exported: never free or move the block under it.
             block = <char*>PyMem_RawMalloc(newcap)
             if block == NULL:
                 raise MemoryError()
             if readable:
-                memcpy(block + CHEAP_PREPEND, self._data + self._reader, readable)
-            self._park(self._data)
+                memcpy(block + CHEAP_PREPEND + gap, self._data + self._reader, readable)
+            if self._exports:
+                try:
+                    self._park(self._data)      # a view still points into it
+                except BaseException:
+                    PyMem_RawFree(block)
+                    raise
+            else:
+                PyMem_RawFree(self._data)
         self._data = block
         self._cap = newcap
         self._reader = CHEAP_PREPEND
-        self._writer = CHEAP_PREPEND + readable
+        self._writer = CHEAP_PREPEND + gap + readable
         return 0
 
     cdef int _park(self, void* block) except -1:
@@ -237,15 +262,24 @@ cdef class Buffer:
     # -- Python API ------------------------------------------------------------------------
 
     def readable_bytes(self):
-        """Return how many bytes can be read."""
+        """Return how many bytes can be read.
+
+        Loop thread only.
+        """
         return self._writer - self._reader
 
     def writable_bytes(self):
-        """Return how many bytes can be appended without growing the storage."""
+        """Return how many bytes can be appended without growing the storage.
+
+        Loop thread only.
+        """
         return self._cap - self._writer if self._data != NULL else 0
 
     def prependable_bytes(self):
-        """Return how many bytes can be prepended without moving data."""
+        """Return how many bytes can be prepended without moving data.
+
+        Loop thread only.
+        """
         return self._reader
 
     def __len__(self):
@@ -262,18 +296,26 @@ cdef class Buffer:
 
         The view's contents are defined until the buffer is next modified (retrieve,
         append, or the loop reading more data); copy with ``bytes(view)`` to keep them.
+
+        Loop thread only.
         """
         return memoryview(self)
 
     def retrieve(self, Py_ssize_t n):
-        """Discard the first *n* readable bytes (``0 <= n <= readable_bytes()``)."""
+        """Discard the first *n* readable bytes (``0 <= n <= readable_bytes()``).
+
+        Loop thread only.
+        """
         if n < 0 or <size_t>n > self._writer - self._reader:
             raise ValueError(
                 "retrieve(%d) with %d readable bytes" % (n, self._writer - self._reader))
         self.consume(n)
 
     def retrieve_all(self):
-        """Remove and return all readable bytes as ``bytes``."""
+        """Remove and return all readable bytes as ``bytes``.
+
+        Loop thread only.
+        """
         cdef size_t n = self._writer - self._reader
         if n == 0:
             return b""
@@ -282,7 +324,10 @@ cdef class Buffer:
         return out
 
     def retrieve_as_bytes(self, Py_ssize_t n):
-        """Remove and return the first *n* readable bytes as ``bytes``."""
+        """Remove and return the first *n* readable bytes as ``bytes``.
+
+        Loop thread only.
+        """
         if n < 0 or <size_t>n > self._writer - self._reader:
             raise ValueError(
                 "retrieve_as_bytes(%d) with %d readable bytes" % (n, self._writer - self._reader))
@@ -293,29 +338,43 @@ cdef class Buffer:
         return out
 
     def find_crlf(self, Py_ssize_t start=0):
-        """Return the offset of the first ``b"\\r\\n"`` at or after *start*, or -1."""
-        cdef size_t n = self._writer - self._reader
-        cdef const char* hit
-        if start < 0 or <size_t>start > n:
-            raise ValueError("start %d out of range 0..%d" % (start, n))
-        if n - start < 2:
-            return -1
-        hit = <const char*>memmem(self._data + self._reader + start, n - start, b"\r\n", 2)
-        return -1 if hit == NULL else hit - (self._data + self._reader)
+        """Return the offset of the first ``b"\\r\\n"`` at or after *start*, or -1.
+
+        Loop thread only.
+        """
+        return self._find(b"\r\n", 2, start, "find_crlf")
 
     def find_eol(self, Py_ssize_t start=0):
-        """Return the offset of the first ``b"\\n"`` at or after *start*, or -1."""
+        """Return the offset of the first ``b"\\n"`` at or after *start*, or -1.
+
+        Loop thread only.
+        """
+        return self._find(b"\n", 1, start, "find_eol")
+
+    cdef Py_ssize_t _find(self, const char* sub, size_t m, Py_ssize_t start,
+                          str name) except -2:
+        """The one search: offset of *sub* (*m* bytes) at or after *start* in the readable
+        bytes, or -1; *start* must be in 0..readable (ValueError naming *name*)."""
         cdef size_t n = self._writer - self._reader
         cdef const char* hit
         if start < 0 or <size_t>start > n:
-            raise ValueError("start %d out of range 0..%d" % (start, n))
-        if n == <size_t>start:
+            raise ValueError("%s: start %d out of range 0..%d" % (name, start, n))
+        if m == 0:
+            return start
+        if m > n - start:
             return -1
-        hit = <const char*>memchr(self._data + self._reader + start, 10, n - start)
+        if m == 1:
+            hit = <const char*>memchr(self._data + self._reader + start,
+                                      (<const unsigned char*>sub)[0], n - start)
+        else:
+            hit = <const char*>memmem(self._data + self._reader + start, n - start, sub, m)
         return -1 if hit == NULL else hit - (self._data + self._reader)
 
     def append(self, data):
-        """Append a copy of *data* (a bytes-like object, or str encoded as UTF-8)."""
+        """Append a copy of *data* (a bytes-like object, or str encoded as UTF-8).
+
+        Loop thread only.
+        """
         cdef Py_buffer view
         data = _as_bytes_like(data)
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
@@ -325,10 +384,12 @@ cdef class Buffer:
             PyBuffer_Release(&view)
 
     def prepend(self, data):
-        """Insert a copy of *data* in front of the readable bytes (e.g. a length header)."""
+        """Insert a copy of *data* in front of the readable bytes (e.g. a length header).
+
+        Loop thread only.
+        """
         cdef Py_buffer view
-        cdef size_t readable, n, need, newcap
-        cdef char* block
+        cdef size_t n
         data = _as_bytes_like(data)
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
@@ -340,29 +401,7 @@ cdef class Buffer:
                 memmove(self._data + self._reader, view.buf, n)     # view may alias self
                 return
             # Not enough room in front: lay out [CHEAP_PREPEND | data | readable].
-            readable = self._writer - self._reader
-            if n > (<size_t>-1) // 4:
-                raise MemoryError("Buffer cannot grow by %d bytes" % n)
-            need = CHEAP_PREPEND + n + readable
-            if self._data == NULL or self._cap < need or self._exports:
-                newcap = self._cap if self._cap > INITIAL_SIZE else INITIAL_SIZE
-                while newcap < need:
-                    newcap *= 2
-                block = <char*>PyMem_RawMalloc(newcap)
-                if block == NULL:
-                    raise MemoryError()
-                if readable:
-                    memcpy(block + CHEAP_PREPEND + n, self._data + self._reader, readable)
-                if self._exports:
-                    self._park(self._data)      # a view still points into it
-                else:
-                    PyMem_RawFree(self._data)
-                self._data = block
-                self._cap = newcap
-            else:
-                memmove(self._data + CHEAP_PREPEND + n, self._data + self._reader, readable)
-            self._reader = CHEAP_PREPEND
-            self._writer = CHEAP_PREPEND + n + readable
+            self._make_room(n, 0)
             memmove(self._data + self._reader, view.buf, n)     # view may alias self
         finally:
             PyBuffer_Release(&view)
@@ -376,27 +415,41 @@ cdef class Buffer:
             | ((<uint32_t>p[2]) << 8) | p[3]
 
     def peek_int32(self):
-        """Return the first 4 readable bytes as a big-endian signed int (not consumed)."""
+        """Return the first 4 readable bytes as a big-endian signed int (not consumed).
+
+        Loop thread only.
+        """
         return <int>self._int32_at_front("peek_int32")
 
     def read_int32(self):
-        """Remove and return the first 4 readable bytes as a big-endian signed int."""
+        """Remove and return the first 4 readable bytes as a big-endian signed int.
+
+        Loop thread only.
+        """
         cdef int v = <int>self._int32_at_front("read_int32")
         self.consume(4)
         return v
 
     def append_int32(self, int value):
-        """Append *value* as 4 big-endian bytes."""
+        """Append *value* as 4 big-endian bytes.
+
+        Loop thread only.
+        """
         self.append((<uint32_t>value).to_bytes(4, "big"))
 
     def prepend_int32(self, int value):
-        """Prepend *value* as 4 big-endian bytes."""
+        """Prepend *value* as 4 big-endian bytes.
+
+        Loop thread only.
+        """
         self.prepend((<uint32_t>value).to_bytes(4, "big"))
 
     def shrink(self, Py_ssize_t reserve=0):
-        """Shrink the storage to the readable bytes plus *reserve* (muduo Buffer::shrink)."""
+        """Shrink the storage to the readable bytes plus *reserve* (muduo Buffer::shrink).
+
+        Loop thread only.
+        """
         cdef size_t readable = self._writer - self._reader
-        cdef char* block
         if reserve < 0:
             raise ValueError("reserve must be >= 0")
         if self._exports:
@@ -404,16 +457,7 @@ cdef class Buffer:
         if readable == 0 and reserve == 0:
             self.release_storage()
             return
-        block = <char*>PyMem_RawMalloc(CHEAP_PREPEND + readable + reserve)
-        if block == NULL:
-            raise MemoryError()
-        if readable:
-            memcpy(block + CHEAP_PREPEND, self._data + self._reader, readable)
-        PyMem_RawFree(self._data)
-        self._data = block
-        self._cap = CHEAP_PREPEND + readable + reserve
-        self._reader = CHEAP_PREPEND
-        self._writer = CHEAP_PREPEND + readable
+        self._relocate(CHEAP_PREPEND + readable + reserve, 0)
 
     # -- protocol helpers: search, lines, fixed-width integers (all in C, no copy) ---------
 
@@ -437,20 +481,13 @@ cdef class Buffer:
         """
         cdef Py_buffer view
         cdef size_t n = self._writer - self._reader
-        cdef const char* hit
         if start < 0 or <size_t>start > n:
             raise ValueError("find: start %d out of range 0..%d" % (start, n))
         PyObject_GetBuffer(sub, &view, PyBUF_SIMPLE)
         try:
-            if view.len == 0:
-                return start
-            if <size_t>view.len > n - start:
-                return -1
-            hit = <const char*>memmem(self._data + self._reader + start, n - start,
-                                      view.buf, view.len)
+            return self._find(<const char*>view.buf, view.len, start, "find")
         finally:
             PyBuffer_Release(&view)
-        return -1 if hit == NULL else hit - (self._data + self._reader)
 
     def readline(self, delimiter=b"\n"):
         """Remove and return the first line, *delimiter* included, as ``bytes``.
@@ -465,23 +502,16 @@ cdef class Buffer:
         Loop thread only.
         """
         cdef Py_buffer view
-        cdef size_t n = self._writer - self._reader
-        cdef const char* hit = NULL
+        cdef Py_ssize_t at
         cdef size_t end
         PyObject_GetBuffer(delimiter, &view, PyBUF_SIMPLE)
         try:
             if view.len == 0:
                 raise ValueError("readline: the delimiter must not be empty")
-            if <size_t>view.len <= n:
-                if view.len == 1:
-                    hit = <const char*>memchr(self._data + self._reader,
-                                              (<const unsigned char*>view.buf)[0], n)
-                else:
-                    hit = <const char*>memmem(self._data + self._reader, n,
-                                              view.buf, view.len)
-            if hit == NULL:
+            at = self._find(<const char*>view.buf, view.len, 0, "readline")
+            if at < 0:
                 return None
-            end = (hit - (self._data + self._reader)) + view.len
+            end = at + view.len
         finally:
             PyBuffer_Release(&view)
         out = PyBytes_FromStringAndSize(self._data + self._reader, end)

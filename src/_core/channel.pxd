@@ -1,21 +1,37 @@
 # Channel: something registered with the loop's epoll (muduo's Channel).  Internal.
 #
-# The loop identifies a registration by a 64-bit token it never reuses (stored in
-# epoll_event.data), not by the fd: an event left in the current epoll batch for an fd
-# that was closed and reopened meanwhile finds no channel and is dropped (libuv's
-# uv__platform_invalidate_fd problem).  A Channel does not own its fd.
-from libc.stdint cimport uint32_t, uint64_t
+# The loop stores the Channel itself in epoll_event.data.ptr (the channels set keeps it
+# alive while registered), and `registered` says whether it is in the epoll set.  An
+# event left in the current epoll batch for a channel that remove_channel() took out is
+# invalidated in the batch (EventLoop.remove_channel), so an fd closed and reopened
+# meanwhile never gets a stale event (libuv's uv__platform_invalidate_fd problem).  A
+# Channel does not own its fd.
+#
+# A Channel is a WorkOwner (task.pxd): a ThreadPool can count work against it.  Only a
+# channel whose counts_work() says so (TcpConnection) is treated as an owner.
+from libc.stdint cimport uint32_t
+
+from _core.task cimport WorkOwner
 
 
-cdef class Channel:
+cdef class Channel(WorkOwner):
     cdef:
         int fd
         uint32_t interest         # EPOLL* bits currently registered
-        uint64_t token            # 0 while not registered
+        bint registered           # in the loop's epoll set
 
     # Called by the loop thread with the returned epoll events.
     cdef int handle_event(self, uint32_t revents) except -1
-    # Called by the loop thread for a (self, arg) pair queued in the pending functors.
+    # Called by the loop thread for a (self, arg) pair queued in the pending functors
+    # (EventLoop.queue(channel, arg)): a channel's one allocation-free functor.
+    # TcpConnection: arg is an accepted send from another thread (bytes).
     cdef int run_functor(self, object arg) except -1
     # Called when the loop closes while the channel is still registered.
     cdef int on_loop_closed(self) except -1
+
+
+# Something the loop runs once just before it next blocks in epoll_wait
+# (EventLoop.add_before_poll): the reactor's generic hook, e.g. the ThreadPool's "wake
+# the workers for the tasks added in this iteration".
+cdef class PollHook:
+    cdef int before_poll(self) except -1

@@ -7,7 +7,7 @@ from _core.buffer cimport Buffer
 
 
 cdef class _FrameCodec:
-    cdef readonly object handler
+    cdef object _handler
     cdef object _on_frame
     cdef int64_t _frames            # atomic: frames passed to on_frame
     cdef int64_t _errors            # atomic: connections closed for a protocol error
@@ -16,9 +16,9 @@ cdef class _FrameCodec:
 
 
 cdef class LengthFieldCodec(_FrameCodec):
-    cdef readonly Py_ssize_t header_bytes
-    cdef readonly str byteorder
-    cdef readonly uint64_t max_frame
+    cdef Py_ssize_t _header_bytes
+    cdef str _byteorder
+    cdef uint64_t _max_frame
     cdef bint _big
 
     cdef int _deliver_and_consume(self, object conn, Buffer buf, const char* p, size_t n,
@@ -26,8 +26,8 @@ cdef class LengthFieldCodec(_FrameCodec):
 
 
 cdef class LineCodec(_FrameCodec):
-    cdef readonly bytes delimiter
-    cdef readonly Py_ssize_t max_line
+    cdef bytes _delimiter
+    cdef Py_ssize_t _max_line
 
     cdef int _deliver_line(self, object conn, Buffer buf, const char* p, size_t n,
                            size_t total) except -1

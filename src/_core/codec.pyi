@@ -1,9 +1,11 @@
 from typing import Any
 
 from typing_extensions import Buffer as _BufferLike
+from typing_extensions import disjoint_base
 
 from _core.buffer import Buffer
 
+@disjoint_base
 class _FrameCodec:
     @property
     def handler(self) -> Any: ...
@@ -12,6 +14,7 @@ class _FrameCodec:
     @property
     def protocol_errors(self) -> int: ...
 
+@disjoint_base
 class LengthFieldCodec(_FrameCodec):
     @property
     def header_bytes(self) -> int: ...
@@ -31,6 +34,7 @@ class LengthFieldCodec(_FrameCodec):
     def encode(self, payload: _BufferLike | str) -> bytes: ...
     def send(self, conn: Any, payload: _BufferLike | str) -> None: ...
 
+@disjoint_base
 class LineCodec(_FrameCodec):
     @property
     def delimiter(self) -> bytes: ...

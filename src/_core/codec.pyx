@@ -17,14 +17,13 @@ from libc.stdint cimport uint64_t
 
 from _core.buffer cimport Buffer, load_uint
 from _core.event_loop cimport EventLoop
+from _core.includes.consts cimport MAX_HEADER
 from _core.includes.linux cimport memchr, memcpy, memmem
 from _core.includes.sys cimport cppnp_atomic_add, cppnp_atomic_load
 
 import logging
 
 _logger = logging.getLogger("cppnp")
-
-DEF MAX_HEADER = 8
 
 
 cdef inline object _as_bytes_like(object data):
@@ -42,7 +41,7 @@ cdef class _FrameCodec:
         if on_frame is None or not callable(on_frame):
             raise TypeError("the codec's handler must define on_frame(conn, frame), got %r"
                             % (type(handler).__name__,))
-        self.handler = handler
+        self._handler = handler
         self._on_frame = on_frame
 
     @property
@@ -60,6 +59,14 @@ cdef class _FrameCodec:
         Thread-safe.
         """
         return cppnp_atomic_load(&self._errors)
+
+    @property
+    def handler(self):
+        """The wrapped frame handler (what ``on_frame`` is called on).
+
+        Thread-safe.
+        """
+        return self._handler
 
     cdef int _protocol_error(self, object conn, Buffer buf, str why) except -1:
         buf.clear()                 # never buffer (or log) the rest of a broken stream
@@ -98,10 +105,34 @@ cdef class LengthFieldCodec(_FrameCodec):
         # header set reads as negative in the usual signed-int header, so cap below it.
         if header_bytes >= 4:
             header_max >>= 1
-        self.header_bytes = header_bytes
-        self.byteorder = byteorder
+        self._header_bytes = header_bytes
+        self._byteorder = byteorder
         self._big = byteorder == "big"
-        self.max_frame = min(max_frame, header_max)
+        self._max_frame = min(max_frame, header_max)
+
+    @property
+    def header_bytes(self):
+        """Bytes in the length header (1..8).
+
+        Thread-safe.
+        """
+        return self._header_bytes
+
+    @property
+    def byteorder(self):
+        """Byte order of the length header: ``"big"`` or ``"little"``.
+
+        Thread-safe.
+        """
+        return self._byteorder
+
+    @property
+    def max_frame(self):
+        """The largest payload accepted, in bytes (larger is a protocol error).
+
+        Thread-safe.
+        """
+        return self._max_frame
 
     def on_message(self, conn, Buffer buf not None):
         """Pass every complete frame in *buf* to ``handler.on_frame(conn, payload)``.
@@ -111,7 +142,7 @@ cdef class LengthFieldCodec(_FrameCodec):
 
         Loop thread only.
         """
-        cdef size_t hb = self.header_bytes
+        cdef size_t hb = self._header_bytes
         cdef size_t avail
         cdef uint64_t length
         cdef const unsigned char* p
@@ -121,11 +152,11 @@ cdef class LengthFieldCodec(_FrameCodec):
                 return
             p = <const unsigned char*>(buf._data + buf._reader)
             length = load_uint(p, hb, self._big)
-            if length > self.max_frame:
+            if length > self._max_frame:
                 if hb >= 4 and (length >> (8 * hb - 1)) & 1:
                     why = "negative frame length (header 0x%x)" % length
                 else:
-                    why = "frame length %d exceeds max_frame %d" % (length, self.max_frame)
+                    why = "frame length %d exceeds max_frame %d" % (length, self._max_frame)
                 self._protocol_error(conn, buf, why)
                 return
             if avail - hb < length:
@@ -151,7 +182,7 @@ cdef class LengthFieldCodec(_FrameCodec):
         Thread-safe.
         """
         cdef Py_buffer view
-        cdef size_t hb = self.header_bytes
+        cdef size_t hb = self._header_bytes
         cdef uint64_t n
         cdef size_t i
         cdef unsigned char* q
@@ -159,9 +190,9 @@ cdef class LengthFieldCodec(_FrameCodec):
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
         try:
             n = view.len
-            if n > self.max_frame:
+            if n > self._max_frame:
                 raise ValueError("payload of %d bytes exceeds max_frame %d"
-                                 % (n, self.max_frame))
+                                 % (n, self._max_frame))
             out = PyBytes_FromStringAndSize(NULL, hb + n)
             q = <unsigned char*>PyBytes_AS_STRING(out)
             for i in range(hb):
@@ -188,7 +219,7 @@ cdef class LengthFieldCodec(_FrameCodec):
 
     def __repr__(self):
         return "<LengthFieldCodec header_bytes=%d %s max_frame=%d>" % (
-            self.header_bytes, self.byteorder, self.max_frame)
+            self._header_bytes, self._byteorder, self._max_frame)
 
 
 @cython.auto_pickle(False)
@@ -206,8 +237,24 @@ cdef class LineCodec(_FrameCodec):
             raise ValueError("delimiter must not be empty")
         if max_line < 0:
             raise ValueError("max_line must be >= 0, got %d" % max_line)
-        self.delimiter = delimiter
-        self.max_line = max_line
+        self._delimiter = delimiter
+        self._max_line = max_line
+
+    @property
+    def delimiter(self):
+        """The line delimiter (bytes).
+
+        Thread-safe.
+        """
+        return self._delimiter
+
+    @property
+    def max_line(self):
+        """The longest line accepted, delimiter excluded (longer is a protocol error).
+
+        Thread-safe.
+        """
+        return self._max_line
 
     def on_message(self, conn, Buffer buf not None):
         """Pass every complete line in *buf* to ``handler.on_frame(conn, line)``.
@@ -217,9 +264,9 @@ cdef class LineCodec(_FrameCodec):
 
         Loop thread only.
         """
-        cdef const char* d = PyBytes_AS_STRING(self.delimiter)
-        cdef size_t dl = len(self.delimiter)
-        cdef size_t window = <size_t>self.max_line + dl
+        cdef const char* d = PyBytes_AS_STRING(self._delimiter)
+        cdef size_t dl = len(self._delimiter)
+        cdef size_t window = <size_t>self._max_line + dl
         cdef size_t avail, scan, n
         cdef const char* p
         cdef const char* hit
@@ -236,7 +283,7 @@ cdef class LineCodec(_FrameCodec):
             if hit == NULL:
                 if avail >= window:
                     self._protocol_error(
-                        conn, buf, "no delimiter within max_line %d bytes" % self.max_line)
+                        conn, buf, "no delimiter within max_line %d bytes" % self._max_line)
                 return
             n = hit - p
             self._deliver_line(conn, buf, p, n, n + dl)
@@ -260,18 +307,18 @@ cdef class LineCodec(_FrameCodec):
         Thread-safe.
         """
         cdef Py_buffer view
-        cdef const char* d = PyBytes_AS_STRING(self.delimiter)
-        cdef size_t dl = len(self.delimiter)
+        cdef const char* d = PyBytes_AS_STRING(self._delimiter)
+        cdef size_t dl = len(self._delimiter)
         cdef size_t n
         cdef char* q
         line = _as_bytes_like(line)
         PyObject_GetBuffer(line, &view, PyBUF_SIMPLE)
         try:
             n = view.len
-            if n > <size_t>self.max_line:
-                raise ValueError("line of %d bytes exceeds max_line %d" % (n, self.max_line))
+            if n > <size_t>self._max_line:
+                raise ValueError("line of %d bytes exceeds max_line %d" % (n, self._max_line))
             if n >= dl and memmem(view.buf, n, d, dl) != NULL:
-                raise ValueError("line contains the delimiter %r" % (self.delimiter,))
+                raise ValueError("line contains the delimiter %r" % (self._delimiter,))
             out = PyBytes_FromStringAndSize(NULL, n + dl)
             q = PyBytes_AS_STRING(out)
             if n:
@@ -293,4 +340,4 @@ cdef class LineCodec(_FrameCodec):
         conn.send(self.encode(line))
 
     def __repr__(self):
-        return "<LineCodec delimiter=%r max_line=%d>" % (self.delimiter, self.max_line)
+        return "<LineCodec delimiter=%r max_line=%d>" % (self._delimiter, self._max_line)

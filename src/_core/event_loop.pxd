@@ -5,8 +5,7 @@
 # timer callback (a send, a write-complete) runs in the same iteration.
 from libc.stdint cimport int64_t, uint32_t
 
-from _core.blocking_queue cimport BlockingQueue
-from _core.channel cimport Channel
+from _core.channel cimport Channel, PollHook
 from _core.includes.linux cimport epoll_event
 from _core.pending cimport PendingFunctors
 from _core.timer_queue cimport TimerQueue
@@ -33,8 +32,8 @@ cdef class EventLoop:
         int64_t _next_timer_id          # atomic
         int _pid                        # the process that created the loop (fork check)
         double _slice_start             # when the loop last (re)took the GIL
-        bint _gil_sharing               # the GIL is enabled (checked when loop() starts)
-        list _deferred_notify           # worker queues to wake before the next poll
+        bint _gil_sharing               # loop_share_begin() said yes (gil_share.pxd)
+        list _before_poll               # PollHooks to run once before the next poll
         int64_t _n_channels             # len(_channels), readable from any thread
         # Counters: written on the loop thread only, read anywhere (relaxed atomics).
         int64_t _callback_errors
@@ -53,16 +52,20 @@ cdef class EventLoop:
     # when it closes.  detach() when neither is left (loop thread).
     cdef int attach(self, Channel ch) except -1
     cdef int detach(self, Channel ch) except -1
-    # Queue fn(arg) (or fn.run_functor(arg) for a Channel) to run on the loop thread.
-    # Returns 1, or 0 if the loop is closed (the functor is dropped and counted).
-    cdef int queue(self, object fn, object arg) except -1
+    # Queue fn(arg) -- fn() without arg, ch.run_functor(arg) for a Channel -- to run on
+    # the loop thread.  Returns 1, or 0 if the loop is closed (dropped and counted).
+    cdef int queue(self, object fn, object arg=*) except -1
+    # "Run now on the loop thread, else queue": the one place that decides.  fn(arg), or
+    # fn() without arg.  Returns what queue() does (1 when run now).
+    cdef int run_or_queue(self, object fn, object arg=*) except -1
     cdef int report_error(self, str where) except -1
     cdef int count_drop(self, Py_ssize_t nbytes) noexcept
-    # Wake q's waiting workers just before the loop next blocks (loop thread only).
-    cdef int defer_notify(self, BlockingQueue q) except -1
-    cdef int _flush_notify(self) except -1
+    # Run hook.before_poll() once, just before the loop next blocks in epoll_wait (or
+    # when the run ends); the same hook added twice runs once (loop thread only).  The
+    # ThreadPool wakes its workers this way: one wakeup for a batch of tasks.
+    cdef int add_before_poll(self, PollHook hook) except -1
+    cdef int _run_before_poll(self) except -1
     cdef int _run_once(self, int max_timeout) except -1
-    cdef int _share_gil(self) except -1
     cdef int _run_timers(self) except -1
     cdef int _run_pending(self) except -1
     cdef int64_t _add_timer(self, double when, double interval, object cb) except -1
@@ -70,10 +73,6 @@ cdef class EventLoop:
     cdef int _end_run(self) except -1
 
 
-# > 0 while some loop thread waits to get the GIL back after epoll_wait.
-cdef int64_t* loop_gil_flag() noexcept nogil
-# > 0 while some worker thread is about to take the GIL.
-cdef int64_t* worker_gil_flag() noexcept nogil
 # Log the exception being handled at ERROR on the "cppnp" logger, never raising.
 cdef void log_exception(str fmt, object arg) noexcept
 # The EventLoop whose loop() is running on the calling thread, or None.

@@ -1,10 +1,11 @@
 from types import TracebackType
 from typing import Any
 
+from typing_extensions import disjoint_base
+
 from _core.task import Callback
 
-def time() -> float: ...
-
+@disjoint_base
 class EventLoop:
     def __init__(self) -> None: ...
     @property

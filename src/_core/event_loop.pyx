@@ -8,8 +8,11 @@ from cpython.ref cimport PyObject
 from libc.math cimport isinf, isnan
 from libc.stdint cimport int64_t, uint32_t
 
-from _core.blocking_queue cimport BlockingQueue
-from _core.channel cimport Channel
+from _core.channel cimport Channel, PollHook
+from _core.gil_share cimport (
+    loop_has_gil, loop_share_begin, loop_share_end, loop_share_slice, loop_wants_gil,
+)
+from _core.includes.consts cimport MAX_EVENTS, MIN_INTERVAL
 from _core.includes.linux cimport (
     EINTR, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN, close,
     epoll_create1, epoll_ctl, epoll_event, epoll_wait, errno,
@@ -22,19 +25,14 @@ from _core.pending cimport PendingFunctors
 from _core.task cimport as_callback
 from _core.timer_queue cimport TimerQueue
 
-include "includes/consts.pxi"
 
 import logging
 import os
-import sys
 import threading
 import weakref
 
 cdef extern from "<unistd.h>" nogil:
     int getpid()
-
-cdef extern from "<sched.h>" nogil:
-    int sched_yield()
 
 cdef extern from "pythread.h":
     unsigned long PyThread_get_thread_ident() nogil
@@ -48,36 +46,12 @@ cdef extern from *:
 
 cdef object _logger = logging.getLogger("cppnp")
 
-# How many loop threads are between epoll_wait's return and getting the GIL back.  Worker
-# threads read it and step aside (loop_gil_flag), so the I/O thread is not starved by
-# workers handing the GIL to each other for a whole switch interval.
-cdef int64_t _loops_wanting_gil = 0
-# How many worker threads are about to take the GIL (set by ThreadPool workers).  The loop
-# hands the GIL over after LOOP_SLICE seconds of dispatch while one waits, so a loop that
-# always has input cannot starve the workers (a GIL convoy: the running thread re-wins the
-# GIL until CPython forces a switch every 5 ms).
-cdef int64_t _workers_wanting_gil = 0
-DEF LOOP_SLICE = 0.0002
-# The smallest run_every() interval: the monotonic clock's resolution (clock_getres gives
-# 1 ns on Linux).  A shorter one cannot move the deadline forward.
-DEF MIN_INTERVAL = 1e-9
+# The argument of a functor queued without one (it is called as fn()).
 cdef object _NOARG = object()
-# sys._is_gil_enabled (3.13+): False on a free-threaded build running with the GIL off.
-cdef object _is_gil_enabled = getattr(sys, "_is_gil_enabled", None)
 
 # One loop per thread (muduo's t_loopInThisThread): thread ident -> weakref to the loop.
 cdef object _registry_lock = threading.Lock()
 cdef dict _registry = {}
-
-
-def _noarg():
-    """The marker for a functor queued without an argument (internal)."""
-    return _NOARG
-
-
-def time():
-    """Return the loop clock: seconds on the monotonic clock (same as time.monotonic())."""
-    return cppnp_monotonic()
 
 
 @cython.auto_pickle(False)
@@ -102,7 +76,7 @@ cdef class EventLoop:
         self._timers = TimerQueue()
         self._next_timer_id = 0
         self._quit = 0
-        self._deferred_notify = []
+        self._before_poll = []
         # Until __init__ succeeds the loop counts as closed, so an object made with
         # EventLoop.__new__ raises RuntimeError instead of touching missing state.
         self._closed = 1
@@ -178,7 +152,10 @@ cdef class EventLoop:
         return 0
 
     def is_in_loop_thread(self):
-        """Return True if the caller is the loop's thread.  Thread-safe."""
+        """Return True if the caller is the loop's thread.
+
+        Thread-safe.
+        """
         return PyThread_get_thread_ident() == self._thread_id
 
     cdef inline bint is_closed(self) noexcept:
@@ -186,17 +163,26 @@ cdef class EventLoop:
 
     @property
     def thread_id(self):
-        """The ident (threading.get_ident()) of the thread that owns the loop.  Thread-safe."""
+        """The ident (threading.get_ident()) of the thread that owns the loop.
+
+        Thread-safe.
+        """
         return self._thread_id
 
     @property
     def closed(self):
-        """True once close() has run.  Thread-safe."""
+        """True once close() has run.
+
+        Thread-safe.
+        """
         return self.is_closed()
 
     @property
     def running(self):
-        """True while loop() or run_once() runs.  Thread-safe."""
+        """True while loop() or run_once() runs.
+
+        Thread-safe.
+        """
         return cppnp_atomic_load(&self._looping) != 0
 
     # -- running ------------------------------------------------------------------------
@@ -205,7 +191,9 @@ cdef class EventLoop:
         """Run the loop until quit() is called.
 
         If quit() was called before loop(), one iteration runs (queued functors and due
-        timers are not lost) and loop() returns.  Loop thread only.
+        timers are not lost) and loop() returns.
+
+        Loop thread only.
         """
         self._begin_run("loop()")
         try:
@@ -218,7 +206,10 @@ cdef class EventLoop:
             self._end_run()
 
     def run_once(self, timeout=None):
-        """Run one iteration, waiting at most *timeout* seconds for I/O.  Loop thread only."""
+        """Run one iteration, waiting at most *timeout* seconds for I/O.
+
+        Loop thread only.
+        """
         cdef double t = -1.0 if timeout is None else timeout
         if isnan(t):
             raise ValueError("run_once() timeout is NaN")
@@ -235,10 +226,8 @@ cdef class EventLoop:
             raise RuntimeError("%s on a closed EventLoop" % what)
         if cppnp_atomic_load(&self._looping):
             raise RuntimeError("%s while the loop runs (no nested loops)" % what)
+        self._gil_sharing = loop_share_begin()
         cppnp_atomic_store(&self._looping, 1)
-        # Without a GIL (free-threaded build, GIL off) there is nothing to hand over: the
-        # loop neither waits for workers to step aside nor asks them to.
-        self._gil_sharing = _is_gil_enabled is None or bool(_is_gil_enabled())
         cppnp_tls_running_loop = <PyObject*>self
         return 0
 
@@ -246,11 +235,16 @@ cdef class EventLoop:
         global cppnp_tls_running_loop
         cppnp_tls_running_loop = NULL
         cppnp_atomic_store(&self._looping, 0)
-        self._flush_notify()
+        loop_share_end(self._gil_sharing)
+        self._gil_sharing = False
+        self._run_before_poll()
         return 0
 
     def quit(self):
-        """Make loop() return after the current iteration.  Thread-safe."""
+        """Make loop() return after the current iteration.
+
+        Thread-safe.
+        """
         cppnp_atomic_store(&self._quit, 1)
         if not self.in_loop_thread() and not self.is_closed():
             self._pending.wakeup()
@@ -265,17 +259,14 @@ cdef class EventLoop:
             timeout = max_timeout
         if timeout != 0 and (self._pending.has_items() or cppnp_atomic_load(&self._quit)):
             timeout = 0
-        self._flush_notify()
+        self._run_before_poll()
         # A signal that arrived while Python code ran is handled before we block.
         PyErr_CheckSignals()
         sharing = self._gil_sharing
         with nogil:
             n = epoll_wait(self._epfd, self._events, MAX_EVENTS, timeout)
-            # We are about to wait for the GIL: ask workers to let us have it first.
-            if sharing:
-                cppnp_atomic_add(&_loops_wanting_gil, 1)
-        if sharing:
-            cppnp_atomic_add(&_loops_wanting_gil, -1)
+            loop_wants_gil(sharing)     # ask workers to let us have the GIL first
+        loop_has_gil(sharing)
         if n < 0:
             if errno != EINTR:
                 raise OSError(errno, "epoll_wait() failed: " + os.strerror(errno))
@@ -297,21 +288,11 @@ cdef class EventLoop:
                     ch = <Channel>p
                     ch.handle_event(self._events[i].events)
                 i += 1
-                self._share_gil()
+                loop_share_slice(self._gil_sharing, &self._slice_start)
         finally:
             self._dispatching = False
         self._run_timers()
         self._run_pending()
-        return 0
-
-    cdef inline int _share_gil(self) except -1:
-        """After LOOP_SLICE of work while a worker waits for the GIL, let it have a turn."""
-        if self._gil_sharing and cppnp_atomic_load(&_workers_wanting_gil) > 0 \
-                and cppnp_monotonic() - self._slice_start >= LOOP_SLICE:
-            with nogil:
-                _hand_gil_to_workers()
-            cppnp_atomic_add(&_loops_wanting_gil, -1)
-            self._slice_start = cppnp_monotonic()
         return 0
 
     cdef int _run_timers(self) except -1:
@@ -344,7 +325,7 @@ cdef class EventLoop:
                         fn(arg)
                 except Exception:
                     self.report_error("pending functor %r" % (fn,))
-                self._share_gil()
+                loop_share_slice(self._gil_sharing, &self._slice_start)
         finally:
             if i < n:
                 self._pending.put_back(items[i:])
@@ -359,7 +340,7 @@ cdef class EventLoop:
             raise RuntimeError("EventLoop is closed")
         ev.events = interest
         ev.data.ptr = <void*>ch
-        if ch.token == 0:
+        if not ch.registered:
             op = EPOLL_CTL_ADD
         else:
             if ch.interest == interest:
@@ -367,8 +348,8 @@ cdef class EventLoop:
             op = EPOLL_CTL_MOD
         if epoll_ctl(self._epfd, op, ch.fd, &ev) < 0:
             raise OSError(errno, "epoll_ctl(fd %d) failed: %s" % (ch.fd, os.strerror(errno)))
-        if ch.token == 0:
-            ch.token = 1
+        if not ch.registered:
+            ch.registered = True
             self._channels.add(ch)
             cppnp_relaxed_store(&self._n_channels, len(self._channels))
         ch.interest = interest
@@ -376,13 +357,13 @@ cdef class EventLoop:
 
     cdef int remove_channel(self, Channel ch) except -1:
         cdef int i
-        if ch.token == 0:
+        if not ch.registered:
             return 0
         # After fork() the epoll instance is shared with the parent: a child closing its
         # inherited loop must not take the parent's fds out of it.
         if self._epfd >= 0 and ch.fd >= 0 and getpid() == self._pid:
             epoll_ctl(self._epfd, EPOLL_CTL_DEL, ch.fd, NULL)
-        ch.token = 0
+        ch.registered = False
         ch.interest = 0
         if self._dispatching:
             # Events for this channel later in the current batch must not be delivered:
@@ -407,19 +388,30 @@ cdef class EventLoop:
 
     # -- functors -----------------------------------------------------------------------
 
-    cdef int queue(self, object fn, object arg) except -1:
+    cdef int queue(self, object fn, object arg=_NOARG) except -1:
         if self._pending is None:
             return 0
         return self._pending.append(fn, arg, self.in_loop_thread())
 
+    cdef int run_or_queue(self, object fn, object arg=_NOARG) except -1:
+        if not self.in_loop_thread():
+            return self.queue(fn, arg)
+        if arg is _NOARG:
+            fn()
+        else:
+            fn(arg)
+        return 1
+
     def queue_in_loop(self, cb):
         """Queue *cb* (callable, IRun0 or Task) to run on the loop thread, after the I/O
-        and timers of the current iteration (the seed's ``QueueLoop``).  Thread-safe.
+        and timers of the current iteration (the seed's ``QueueLoop``).
+
+        Thread-safe.
         """
         fn = as_callback(cb)
         if self.is_closed():
             raise RuntimeError("queue_in_loop() on a closed EventLoop")
-        self._pending.append(fn, _NOARG, self.in_loop_thread())
+        self.queue(fn)
 
     def run_in_loop(self, cb):
         """Run *cb* now if called on the loop thread, else queue it (queue_in_loop).
@@ -427,22 +419,25 @@ cdef class EventLoop:
         Thread-safe.
         """
         fn = as_callback(cb)
-        if self.in_loop_thread():
-            fn()
-        else:
-            if self.is_closed():
-                raise RuntimeError("run_in_loop() on a closed EventLoop")
-            self._pending.append(fn, _NOARG, False)
+        if not self.in_loop_thread() and self.is_closed():
+            raise RuntimeError("run_in_loop() on a closed EventLoop")
+        self.run_or_queue(fn)
 
     @property
     def pending_functors(self):
-        """How many functors are queued and not yet run.  Thread-safe."""
+        """How many functors are queued and not yet run.
+
+        Thread-safe.
+        """
         return len(self._pending) if self._pending is not None else 0
 
     # -- timers -------------------------------------------------------------------------
 
     def time(self):
-        """Return the loop clock (seconds, monotonic; the clock run_at() uses).  Thread-safe."""
+        """Return the loop clock (seconds, monotonic; the clock run_at() uses).
+
+        Thread-safe.
+        """
         return cppnp_monotonic()
 
     cdef int64_t _add_timer(self, double when, double interval, object cb) except -1:
@@ -451,10 +446,12 @@ cdef class EventLoop:
         if self.is_closed():
             raise RuntimeError("cannot add a timer to a closed EventLoop")
         seq = cppnp_atomic_add(&self._next_timer_id, 1)
+        # Not run_or_queue(): on the loop thread (the common case, e.g. per-request
+        # timeouts) a direct call saves a tuple, a bound method and a Python call.
         if self.in_loop_thread():
             self._timers.add(seq, when, interval, fn)
         else:
-            self._pending.append(self._add_timer_in_loop, (seq, when, interval, fn), False)
+            self.queue(self._add_timer_in_loop, (seq, when, interval, fn))
         return seq
 
     def _add_timer_in_loop(self, tuple args):
@@ -519,23 +516,27 @@ cdef class EventLoop:
         if not 0 < timer_id <= cppnp_atomic_load(&self._next_timer_id) or self.is_closed():
             return          # no timer ever had this id
         seq = timer_id
-        if self.in_loop_thread():
+        if self.in_loop_thread():       # direct, as in _add_timer
             self._timers.cancel(seq)
         else:
-            self._pending.append(self._cancel_timer_in_loop, seq, False)
+            self.queue(self._cancel_timer_in_loop, seq)
 
     def _cancel_timer_in_loop(self, int64_t seq):
         self._timers.cancel(seq)
 
     @property
     def timer_count(self):
-        """How many timers are scheduled (cancelled ones excluded).  Thread-safe."""
+        """How many timers are scheduled (cancelled ones excluded).
+
+        Thread-safe.
+        """
         return self._timers.live_count()
 
     # -- errors and counters ------------------------------------------------------------
 
     cdef int report_error(self, str where) except -1:
-        log_exception("Exception in %s", where)   # first: who sees the count finds the log
+        # Log, then count: whoever sees callback_errors go up also finds the log record.
+        log_exception("Exception in %s", where)
         cppnp_counter_add(&self._callback_errors, 1)
         return 0
 
@@ -546,42 +547,57 @@ cdef class EventLoop:
 
     @property
     def callback_errors(self):
-        """Exceptions raised by callbacks, timers and functors (logged).  Thread-safe."""
+        """Exceptions raised by callbacks, timers and functors (logged).
+
+        Thread-safe.
+        """
         return cppnp_relaxed_load(&self._callback_errors)
 
     @property
     def dropped_sends(self):
-        """Sends dropped on this loop's connections (closing or closed).  Thread-safe."""
+        """Sends dropped on this loop's connections (closing or closed).
+
+        Thread-safe.
+        """
         return cppnp_relaxed_load(&self._dropped_sends)
 
     @property
     def dropped_bytes(self):
-        """Bytes of the dropped sends.  Thread-safe."""
+        """Bytes of the dropped sends.
+
+        Thread-safe.
+        """
         return cppnp_relaxed_load(&self._dropped_bytes)
 
     @property
     def iterations(self):
-        """Loop iterations run so far.  Thread-safe."""
+        """Loop iterations run so far.
+
+        Thread-safe.
+        """
         return cppnp_relaxed_load(&self._iterations)
 
-    cdef int defer_notify(self, BlockingQueue q) except -1:
+    cdef int add_before_poll(self, PollHook hook) except -1:
         cdef object item
-        for item in self._deferred_notify:
-            if item is q:
+        for item in self._before_poll:
+            if item is hook:
                 return 0
-        self._deferred_notify.append(q)
+        self._before_poll.append(hook)
         return 0
 
-    cdef int _flush_notify(self) except -1:
-        cdef BlockingQueue q
-        if self._deferred_notify:
-            for q in self._deferred_notify:
-                q.notify()
-            del self._deferred_notify[:]
+    cdef int _run_before_poll(self) except -1:
+        cdef PollHook hook
+        if self._before_poll:
+            for hook in self._before_poll:
+                hook.before_poll()
+            del self._before_poll[:]
         return 0
 
     def stats(self):
-        """Return a dict of the loop's counters (a snapshot).  Thread-safe."""
+        """Return a dict of the loop's counters (a snapshot).
+
+        Thread-safe.
+        """
         return {
             "channels": cppnp_relaxed_load(&self._n_channels),
             "timers": self._timers.live_count(),
@@ -609,8 +625,10 @@ cdef class EventLoop:
         dropped (counted in ``dropped_functors``; functors queued later, e.g. sends from
         workers, are dropped and counted too), and the epoll fd and eventfd are closed.
 
-        Idempotent.  Raises RuntimeError while loop() runs.  Loop thread, or any thread
-        once the loop has stopped.
+        Idempotent.  Raises RuntimeError while loop() runs.  From the loop thread, or from
+        any thread once the loop has stopped (loop() returned).
+
+        Loop thread only.
         """
         cdef Channel ch
         if self.is_closed():
@@ -648,25 +666,6 @@ cdef class EventLoop:
     runEvery = run_every
     cancelTimer = cancel_timer
     isInMainThread = is_in_loop_thread
-
-
-cdef int64_t* loop_gil_flag() noexcept nogil:
-    return &_loops_wanting_gil
-
-
-cdef int64_t* worker_gil_flag() noexcept nogil:
-    return &_workers_wanting_gil
-
-
-cdef inline void _hand_gil_to_workers() noexcept nogil:
-    # Called without the GIL: wait (bounded) until a waiting worker has taken it, then
-    # announce that the loop wants it back (the worker yields after its own slice).
-    cdef int64_t before = cppnp_atomic_load(&_workers_wanting_gil)
-    cdef int spins = 0
-    while cppnp_atomic_load(&_workers_wanting_gil) >= before and spins < 200:
-        sched_yield()
-        spins += 1
-    cppnp_atomic_add(&_loops_wanting_gil, 1)
 
 
 cdef void log_exception(str fmt, object arg) noexcept:

@@ -1,4 +1,4 @@
-from typing import Any, Callable
+from typing import Any, Callable, final
 
 class IRun0:
     def run0(self) -> Any: ...
@@ -6,6 +6,7 @@ class IRun0:
 class IRun2:
     def run2(self, msg: Any, param: Any) -> Any: ...
 
+@final
 class Task:
     def __init__(self, target: IRun0 | IRun2 | Task | Callable[..., Any], *args: Any) -> None: ...
     def do_task(self) -> Any: ...

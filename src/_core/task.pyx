@@ -129,6 +129,23 @@ cdef class Task:
     DoTask = do_task
 
 
+@cython.auto_pickle(False)
+cdef class WorkOwner:
+    """Something a ThreadPool counts work against (internal; see task.pxd)."""
+
+    cdef bint counts_work(self) noexcept:
+        return False
+
+    cdef int work_added(self) noexcept:
+        return 0
+
+    cdef int work_released(self) except -1:
+        return 0
+
+    cdef bint work_cancelled(self) noexcept:
+        return False
+
+
 cpdef object as_callback(object cb):
     if isinstance(cb, Task):
         return getattr(cb, "do_task")

@@ -44,24 +44,25 @@
 # _pending_tasks == 0 every reply of a finished task is already counted.  The loop stores
 # "release wanted" (_peer_closed, or the state DISCONNECTED) and then reads the count; a
 # worker decrements and then reads them: with sequentially consistent atomics one of the
-# two sees the other.  The decision is taken by a functor (OP_FINISH), so user callbacks
+# two sees the other.  The decision is taken by a functor (_finish_in_loop), so user callbacks
 # never run from inside send().
 #
 # Sends are accepted or refused when send() is called: a thread other than the loop counts
 # the send in _queued_sends *before* it reads the state, so the loop never sends the FIN
 # (or releases) while an accepted send is on its way, and a send that sees DISCONNECTING
-# is refused (the loop counts the drop and uncounts it: OP_DROPPED).
+# is refused (the loop counts the drop and uncounts it: _dropped_in_loop).
 #
 # send(data, after_tasks=True) holds the data in _held until the tasks counted on the
 # connection when it was called have finished (_tasks_started at the call, compared with
-# _tasks_finished).  A task that finishes queues OP_FLUSH_HELD after its replies (they are
-# queued before its task_finished), so held data goes out after them.  Held data counts as
+# _tasks_finished).  A task that finishes queues _flush_held_in_loop after its replies
+# (they are queued before its work_released), so held data goes out after them.  Held data counts as
 # queued sends; while some is held, later loop-thread sends queue behind it.
 from libc.stdint cimport int32_t, int64_t, uint32_t
 
 from _core.buffer cimport Buffer
 from _core.channel cimport Channel
 from _core.event_loop cimport EventLoop
+from _core.handler cimport Handlers
 from _core.includes.linux cimport sockaddr_storage
 
 
@@ -83,17 +84,6 @@ cdef enum CloseReason:
     CLOSE_LOOP = 4          # the EventLoop was closed under the connection
 
 
-cdef class Handlers:
-    """The user's callbacks, resolved once per server (None where not overridden)."""
-    cdef:
-        object on_connection
-        object on_message
-        object on_write_complete
-        object on_high_water_mark
-        object on_close
-        bint discard_input
-
-
 cdef class ConnectionOwner(Channel):
     # Called by a connection when it is released (loop thread).
     cdef int remove_connection(self, TcpConnection conn) except -1
@@ -108,15 +98,15 @@ cdef class TcpConnection(Channel):
         int32_t _close_reason       # atomic CloseReason
         int32_t _peer_closed        # atomic: read returned 0 (the peer's FIN)
         int32_t _reading            # atomic: the user wants input (stop/start_reading)
-        bint _finish_queued         # loop thread: an OP_FINISH is queued
-        bint _delivery_queued       # loop thread: an OP_DELIVER is queued
+        bint _finish_queued         # loop thread: a _finish_in_loop is queued
+        bint _delivery_queued       # loop thread: a _deliver_in_loop is queued
         Buffer _input
         Buffer _output
         list _held                  # loop thread: [target, bytes, ...] or None
         int64_t _held_target        # atomic: target of the first held send, 0 if none
         int64_t _pending_tasks      # atomic: pool tasks referring to this connection
-        int64_t _tasks_started      # atomic: total task_started() calls
-        int64_t _tasks_finished     # atomic: total task_finished() calls
+        int64_t _tasks_started      # atomic: total work_added() calls
+        int64_t _tasks_finished     # atomic: total work_released() calls
         int64_t _queued_sends       # atomic: accepted sends not yet written (queued, held)
         int64_t _high_water_mark    # atomic
         int64_t _output_len         # relaxed mirror of len(_output), for other threads
@@ -133,19 +123,18 @@ cdef class TcpConnection(Channel):
         object _name
         object _context             # the user's; read and replaced in a critical section
         object _prefix
-        readonly int64_t id
+        int64_t _id                 # unique in the process (the id property)
         object __weakref__
 
     cdef int start(self) except -1
     cdef int _check_created(self) except -1
     cdef object _peer_tuple(self)
-    # Pool accounting (any thread): a task referring to this connection was added/finished.
-    cdef int task_started(self) noexcept
-    cdef int task_finished(self) except -1
-    # True once the socket was closed by a peer reset or socket error, or force_close() was
-    # called (also when the loop closed under it): queued work for it can be discarded.
-    # Not after an orderly close: a half-closed peer gets all its replies.  Any thread.
-    cdef bint work_cancelled(self) noexcept
+    # Pool accounting: the WorkOwner interface (task.pxd), any thread.  counts_work() is
+    # True; work_added()/work_released(): a task referring to this connection was
+    # added/finished; work_cancelled(): True once the socket was closed by a peer reset or
+    # socket error, or force_close() was called (also when the loop closed under it):
+    # queued work for it can be discarded.  Not after an orderly close: a half-closed peer
+    # gets all its replies.
     cdef bint _release_wanted(self) noexcept
     cdef int _write(self, const char* p, Py_ssize_t n) except -1
     cdef int _write_bytes(self, object data) except -1
@@ -166,9 +155,8 @@ cdef class TcpConnection(Channel):
     cdef int _try_finish(self) except -1
     cdef int _finish(self) except -1
     cdef int _release(self) except -1
-    cdef int _do_op(self, int op, object value) except -1
+    cdef int _queue_write_complete(self) except -1
 
 
 cdef TcpConnection new_connection(EventLoop loop, int fd, ConnectionOwner owner,
                                   Handlers handlers, const sockaddr_storage* peer, str prefix)
-cdef Handlers resolve_handlers(object handler)

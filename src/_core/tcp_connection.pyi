@@ -1,4 +1,4 @@
-from typing import Any
+from typing import Any, final
 
 from typing_extensions import Buffer as _BufferLike
 
@@ -7,6 +7,7 @@ from _core.event_loop import EventLoop
 
 def live_connections() -> int: ...
 
+@final
 class TcpConnection:
     @property
     def id(self) -> int: ...
@@ -53,8 +54,10 @@ class TcpConnection:
     def start_reading(self) -> None: ...
     @property
     def reading(self) -> bool: ...
-    def set_tcp_no_delay(self, on: bool) -> None: ...
-    def set_keep_alive(self, on: bool) -> None: ...
+    def set_tcp_nodelay(self, on: bool) -> None: ...
+    def set_keepalive(self, on: bool) -> None: ...
     Send = send
     forceClose = force_close
-    setTcpNoDelay = set_tcp_no_delay
+    setTcpNoDelay = set_tcp_nodelay
+    set_tcp_no_delay = set_tcp_nodelay
+    set_keep_alive = set_keepalive

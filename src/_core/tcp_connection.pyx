@@ -10,6 +10,8 @@ from libc.string cimport memcpy
 from _core.buffer cimport Buffer
 from _core.channel cimport Channel
 from _core.event_loop cimport EventLoop
+from _core.handler cimport Handlers, no_handlers
+from _core.includes.consts cimport DEFAULT_HIGH_WATER_MARK, KEEP_INPUT_CAPACITY
 from _core.includes.linux cimport (
     EAGAIN, EINTR, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLPRI, IPPROTO_TCP,
     MSG_NOSIGNAL, SHUT_WR, SO_KEEPALIVE, SOL_SOCKET, TCP_NODELAY, close, errno,
@@ -29,29 +31,10 @@ cdef object _logger = logging.getLogger("cppnp")
 cdef int64_t _live_connections = 0
 cdef int64_t _next_id = 0
 
-# Operations queued to the loop as (connection, op) or (connection, (op, value)) pairs;
-# a bytes object queued alone is an accepted send from another thread.
-cdef enum:
-    OP_FINISH = 1           # decide whether the connection can be released
-    OP_WRITE_COMPLETE = 2   # call on_write_complete if the output is still drained
-    OP_SHUTDOWN = 3         # shutdown() from another thread: FIN once the output drains
-    OP_FORCE_CLOSE = 4      # force_close(): close the socket
-    OP_START_READING = 5
-    OP_STOP_READING = 6
-    OP_NODELAY_ON = 7
-    OP_NODELAY_OFF = 8
-    OP_HIGH_WATER = 9       # value: the queued bytes
-    OP_KEEPALIVE_ON = 10
-    OP_KEEPALIVE_OFF = 11
-    OP_DELIVER = 12         # hand input already buffered to on_message
-    OP_DROPPED = 13         # value: bytes of a send refused at the call (other thread)
-    OP_FLUSH_HELD = 14      # value: _tasks_finished when queued; write what waited for it
-    OP_SEND_AFTER = 15      # value: (target, bytes): send(after_tasks=True), other thread
+# Work queued to the loop thread is a named ``*_in_loop`` method (muduo's xxxInLoop), run
+# by the loop's pending functors; an accepted send from another thread is queued as the
+# pair (connection, bytes) and written by run_functor (no allocation beyond the bytes).
 
-# Input buffers above this size are given back to the allocator once drained (a
-# connection that keeps receiving large messages keeps a buffer that fits them).
-DEF KEEP_INPUT_CAPACITY = 262144
-DEF DEFAULT_HIGH_WATER_MARK = 64 * 1024 * 1024
 
 cdef dict _STATE_NAMES = {
     CONNECTING: "connecting", CONNECTED: "connected", DISCONNECTING: "disconnecting",
@@ -65,39 +48,6 @@ def live_connections():
     Thread-safe.
     """
     return cppnp_atomic_load(&_live_connections)
-
-
-cdef object _resolve(object handler, str name):
-    method = getattr(handler, name, None)
-    if method is None or getattr(method, "__cppnp_noop__", False):
-        return None
-    if not callable(method):
-        raise TypeError("handler.%s must be callable, got %r" % (name, type(method).__name__))
-    return method
-
-
-cdef Handlers resolve_handlers(object handler):
-    cdef Handlers h = Handlers.__new__(Handlers)
-    h.on_connection = _resolve(handler, "on_connection")
-    h.on_message = _resolve(handler, "on_message")
-    h.discard_input = h.on_message is None or getattr(
-        h.on_message, "__cppnp_discard__", False)
-    if h.discard_input:
-        h.on_message = None
-    h.on_write_complete = _resolve(handler, "on_write_complete")
-    h.on_high_water_mark = _resolve(handler, "on_high_water_mark")
-    h.on_close = _resolve(handler, "on_close")
-    return h
-
-
-@cython.auto_pickle(False)
-@cython.final
-cdef class Handlers:
-    pass
-
-
-cdef Handlers _NO_HANDLERS = Handlers.__new__(Handlers)
-_NO_HANDLERS.discard_input = True
 
 
 @cython.auto_pickle(False)
@@ -117,7 +67,7 @@ cdef TcpConnection new_connection(EventLoop loop, int fd, ConnectionOwner owner,
     c._reading = 1
     memcpy(&c._peer, peer, sizeof(sockaddr_storage))
     c._prefix = prefix
-    c.id = cppnp_atomic_add(&_next_id, 1)
+    c._id = cppnp_atomic_add(&_next_id, 1)
     return c
 
 
@@ -193,18 +143,35 @@ cdef class TcpConnection(Channel):
         return _socket_open(cppnp_atomic_load32(&self._state))
 
     @property
+    def id(self):
+        """A number unique among the process's connections (it is in ``name``).
+
+        Thread-safe.
+        """
+        return self._id
+
+    @property
     def peer_closed(self):
-        """True once the peer has closed its sending side (read returned EOF).  Thread-safe."""
+        """True once the peer has closed its sending side (read returned EOF).
+
+        Thread-safe.
+        """
         return cppnp_atomic_load32(&self._peer_closed) != 0
 
     @property
     def closed(self):
-        """True once the connection has been released (on_close has run).  Thread-safe."""
+        """True once the connection has been released (on_close has run).
+
+        Thread-safe.
+        """
         return cppnp_atomic_load32(&self._state) == RELEASED
 
     @property
     def name(self):
-        """A name unique in the process: ``<server>-<peer>#<id>``.  Thread-safe."""
+        """A name unique in the process: ``<server>-<peer>#<id>``.
+
+        Thread-safe.
+        """
         with cython.critical_section(self):
             if self._name is None:
                 peer = self._peer_tuple()
@@ -214,7 +181,7 @@ cdef class TcpConnection(Channel):
                     where = "[%s]:%d" % (peer[0], peer[1])
                 else:
                     where = "%s:%d" % (peer[0], peer[1])
-                self._name = "%s-%s#%d" % (self._prefix, where, self.id)
+                self._name = "%s-%s#%d" % (self._prefix, where, self._id)
             name = self._name
         return name
 
@@ -273,7 +240,10 @@ cdef class TcpConnection(Channel):
 
     @property
     def loop(self):
-        """The EventLoop the connection belongs to.  Thread-safe."""
+        """The EventLoop the connection belongs to.
+
+        Thread-safe.
+        """
         return self._loop
 
     @property
@@ -297,7 +267,10 @@ cdef class TcpConnection(Channel):
 
     @property
     def output_bytes(self):
-        """Bytes queued in the output buffer, not yet accepted by the kernel.  Thread-safe."""
+        """Bytes queued in the output buffer, not yet accepted by the kernel.
+
+        Thread-safe.
+        """
         return cppnp_relaxed_load(&self._output_len)
 
     @property
@@ -315,34 +288,52 @@ cdef class TcpConnection(Channel):
 
     @property
     def input_buffer(self):
-        """The input Buffer passed to on_message.  Loop thread only."""
+        """The input Buffer passed to on_message.
+
+        Loop thread only.
+        """
         self._check_created()
         self._loop.assert_in_loop_thread("TcpConnection.input_buffer")
         return self._input
 
     @property
     def bytes_received(self):
-        """Bytes read from the socket.  Thread-safe."""
+        """Bytes read from the socket.
+
+        Thread-safe.
+        """
         return cppnp_relaxed_load(&self._bytes_received)
 
     @property
     def bytes_sent(self):
-        """Bytes handed to the kernel.  Thread-safe."""
+        """Bytes handed to the kernel.
+
+        Thread-safe.
+        """
         return cppnp_relaxed_load(&self._bytes_sent)
 
     @property
     def dropped_sends(self):
-        """Sends dropped because the connection was closing or closed.  Thread-safe."""
+        """Sends dropped because the connection was closing or closed.
+
+        Thread-safe.
+        """
         return cppnp_relaxed_load(&self._dropped_sends)
 
     @property
     def dropped_bytes(self):
-        """Bytes of the dropped sends (and of output dropped by a close).  Thread-safe."""
+        """Bytes of the dropped sends (and of output dropped by a close).
+
+        Thread-safe.
+        """
         return cppnp_relaxed_load(&self._dropped_bytes)
 
     @property
     def high_water_mark(self):
-        """The output-buffer size at which on_high_water_mark fires.  Thread-safe."""
+        """The output-buffer size at which on_high_water_mark fires.
+
+        Thread-safe.
+        """
         return cppnp_atomic_load(&self._high_water_mark)
 
     def set_high_water_mark(self, Py_ssize_t nbytes):
@@ -419,12 +410,13 @@ cdef class TcpConnection(Channel):
         # task is counted finished): see the notes in tcp_connection.pxd.
         cppnp_atomic_add(&self._queued_sends, 1)
         if cppnp_atomic_load32(&self._state) != CONNECTED:
-            arg = (OP_DROPPED, n)
+            queued = self._loop.queue(self._dropped_in_loop, n)
         elif after_tasks:
-            arg = (OP_SEND_AFTER, (cppnp_atomic_load(&self._tasks_started), data))
+            queued = self._loop.queue(self._send_after_in_loop,
+                                      (cppnp_atomic_load(&self._tasks_started), data))
         else:
-            arg = data
-        if not self._loop.queue(self, arg):
+            queued = self._loop.queue(self, data)       # run_functor writes it
+        if not queued:
             cppnp_atomic_add(&self._queued_sends, -1)   # the loop is closed: dropped
 
     cdef int _drop(self, Py_ssize_t nbytes) noexcept:
@@ -456,15 +448,14 @@ cdef class TcpConnection(Channel):
                 written = 0
             cppnp_counter_add(&self._bytes_sent, written)
             if written == n:
-                if self._handlers.on_write_complete is not None:
-                    self._loop.queue(self, OP_WRITE_COMPLETE)
+                self._queue_write_complete()
                 return 0
         old = len(self._output)
         self._output.append_ptr(p + written, n - written)
         cppnp_relaxed_store(&self._output_len, old + (n - written))
         mark = cppnp_atomic_load(&self._high_water_mark)
         if self._handlers.on_high_water_mark is not None and old < mark <= old + (n - written):
-            self._loop.queue(self, (OP_HIGH_WATER, old + (n - written)))
+            self._loop.queue(self._high_water_in_loop, old + (n - written))
         if not (self.interest & EPOLLOUT):
             self._update_interest()
         return 0
@@ -501,7 +492,7 @@ cdef class TcpConnection(Channel):
         return 0
 
     cdef int _arm_held(self) except -1:
-        """The first held send changed: tell task_finished() what it waits for, and flush
+        """The first held send changed: tell work_released() what it waits for, and flush
         at once (queued behind the replies already queued) if that has happened."""
         cdef int64_t target, finished
         if not self._held:
@@ -512,7 +503,7 @@ cdef class TcpConnection(Channel):
         cppnp_atomic_store(&self._held_target, target if target > 0 else 1)
         finished = cppnp_atomic_load(&self._tasks_finished)
         if finished >= target:
-            self._loop.queue(self, (OP_FLUSH_HELD, finished))
+            self._loop.queue(self._flush_held_in_loop, finished)
         return 0
 
     cdef int _flush_held(self, int64_t finished) except -1:
@@ -546,10 +537,7 @@ cdef class TcpConnection(Channel):
         self._check_created()
         if not cppnp_atomic_cas32(&self._state, CONNECTED, DISCONNECTING):
             return
-        if self._loop.in_loop_thread():
-            self._try_finish()
-        else:
-            self._loop.queue(self, OP_SHUTDOWN)
+        self._loop.run_or_queue(self._shutdown_in_loop)
 
     def force_close(self):
         """Close the socket, dropping queued output (counted).
@@ -568,15 +556,15 @@ cdef class TcpConnection(Channel):
             return
         cppnp_atomic_cas32(&self._close_reason, CLOSE_NONE, CLOSE_FORCED)
         cppnp_atomic_cas32(&self._state, CONNECTED, DISCONNECTING)
-        self._loop.queue(self, OP_FORCE_CLOSE)
+        self._loop.queue(self._force_close_in_loop)
 
     def stop_reading(self):
-        """Stop reading input (flow control); a peer reset is still noticed.  Thread-safe."""
+        """Stop reading input (flow control); a peer reset is still noticed.
+
+        Thread-safe.
+        """
         self._check_created()
-        if self._loop.in_loop_thread():
-            self._set_reading(False)
-        else:
-            self._loop.queue(self, OP_STOP_READING)
+        self._loop.run_or_queue(self._set_reading_in_loop, False)
 
     def start_reading(self):
         """Resume reading input after stop_reading().
@@ -588,51 +576,54 @@ cdef class TcpConnection(Channel):
         Thread-safe.
         """
         self._check_created()
-        if self._loop.in_loop_thread():
-            self._set_reading(True)
-        else:
-            self._loop.queue(self, OP_START_READING)
+        self._loop.run_or_queue(self._set_reading_in_loop, True)
 
     @property
     def reading(self):
-        """True unless stop_reading() is in effect.  Thread-safe."""
+        """True unless stop_reading() is in effect.
+
+        Thread-safe.
+        """
         return cppnp_atomic_load32(&self._reading) != 0
 
-    def set_tcp_no_delay(self, bint on):
-        """Set TCP_NODELAY (on by default for accepted connections).  Thread-safe."""
+    def set_tcp_nodelay(self, bint on):
+        """Set TCP_NODELAY (on by default for accepted connections; TcpServer's
+        ``tcp_nodelay`` sets it for every connection).  ``set_tcp_no_delay`` is an alias.
+
+        Thread-safe.
+        """
         self._check_created()
-        op = OP_NODELAY_ON if on else OP_NODELAY_OFF
-        if self._loop.in_loop_thread():
-            self._do_op(op, None)
-        else:
-            self._loop.queue(self, op)
+        self._loop.run_or_queue(self._set_tcp_nodelay_in_loop, on)
 
-    def set_keep_alive(self, bint on):
-        """Set SO_KEEPALIVE.  Thread-safe."""
+    def set_keepalive(self, bint on):
+        """Set SO_KEEPALIVE (TcpServer's ``keepalive`` sets it for every connection).
+        ``set_keep_alive`` is an alias.
+
+        Thread-safe.
+        """
         self._check_created()
-        op = OP_KEEPALIVE_ON if on else OP_KEEPALIVE_OFF
-        if self._loop.in_loop_thread():
-            self._do_op(op, None)
-        else:
-            self._loop.queue(self, op)
+        self._loop.run_or_queue(self._set_keepalive_in_loop, on)
 
-    # -- pool accounting (any thread) ---------------------------------------------------
+    # -- pool accounting: the WorkOwner interface (task.pxd), any thread -----------------
 
-    cdef int task_started(self) noexcept:
+    cdef bint counts_work(self) noexcept:
+        return True
+
+    cdef int work_added(self) noexcept:
         cppnp_atomic_add(&self._tasks_started, 1)
         cppnp_atomic_add(&self._pending_tasks, 1)
         return 0
 
-    cdef int task_finished(self) except -1:
-        # Held sends first: OP_FLUSH_HELD is queued behind this task's replies.
+    cdef int work_released(self) except -1:
+        # Held sends first: _flush_held_in_loop is queued behind this task's replies.
         cdef int64_t finished = cppnp_atomic_add(&self._tasks_finished, 1)
         cdef int64_t held = cppnp_atomic_load(&self._held_target)
         if held > 0 and finished >= held:
-            self._loop.queue(self, (OP_FLUSH_HELD, finished))
+            self._loop.queue(self._flush_held_in_loop, finished)
         # The loop stores "release wanted" then reads the count; we decrement then read
         # it: with sequentially consistent atomics one of the two sees the other.
         if cppnp_atomic_add(&self._pending_tasks, -1) == 0 and self._release_wanted():
-            self._loop.queue(self, OP_FINISH)
+            self._loop.queue(self._finish_in_loop)
         return 0
 
     cdef bint work_cancelled(self) noexcept:
@@ -725,7 +716,7 @@ cdef class TcpConnection(Channel):
     cdef int _queue_delivery(self) except -1:
         if not self._delivery_queued:
             self._delivery_queued = True
-            self._loop.queue(self, OP_DELIVER)
+            self._loop.queue(self._deliver_in_loop)
         return 0
 
     cdef int _handle_write(self) except -1:
@@ -740,8 +731,7 @@ cdef class TcpConnection(Channel):
         if len(self._output) == 0:
             self._output.release_storage()
             self._update_interest()
-            if self._handlers.on_write_complete is not None:
-                self._loop.queue(self, OP_WRITE_COMPLETE)
+            self._queue_write_complete()
             self._try_finish()
         return 0
 
@@ -800,7 +790,7 @@ cdef class TcpConnection(Channel):
             self._send_fin()
         if not self._finish_queued and self._release_wanted():
             self._finish_queued = True
-            self._loop.queue(self, OP_FINISH)
+            self._loop.queue(self._finish_in_loop)
         return 0
 
     cdef int _finish(self) except -1:
@@ -814,7 +804,7 @@ cdef class TcpConnection(Channel):
             if len(self._output):
                 return 0        # _handle_write calls _try_finish once drained
         if cppnp_atomic_load(&self._pending_tasks) > 0:
-            return 0            # the last task_finished() queues OP_FINISH
+            return 0            # the last work_released() queues _finish_in_loop
         if cppnp_atomic_load(&self._queued_sends) > 0:
             return 0            # replies still queued or held: the last one calls back
         if state != DISCONNECTED:
@@ -842,75 +832,95 @@ cdef class TcpConnection(Channel):
         return 0
 
     cdef int run_functor(self, object arg) except -1:
-        if type(arg) is bytes:
-            # An accepted send from another thread.
-            try:
-                self._write_bytes(arg)
-            finally:
-                self._send_done()
-        elif type(arg) is tuple:
-            self._do_op(arg[0], arg[1])
-        else:
-            self._do_op(arg, None)
+        # An accepted send from another thread (queued by send() as (self, bytes)).
+        try:
+            self._write_bytes(arg)
+        finally:
+            self._send_done()
         return 0
 
-    cdef int _do_op(self, int op, object value) except -1:
-        cdef int64_t state = cppnp_atomic_load32(&self._state)
-        if op == OP_FINISH:
-            self._finish()
-        elif op == OP_WRITE_COMPLETE:
-            # Only if it is still true: a later send may have queued output meanwhile, or
-            # workers' sends may still be on their way to the loop (the last of them to be
-            # written queues another one).  This is what makes "stop_reading on high water,
-            # start_reading on write complete" bound the output with a worker pool too.
-            if _socket_open(state) and len(self._output) == 0 \
-                    and cppnp_atomic_load(&self._queued_sends) <= 0 \
-                    and self._handlers.on_write_complete is not None:
-                try:
-                    self._handlers.on_write_complete(self)
-                except Exception:
-                    self._loop.report_error("on_write_complete of %r" % (self,))
-        elif op == OP_HIGH_WATER:
-            if _socket_open(state) and self._handlers.on_high_water_mark is not None:
-                try:
-                    self._handlers.on_high_water_mark(self, value)
-                except Exception:
-                    self._loop.report_error("on_high_water_mark of %r" % (self,))
-        elif op == OP_DROPPED:
+    cdef int _queue_write_complete(self) except -1:
+        if self._handlers.on_write_complete is not None:
+            self._loop.queue(self._write_complete_in_loop)
+        return 0
+
+    # -- work queued to the loop thread: one named method each (muduo's xxxInLoop) -------
+
+    def _finish_in_loop(self):
+        # Decide whether the connection can be released (_try_finish, work_released).
+        self._finish()
+
+    def _write_complete_in_loop(self):
+        # Call on_write_complete only if it is still true: a later send may have queued
+        # output meanwhile, or workers' sends may still be on their way to the loop (the
+        # last of them to be written queues another one).  This is what makes "stop_reading
+        # on high water, start_reading on write complete" bound the output with a worker
+        # pool too.
+        if _socket_open(cppnp_atomic_load32(&self._state)) and len(self._output) == 0 \
+                and cppnp_atomic_load(&self._queued_sends) <= 0 \
+                and self._handlers.on_write_complete is not None:
             try:
-                self._drop(value)
+                self._handlers.on_write_complete(self)
+            except Exception:
+                self._loop.report_error("on_write_complete of %r" % (self,))
+
+    def _high_water_in_loop(self, queued):
+        if _socket_open(cppnp_atomic_load32(&self._state)) \
+                and self._handlers.on_high_water_mark is not None:
+            try:
+                self._handlers.on_high_water_mark(self, queued)
+            except Exception:
+                self._loop.report_error("on_high_water_mark of %r" % (self,))
+
+    def _dropped_in_loop(self, Py_ssize_t nbytes):
+        # A send refused at the call on another thread: count the drop, uncount the send.
+        try:
+            self._drop(nbytes)
+        finally:
+            self._send_done()
+
+    def _send_after_in_loop(self, tuple value):
+        # send(after_tasks=True) from another thread: value is (target, bytes).
+        cdef int64_t state = cppnp_atomic_load32(&self._state)
+        target, data = value
+        if state == CONNECTED or state == DISCONNECTING:
+            self._hold(data, target)        # stays counted in _queued_sends
+        else:
+            try:
+                self._drop(len(data))
             finally:
                 self._send_done()
-        elif op == OP_SEND_AFTER:
-            target, data = value
-            if state == CONNECTED or state == DISCONNECTING:
-                self._hold(data, target)        # stays counted in _queued_sends
-            else:
-                try:
-                    self._drop(len(data))
-                finally:
-                    self._send_done()
-        elif op == OP_FLUSH_HELD:
-            self._flush_held(value)
-        elif op == OP_DELIVER:
-            self._delivery_queued = False
-            if _socket_open(state) and cppnp_atomic_load32(&self._reading) \
-                    and len(self._input) and not self._handlers.discard_input:
-                self._deliver()
-        elif op == OP_SHUTDOWN:
+
+    def _flush_held_in_loop(self, int64_t finished):
+        self._flush_held(finished)
+
+    def _deliver_in_loop(self):
+        # Hand input already buffered to on_message (start_reading, an interrupted one).
+        self._delivery_queued = False
+        if _socket_open(cppnp_atomic_load32(&self._state)) \
+                and cppnp_atomic_load32(&self._reading) \
+                and len(self._input) and not self._handlers.discard_input:
+            self._deliver()
+
+    def _shutdown_in_loop(self):
+        # After shutdown(): the FIN goes out once the accepted output is written.
+        self._try_finish()
+
+    def _force_close_in_loop(self):
+        if _socket_open(cppnp_atomic_load32(&self._state)):
+            self._close_socket(CLOSE_FORCED)
             self._try_finish()
-        elif op == OP_FORCE_CLOSE:
-            if _socket_open(state):
-                self._close_socket(CLOSE_FORCED)
-                self._try_finish()
-        elif op == OP_START_READING or op == OP_STOP_READING:
-            self._set_reading(op == OP_START_READING)
-        elif _socket_open(state):
-            if op == OP_NODELAY_ON or op == OP_NODELAY_OFF:
-                set_bool_opt(self.fd, IPPROTO_TCP, TCP_NODELAY, op == OP_NODELAY_ON)
-            elif op == OP_KEEPALIVE_ON or op == OP_KEEPALIVE_OFF:
-                set_bool_opt(self.fd, SOL_SOCKET, SO_KEEPALIVE, op == OP_KEEPALIVE_ON)
-        return 0
+
+    def _set_reading_in_loop(self, bint on):
+        self._set_reading(on)
+
+    def _set_tcp_nodelay_in_loop(self, bint on):
+        if _socket_open(cppnp_atomic_load32(&self._state)):
+            set_bool_opt(self.fd, IPPROTO_TCP, TCP_NODELAY, on)
+
+    def _set_keepalive_in_loop(self, bint on):
+        if _socket_open(cppnp_atomic_load32(&self._state)):
+            set_bool_opt(self.fd, SOL_SOCKET, SO_KEEPALIVE, on)
 
     cdef int on_loop_closed(self) except -1:
         """The loop is closing: close the socket and release, without callbacks."""
@@ -920,7 +930,7 @@ cdef class TcpConnection(Channel):
             cppnp_atomic_cas32(&self._close_reason, CLOSE_NONE, CLOSE_LOOP)
         cppnp_atomic_store32(&self._state, RELEASED)
         self._owner = None
-        self._handlers = _NO_HANDLERS      # break cycles through the user's handler
+        self._handlers = no_handlers()     # break cycles through the user's handler
         self._held = None
         self._input.clear()
         self._input.release_storage()
@@ -930,4 +940,7 @@ cdef class TcpConnection(Channel):
     # -- seed-compatible names: same objects as the snake_case methods --
     Send = send
     forceClose = force_close
-    setTcpNoDelay = set_tcp_no_delay
+    setTcpNoDelay = set_tcp_nodelay
+    # -- older names kept as aliases (same objects) --
+    set_tcp_no_delay = set_tcp_nodelay
+    set_keep_alive = set_keepalive

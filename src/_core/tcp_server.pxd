@@ -1,4 +1,5 @@
-# TcpServer: a listening socket (muduo's Acceptor) and the connections it accepted.
+# TcpServer: an Acceptor (acceptor.pxd: the listening socket) and the connections it
+# accepted (muduo's TcpServer).
 #
 # States (_state, atomic; changed under _lock by start(), stop(), stop_accepting() from any
 # thread; the loop closes the listener):
@@ -10,8 +11,11 @@
 # released it detaches, so nothing of a stopped server stays alive.
 from libc.stdint cimport int64_t
 
+from _core.acceptor cimport Acceptor
 from _core.event_loop cimport EventLoop
-from _core.tcp_connection cimport ConnectionOwner, Handlers, TcpConnection
+from _core.handler cimport Handlers
+from _core.includes.linux cimport sockaddr_storage
+from _core.tcp_connection cimport ConnectionOwner, TcpConnection
 
 
 cdef enum ServerState:
@@ -28,32 +32,21 @@ cdef class TcpServer(ConnectionOwner):
         object _bound                  # what the socket is bound to
         object _handler
         Handlers _handlers
-        readonly str name
+        str _name                      # the name property
         bint _reuse_port
         int _backlog
-        bint _tcp_nodelay
-        bint _keepalive
+        Acceptor _acceptor             # the listening socket (made by __init__)
         bint _initialized              # __init__ ran: it runs once
         int64_t _state                 # atomic ServerState
-        int64_t _listening             # atomic: the listening socket is open
         object _lock                   # threading.Lock: start/stop vs the listener's fd
-        bint _paused                   # listener unpolled after an accept error
-        int64_t _retry_timer           # the timer that resumes accepting, or 0
-        int _idle_fd                   # /dev/null, spent to shed a connection on EMFILE
         dict _connections              # id -> TcpConnection (loop thread)
         int64_t _n_connections         # len(_connections), readable from any thread
-        double _last_emfile_log
-        int64_t _accepted              # counters: loop thread writes, any thread reads
-        int64_t _accept_errors
-        int64_t _shed_connections
         object __weakref__
 
-    cdef int _accept_some(self) except -1
-    cdef int _listen_in_loop(self) except -1
+    # The Acceptor accepted *fd* from *peer* (loop thread): make and start its connection.
+    cdef int _new_connection(self, int fd, const sockaddr_storage* peer) except -1
+    cdef bint _stop_to(self, int64_t state) except -1
+    cdef int _in_loop_or_closed(self, object fn) except -1
     cdef int _close_listener(self) except -1
     cdef int _check_created(self) except -1
-    cdef int _stop_in_loop(self) except -1
-    cdef int _shed_one(self, int err) except -1
-    cdef int _pause_accepting(self) except -1
     cdef int _maybe_detach(self) except -1
-    cdef _log_accept_error(self, int err)

@@ -1,8 +1,9 @@
-from typing import Any
+from typing import Any, final
 
 from _core.event_loop import EventLoop
 from _core.tcp_connection import TcpConnection
 
+@final
 class TcpServer:
     @property
     def name(self) -> str: ...

@@ -2,35 +2,22 @@
 """TcpServer: accepts TCP connections and hands them to a handler (ICppnpUsr)."""
 
 cimport cython
-from libc.stdint cimport uint32_t
 
+from _core.acceptor cimport new_acceptor
 from _core.event_loop cimport EventLoop
-from _core.includes.linux cimport (
-    ECONNABORTED, EAGAIN, EINTR, EMFILE, ENFILE, EPOLLIN, EPROTO, EPERM,
-    IPPROTO_TCP, O_CLOEXEC, O_RDONLY, SO_KEEPALIVE, SOL_SOCKET, TCP_NODELAY, close, open,
-    sockaddr_storage,
-)
+from _core.handler cimport resolve_handlers
+from _core.includes.linux cimport sockaddr_storage
 from _core.includes.sys cimport (
-    cppnp_atomic_load, cppnp_atomic_store, cppnp_counter_add, cppnp_monotonic,
-    cppnp_relaxed_load, cppnp_relaxed_store,
+    cppnp_atomic_load, cppnp_atomic_store, cppnp_relaxed_load, cppnp_relaxed_store,
 )
-from _core.socket_ops cimport accept_nonblocking, set_bool_opt
-from _core.tcp_connection cimport (
-    ConnectionOwner, TcpConnection, new_connection, resolve_handlers,
-)
+from _core.tcp_connection cimport ConnectionOwner, TcpConnection, new_connection
 
-import logging
-import os
-import socket
 import threading
 
-cdef object _logger = logging.getLogger("cppnp")
 
-# At most this many accepts per readable event, so a connection storm cannot starve the
-# I/O of connections already open (the listener stays readable: level-triggered).
-DEF MAX_ACCEPTS_PER_EVENT = 256
-# Seconds the listener rests after an accept error that would otherwise repeat at once.
-DEF ACCEPT_RETRY_DELAY = 0.1
+cdef int _on_accept(object server, int fd, const sockaddr_storage* peer) except -1:
+    # The Acceptor's callback (acceptor.pxd AcceptFn).
+    return (<TcpServer>server)._new_connection(fd, peer)
 
 
 @cython.auto_pickle(False)
@@ -45,8 +32,6 @@ cdef class TcpServer(ConnectionOwner):
     """
 
     def __cinit__(self):
-        self.fd = -1
-        self._idle_fd = -1
         self._connections = {}
         self._lock = threading.Lock()
 
@@ -80,77 +65,106 @@ cdef class TcpServer(ConnectionOwner):
         self._address = (host, port)
         self._handler = handler
         self._handlers = resolve_handlers(handler)
-        self.name = name if name is not None else "TcpServer-%s:%d" % (host, port)
+        self._name = name if name is not None else "TcpServer-%s:%d" % (host, port)
         self._reuse_port = reuse_port
         self._backlog = backlog
-        self._tcp_nodelay = tcp_nodelay
-        self._keepalive = keepalive
+        self._acceptor = new_acceptor(loop, self, _on_accept, self._name, tcp_nodelay,
+                                      keepalive)
         self._initialized = True
-
-    def __dealloc__(self):
-        if self.fd >= 0:
-            close(self.fd)
-        if self._idle_fd >= 0:
-            close(self._idle_fd)
 
     def __repr__(self):
         return "<TcpServer %s %s connections=%d>" % (
-            self.name, self._bound or self._address, self.connection_count)
+            self._name, self._bound or self._address, self.connection_count)
 
     @property
     def address(self):
         """The bound (host, port) after start() (the real port if 0 was asked), else the
-        requested address.  Thread-safe."""
+        requested address.
+
+        Thread-safe.
+        """
         bound = self._bound
         if bound is not None:
             return bound[:2]
         return self._address
 
     @property
+    def name(self):
+        """The server's name (``TcpServer-<host>:<port>`` unless given); connection names
+        start with it.
+
+        Thread-safe.
+        """
+        return self._name
+
+    @property
     def loop(self):
-        """The EventLoop the server runs on.  Thread-safe."""
+        """The EventLoop the server runs on.
+
+        Thread-safe.
+        """
         return self._loop
 
     @property
     def handler(self):
-        """The handler given to the constructor.  Thread-safe."""
+        """The handler given to the constructor.
+
+        Thread-safe.
+        """
         return self._handler
 
     @property
     def connection_count(self):
-        """How many connections are open (accepted and not yet released).  Thread-safe."""
+        """How many connections are open (accepted and not yet released).
+
+        Thread-safe.
+        """
         return cppnp_relaxed_load(&self._n_connections)
 
     @property
     def accepted(self):
-        """Connections accepted so far.  Thread-safe."""
-        return cppnp_relaxed_load(&self._accepted)
+        """Connections accepted so far.
+
+        Thread-safe.
+        """
+        return cppnp_relaxed_load(&self._acceptor.accepted) if self._acceptor else 0
 
     @property
     def accept_errors(self):
-        """accept() failures (the peer gave up, out of fds or memory).  Thread-safe."""
-        return cppnp_relaxed_load(&self._accept_errors)
+        """accept() failures (the peer gave up, out of fds or memory).
+
+        Thread-safe.
+        """
+        return cppnp_relaxed_load(&self._acceptor.accept_errors) if self._acceptor else 0
 
     @property
     def shed_connections(self):
-        """Connections accepted and closed at once because fds ran out.  Thread-safe."""
-        return cppnp_relaxed_load(&self._shed_connections)
+        """Connections accepted and closed at once because fds ran out.
+
+        Thread-safe.
+        """
+        return cppnp_relaxed_load(&self._acceptor.shed_connections) if self._acceptor else 0
 
     def connections(self):
-        """Return a list of the open connections.  Loop thread only."""
+        """Return a list of the open connections.
+
+        Loop thread only.
+        """
         self._check_created()
         self._loop.assert_in_loop_thread("TcpServer.connections()")
         return list(self._connections.values())
 
     cdef int _check_created(self) except -1:
-        if self._loop is None:
+        if self._acceptor is None:
             raise RuntimeError("TcpServer.__init__ was not called")
         return 0
 
     def start(self):
         """Bind and listen now (errors raise here), and start accepting on the loop.
 
-        Calling it twice is harmless.  Thread-safe.
+        Calling it twice is harmless.
+
+        Thread-safe.
         """
         self._check_created()
         with self._lock:
@@ -161,38 +175,19 @@ cdef class TcpServer(ConnectionOwner):
                 return
             if self._loop.closed:
                 raise RuntimeError("TcpServer.start() on a closed EventLoop")
-            host, port = self._address
-            infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC,
-                                       socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
-            family, kind, proto, _, sockaddr = infos[0]
-            sock = socket.socket(family, kind, proto)
+            self._loop.attach(self)
             try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if self._reuse_port:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.bind(sockaddr)
-                sock.listen(self._backlog)
-                sock.setblocking(False)
-                self._bound = sock.getsockname()
-                self._loop.attach(self)
+                self._bound = self._acceptor.listen(self._address, self._reuse_port,
+                                                    self._backlog)
             except BaseException:
-                sock.close()
+                self._loop.detach(self)
                 raise
-            self.fd = sock.detach()
-            cppnp_atomic_store(&self._listening, 1)
-            # Without a spare fd (-1) the acceptor rests instead of shedding on EMFILE.
-            self._idle_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
+            cppnp_atomic_store(&self._acceptor.enabled, 1)
             cppnp_atomic_store(&self._state, SERVER_STARTED)
-        if self._loop.in_loop_thread():
-            self._listen_in_loop()
-        else:
-            self._loop.queue(self, 1)
+        self._loop.run_or_queue(self._start_in_loop)
 
-    cdef int _listen_in_loop(self) except -1:
-        if self.fd >= 0 and cppnp_atomic_load(&self._state) == SERVER_STARTED \
-                and not self._paused:
-            self._loop.update_channel(self, EPOLLIN)
-        return 0
+    def _start_in_loop(self):
+        self._acceptor.start_polling()
 
     def stop(self):
         """Stop listening and force-close every open connection.
@@ -203,14 +198,8 @@ cdef class TcpServer(ConnectionOwner):
         Thread-safe.
         """
         self._check_created()
-        with self._lock:
-            if cppnp_atomic_load(&self._state) == SERVER_STOPPED:
-                return
-            cppnp_atomic_store(&self._state, SERVER_STOPPED)
-        if self._loop.in_loop_thread() or self._loop.closed:
-            self._stop_in_loop()
-        else:
-            self._loop.queue(self, 2)
+        if self._stop_to(SERVER_STOPPED):
+            self._in_loop_or_closed(self._stop_in_loop)
 
     def stop_accepting(self):
         """Close the listening socket; open connections carry on (a graceful stop's first
@@ -223,15 +212,26 @@ cdef class TcpServer(ConnectionOwner):
         Thread-safe.
         """
         self._check_created()
+        if self._stop_to(SERVER_NOT_ACCEPTING):
+            self._in_loop_or_closed(self._stop_accepting_in_loop)
+
+    cdef bint _stop_to(self, int64_t state) except -1:
+        """Move to *state* (SERVER_NOT_ACCEPTING or SERVER_STOPPED) unless already there or
+        further, and stop accepting; False if nothing changed (any thread)."""
         with self._lock:
-            state = cppnp_atomic_load(&self._state)
-            if state == SERVER_NOT_ACCEPTING or state == SERVER_STOPPED:
-                return
-            cppnp_atomic_store(&self._state, SERVER_NOT_ACCEPTING)
-        if self._loop.in_loop_thread() or self._loop.closed:
-            self._close_listener()
+            if cppnp_atomic_load(&self._state) >= state:
+                return False
+            cppnp_atomic_store(&self._state, state)
+            cppnp_atomic_store(&self._acceptor.enabled, 0)
+        return True
+
+    cdef int _in_loop_or_closed(self, object fn) except -1:
+        """Run *fn* on the loop thread (now, or queued), or here once the loop is closed."""
+        if self._loop.closed:
+            fn()
         else:
-            self._loop.queue(self, 3)
+            self._loop.run_or_queue(fn)
+        return 0
 
     @property
     def accepting(self):
@@ -240,139 +240,43 @@ cdef class TcpServer(ConnectionOwner):
 
         Thread-safe.
         """
-        return cppnp_atomic_load(&self._listening) != 0
+        return self._acceptor is not None and cppnp_atomic_load(&self._acceptor.listening) != 0
+
+    def _stop_accepting_in_loop(self):
+        self._close_listener()
 
     cdef int _close_listener(self) except -1:
-        """Close the listener and the spare fd, cancel an accept retry, and detach if no
+        """Close the acceptor (listener, spare fd, accept retry), and detach if no
         connection is left (loop thread, or any thread once the loop is closed)."""
         with self._lock:
-            if self.fd >= 0:
-                self._loop.remove_channel(self)
-                close(self.fd)
-                self.fd = -1
-                cppnp_atomic_store(&self._listening, 0)
-            if self._idle_fd >= 0:
-                close(self._idle_fd)
-                self._idle_fd = -1
-        if self._retry_timer:
-            self._loop.cancel_timer(self._retry_timer)
-            self._retry_timer = 0
-        self._paused = False
+            self._acceptor.close()
         self._maybe_detach()
         return 0
 
     cdef int _maybe_detach(self) except -1:
-        if self.fd < 0 and not self._connections \
+        if self._acceptor.fd < 0 and not self._connections \
                 and cppnp_atomic_load(&self._state) >= SERVER_NOT_ACCEPTING:
             self._loop.detach(self)
         return 0
 
-    cdef int _stop_in_loop(self) except -1:
+    def _stop_in_loop(self):
         self._close_listener()
         if not self._loop.closed:
             for conn in list(self._connections.values()):
                 conn.force_close()
+
+    cdef int _new_connection(self, int fd, const sockaddr_storage* peer) except -1:
+        """A new connection: the Acceptor accepted *fd* (loop thread).  Create the
+        TcpConnection, register it with the server and start it on its loop."""
+        cdef TcpConnection conn = new_connection(self._loop, fd, self, self._handlers, peer,
+                                                 self._name)
+        self._connections[conn._id] = conn
+        cppnp_relaxed_store(&self._n_connections, len(self._connections))
+        conn.start()
         return 0
-
-    cdef int run_functor(self, object arg) except -1:
-        if arg == 1:
-            self._listen_in_loop()
-        elif arg == 2:
-            self._stop_in_loop()
-        elif arg == 3:
-            self._close_listener()
-        return 0
-
-    cdef int handle_event(self, uint32_t revents) except -1:
-        if cppnp_atomic_load(&self._state) != SERVER_STARTED:
-            return 0                # stop() / stop_accepting() pending: accept no more
-        self._accept_some()
-        return 0
-
-    cdef int _accept_some(self) except -1:
-        cdef sockaddr_storage peer
-        cdef int err = 0, connfd
-        cdef TcpConnection conn
-        for _ in range(MAX_ACCEPTS_PER_EVENT):
-            if self.fd < 0:
-                return 0
-            connfd = accept_nonblocking(self.fd, &peer, &err)
-            if connfd < 0:
-                if err == EAGAIN or err == EINTR:
-                    return 0
-                if err == ECONNABORTED or err == EPROTO or err == EPERM:
-                    cppnp_counter_add(&self._accept_errors, 1)
-                    continue            # the peer gave up before we accepted: next one
-                if (err == EMFILE or err == ENFILE) and self._idle_fd >= 0:
-                    self._shed_one(err)
-                    return 0
-                # Out of fds with no spare, or out of kernel memory: the backlog stays
-                # readable, so stop polling the listener for a while instead of spinning.
-                cppnp_counter_add(&self._accept_errors, 1)
-                self._log_accept_error(err)
-                self._pause_accepting()
-                return 0
-            cppnp_counter_add(&self._accepted, 1)
-            try:
-                if self._tcp_nodelay:
-                    set_bool_opt(connfd, IPPROTO_TCP, TCP_NODELAY, True)
-                if self._keepalive:
-                    set_bool_opt(connfd, SOL_SOCKET, SO_KEEPALIVE, True)
-            except OSError:
-                pass        # the peer may already be gone; the first read will tell
-            conn = new_connection(self._loop, connfd, self, self._handlers, &peer, self.name)
-            self._connections[conn.id] = conn
-            cppnp_relaxed_store(&self._n_connections, len(self._connections))
-            conn.start()
-        return 0
-
-    cdef int _shed_one(self, int err) except -1:
-        """Out of fds: accept the pending connection on the spare fd and close it at once
-        (muduo's idleFd trick), so the listener does not spin on a readable backlog."""
-        cdef sockaddr_storage peer
-        cdef int e = 0, connfd
-        cppnp_counter_add(&self._accept_errors, 1)
-        self._log_accept_error(err)
-        if self._idle_fd < 0:
-            return 0
-        close(self._idle_fd)
-        self._idle_fd = -1
-        connfd = accept_nonblocking(self.fd, &peer, &e)
-        if connfd >= 0:
-            close(connfd)
-            cppnp_counter_add(&self._shed_connections, 1)
-        self._idle_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
-        return 0
-
-    cdef int _pause_accepting(self) except -1:
-        if self.fd >= 0 and not self._paused:
-            self._paused = True
-            self._loop.update_channel(self, 0)
-            self._retry_timer = self._loop.run_after(ACCEPT_RETRY_DELAY,
-                                                     self._resume_accepting)
-        return 0
-
-    def _resume_accepting(self):
-        # The accept-retry timer (cancelled when the listener closes).
-        self._retry_timer = 0
-        self._paused = False
-        if self.fd < 0 or cppnp_atomic_load(&self._state) != SERVER_STARTED:
-            return
-        if self._idle_fd < 0:
-            self._idle_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
-        self._loop.update_channel(self, EPOLLIN)
-
-    cdef _log_accept_error(self, int err):
-        cdef double now = cppnp_monotonic()
-        if now - self._last_emfile_log >= 1.0:     # at most one line a second
-            self._last_emfile_log = now
-            try:
-                _logger.warning("%s: accept() failed: %s", self.name, os.strerror(err))
-            except Exception:
-                pass        # a failing log handler must not stop the acceptor
 
     cdef int remove_connection(self, TcpConnection conn) except -1:
-        self._connections.pop(conn.id, None)
+        self._connections.pop(conn._id, None)
         cppnp_relaxed_store(&self._n_connections, len(self._connections))
         self._maybe_detach()
         return 0

@@ -18,8 +18,8 @@ from libc.stdint cimport int64_t
 from cpython.ref cimport PyObject
 
 from _core.blocking_queue cimport BlockingQueue
-from _core.task cimport Task
-from _core.tcp_connection cimport TcpConnection
+from _core.channel cimport PollHook
+from _core.task cimport Task, WorkOwner
 
 
 cdef class _Strand:
@@ -38,10 +38,15 @@ cdef class _Job:
         object fn               # ... or fn(*args)
         tuple args
         object key              # strand key, or None
-        TcpConnection conn      # connection whose lifetime counts this job, or None
-        bint run_if_closed      # run even if conn was reset / force-closed meanwhile
+        WorkOwner owner         # what counts this job (its connection), or None
+        bint run_if_closed      # run even if the owner was reset / force-closed meanwhile
         _Strand strand          # set when the job becomes its strand's running head
         _Job next               # in a strand's backlog
+
+
+# Wakes the pool's workers just before the loop polls (EventLoop.add_before_poll).
+cdef class _WakeWorkers(PollHook):
+    cdef BlockingQueue queue
 
 
 cdef class ThreadPool:
@@ -50,6 +55,7 @@ cdef class ThreadPool:
         str _name
         Py_ssize_t _max_queue
         BlockingQueue _queue
+        _WakeWorkers _wake      # the before-poll hook that notifies _queue
         list _threads
         object _start_lock      # serialises __init__/start()/stop() (a Python lock)
         cython.pymutex _mutex   # the core lock: the strand table and backlogs
@@ -79,4 +85,5 @@ cdef class ThreadPool:
     cdef int _advance(self, _Job job, int index, bint discard) except -1
     cdef _Job _strand_next(self, _Strand s)
     cdef _Job _strand_pop(self, _Strand s, bint orphan)
+    cdef _Job _take_head_locked(self, _Strand s)
     cdef int _run_strand_inline(self, _Strand s, _Job first) except -1

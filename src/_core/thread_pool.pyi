@@ -1,8 +1,11 @@
 from types import TracebackType
 from typing import Any
 
+from typing_extensions import disjoint_base
+
 class QueueFull(RuntimeError): ...
 
+@disjoint_base
 class ThreadPool:
     def __init__(
         self, num_threads: int = ..., *, name: str = ..., max_queue: int = ...

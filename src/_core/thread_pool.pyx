@@ -8,32 +8,19 @@ from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from libc.stdint cimport int64_t
 
 from _core.blocking_queue cimport BlockingQueue
-from _core.event_loop cimport (
-    EventLoop, log_exception, loop_gil_flag, running_loop, worker_gil_flag,
-)
+from _core.channel cimport PollHook
+from _core.event_loop cimport EventLoop, log_exception, running_loop
+from _core.gil_share cimport worker_has_gil, worker_share_slice, worker_wants_gil
+# MAX_BATCH: tasks a worker runs per GIL acquisition.  It takes them from the shared
+# queue one at a time (so an idle worker can take the next one: no task waits behind a
+# slow one while a worker is idle), and after this many goes round through take() once.
+from _core.includes.consts cimport INITIAL_BUCKETS, MAX_BATCH
 from _core.includes.sys cimport (
     cppnp_atomic_add, cppnp_atomic_cas, cppnp_atomic_load, cppnp_monotonic,
 )
-from _core.task cimport Task
-from _core.tcp_connection cimport TcpConnection
+from _core.task cimport Task, WorkOwner
 
 import threading
-
-cdef extern from "<sched.h>" nogil:
-    int sched_yield()
-
-
-# Tasks a worker runs per GIL acquisition.  It takes them from the shared queue one at a
-# time (so an idle worker can take the next one: no task waits behind a slow one while a
-# worker is idle), and after this many goes round through the blocking take() once.
-DEF MAX_BATCH = 16
-# A worker that holds the GIL steps aside for a waiting loop thread only after this many
-# seconds: the loop waits at most about this long instead of a whole switch interval
-# (5 ms); together with the loop's shorter slice (event_loop.pyx) the workers, which consume
-# what the loop produces, get the larger share of a contended GIL.
-DEF WORKER_SLICE = 0.001
-# Strand table size to start with (a power of two; it doubles when full).
-DEF INITIAL_BUCKETS = 64
 
 # ThreadPool._flags bits.
 cdef enum:
@@ -110,47 +97,68 @@ cdef class _Job:
     pass
 
 
-cdef TcpConnection _first_connection(tuple args):
+cdef inline WorkOwner _as_owner(object a):
+    """*a* as a WorkOwner that counts work (a connection), else None."""
+    if isinstance(a, WorkOwner) and (<WorkOwner>a).counts_work():
+        return <WorkOwner>a
+    return None
+
+
+cdef WorkOwner _first_owner(tuple args):
     cdef object a
+    cdef WorkOwner owner
     if args is None:
         return None
     for a in args:
-        if type(a) is TcpConnection:        # TcpConnection is final
-            return <TcpConnection>a
+        owner = _as_owner(a)
+        if owner is not None:
+            return owner
     return None
 
 
 cdef _Job _make_job(object task, tuple args, object key, bint run_if_closed):
     cdef _Job job = _Job.__new__(_Job)
-    cdef TcpConnection conn = None
-    cdef object param
+    cdef WorkOwner owner = None
     if isinstance(task, Task):
         if args:
             raise TypeError("add_task(Task) takes no extra arguments")
         job.task = <Task>task
         # The seed's EchoServer passes the connection as run2's param.
-        param = (<Task>task).param
-        if type(param) is TcpConnection:
-            conn = <TcpConnection>param
-        else:
-            conn = _first_connection((<Task>task)._args)
+        owner = _as_owner((<Task>task).param)
+        if owner is None:
+            owner = _first_owner((<Task>task)._args)
     elif callable(task) or hasattr(task, "run0"):
         if not callable(task):
             task = task.run0
         job.fn = task
         job.args = args
-        conn = _first_connection(args)
+        owner = _first_owner(args)
     else:
         raise TypeError("add_task() needs a Task, an IRun0 or a callable, got %r"
                         % (type(task).__name__,))
+    # The ordering rule, in one place: work on an owner (a connection) is keyed by it
+    # unless a key is given; key=False opts out.  An owner given as the key counts the job.
     if key is None:
-        key = conn          # work on a connection is ordered by it unless told otherwise
+        key = owner
     elif key is False:
-        key = None          # opted out of ordering
+        key = None
     job.key = key
-    job.conn = <TcpConnection>key if type(key) is TcpConnection else conn
+    if key is not None and key is not owner:
+        job.owner = _as_owner(key)
+        if job.owner is None:
+            job.owner = owner
+    else:
+        job.owner = owner
     job.run_if_closed = run_if_closed
     return job
+
+
+@cython.auto_pickle(False)
+@cython.final
+cdef class _WakeWorkers(PollHook):
+    cdef int before_poll(self) except -1:
+        self.queue.notify()
+        return 0
 
 
 @cython.auto_pickle(False)
@@ -184,6 +192,8 @@ cdef class ThreadPool:
         self._threads = []
         self._start_lock = threading.Lock()
         self._queue = BlockingQueue()
+        self._wake = _WakeWorkers.__new__(_WakeWorkers)
+        self._wake.queue = self._queue
         self._name = "cppnp-worker"
         self._per_worker = <int64_t*>PyMem_RawCalloc(1, sizeof(int64_t))
         self._nslots = 1
@@ -422,8 +432,8 @@ cdef class ThreadPool:
                                 % (self._name, self._max_queue))
         else:
             cppnp_atomic_add(&self._queued, 1)
-        if job.conn is not None:
-            job.conn.task_started()
+        if job.owner is not None:
+            job.owner.work_added()
         # Counted: hand the job over, or roll the counts back if that fails.
         try:
             if job.key is not None:
@@ -440,8 +450,8 @@ cdef class ThreadPool:
                 how = H_QUEUED
         except BaseException:
             cppnp_atomic_add(&self._queued, -1)
-            if job.conn is not None:
-                job.conn.task_finished()
+            if job.owner is not None:
+                job.owner.work_released()
             raise
         if how == H_QUEUED:
             if job.key is not None:
@@ -449,7 +459,7 @@ cdef class ThreadPool:
             elif loop is not None:
                 # On a loop thread: wake workers once, just before the loop polls, so a
                 # batch of messages costs one wakeup instead of one per task.
-                loop.defer_notify(self._queue)
+                loop.add_before_poll(self._wake)
         elif how == H_RUN_HERE:
             if job.strand is None:
                 self._run_job(job, 0)
@@ -607,7 +617,7 @@ cdef class ThreadPool:
         if loop is None:
             self._queue.notify()
         else:
-            loop.defer_notify(self._queue)
+            loop.add_before_poll(self._wake)
         return 0
 
     # -- running ------------------------------------------------------------------------
@@ -618,7 +628,7 @@ cdef class ThreadPool:
         if cppnp_atomic_load(&self._flags) & F_DISCARDING:
             self._finish_job(job, J_DISCARDED)
             return 0
-        if job.conn is not None and not job.run_if_closed and job.conn.work_cancelled():
+        if job.owner is not None and not job.run_if_closed and job.owner.work_cancelled():
             self._finish_job(job, J_CANCELLED)
             return 0
         now_running = cppnp_atomic_add(&self._running, 1)
@@ -635,8 +645,8 @@ cdef class ThreadPool:
             if self._nthreads == 0 and not isinstance(exc, Exception):
                 cppnp_atomic_add(&self._failed, 1)
                 raise       # Ctrl-C in an inline task stops the caller (the loop), as it should
-            # A worker lives on: log it (never raising), then count it, so that whoever
-            # sees the count also finds the log record.
+            # A worker lives on: log it (never raising), then count it -- in that order, so
+            # whoever sees ``failed`` go up also finds the log record.
             log_exception("Exception in task %r",
                           job.task if job.task is not None else job.fn)
             cppnp_atomic_add(&self._failed, 1)
@@ -654,8 +664,8 @@ cdef class ThreadPool:
             cppnp_atomic_add(&self._discarded, 1)
             if how == J_CANCELLED:
                 cppnp_atomic_add(&self._cancelled, 1)
-        if job.conn is not None:
-            job.conn.task_finished()
+        if job.owner is not None:
+            job.owner.work_released()
         return 0
 
     cdef int _advance(self, _Job job, int index, bint discard) except -1:
@@ -677,16 +687,8 @@ cdef class ThreadPool:
         cdef _Job nxt
         cdef int r = 0
         with self._mutex:
-            nxt = s.head
-            if nxt is None:
-                s.running = False
-                self._remove_locked(s)
-            else:
-                s.head = nxt.next
-                if s.head is None:
-                    s.tail = None
-                nxt.next = None
-                nxt.strand = s
+            nxt = self._take_head_locked(s)
+            if nxt is not None:
                 # Internal: accepted after close() too -- the caller (a worker, or stop())
                 # goes on taking from the queue until it is empty.
                 r = self._queue.push(<PyObject*>nxt, False, True)
@@ -702,21 +704,27 @@ cdef class ThreadPool:
         *s*.  With *orphan* (the runner leaves on KeyboardInterrupt/SystemExit): retire *s*
         if nothing waits, else leave its jobs to the next add_task with this key (or to
         stop()), and return None."""
-        cdef _Job nxt
+        cdef _Job nxt = None
         with self._mutex:
-            nxt = s.head
-            if nxt is None:
-                s.running = False
-                self._remove_locked(s)
-            elif orphan:
-                s.running = False
-                nxt = None
+            if orphan and s.head is not None:
+                s.running = False       # left to the next add_task with its key
             else:
-                s.head = nxt.next
-                if s.head is None:
-                    s.tail = None
-                nxt.next = None
-                nxt.strand = s
+                nxt = self._take_head_locked(s)
+        return nxt
+
+    cdef _Job _take_head_locked(self, _Strand s):
+        """Under _mutex: the strand rule's one step.  Make the next waiting job of *s* its
+        running head and return it, or retire *s* (nothing waits) and return None."""
+        cdef _Job nxt = s.head
+        if nxt is None:
+            s.running = False
+            self._remove_locked(s)
+            return None
+        s.head = nxt.next
+        if s.head is None:
+            s.tail = None
+        nxt.next = None
+        nxt.strand = s
         return nxt
 
     cdef int _run_strand_inline(self, _Strand s, _Job first) except -1:
@@ -853,30 +861,19 @@ cdef class ThreadPool:
     AddTask = add_task
 
 
-cdef inline void _yield_to_loop(int64_t* flag) noexcept nogil:
-    # A loop thread is waiting for the GIL: let it take the GIL before we do (bounded,
-    # in case it waits for a GIL held by some other thread).
-    cdef int spins = 0
-    while cppnp_atomic_load(flag) > 0 and spins < 1000:
-        sched_yield()
-        spins += 1
-
-
 def _worker_main(ThreadPool pool, int index):
     """A worker: wait (GIL released) for a job, then run jobs while the queue has some."""
     cdef PyObject* p
     cdef BlockingQueue queue = pool._queue
-    cdef int64_t* flag = loop_gil_flag()
-    cdef int64_t* wanting = worker_gil_flag()
     cdef double slice_start
     cdef int ran
+    cdef bint counted
     cdef _Job job
     while True:
         with nogil:
             p = queue.take()
-            _yield_to_loop(flag)
-            cppnp_atomic_add(wanting, 1)    # the loop hands the GIL over after its slice
-        cppnp_atomic_add(wanting, -1)
+            counted = worker_wants_gil()    # gil_share.pxd
+        worker_has_gil(counted)
         if p == NULL:
             return
         slice_start = cppnp_monotonic()
@@ -891,12 +888,7 @@ def _worker_main(ThreadPool pool, int index):
             ran += 1
             if ran == MAX_BATCH:
                 break       # round through take(), which releases the GIL
-            if cppnp_atomic_load(flag) > 0 and cppnp_monotonic() - slice_start >= WORKER_SLICE:
-                with nogil:         # hand the GIL to the waiting loop thread
-                    _yield_to_loop(flag)
-                    cppnp_atomic_add(wanting, 1)
-                cppnp_atomic_add(wanting, -1)
-                slice_start = cppnp_monotonic()
+            worker_share_slice(&slice_start)   # a waiting loop thread gets the GIL
             # One at a time from the shared queue: what we do not take yet, an idle worker
             # can (the queue wakes one when an item is left behind).
             p = queue.try_take()

@@ -7,9 +7,8 @@ from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from libc.math cimport ceil, floor, INFINITY, isinf, nextafter
 from libc.stdint cimport int64_t
 
+from _core.includes.consts cimport MIN_COMPACT, grown_capacity
 from _core.includes.sys cimport cppnp_relaxed_load, cppnp_relaxed_store
-
-DEF MIN_COMPACT = 64
 
 
 cdef inline bint _less(TimerEntry* a, TimerEntry* b) noexcept nogil:
@@ -34,9 +33,6 @@ cdef class TimerQueue:
         PyMem_RawFree(self._heap)
         cppnp_id_set_free(&self._live)
 
-    def __len__(self):
-        return self._live.count
-
     cdef int64_t live_count(self) noexcept:
         return cppnp_relaxed_load(&self._live_count)
 
@@ -53,13 +49,14 @@ cdef class TimerQueue:
     cdef int _push(self, TimerEntry* e) except -1:
         cdef Py_ssize_t i, parent
         cdef TimerEntry* grown
+        cdef Py_ssize_t newcap
         if self._size == self._cap:
-            grown = <TimerEntry*>PyMem_RawRealloc(
-                self._heap, (self._cap * 2 + 64) * sizeof(TimerEntry))
+            newcap = grown_capacity(self._cap)
+            grown = <TimerEntry*>PyMem_RawRealloc(self._heap, newcap * sizeof(TimerEntry))
             if grown == NULL:
                 raise MemoryError()
             self._heap = grown
-            self._cap = self._cap * 2 + 64
+            self._cap = newcap
         i = self._size
         self._size += 1
         while i > 0:

@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from _core import codec as _core_codec
+from _core.handler import resolve_callback
 from cppnp.handler import ICppnpUsr
 
 __all__ = ["FrameHandler", "LengthFieldCodec", "LineCodec"]
@@ -45,12 +46,9 @@ class FrameHandler(Protocol):
 
 def _forward(codec: object, handler: object) -> None:
     for name in _FORWARDED:
-        method = getattr(handler, name, None)
-        if method is None or getattr(method, "__cppnp_noop__", False):
-            continue
-        if not callable(method):
-            raise TypeError(f"handler.{name} must be callable, got {type(method).__name__}")
-        setattr(codec, name, method)
+        method = resolve_callback(handler, name)
+        if method is not None:
+            setattr(codec, name, method)
 
 
 class LengthFieldCodec(_core_codec.LengthFieldCodec, ICppnpUsr):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING
+
+from _core.handler import mark_discard, mark_noop
 
 if TYPE_CHECKING:
     from _core.buffer import Buffer
@@ -10,13 +12,9 @@ if TYPE_CHECKING:
 
 __all__ = ["ICppnpUsr"]
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _noop(func: _F) -> _F:
-    # The core skips callbacks marked this way instead of calling them.
-    func.__cppnp_noop__ = True  # type: ignore[attr-defined]
-    return func
+# The core (_core.handler) skips callbacks marked no-op instead of calling them, and
+# drops input without a call while on_message is the discarding default.
+_noop = mark_noop
 
 
 class ICppnpUsr:
@@ -40,6 +38,7 @@ class ICppnpUsr:
         Loop thread only.
         """
 
+    @mark_discard
     def on_message(self, conn: TcpConnection, buf: Buffer) -> None:
         """Called when data arrived; *buf* holds it and everything not yet retrieved.
 
@@ -51,8 +50,6 @@ class ICppnpUsr:
         Loop thread only.
         """
         buf.retrieve_all()
-
-    on_message.__cppnp_discard__ = True  # type: ignore[attr-defined]
 
     @_noop
     def on_write_complete(self, conn: TcpConnection) -> None:

@@ -24,7 +24,6 @@ cdef extern from "<sys/epoll.h>" nogil:
         EPOLLOUT
         EPOLLERR
         EPOLLHUP
-        EPOLLRDHUP
 
     int epoll_create1(int flags)
     int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
@@ -41,7 +40,6 @@ cdef extern from "<sys/uio.h>" nogil:
         void* iov_base
         size_t iov_len
     ssize_t readv(int fd, const iovec* iov, int iovcnt)
-    ssize_t writev(int fd, const iovec* iov, int iovcnt)
 
 cdef extern from "<unistd.h>" nogil:
     ssize_t read(int fd, void* buf, size_t count)
@@ -59,32 +57,18 @@ cdef extern from "<errno.h>" nogil:
     enum:
         EINTR
         EAGAIN
-        EWOULDBLOCK
         EMFILE
         ENFILE
-        ENOBUFS
-        ENOMEM
         ECONNABORTED
         EPROTO
         EPERM
         EPIPE
-        ECONNRESET
-        EBADF
 
 cdef extern from "<string.h>" nogil:
     void* memchr(const void* s, int c, size_t n)
     void* memmem(const void* haystack, size_t hl, const void* needle, size_t nl)
     void* memcpy(void* dest, const void* src, size_t n)
     void* memmove(void* dest, const void* src, size_t n)
-
-cdef extern from "<time.h>" nogil:
-    ctypedef long time_t
-    struct timespec:
-        time_t tv_sec
-        long tv_nsec
-    enum:
-        CLOCK_MONOTONIC
-    int clock_gettime(int clk_id, timespec* tp)
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
@@ -109,17 +93,6 @@ cdef extern from "<sys/socket.h>" nogil:
     int getsockopt(int sockfd, int level, int optname, void* optval, socklen_t* optlen)
     int setsockopt(int sockfd, int level, int optname, const void* optval, socklen_t optlen)
     int getsockname(int sockfd, sockaddr* addr, socklen_t* addrlen)
-
-cdef extern from "<sys/socket.h>" nogil:
-    struct msghdr:
-        void* msg_name
-        socklen_t msg_namelen
-        iovec* msg_iov
-        size_t msg_iovlen
-        void* msg_control
-        size_t msg_controllen
-        int msg_flags
-    ssize_t sendmsg(int sockfd, const msghdr* msg, int flags)
 
 cdef extern from "<netinet/in.h>" nogil:
     enum:

@@ -1,0 +1,63 @@
+# The core's named constants, in one place (cimport what you use:
+# `from _core.includes.consts cimport MAX_EVENTS`).  Values are C compile-time constants
+# (enums and macros in the verbatim block below), so using one costs nothing;
+# Cython 3 deprecates `DEF`, which the core no longer uses.
+cdef extern from *:
+    """
+    #ifndef CPPNP_CONSTS_H
+    #define CPPNP_CONSTS_H
+    #include <stddef.h>
+    /* Buffer (muduo's kCheapPrepend / kInitialSize) and the readv spill area. */
+    enum { CPPNP_CHEAP_PREPEND = 8, CPPNP_INITIAL_SIZE = 1024, CPPNP_EXTRA_BUF = 65536 };
+    /* EventLoop: epoll events taken per epoll_wait. */
+    enum { CPPNP_MAX_EVENTS = 1024 };
+    /* LengthHeaderCodec: the widest length header (bytes). */
+    enum { CPPNP_MAX_HEADER = 8 };
+    /* TcpConnection: input buffers above this are given back once drained; the default
+       high-water mark (64 MiB of queued output). */
+    enum { CPPNP_KEEP_INPUT_CAPACITY = 262144 };
+    #define CPPNP_DEFAULT_HIGH_WATER_MARK (64LL * 1024 * 1024)
+    /* Acceptor: accepts per readable event (a connection storm cannot starve open
+       connections), the rest after an accept error, one log line per interval. */
+    enum { CPPNP_MAX_ACCEPTS_PER_EVENT = 256 };
+    #define CPPNP_ACCEPT_RETRY_DELAY 0.1
+    #define CPPNP_ACCEPT_LOG_INTERVAL 1.0
+    /* ThreadPool: tasks a worker runs per GIL acquisition; the strand table's first size
+       (a power of two; it doubles when full). */
+    enum { CPPNP_MAX_BATCH = 16, CPPNP_INITIAL_BUCKETS = 64 };
+    /* GIL sharing (gil_share.pyx): the loop's and a worker's slice of a contended GIL, in
+       seconds, and the bounds of the two spin waits (sched_yield() calls). */
+    #define CPPNP_LOOP_SLICE 0.0002
+    #define CPPNP_WORKER_SLICE 0.001
+    enum { CPPNP_HAND_OVER_SPINS = 200, CPPNP_YIELD_SPINS = 1000 };
+    /* EventLoop.run_every(): the monotonic clock's resolution. */
+    #define CPPNP_MIN_INTERVAL 1e-9
+    /* TimerQueue: compact the heap once this many entries (and over half) are dead. */
+    enum { CPPNP_MIN_COMPACT = 64 };
+    /* Growth of the core's C arrays (timer heap, queue ring): new = old * 2 + 64. */
+    enum { CPPNP_GROWTH_FACTOR = 2, CPPNP_GROWTH_MIN = 64 };
+    static inline size_t cppnp_grown_capacity(size_t cap) {
+        return cap * CPPNP_GROWTH_FACTOR + CPPNP_GROWTH_MIN;
+    }
+    #endif
+    """
+    enum:
+        CHEAP_PREPEND "CPPNP_CHEAP_PREPEND"
+        INITIAL_SIZE "CPPNP_INITIAL_SIZE"
+        EXTRA_BUF "CPPNP_EXTRA_BUF"
+        MAX_EVENTS "CPPNP_MAX_EVENTS"
+        MAX_HEADER "CPPNP_MAX_HEADER"
+        KEEP_INPUT_CAPACITY "CPPNP_KEEP_INPUT_CAPACITY"
+        MAX_ACCEPTS_PER_EVENT "CPPNP_MAX_ACCEPTS_PER_EVENT"
+        MAX_BATCH "CPPNP_MAX_BATCH"
+        INITIAL_BUCKETS "CPPNP_INITIAL_BUCKETS"
+        HAND_OVER_SPINS "CPPNP_HAND_OVER_SPINS"
+        YIELD_SPINS "CPPNP_YIELD_SPINS"
+        MIN_COMPACT "CPPNP_MIN_COMPACT"
+    const long long DEFAULT_HIGH_WATER_MARK "CPPNP_DEFAULT_HIGH_WATER_MARK"
+    const double ACCEPT_RETRY_DELAY "CPPNP_ACCEPT_RETRY_DELAY"
+    const double ACCEPT_LOG_INTERVAL "CPPNP_ACCEPT_LOG_INTERVAL"
+    const double LOOP_SLICE "CPPNP_LOOP_SLICE"
+    const double WORKER_SLICE "CPPNP_WORKER_SLICE"
+    const double MIN_INTERVAL "CPPNP_MIN_INTERVAL"
+    size_t grown_capacity "cppnp_grown_capacity"(size_t cap) noexcept nogil
