@@ -108,6 +108,7 @@ class WsgiServer(ICppnpUsr):
         self.now = loop.time()
         self._date_second = 0
         self.date_line = ""
+        self.date_end = b""  # date_line + the blank line that ends a head, encoded
         self._update_date()
         self.draining = False
         self.conns: set[HttpConn] = set()
@@ -285,6 +286,7 @@ class WsgiServer(ICppnpUsr):
         if second != self._date_second:
             self._date_second = second
             self.date_line = "Date: " + email.utils.formatdate(second, usegmt=True)
+            self.date_end = (self.date_line + "\r\n\r\n").encode("ascii")
 
     def _sweep(self) -> None:
         now = self.now = self.loop.time()
