@@ -216,3 +216,28 @@ def test_processes_must_be_a_positive_int() -> None:
 
     with pytest.raises(ValueError, match="processes"):
         serve(hello, "127.0.0.1", 0, processes=0)
+
+
+def test_a_port_in_use_stops_the_service_with_a_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))  # no SO_REUSEPORT: the children cannot bind beside it
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cppnp.wsgi",
+                "wsgi_apps:hello",
+                "--processes",
+                "2",
+                "--port",
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=HERE,
+        )
+    assert out.returncode == 3, out.stderr  # EXIT_BOOT_FAILED
+    assert "cannot serve" in out.stderr and "Address already in use" in out.stderr, out.stderr
