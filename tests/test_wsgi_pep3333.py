@@ -280,10 +280,41 @@ def test_bad_responses_are_500(wsgi: Serve, threads: int, caplog: pytest.LogCapt
 
     w = wsgi(app, threads=threads)
     with caplog.at_level(logging.ERROR, logger="cppnp.wsgi"):
-        for path in cases:
+        for path in [*cases, *cases]:  # twice: a bad head is never remembered as good
             r = one(w.address, get(path))
             assert r.status == 500, path
             assert r.header("X-Evil") is None
+
+
+@pytest.mark.parametrize("threads", MODES, ids=MODE_IDS)
+def test_hop_by_hop_headers_from_the_app_are_dropped(wsgi: Serve, threads: int) -> None:
+    """PEP 3333: the server owns the hop-by-hop headers; Connection: close from the app is
+    honoured.  Each head is sent several times (the server caches heads by content)."""
+    heads: dict[str, list[tuple[str, str]]] = {
+        "/close": [("Content-Type", "text/plain"), ("Connection", "close")],
+        "/te": [("Transfer-Encoding", "chunked"), ("Keep-Alive", "timeout=99")],
+        "/cl": [("Content-Length", "2"), ("X-A", "1")],
+        "/cl-te": [("content-length", "2"), ("Upgrade", "h2c"), ("TE", "trailers")],
+    }
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", list(heads.get(environ["PATH_INFO"], heads["/cl"])))
+        return [b"ok"]
+
+    w = wsgi(app, threads=threads)
+    for _ in range(3):
+        (r,), closed = exchange(w.address, get("/close"))
+        assert (r.status, r.body, r.header("Connection"), closed) == (200, b"ok", "close", True)
+        assert r.header("Content-Length") == "2"
+        for path in ("/te", "/cl", "/cl-te"):
+            (r,), closed = exchange(w.address, get(path))
+            assert (r.status, r.body, closed) == (200, b"ok", False), path
+            names = {k.lower() for k, _ in r.headers}
+            assert names.isdisjoint({"transfer-encoding", "keep-alive", "upgrade", "te"}), names
+            assert r.header("Content-Length") == "2" and r.header("Connection") is None
+        raw = get("/cl", version="1.0", extra="Connection: keep-alive\r\n")
+        (r,), _ = exchange(w.address, raw, probe=False)
+        assert r.header("Connection") == "keep-alive" and r.body == b"ok"
 
 
 @pytest.mark.parametrize("threads", MODES, ids=MODE_IDS)

@@ -75,6 +75,33 @@ def pid(environ: dict[str, Any], start_response: Start) -> list[bytes]:
     return [data]
 
 
+def procinfo(environ: dict[str, Any], start_response: Start) -> list[bytes]:
+    """JSON: this process's pid, wsgi.multiprocess and wsgi.multithread."""
+    data = json.dumps(
+        {
+            "pid": os.getpid(),
+            "multiprocess": environ["wsgi.multiprocess"],
+            "multithread": environ["wsgi.multithread"],
+        }
+    ).encode()
+    start_response(
+        "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+    )
+    return [data]
+
+
+def inflight(environ: dict[str, Any], start_response: Start) -> list[bytes]:
+    """/inflight/NAME?ms=N: create NAME in $WSGI_MARK_DIR (the request is in the app), sleep
+    N ms, answer with NAME and the pid."""
+    name = environ["PATH_INFO"].rsplit("/", 1)[-1]
+    with open(os.path.join(os.environ["WSGI_MARK_DIR"], name), "w"):
+        pass
+    time.sleep(_query(environ, "ms", 500) / 1000.0)
+    data = ("%s %d" % (name, os.getpid())).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(data)))])
+    return [data]
+
+
 def dispatch(environ: dict[str, Any], start_response: Start) -> Any:
     """Route by the first path segment to the apps above (for child-process tests)."""
     first = environ["PATH_INFO"].split("/")[1] if environ["PATH_INFO"] != "/" else "hello"
@@ -85,6 +112,8 @@ def dispatch(environ: dict[str, Any], start_response: Start) -> Any:
         "big": big,
         "slow": slow,
         "pid": pid,
+        "procinfo": procinfo,
+        "inflight": inflight,
     }.get(first, hello)
     return target(environ, start_response)
 

@@ -47,6 +47,16 @@ def load_app(spec: str) -> Any:
     raise AttributeError("module %r has no attribute %s" % (module_name, " or ".join(names)))
 
 
+def _processes(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 1024:
+        raise argparse.ArgumentTypeError("expected an int from 1 to 1024, got %r" % (text,))
+    return n
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the wsgi options (each documented with its default) to *parser*."""
     defaults = Config()
@@ -58,6 +68,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--port", type=int, default=8000, help="port to listen on (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--processes",
+        type=_processes,
+        default=1,
+        metavar="N",
+        help="prefork: N processes serve the port (SO_REUSEPORT), each with its own loop "
+        "and --threads workers; a child that dies is restarted, SIGTERM drains them all "
+        "(default: %(default)s: one process, no supervisor)",
     )
     parser.add_argument(
         "--log-level",
@@ -109,8 +128,16 @@ def run(args: argparse.Namespace) -> int:
         if f.name != "extra" and hasattr(args, f.name)
     }
     threads = options.pop("threads")
-    serve(app, args.host, args.port, threads=threads, **options)
-    return 0
+    processes = getattr(args, "processes", 1)
+    if processes > 1:
+        from cppnp.prefork import EXIT_BOOT_FAILED, PreforkError
+
+        try:
+            return serve(app, args.host, args.port, threads=threads, processes=processes, **options)
+        except PreforkError as exc:
+            logging.getLogger("cppnp.wsgi").error("cannot serve: %s", exc)
+            return EXIT_BOOT_FAILED
+    return serve(app, args.host, args.port, threads=threads, **options)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -345,7 +345,7 @@ class HttpConn:
                 if phase == P_IDLE:
                     self.deadline = self.server.now + self.server.header_timeout
                 self.phase = P_HEADERS
-        if self.ready:
+        if self.ready and self.active is None:
             self.dispatch()
 
     def dispatch(self) -> None:
@@ -383,7 +383,8 @@ class HttpConn:
             self.close()
             return
         if self.ready:
-            self._resume_reading()
+            if self.paused:
+                self._resume_reading()
             self.dispatch()
             return
         if self.pending_error:
@@ -396,7 +397,8 @@ class HttpConn:
         ):
             self.close()
             return
-        self._resume_reading()
+        if self.paused:
+            self._resume_reading()
         if self.need_continue:
             self.need_continue = False
             self._send(_CONTINUE)

@@ -87,6 +87,67 @@ def error_response(code: int, date_line: str, close: bool = True) -> bytes:
     return head.encode("latin-1") + body
 
 
+# (status, *headers) -> _head_info() of them (bounded: cleared when full).
+_HEADS: dict[Any, tuple[bytes, int | None, bool, bool]] = {}
+_MAX_HEADS = 256
+
+
+def _head_info(status: str, headers: list[tuple[str, str]]) -> tuple[bytes, int | None, bool, bool]:
+    """The app's part of a response head: (status line and headers encoded, the app's
+    Content-Length (None: none, -1: not a number), no body by status (1xx, 204, 304),
+    the app asked for Connection: close).  Raises for a header the server cannot send."""
+    nlines = len(headers)
+    # One C-level pass: ": ".join raises TypeError for a name or value that is not str.
+    text = "\r\n".join(map(": ".join, headers))
+    cl_text = None
+    app_close = False
+    if text:
+        low = text.lower()
+        m = _SPECIAL_RE.search(low)
+        if m is not None:
+            if m.group() == "content-length:" and _SPECIAL_RE.search(low, m.end()) is None:
+                end = text.find("\r\n", m.end())
+                cl_text = text[m.end() : end if end >= 0 else len(text)].strip()
+            else:
+                text, cl_text, nlines, app_close = _filter_headers(headers)
+        if text:
+            text += "\r\n"
+    head = "HTTP/1.1 " + status + "\r\n" + text
+    # Every CR and LF must be one of ours: a header smuggling in a line fails here.
+    lines = nlines + 1
+    if head.count("\n") != lines or head.count("\r") != lines:
+        raise ValueError("a response header contains CR or LF")
+    code = status[:3]
+    no_body = code[0] == "1" or code == "204" or code == "304"
+    cl = None if cl_text is None else int(cl_text) if cl_text.isdigit() else -1
+    return head.encode("latin-1"), cl, no_body, app_close
+
+
+def _filter_headers(headers: list[tuple[str, str]]) -> tuple[str, str | None, int, bool]:
+    """The app's headers without the hop-by-hop ones; its Content-Length; whether it asked
+    for Connection: close."""
+    parts = []
+    cl = None
+    close = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname == "content-length":
+            cl = value.strip()
+        elif lname in _HOP_BY_HOP:
+            if lname == "connection" and "close" in value.lower():
+                close = True
+            continue
+        parts.append(name + ": " + value)
+    return "\r\n".join(parts), cl, len(parts), close
+
+
+def _app_cl(headers: list[tuple[str, str]]) -> str | None:
+    for name, value in headers:
+        if name.lower() == "content-length":
+            return value.strip()
+    return None
+
+
 class ClientGone(Exception):
     """The client closed, or stopped reading for longer than the send timeout."""
 
@@ -215,49 +276,44 @@ class Exchange:
             raise RuntimeError("the application returned without calling start_response()")
         headers = self.headers
         assert headers is not None
-        nlines = len(headers)
-        # One C-level pass: ": ".join raises TypeError for a name or value that is not str.
-        text = "\r\n".join(map(": ".join, headers))
-        cl = None
-        if text:
-            low = text.lower()
-            m = _SPECIAL_RE.search(low)
-            if m is not None:
-                if m.group() == "content-length:" and _SPECIAL_RE.search(low, m.end()) is None:
-                    end = text.find("\r\n", m.end())
-                    cl = text[m.end() : end if end >= 0 else len(text)].strip()
-                else:
-                    text, cl, nlines = self._filter_headers(headers)
-            if text:
-                text += "\r\n"
-        code = status[:3]
-        extra = ""
-        if self.head or code[0] == "1" or code == "204" or code == "304":
+        # The app's part of the head (status line, its headers checked, filtered and
+        # encoded) is cached by content: most apps send the same few heads again and again.
+        try:
+            key: Any = (status, *headers)
+            info = _HEADS.get(key)
+        except TypeError:  # an unhashable header: the slow path says what is wrong
+            key = None
+            info = None
+        if info is None:
+            info = _head_info(status, headers)
+            if key is not None:
+                if len(_HEADS) >= _MAX_HEADS:
+                    _HEADS.clear()
+                _HEADS[key] = info
+        block, cl, no_body, app_close = info
+        if app_close:
+            self.keep_alive = False
+        extra = b""
+        if self.head or no_body:
             self.framing = F_NONE
-            if (
-                self.head
-                and cl is None
-                and body_len is not None
-                and code[0] != "1"
-                and code != "204"
-                and code != "304"
-            ):
-                extra = "Content-Length: %d\r\n" % body_len
+            if self.head and cl is None and body_len is not None and not no_body:
+                extra = b"Content-Length: %d\r\n" % body_len
         elif cl is not None:
-            if not cl.isdigit():
-                raise ValueError("invalid Content-Length from the application: %r" % (cl,))
-            n = int(cl)
+            if cl < 0:
+                raise ValueError(
+                    "invalid Content-Length from the application: %r" % (_app_cl(headers),)
+                )
             self.framing = F_LENGTH
-            self.remaining = n
-            if body_len is not None and body_len < n:
+            self.remaining = cl
+            if body_len is not None and body_len < cl:
                 # The body is shorter than declared: close so the client sees the end.
                 self.keep_alive = False
         elif body_len is not None:
-            extra = "Content-Length: %d\r\n" % body_len
+            extra = b"Content-Length: %d\r\n" % body_len
             self.framing = F_LENGTH
             self.remaining = body_len
         elif self.http11:
-            extra = "Transfer-Encoding: chunked\r\n"
+            extra = b"Transfer-Encoding: chunked\r\n"
             self.framing = F_CHUNKED
         else:
             self.framing = F_CLOSE
@@ -265,34 +321,15 @@ class Exchange:
         if self.keep_alive:
             if self.st.server.draining:
                 self.keep_alive = False
-                extra += "Connection: close\r\n"
+                extra += b"Connection: close\r\n"
             elif not self.http11:
-                extra += "Connection: keep-alive\r\n"
+                extra += b"Connection: keep-alive\r\n"
         else:
-            extra += "Connection: close\r\n"
-        head = "HTTP/1.1 " + status + "\r\n" + text + extra + self.st.server.date_line + "\r\n\r\n"
-        # Every CR and LF must be one of ours: a header smuggling in a line fails here.
-        lines = nlines + extra.count("\n") + 3
-        if head.count("\n") != lines or head.count("\r") != lines:
-            raise ValueError("a response header contains CR or LF")
-        data = head.encode("latin-1")
+            extra += b"Connection: close\r\n"
         self.headers_sent = True
-        return data
-
-    def _filter_headers(self, headers: list[tuple[str, str]]) -> tuple[str, str | None, int]:
-        """The app's headers without the hop-by-hop ones; its Content-Length."""
-        parts = []
-        cl = None
-        for name, value in headers:
-            lname = name.lower()
-            if lname == "content-length":
-                cl = value.strip()
-            elif lname in _HOP_BY_HOP:
-                if lname == "connection" and "close" in value.lower():
-                    self.keep_alive = False
-                continue
-            parts.append(name + ": " + value)
-        return "\r\n".join(parts), cl, len(parts)
+        if extra:
+            return block + extra + self.st.server.date_end
+        return block + self.st.server.date_end
 
     def _frame(self, chunk: bytes) -> bytes:
         framing = self.framing

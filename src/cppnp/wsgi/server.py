@@ -108,6 +108,7 @@ class WsgiServer(ICppnpUsr):
         self.now = loop.time()
         self._date_second = 0
         self.date_line = ""
+        self.date_end = b""  # date_line + the blank line that ends a head, encoded
         self._update_date()
         self.draining = False
         self.conns: set[HttpConn] = set()
@@ -173,15 +174,20 @@ class WsgiServer(ICppnpUsr):
             # nothing here should keep them alive.
             self.conns.clear()
 
-    def drain(self, timeout: float | None = None, on_done: Callable[[], Any] | None = None) -> None:
+    def drain(self, timeout: float | None = None, on_done: Callable[[], Any] | None = None) -> bool:
         """Graceful stop: stop accepting, close idle keep-alive connections, let requests
         in flight finish (each connection closes after its response), and after
         *timeout* seconds (default ``graceful_timeout``) force-close what is left.
-        *on_done* runs on the loop thread once no connection is left.  Thread-safe.
+        *on_done* runs on the loop thread once no connection is left.
+
+        Returns True once no connection is left (False when called from another thread:
+        the drain is then queued to the loop).  Calling it again moves the deadline to
+        *timeout* seconds from now: the prefork supervisor calls ``drain(seconds_left)``
+        on every tick until it returns True.  Thread-safe.
         """
         if not self.loop.is_in_loop_thread():
             self.loop.run_in_loop(lambda: self.drain(timeout, on_done))
-            return
+            return False
         if timeout is None:
             timeout = self.cfg.graceful_timeout
         self._drain_done = on_done
@@ -193,6 +199,7 @@ class WsgiServer(ICppnpUsr):
                 if st.active is None and not st.ready and (st.phase == P_IDLE or st.phase == P_NEW):
                     st.close()
         self._check_drained()
+        return not self.conns
 
     def shutdown(self, timeout: float | None = None) -> bool:
         """Graceful stop from another thread: drain() and wait until no connection is
@@ -279,6 +286,7 @@ class WsgiServer(ICppnpUsr):
         if second != self._date_second:
             self._date_second = second
             self.date_line = "Date: " + email.utils.formatdate(second, usegmt=True)
+            self.date_end = (self.date_line + "\r\n\r\n").encode("ascii")
 
     def _sweep(self) -> None:
         now = self.now = self.loop.time()
@@ -322,16 +330,31 @@ def serve(
     port: int = 8000,
     *,
     threads: int = 4,
-    ready: Callable[[WsgiServer], Any] | None = None,
+    processes: int = 1,
+    ready: Callable[[Any], Any] | None = None,
     **options: Any,
-) -> None:
+) -> int:
     """Serve *app* on (host, port) until SIGTERM or SIGINT (a graceful stop: in-flight
     requests finish, within ``graceful_timeout``), in the calling thread.
 
-    ``threads`` workers run the app (0: on the loop thread).  Other keyword arguments are
-    Config fields.  *ready(server)* is called once the server listens.  Returns normally
-    after a graceful stop.  Call it from the main thread to get the signal handling.
+    ``threads`` workers run the app (0: on the loop thread).  ``processes`` > 1 forks that
+    many children with the prefork supervisor (:func:`cppnp.prefork.serve`): each runs
+    its own loop, pool and WsgiServer on the same port (SO_REUSEPORT; the kernel spreads
+    the connections), ``wsgi.multiprocess`` is True, a child that dies is restarted, and
+    SIGTERM drains every child gracefully.  Port 0 with ``processes`` > 1 reserves a free
+    port first.  Other keyword arguments are Config fields.
+
+    *ready* is called once the server listens: with the WsgiServer in one process, with
+    the :class:`cppnp.prefork.Supervisor` (``pids``, ``address``) with several.  Returns
+    the exit status: 0 after a graceful stop (with several processes, 1 if a child had to
+    be killed or exited with an error).  Raises :class:`cppnp.prefork.PreforkError` if a
+    child cannot start (e.g. the address is in use).  Call it from the main thread to
+    get the signal handling (required with several processes).
     """
+    if type(processes) is not int or processes < 1:
+        raise ValueError("processes must be an int >= 1, got %r" % (processes,))
+    if processes > 1:
+        return _serve_prefork(app, host, port, threads, processes, ready, options)
     with EventLoop() as loop:
         server = WsgiServer(loop, app, host, port, threads=threads, **options)
         server.start()
@@ -368,3 +391,53 @@ def serve(
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             server.close(timeout=1.0)
+    return 0
+
+
+def _serve_prefork(
+    app: WsgiApp,
+    host: str,
+    port: int,
+    threads: int,
+    processes: int,
+    ready: Callable[[Any], Any] | None,
+    options: dict[str, Any],
+) -> int:
+    from cppnp.prefork import Supervisor, reserve_port
+    from cppnp.prefork import serve as prefork_serve
+
+    # Checked here, in the parent: a bad option is one clear error, not N failed children.
+    config = Config(threads=threads, **options)
+    config = dataclasses.replace(
+        config, reuse_port=True, extra=dict(config.extra, multiprocess=True)
+    )
+    reserved = reserve_port(host, port) if port == 0 else None
+    if reserved is not None:
+        port = reserved.getsockname()[1]
+
+    def make_server(loop: EventLoop) -> WsgiServer:
+        return WsgiServer(loop, app, host, port, config=config)
+
+    def on_ready(sup: Supervisor) -> None:
+        h, p = (sup.address or [[host, port]])[0][:2]
+        log.info(
+            "serving on http://%s:%d with %d processes (pids %s), %s each",
+            h,
+            p,
+            processes,
+            " ".join(str(pid) for pid in sup.pids),
+            "%d threads" % threads if threads else "the loop thread (threads=0)",
+        )
+        if ready is not None:
+            ready(sup)
+
+    try:
+        return prefork_serve(
+            make_server,
+            processes=processes,
+            drain_timeout=config.graceful_timeout,
+            on_ready=on_ready,
+        )
+    finally:
+        if reserved is not None:
+            reserved.close()
