@@ -16,6 +16,7 @@ MODULES = [
     "socket_ops",
     "event_loop",
     "tcp_connection",
+    "event_loop_pool",
     "tcp_server",
     "thread_pool",
     "codec",

@@ -8,9 +8,16 @@
 # While started, or while it has connections, the server is attached to the loop (the
 # loop tells it when it closes); once its listener is closed and its last connection is
 # released it detaches, so nothing of a stopped server stays alive.
+#
+# io_threads > 0 (see event_loop_pool.pxd): start() starts the io loops; each accepted
+# connection is handed to one (its owner is that IoLoop, which forwards the release back
+# to remove_connection() on this loop).  The io loops are stopped (quit + joined) when the
+# server detaches, or when its loop closes (before the table is cleared).
 from libc.stdint cimport int64_t
 
 from _core.event_loop cimport EventLoop
+from _core.event_loop_pool cimport EventLoopThreadPool
+from _core.includes.linux cimport sockaddr_storage
 from _core.tcp_connection cimport ConnectionOwner, Handlers, TcpConnection
 
 
@@ -46,9 +53,13 @@ cdef class TcpServer(ConnectionOwner):
         int64_t _accepted              # counters: loop thread writes, any thread reads
         int64_t _accept_errors
         int64_t _shed_connections
+        int _io_threads                # io loop threads asked for (0: serve on _loop)
+        EventLoopThreadPool _pool      # the io loops from start() until stopped, or None
         object __weakref__
 
     cdef int _accept_some(self) except -1
+    cdef int _new_connection(self, int connfd, const sockaddr_storage* peer) except -1
+    cdef int _stop_io_loops(self) except -1
     cdef int _listen_in_loop(self) except -1
     cdef int _close_listener(self) except -1
     cdef int _check_created(self) except -1

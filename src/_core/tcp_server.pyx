@@ -5,6 +5,7 @@ cimport cython
 from libc.stdint cimport uint32_t
 
 from _core.event_loop cimport EventLoop
+from _core.event_loop_pool cimport EventLoopThreadPool, IoLoop
 from _core.includes.linux cimport (
     ECONNABORTED, EAGAIN, EINTR, EMFILE, ENFILE, EPOLLIN, EPROTO, EPERM,
     IPPROTO_TCP, O_CLOEXEC, O_RDONLY, SO_KEEPALIVE, SOL_SOCKET, TCP_NODELAY, close, open,
@@ -31,6 +32,8 @@ cdef object _logger = logging.getLogger("cppnp")
 DEF MAX_ACCEPTS_PER_EVENT = 256
 # Seconds the listener rests after an accept error that would otherwise repeat at once.
 DEF ACCEPT_RETRY_DELAY = 0.1
+# The most io loop threads a server takes (a sanity bound, far above any core count here).
+DEF MAX_IO_THREADS = 1024
 
 
 @cython.auto_pickle(False)
@@ -40,8 +43,17 @@ cdef class TcpServer(ConnectionOwner):
 
     *handler* is an ICppnpUsr (or any object with some of its methods): the server calls
     ``on_connection``, ``on_message``, ``on_write_complete``, ``on_high_water_mark`` and
-    ``on_close`` on the loop thread.  One handler object serves every connection; keep
-    per-connection state in ``conn.context``.
+    ``on_close`` on the connection's loop thread.  One handler object serves every
+    connection; keep per-connection state in ``conn.context``.
+
+    ``io_threads=N`` (muduo's ``setThreadNum``): with 0 (the default) *loop* accepts and
+    serves every connection.  With N > 0, start() starts N more EventLoops, each in its
+    own thread; *loop* only accepts, and each new connection is given to the io loop with
+    the fewest connections (ties: round-robin).  All the connection's I/O, callbacks,
+    timers and write-complete then run on that loop for its whole life (``conn.loop``), so
+    the handler is called from N threads at once: guard state shared between connections.
+    stop() and the base loop's close() quit and join the io threads (stop() once the last
+    connection is released).
     """
 
     def __cinit__(self):
@@ -52,10 +64,12 @@ cdef class TcpServer(ConnectionOwner):
 
     def __init__(self, EventLoop loop not None, address, handler, *, name=None,
                  bint reuse_port=False, backlog=1024, bint tcp_nodelay=True,
-                 bint keepalive=False):
+                 bint keepalive=False, io_threads=0):
         """Prepare a server on (host, port); port 0 picks a free port (see ``address``).
 
-        Nothing is bound until start().  ``__init__`` runs once: calling it again raises
+        *io_threads*: an int >= 0, the number of io loop threads (see the class
+        docstring; 0 serves everything on *loop*).  Nothing is bound and no thread is
+        started until start().  ``__init__`` runs once: calling it again raises
         RuntimeError.  Thread-safe to construct.
         """
         if self._initialized:
@@ -76,6 +90,12 @@ cdef class TcpServer(ConnectionOwner):
             raise ValueError("backlog must be >= 1, got %d" % backlog)
         if handler is None:
             raise TypeError("handler must be an ICppnpUsr (or an object with its methods)")
+        if not isinstance(io_threads, int) or isinstance(io_threads, bool):
+            raise TypeError("io_threads must be an int, got %r" % (type(io_threads).__name__,))
+        if not 0 <= io_threads <= MAX_IO_THREADS:
+            raise ValueError("io_threads must be in 0..%d (0: serve on the server's loop), "
+                             "got %d" % (MAX_IO_THREADS, io_threads))
+        self._io_threads = io_threads
         self._loop = loop
         self._address = (host, port)
         self._handler = handler
@@ -136,6 +156,44 @@ cdef class TcpServer(ConnectionOwner):
         """Connections accepted and closed at once because fds ran out.  Thread-safe."""
         return cppnp_relaxed_load(&self._shed_connections)
 
+    @property
+    def io_threads(self):
+        """The number of io loop threads asked for (0: the server's loop serves all).
+
+        Thread-safe.
+        """
+        return self._io_threads
+
+    @property
+    def io_loops(self):
+        """The io loops (EventLoop), in thread order, while they run: from start() until
+        stop() has released the last connection (or the server's loop closed); else an
+        empty list.  Thread-safe."""
+        cdef EventLoopThreadPool pool
+        with cython.critical_section(self):
+            pool = self._pool
+        return pool.loops if pool is not None else []
+
+    def stats(self):
+        """Return a dict of the server's counters (a snapshot).
+
+        ``connections_per_loop``: open connections on each io loop in thread order, or
+        ``[connection_count]`` with ``io_threads=0``.  Thread-safe.
+        """
+        cdef EventLoopThreadPool pool
+        with cython.critical_section(self):
+            pool = self._pool
+        n = cppnp_relaxed_load(&self._n_connections)
+        return {
+            "connections": n,
+            "accepted": self.accepted,
+            "accept_errors": self.accept_errors,
+            "shed_connections": self.shed_connections,
+            "io_threads": self._io_threads,
+            "connections_per_loop": pool.connection_counts() if pool is not None
+            else ([] if self._io_threads else [n]),
+        }
+
     def connections(self):
         """Return a list of the open connections.  Loop thread only."""
         self._check_created()
@@ -174,9 +232,15 @@ cdef class TcpServer(ConnectionOwner):
                 sock.listen(self._backlog)
                 sock.setblocking(False)
                 self._bound = sock.getsockname()
+                if self._io_threads:
+                    pool = EventLoopThreadPool(self._loop, self._io_threads, self.name)
+                    pool.start(self)
+                    with cython.critical_section(self):
+                        self._pool = pool
                 self._loop.attach(self)
             except BaseException:
                 sock.close()
+                self._stop_io_loops()
                 raise
             self.fd = sock.detach()
             cppnp_atomic_store(&self._listening, 1)
@@ -265,9 +329,22 @@ cdef class TcpServer(ConnectionOwner):
         if self.fd < 0 and not self._connections \
                 and cppnp_atomic_load(&self._state) >= SERVER_NOT_ACCEPTING:
             self._loop.detach(self)
+            self._stop_io_loops()
+        return 0
+
+    cdef int _stop_io_loops(self) except -1:
+        """Quit and join the io loop threads (no-op without them, or once done)."""
+        cdef EventLoopThreadPool pool
+        with cython.critical_section(self):     # stats() reads it from other threads
+            pool = self._pool
+            self._pool = None
+        if pool is not None:
+            pool.stop()
         return 0
 
     cdef int _stop_in_loop(self) except -1:
+        if self._pool is not None:
+            self._pool.close_all()      # before the table is read: see IoLoop.run_functor
         self._close_listener()
         if not self._loop.closed:
             for conn in list(self._connections.values()):
@@ -313,17 +390,37 @@ cdef class TcpServer(ConnectionOwner):
                 self._pause_accepting()
                 return 0
             cppnp_counter_add(&self._accepted, 1)
-            try:
-                if self._tcp_nodelay:
-                    set_bool_opt(connfd, IPPROTO_TCP, TCP_NODELAY, True)
-                if self._keepalive:
-                    set_bool_opt(connfd, SOL_SOCKET, SO_KEEPALIVE, True)
-            except OSError:
-                pass        # the peer may already be gone; the first read will tell
-            conn = new_connection(self._loop, connfd, self, self._handlers, &peer, self.name)
+            self._new_connection(connfd, &peer)
+        return 0
+
+    cdef int _new_connection(self, int connfd, const sockaddr_storage* peer) except -1:
+        """An accepted socket: make its connection, on this loop or on an io loop (base
+        loop thread)."""
+        cdef TcpConnection conn
+        cdef IoLoop io
+        try:
+            if self._tcp_nodelay:
+                set_bool_opt(connfd, IPPROTO_TCP, TCP_NODELAY, True)
+            if self._keepalive:
+                set_bool_opt(connfd, SOL_SOCKET, SO_KEEPALIVE, True)
+        except OSError:
+            pass        # the peer may already be gone; the first read will tell
+        if self._pool is None:
+            conn = new_connection(self._loop, connfd, self, self._handlers, peer, self.name)
             self._connections[conn.id] = conn
             cppnp_relaxed_store(&self._n_connections, len(self._connections))
             conn.start()
+            return 0
+        # io_threads > 0: the connection lives on an io loop, which starts it; its release
+        # there hands remove_connection() back to this loop (IoLoop).
+        io = self._pool.next_loop()
+        conn = new_connection(io._loop, connfd, io, self._handlers, peer, self.name)
+        self._connections[conn.id] = conn
+        cppnp_relaxed_store(&self._n_connections, len(self._connections))
+        if not io.adopt(conn):
+            # The io loop is closed (the server's loop is closing): drop the connection.
+            self._connections.pop(conn.id, None)
+            cppnp_relaxed_store(&self._n_connections, len(self._connections))
         return 0
 
     cdef int _shed_one(self, int err) except -1:
@@ -381,6 +478,9 @@ cdef class TcpServer(ConnectionOwner):
         cdef TcpConnection conn
         with self._lock:
             cppnp_atomic_store(&self._state, SERVER_STOPPED)
+        # The io loops first: each closes in its own thread, releasing its connections
+        # without callbacks; once they are joined the table below is ours alone.
+        self._stop_io_loops()
         self._close_listener()
         for conn in list(self._connections.values()):
             conn.on_loop_closed()
