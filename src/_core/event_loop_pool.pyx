@@ -138,14 +138,14 @@ cdef class EventLoopThreadPool:
     @property
     def loops(self):
         """The io loops (EventLoop), in thread order; empty before start().  Thread-safe."""
-        return [(<IoLoop>l)._loop for l in self._loops]
+        return [(<IoLoop>io)._loop for io in self._loops]
 
     def connection_counts(self):
         """Connections on each io loop, in thread order.  Thread-safe."""
-        return [(<IoLoop>l).count() for l in self._loops]
+        return [(<IoLoop>io).count() for io in self._loops]
 
     cdef int start(self, ConnectionOwner server) except -1:
-        cdef IoLoop l
+        cdef IoLoop io
         cdef list loops = []
         cdef int i
         with self._lock:
@@ -153,22 +153,22 @@ cdef class EventLoopThreadPool:
                 raise RuntimeError("EventLoopThreadPool.start() called twice")
             try:
                 for i in range(self._nthreads):
-                    l = IoLoop.__new__(IoLoop)
-                    l.index = i
-                    l._base = self._base
-                    l._server = server
-                    l._name = "%s-io%d" % (self._name, i)
-                    l._ready = threading.Event()
-                    l._thread = threading.Thread(target=l._main, name=l._name, daemon=True)
-                    loops.append(l)
-                    l._thread.start()
-                for l in loops:
-                    if not l._ready.wait(START_TIMEOUT):
+                    io = IoLoop.__new__(IoLoop)
+                    io.index = i
+                    io._base = self._base
+                    io._server = server
+                    io._name = "%s-io%d" % (self._name, i)
+                    io._ready = threading.Event()
+                    io._thread = threading.Thread(target=io._main, name=io._name, daemon=True)
+                    loops.append(io)
+                    io._thread.start()
+                for io in loops:
+                    if not io._ready.wait(START_TIMEOUT):
                         raise RuntimeError("io loop thread %s did not start within %s s"
-                                           % (l._name, START_TIMEOUT))
-                    if l._error is not None:
+                                           % (io._name, START_TIMEOUT))
+                    if io._error is not None:
                         raise RuntimeError("io loop thread %s failed to start: %s"
-                                           % (l._name, l._error)) from l._error
+                                           % (io._name, io._error)) from io._error
             except BaseException:
                 _stop_loops(loops)
                 cppnp_atomic_store(&self._state, 2)
@@ -182,21 +182,21 @@ cdef class EventLoopThreadPool:
         # round-robin; when some connections live long and others churn, new ones go to
         # the loops that have fewest.
         cdef int n = self._nthreads, i, start = <int>self._next
-        cdef IoLoop best = <IoLoop>self._loops[start], l
+        cdef IoLoop best = <IoLoop>self._loops[start], io
         cdef int64_t best_count = best.count(), c
         self._next = (start + 1) % n
         for i in range(1, n):
-            l = <IoLoop>self._loops[(start + i) % n]
-            c = l.count()
+            io = <IoLoop>self._loops[(start + i) % n]
+            c = io.count()
             if c < best_count:
-                best = l
+                best = io
                 best_count = c
         return best
 
     cdef int close_all(self) except -1:
-        cdef IoLoop l
-        for l in self._loops:
-            cppnp_atomic_store(&l._closing, 1)
+        cdef IoLoop io
+        for io in self._loops:
+            cppnp_atomic_store(&io._closing, 1)
         return 0
 
     cdef int stop(self) except -1:
@@ -214,25 +214,25 @@ cdef int _stop_loops(list loops) except -1:
     """Quit each loop and join its thread (each loop closes in its own thread, releasing
     what is left on it without callbacks).  From an io loop thread, that thread is not
     joined: it ends when the current callback returns."""
-    cdef IoLoop l
+    cdef IoLoop io
     me = threading.get_ident()
-    for l in loops:
-        cppnp_atomic_store(&l._stopping, 1)
-        if l._thread is not None and l._thread.ident is not None:
-            l._ready.wait(START_TIMEOUT)    # (start() failed) the loop may still be coming
-        if l._loop is not None:
-            l._loop.quit()
-    for l in loops:
-        t = l._thread
+    for io in loops:
+        cppnp_atomic_store(&io._stopping, 1)
+        if io._thread is not None and io._thread.ident is not None:
+            io._ready.wait(START_TIMEOUT)    # (start() failed) the loop may still be coming
+        if io._loop is not None:
+            io._loop.quit()
+    for io in loops:
+        t = io._thread
         if t is None or t.ident is None or t.ident == me:
             continue
         t.join(JOIN_TIMEOUT)
         if t.is_alive():
             try:
-                _logger.warning("io loop thread %s did not stop within %s s", l._name,
+                _logger.warning("io loop thread %s did not stop within %s s", io._name,
                                 JOIN_TIMEOUT)
             except Exception:
                 pass
-    for l in loops:
-        l._server = None        # no cycle through the server once stopped
+    for io in loops:
+        io._server = None        # no cycle through the server once stopped
     return 0

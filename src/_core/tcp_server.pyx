@@ -369,7 +369,6 @@ cdef class TcpServer(ConnectionOwner):
     cdef int _accept_some(self) except -1:
         cdef sockaddr_storage peer
         cdef int err = 0, connfd
-        cdef TcpConnection conn
         for _ in range(MAX_ACCEPTS_PER_EVENT):
             if self.fd < 0:
                 return 0
