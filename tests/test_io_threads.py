@@ -68,6 +68,10 @@ class Recorder(ICppnpUsr):
     def on_high_water_mark(self, conn: TcpConnection, queued: int) -> None:
         self.note("on_high_water_mark", conn)
 
+    def n_closed(self) -> int:
+        with self.lock:  # the io threads update it: no iteration without the lock
+            return sum(self.closed.values())
+
     def on_close(self, conn: TcpConnection) -> None:
         self.note("on_close", conn)
         with self.lock:
@@ -107,7 +111,7 @@ def test_connections_land_on_different_loop_threads(serve: Serve) -> None:
     finally:
         for s in socks:
             s.close()
-    wait_for(lambda: sum(rec.closed.values()) == 8)
+    wait_for(lambda: rec.n_closed() == 8)
     wait_for(lambda: st.connection_count() == 0)
     assert server.stats()["connections_per_loop"] == [0, 0, 0, 0]
 
@@ -148,7 +152,7 @@ def test_every_callback_runs_on_its_connections_loop_thread(serve: Serve) -> Non
             s.close()
         for s in socks[2:]:
             rst_close(s)
-        wait_for(lambda: sum(rec.closed.values()) == 4)
+        wait_for(lambda: rec.n_closed() == 4)
     finally:
         pool.stop()
     with rec.lock:
@@ -165,7 +169,8 @@ def test_every_callback_runs_on_its_connections_loop_thread(serve: Serve) -> Non
         by_conn.setdefault(cid, set()).add(thr)
     assert all(len(v) == 1 for v in by_conn.values())
     assert st.loop.thread_id not in {thr for _, _, thr, _ in calls}
-    assert rec.closed == Counter({cid: 1 for cid in by_conn})
+    with rec.lock:
+        assert rec.closed == Counter({cid: 1 for cid in by_conn})
 
 
 class OrderedEcho(ICppnpUsr, IRun2):
@@ -238,6 +243,10 @@ class Churn(ICppnpUsr, IRun2):
         self.loops: Counter[int] = Counter()
         self.wrong_thread = 0
 
+    def n_closed(self) -> int:
+        with self.lock:
+            return sum(self.closed.values())
+
     def on_connection(self, conn: TcpConnection) -> None:
         with self.lock:
             self.opened[conn.id] += 1
@@ -291,7 +300,7 @@ def test_thousand_connections_random_half_close_and_reset_on_four_loops(serve: S
                     rst_close(s)
                 else:
                     s.close()
-        wait_for(lambda: sum(h.closed.values()) == total, timeout=TIMEOUT)
+        wait_for(lambda: h.n_closed() == total, timeout=TIMEOUT)
         wait_for(lambda: st.connection_count() == 0)
         assert st.server.stats()["connections_per_loop"] == [0, 0, 0, 0]
         assert st.server.accepted == total
@@ -335,11 +344,11 @@ def test_stop_joins_the_io_threads_after_the_last_connection(serve: Serve) -> No
         wait_for(lambda: pool.stats()["running"] == 1)
         server.stop()
         # Three connections are force-closed at once; the fourth waits for its task.
-        wait_for(lambda: sum(rec.closed.values()) == 3)
+        wait_for(lambda: rec.n_closed() == 3)
         assert server.connection_count == 1
         assert len(io_thread_names()) == 2 and not any(lp.closed for lp in loops)
         gate.set()
-        wait_for(lambda: sum(rec.closed.values()) == 4)
+        wait_for(lambda: rec.n_closed() == 4)
         # Once the last one is released the io threads are quit, joined and closed.
         wait_for(lambda: io_thread_names() == [])
         assert all(lp.closed for lp in loops)
@@ -379,7 +388,7 @@ def test_base_loop_close_releases_connections_and_joins_io_threads() -> None:
         assert io_thread_names() == []
         assert all(lp.closed for lp in loops)
         assert all(c.closed for c in conns)
-        assert sum(rec.closed.values()) == 0
+        assert rec.n_closed() == 0
         for s in socks:
             assert recv_until_eof(s) == b""
     finally:
@@ -402,7 +411,7 @@ def test_connections_accepted_while_stopping_are_released(serve: Serve) -> None:
         assert server.connection_count == 0 and server.io_loops == []
         with rec.lock:
             opened = Counter(c[1] for c in rec.calls if c[0] == "on_connection")
-        assert rec.closed == opened  # every connection shown to the user was closed
+            assert rec.closed == opened  # every connection shown to the user was closed
         for s in socks:
             assert recv_until_eof(s) == b""
             s.close()
@@ -442,7 +451,7 @@ def test_io_threads_zero_serves_on_the_base_loop(serve: Serve) -> None:
         assert conn.loop is st.loop
         assert st.server.io_loops == [] and io_thread_names() == []
         assert st.server.stats()["connections_per_loop"] == [1]
-    wait_for(lambda: sum(rec.closed.values()) == 1)
+    wait_for(lambda: rec.n_closed() == 1)
 
 
 @pytest.mark.parametrize(
