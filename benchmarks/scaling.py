@@ -817,7 +817,8 @@ def render(results: dict[str, Any]) -> str:
         f"{results['elapsed_s']:.0f} s",
         "- Pinning: `*_fib20` servers `taskset -c 0,1` (both cores) with the load "
         "generator on CPU 1; `ft_plain`/`*_nowork` servers on CPU 0, load generator on "
-        "CPU 1 (as `run.py`).",
+        "CPU 1 (as `run.py`); `ft_io*` (the io_threads row) on both cores with the load "
+        "generator on CPU 1.",
         "",
     ]
     lines += [
