@@ -320,6 +320,12 @@ def test_stress_random_disconnects(
 # -- ThreadPool.stop() with connection tasks queued ----------------------------------------
 
 
+def locked_sum(lock: Any, counter: Counter[int]) -> int:
+    """Sum a handler's counter under its lock: loop threads update it meanwhile (3.13t)."""
+    with lock:
+        return sum(counter.values())
+
+
 class GatedEcho(FramedEcho):
     """Every task waits on a gate before it echoes."""
 
@@ -347,7 +353,7 @@ def test_pool_stop_with_connection_tasks_queued(
     frames = [[make_frame(c, i, 20) for i in range(5)] for c in range(6)]
     for s, fs in zip(socks, frames):
         s.sendall(b"".join(fs))
-    wait_for(lambda: sum(h.added.values()) == 30 and pool.running == 2, TIMEOUT)
+    wait_for(lambda: locked_sum(h.lock, h.added) == 30 and pool.running == 2, TIMEOUT)
     assert pool.queued == 28
     stopper_box: dict[str, Any] = {}
     stopper = threading.Thread(
@@ -522,7 +528,7 @@ def test_stop_server_then_pool_with_tasks_in_flight(
     socks = [st.connect() for _ in range(3)]
     for i, s in enumerate(socks):
         s.sendall(make_frame(i, 0, 8) + make_frame(i, 1, 8))
-    wait_for(lambda: sum(h.added.values()) == 6 and h.started == 2, TIMEOUT)
+    wait_for(lambda: locked_sum(h.lock, h.added) == 6 and h.started == 2, TIMEOUT)
     assert st.server is not None
     call_in_loop(st.loop, st.server.stop)
     wait_for(lambda: all(r() is None or not r().connected for r in h.refs.values()), TIMEOUT)
