@@ -19,6 +19,7 @@ MODULES = [
     "event_loop",
     "tcp_connection",
     "acceptor",
+    "event_loop_pool",
     "tcp_server",
     "thread_pool",
     "codec",

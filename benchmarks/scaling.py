@@ -38,6 +38,7 @@ from benchlib import ServerProcess
 HERE = Path(__file__).resolve().parent
 PREFORK = "{servers}/prefork_echo.py"
 AIO = "{servers}/asyncio_echo.py"
+IOECHO = "{servers}/io_threads_echo.py"
 CPPNP = ("-m", "cppnp", "echo")
 
 
@@ -157,6 +158,25 @@ CONFIGS = (
         1,
         "3.13t GIL off, asyncio + run_in_executor(2 threads), no work",
     ),
+    # TcpServer(io_threads=N): both on both cores, the load generator sharing CPU 1, so
+    # the two io loops can use both cores (the load generator then competes with them).
+    Config(
+        "ft_io0_plain",
+        "ft",
+        (IOECHO, "--io-threads", "0"),
+        BOTH,
+        1,
+        "3.13t GIL off, plain echo, io_threads=0 (the base loop serves)",
+    ),
+    Config(
+        "ft_io2_plain",
+        "ft",
+        (IOECHO, "--io-threads", "2"),
+        BOTH,
+        1,
+        "3.13t GIL off, plain echo, io_threads=2",
+        2,
+    ),
 )
 BY_NAME = {c.name: c for c in CONFIGS}
 
@@ -205,6 +225,12 @@ PAIRS = (
         "ft_plain",
         None,
     ),
+    (
+        "3.13t: plain echo 64 B x 100, io_threads=2 vs 0 (both cores; load generator-bound)",
+        "ft_io2_plain",
+        "ft_io0_plain",
+        None,
+    ),
 )
 
 FIB_MICRO = r"""
@@ -248,7 +274,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--conns", type=int, default=100)
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--only", default=None, help="comma list of configuration names")
+    p.add_argument(
+        "--only",
+        default=None,
+        help="comma list of configuration names; io_threads = the io_threads row "
+        "(ft_io0_plain,ft_io2_plain)",
+    )
     p.add_argument(
         "--quiet-pct",
         type=float,
@@ -345,6 +376,14 @@ def diff(
             else:
                 worker_cpu += used
     nproc = len(children) or 1
+    # Every thread's busy fraction, the main thread first (io_threads rows: the io loops
+    # are the other threads).
+    pid0 = (children or [server_pid])[0]
+    ta0, tb0 = a["threads"].get(pid0, {}), b["threads"].get(pid0, {})
+    rec["threads_busy_pct"] = [
+        round(100 * (tb0[tid] - ta0.get(tid, 0.0)) / window, 1)
+        for tid in sorted(tb0, key=lambda t: (t != pid0, t))
+    ]
     rec["loop_thread_us_per_rt"] = round(loop_cpu * us, 3)
     rec["worker_threads_us_per_rt"] = round(worker_cpu * us, 3)
     rec["loop_busy_pct"] = round(100 * loop_cpu / nproc / window, 1)
@@ -685,6 +724,46 @@ def fmt(x: Any, spec: str = ",.0f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def io_threads_section(results: dict[str, Any]) -> list[str]:
+    """The io_threads row: each thread's busy fraction (median over the good runs)."""
+    rows = [c for c in CONFIGS if c.name.startswith("ft_io") and c.name in results["medians"]]
+    if not rows:
+        return []
+    lines = [
+        "## io_threads: loop threads' busy fraction",
+        "",
+        "| server | rt/s | server CPU µs/rt | cores used | main thread (base loop) busy "
+        "| io loop threads busy | client CPU |",
+        "| :--- | ---: | ---: | ---: | ---: | :--- | ---: |",
+    ]
+    for cfg in rows:
+        med = results["medians"][cfg.name]
+        good = [r for r in results["runs"] if r["server"] == cfg.name and r.get("ok")]
+        per = [r["threads_busy_pct"] for r in good if r.get("threads_busy_pct")]
+        width = max((len(p) for p in per), default=0)
+        busy = [
+            statistics.median(p[i] for p in per if len(p) > i) if per else None
+            for i in range(width)
+        ]
+        main = fmt(busy[0], ".0f") + "%" if busy else "n/a"
+        others = ", ".join(fmt(x, ".0f") + "%" for x in busy[1:]) or "—"
+        lines.append(
+            f"| {cfg.name} | {fmt(med['rt_per_s'])} | {fmt(med['server_cpu_us_per_rt'], '.1f')}"
+            f" | {fmt(med['server_cores'], '.2f')} | {main} | {others} | "
+            f"{fmt(med['client_cpu_pct'], '.0f')}% |"
+        )
+    lines += [
+        "",
+        "Busy: a thread's CPU time over the measured window (`/proc/PID/task/TID/stat`). "
+        "Both servers may use both cores and the load generator shares CPU 1 with them: "
+        "on 2 cores the load generator, not the server, is the limit (compare its CPU "
+        "with the io threads'), so rt/s cannot show the io threads' scaling; server CPU "
+        "per round trip and the threads' busy fractions are the figures to read.",
+        "",
+    ]
+    return lines
+
+
 def render(results: dict[str, Any]) -> str:
     meds, pairs, mdl = results["medians"], results["pairs"], results["model"]
     m = results["machine"]
@@ -701,7 +780,8 @@ def render(results: dict[str, Any]) -> str:
         f"{results['elapsed_s']:.0f} s",
         "- Pinning: `*_fib20` servers `taskset -c 0,1` (both cores) with the load "
         "generator on CPU 1; `ft_plain`/`*_nowork` servers on CPU 0, load generator on "
-        "CPU 1 (as `run.py`).",
+        "CPU 1 (as `run.py`); `ft_io*` (the io_threads row) on both cores with the load "
+        "generator on CPU 1.",
         "",
     ]
     lines += [
@@ -764,6 +844,7 @@ def render(results: dict[str, Any]) -> str:
         "figure that had to use them. `n`: runs in the median.",
         "",
     ]
+    lines += io_threads_section(results)
     micro = results.get("fib_micro", {})
     if micro:
         lines += [
@@ -872,7 +953,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if not benchlib.can_pin([0, 1]):
         sys.exit("scaling.py needs taskset and CPUs 0 and 1")
-    configs = [c for c in CONFIGS if args.only is None or c.name in args.only.split(",")]
+    only = None if args.only is None else set(args.only.split(","))
+    if only is not None and "io_threads" in only:  # the io_threads row: both of its sides
+        only |= {"ft_io0_plain", "ft_io2_plain"}
+    configs = [c for c in CONFIGS if only is None or c.name in only]
     if args.python_ft is None or not shutil.which(args.python_ft):
         skipped = [c.name for c in configs if c.interp == "ft"]
         if skipped:

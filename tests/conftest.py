@@ -198,13 +198,23 @@ class ServerThread:
         self.server: TcpServer | None
         self.thread, self.loop, self.server = serve_in_thread(handler, **kwargs)
         self.address = self.server.address
+        # With io_threads > 0 the connections live on the io loops (kept here: the server
+        # forgets them once stopped); serving_loops are the loops connections run on.
+        self.io_loops: list[EventLoop] = list(self.server.io_loops)
+        self.serving_loops: list[EventLoop] = self.io_loops or [self.loop]
+        self.serving_thread_ids = {lp.thread_id for lp in self.serving_loops}
 
     def connect(self, timeout: float = 10.0) -> socket.socket:
         s = socket.create_connection(self.address, timeout=timeout)
         return s
 
     def stats(self) -> dict[str, Any]:
-        return self.loop.stats()
+        """The loop's counters, summed over the io loops too (io_threads > 0)."""
+        total = dict(self.loop.stats())
+        for lp in self.io_loops:
+            for key, value in lp.stats().items():
+                total[key] += value
+        return total
 
     def connection_count(self) -> int:
         assert self.server is not None
@@ -230,10 +240,44 @@ def stopped_at_teardown(factory: Callable[..., Any]) -> Iterator[Callable[..., A
         obj.stop()
 
 
+# io_threads for the servers the `serve` fixture makes.  The server tests of these files
+# run twice, with io_threads 0 and 2 (ids io0, io2); CPPNP_TEST_IO_THREADS=N runs every
+# `serve` test of the suite with io_threads=N instead.  A test that passes io_threads to
+# serve() keeps its own value.
+IO_THREADS_MODULES = frozenset(
+    {"test_tcp_server.py", "test_tcp_connection.py", "test_lifetime.py", "test_stress.py"}
+)
+IO_THREADS_ENV = "CPPNP_TEST_IO_THREADS"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "io_threads" not in metafunc.fixturenames or os.environ.get(IO_THREADS_ENV):
+        return
+    if metafunc.definition.get_closest_marker("single_loop"):
+        return  # it orders events within one loop iteration: io_threads 0 only
+    if os.path.basename(str(metafunc.definition.fspath)) in IO_THREADS_MODULES:
+        metafunc.parametrize("io_threads", [0, 2], ids=["io0", "io2"])
+
+
 @pytest.fixture
-def serve() -> Iterator[Callable[..., ServerThread]]:
+def io_threads(request: pytest.FixtureRequest) -> int:
+    """The io_threads of the servers `serve` makes (see IO_THREADS_MODULES)."""
+    if hasattr(request, "param"):
+        return int(request.param)
+    if request.node.get_closest_marker("single_loop"):
+        return 0
+    return int(os.environ.get(IO_THREADS_ENV) or 0)
+
+
+@pytest.fixture
+def serve(io_threads: int) -> Iterator[Callable[..., ServerThread]]:
     """serve(handler, **TcpServer kwargs) -> ServerThread; stopped at teardown."""
-    yield from stopped_at_teardown(ServerThread)
+
+    def make(handler: Any, **kwargs: Any) -> ServerThread:
+        kwargs.setdefault("io_threads", io_threads)
+        return ServerThread(handler, **kwargs)
+
+    yield from stopped_at_teardown(make)
 
 
 @pytest.fixture
@@ -303,3 +347,6 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "no_leak_check: skip the teardown accounting check")
+    config.addinivalue_line(
+        "markers", "single_loop: a serve() test that needs every connection on one loop"
+    )

@@ -160,9 +160,11 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
         "_core.gil_share",
         "_core.task",
     },
+    "_core.event_loop_pool": {"_core.event_loop", "_core.tcp_connection"},
     "_core.tcp_server": {
         "_core.acceptor",
         "_core.event_loop",
+        "_core.event_loop_pool",
         "_core.handler",
         "_core.tcp_connection",
     },

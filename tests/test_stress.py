@@ -418,7 +418,7 @@ def test_loop_quit_while_workers_still_send(
         st.stop()  # server.stop + quit + close
         loop = st.loop
         assert loop.closed
-        before = loop.stats()
+        before = st.stats()
         h.gate.set()  # the 4 held tasks send after the close
         assert pool.stop(drain=True, timeout=TIMEOUT) is True
     finally:
@@ -431,7 +431,7 @@ def test_loop_quit_while_workers_still_send(
     # connections (no FIN from their peers), so their queued work is discarded.
     assert pool.failed == 0 and (pool.completed, pool.cancelled) == (4, 4)
     late = 4 * 10
-    after = loop.stats()
+    after = st.stats()
     accounted = (
         after["dropped_sends"]
         - before["dropped_sends"]
@@ -468,7 +468,7 @@ def test_loop_quit_at_a_random_moment_while_workers_send(
         for s in socks:
             s.close()
     assert h.send_errors == [] and pool.failed == 0
-    assert st.loop.stats()["pending_functors"] == 0, "work left queued on a closed loop"
+    assert st.stats()["pending_functors"] == 0, "work left queued on a closed loop"
     assert st.server is not None
     assert st.server.connection_count == 0, "the stopped server still holds connections"
     assert cppnp_errors(caplog) == []

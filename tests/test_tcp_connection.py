@@ -119,11 +119,11 @@ def test_send_empty_is_a_noop(serve: Serve) -> None:
     st = serve(rec)
     with st.connect() as s:
         conn = rec.conn(st)
-        before = call_in_loop(st.loop, lambda: (conn.bytes_sent, conn.dropped_sends))
-        call_in_loop(st.loop, lambda: (conn.send(b""), conn.send(""), conn.send(bytearray())))
+        before = call_in_loop(conn.loop, lambda: (conn.bytes_sent, conn.dropped_sends))
+        call_in_loop(conn.loop, lambda: (conn.send(b""), conn.send(""), conn.send(bytearray())))
         conn.send(b"")  # from another thread too
         conn.send(memoryview(b""))
-        assert call_in_loop(st.loop, lambda: (conn.bytes_sent, conn.dropped_sends)) == before
+        assert call_in_loop(conn.loop, lambda: (conn.bytes_sent, conn.dropped_sends)) == before
         conn.send(b"x")
         assert recv_exact(s, 1) == b"x"
         s.settimeout(0.05)
@@ -146,7 +146,7 @@ def test_send_rejects_non_bytes_like(serve: Serve, bad: Any) -> None:
         with pytest.raises(TypeError):
             conn.send(bad)  # another thread
         with pytest.raises(TypeError):
-            call_in_loop(st.loop, lambda: conn.send(bad))  # the loop thread
+            call_in_loop(conn.loop, lambda: conn.send(bad))  # the loop thread
         with pytest.raises(TypeError):
             conn.Send(bad)
         conn.send(b"still ok")
@@ -166,7 +166,7 @@ def test_send_bytes_like_kinds(serve: Serve) -> None:
         for p in pieces:
             conn.send(p)
         assert recv_exact(s, len(expect)) == expect
-        call_in_loop(st.loop, lambda: [conn.send(p) for p in pieces])
+        call_in_loop(conn.loop, lambda: [conn.send(p) for p in pieces])
         assert recv_exact(s, len(expect)) == expect
     rec.forget()
 
@@ -249,7 +249,7 @@ def test_sends_from_thread_interleave_with_loop_sends_in_order(serve: Serve) -> 
     with st.connect() as s:
         conn = rec.conn(st)
         conn.send(b"[thread]")
-        call_in_loop(st.loop, lambda: conn.send(b"[loop-direct]"))
+        call_in_loop(conn.loop, lambda: conn.send(b"[loop-direct]"))
         assert recv_exact(s, len(b"[thread][loop-direct]")) == b"[thread][loop-direct]"
     rec.forget()
 
@@ -318,7 +318,7 @@ def test_peer_reset_mid_send_is_survived_and_counted(serve: Serve) -> None:
         s.sendall(b"go")
         assert recv_exact(s, 16384) == big[:16384]
         conn = rec.conn(st)
-        wait_for(lambda: call_in_loop(st.loop, lambda: conn.output_bytes) > 0)
+        wait_for(lambda: call_in_loop(conn.loop, lambda: conn.output_bytes) > 0)
     finally:
         rst_close(s)
     wait_for(lambda: len(rec.closed) == 1)
@@ -331,7 +331,7 @@ def test_peer_reset_mid_send_is_survived_and_counted(serve: Serve) -> None:
     # Later sends to the dead connection are dropped and counted, never raised.
     before = conn.dropped_sends
     conn.send(b"late")
-    call_in_loop(st.loop, lambda: conn.send(b"late too"))
+    call_in_loop(conn.loop, lambda: conn.send(b"late too"))
     wait_for(lambda: conn.dropped_sends == before + 2)
     # The server is fine: the next client is served.
     with st.connect() as s2:
@@ -495,24 +495,24 @@ def test_slow_reader_triggers_high_water_mark_and_memory_stays_bounded(serve: Se
         s.sendall(b"go")
         wait_for(lambda: prod.conns)
         conn = prod.conns[0]
-        wait_for(lambda: call_in_loop(st.loop, lambda: len(conn.context["hwm"])) >= 1)
+        wait_for(lambda: call_in_loop(conn.loop, lambda: len(conn.context["hwm"])) >= 1)
 
         def snapshot() -> tuple[int, int, bool, bool]:
             ctx = conn.context
             return ctx["sent"], conn.output_bytes, ctx["paused"], ctx["chain"]
 
-        sent1, out1, paused, chain = call_in_loop(st.loop, snapshot)
+        sent1, out1, paused, chain = call_in_loop(conn.loop, snapshot)
         assert paused and not chain  # the producer stopped
         assert sent1 < total
         assert out1 <= sent1
-        sent2, _, _, _ = call_in_loop(st.loop, snapshot)
+        sent2, _, _, _ = call_in_loop(conn.loop, snapshot)
         assert sent2 == sent1  # nothing more was queued while paused
-        queued = call_in_loop(st.loop, lambda: conn.context["hwm"][0])
+        queued = call_in_loop(conn.loop, lambda: conn.context["hwm"][0])
         assert hwm <= queued <= hwm + chunk
         # The client reads everything: the producer resumes on write complete.
         got = recv_exact(s, total)
         assert got == prod.data
-        ctx = call_in_loop(st.loop, lambda: dict(conn.context))
+        ctx = call_in_loop(conn.loop, lambda: dict(conn.context))
         assert ctx["sent"] == total
         assert ctx["resumes"] >= 1
         assert ctx["max_output"] <= hwm + chunk, "output buffer grew past the mark"
@@ -576,8 +576,10 @@ def test_stop_and_start_reading(serve: Serve) -> None:
         sender = threading.Thread(target=s.sendall, args=(first,))
         sender.start()
         for _ in range(3):
-            call_in_loop(st.loop, lambda: None)  # several loop iterations
-        assert call_in_loop(st.loop, lambda: (conn.reading, conn.bytes_received, rec.messages)) == (
+            call_in_loop(conn.loop, lambda: None)  # several loop iterations
+        assert call_in_loop(
+            conn.loop, lambda: (conn.reading, conn.bytes_received, rec.messages)
+        ) == (
             False,
             0,
             0,
@@ -589,12 +591,12 @@ def test_stop_and_start_reading(serve: Serve) -> None:
         assert bytes(rec.received) == first
         assert conn.reading
         # Pause again on the loop thread, then resume.
-        call_in_loop(st.loop, conn.stop_reading)
+        call_in_loop(conn.loop, conn.stop_reading)
         s.sendall(second)
         for _ in range(3):
-            call_in_loop(st.loop, lambda: None)
-        assert call_in_loop(st.loop, lambda: conn.bytes_received) == len(first)
-        call_in_loop(st.loop, conn.start_reading)
+            call_in_loop(conn.loop, lambda: None)
+        assert call_in_loop(conn.loop, lambda: conn.bytes_received) == len(first)
+        call_in_loop(conn.loop, conn.start_reading)
         wait_for(lambda: len(rec.received) == len(first) + len(second))
         assert bytes(rec.received) == first + second
     wait_for(lambda: len(rec.closed) == 1)
@@ -612,7 +614,7 @@ def test_peer_reset_is_noticed_while_reading_is_stopped(serve: Serve) -> None:
     s = st.connect()
     s.sendall(b"unread data")
     rec.conn(st)
-    call_in_loop(st.loop, lambda: None)
+    call_in_loop(rec.conn(st).loop, lambda: None)
     rst_close(s)
     wait_for(lambda: len(rec.closed) == 1)
     assert rec.messages == 0
@@ -633,7 +635,7 @@ def test_fin_while_reading_is_stopped_is_seen_after_start(serve: Serve) -> None:
         s.shutdown(socket.SHUT_WR)
         conn = rec.conn(st)
         for _ in range(3):
-            call_in_loop(st.loop, lambda: None)
+            call_in_loop(conn.loop, lambda: None)
         assert rec.messages == 0
         conn.start_reading()
         wait_for(lambda: len(rec.closed) == 1)
@@ -690,24 +692,26 @@ def test_connection_attributes_and_lifecycle(serve: Serve) -> None:
         client_address = s.getsockname()
         conn = rec.conn(st)
         conn2 = rec.conn(st, 1)
+        if conn.peer_address != client_address:  # io_threads: two loops, either goes first
+            conn, conn2 = conn2, conn
         assert conn.id != conn2.id
         assert conn.name != conn2.name and conn.name.startswith("attrs")
         assert conn.peer_address == s.getsockname()
-        assert call_in_loop(st.loop, lambda: conn.local_address) == st.address
+        assert call_in_loop(conn.loop, lambda: conn.local_address) == st.address
         assert conn.fileno >= 0
         assert conn.connected and not conn.closed and not conn.peer_closed
         assert conn.context == {"mine": 1}
-        assert conn.loop is st.loop
+        assert conn.loop in st.serving_loops
         assert conn.reading
         assert conn.pending_tasks == 0
         assert repr(conn)
         s.sendall(b"12345")
-        wait_for(lambda: call_in_loop(st.loop, lambda: conn.input_bytes) == 5)
-        assert call_in_loop(st.loop, lambda: len(conn.input_buffer)) == 5
+        wait_for(lambda: call_in_loop(conn.loop, lambda: conn.input_bytes) == 5)
+        assert call_in_loop(conn.loop, lambda: len(conn.input_buffer)) == 5
         s.sendall(b"67890")
         assert recv_exact(s, 10) == b"1234567890"
         assert call_in_loop(
-            st.loop, lambda: (conn.bytes_received, conn.bytes_sent, conn.input_bytes)
+            conn.loop, lambda: (conn.bytes_received, conn.bytes_sent, conn.input_bytes)
         ) == (10, 10, 0)
     wait_for(lambda: len(rec.closed) == 2)
     assert order[0] == "connection" and order.count("close") == 2

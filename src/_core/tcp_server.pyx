@@ -5,7 +5,9 @@ cimport cython
 
 from _core.acceptor cimport new_acceptor
 from _core.event_loop cimport EventLoop
+from _core.event_loop_pool cimport EventLoopThreadPool, IoLoop
 from _core.handler cimport resolve_handlers
+from _core.includes.consts cimport MAX_IO_THREADS
 from _core.includes.linux cimport sockaddr_storage
 from _core.includes.sys cimport (
     cppnp_atomic_load, cppnp_atomic_store, cppnp_relaxed_load, cppnp_relaxed_store,
@@ -27,8 +29,17 @@ cdef class TcpServer(ConnectionOwner):
 
     *handler* is an ICppnpUsr (or any object with some of its methods): the server calls
     ``on_connection``, ``on_message``, ``on_write_complete``, ``on_high_water_mark`` and
-    ``on_close`` on the loop thread.  One handler object serves every connection; keep
-    per-connection state in ``conn.context``.
+    ``on_close`` on the connection's loop thread.  One handler object serves every
+    connection; keep per-connection state in ``conn.context``.
+
+    ``io_threads=N`` (muduo's ``setThreadNum``): with 0 (the default) *loop* accepts and
+    serves every connection.  With N > 0, start() starts N more EventLoops, each in its
+    own thread; *loop* only accepts, and each new connection is given to the io loop with
+    the fewest connections (ties: round-robin).  All the connection's I/O, callbacks,
+    timers and write-complete then run on that loop for its whole life (``conn.loop``), so
+    the handler is called from N threads at once: guard state shared between connections.
+    stop() and the base loop's close() quit and join the io threads (stop() once the last
+    connection is released).
     """
 
     def __cinit__(self):
@@ -37,10 +48,12 @@ cdef class TcpServer(ConnectionOwner):
 
     def __init__(self, EventLoop loop not None, address, handler, *, name=None,
                  bint reuse_port=False, backlog=1024, bint tcp_nodelay=True,
-                 bint keepalive=False):
+                 bint keepalive=False, io_threads=0):
         """Prepare a server on (host, port); port 0 picks a free port (see ``address``).
 
-        Nothing is bound until start().  ``__init__`` runs once: calling it again raises
+        *io_threads*: an int >= 0, the number of io loop threads (see the class
+        docstring; 0 serves everything on *loop*).  Nothing is bound and no thread is
+        started until start().  ``__init__`` runs once: calling it again raises
         RuntimeError.  Thread-safe to construct.
         """
         if self._initialized:
@@ -61,6 +74,12 @@ cdef class TcpServer(ConnectionOwner):
             raise ValueError("backlog must be >= 1, got %d" % backlog)
         if handler is None:
             raise TypeError("handler must be an ICppnpUsr (or an object with its methods)")
+        if not isinstance(io_threads, int) or isinstance(io_threads, bool):
+            raise TypeError("io_threads must be an int, got %r" % (type(io_threads).__name__,))
+        if not 0 <= io_threads <= MAX_IO_THREADS:
+            raise ValueError("io_threads must be in 0..%d (0: serve on the server's loop), "
+                             "got %d" % (MAX_IO_THREADS, io_threads))
+        self._io_threads = io_threads
         self._loop = loop
         self._address = (host, port)
         self._handler = handler
@@ -145,6 +164,49 @@ cdef class TcpServer(ConnectionOwner):
         """
         return cppnp_relaxed_load(&self._acceptor.shed_connections) if self._acceptor else 0
 
+    @property
+    def io_threads(self):
+        """The number of io loop threads asked for (0: the server's loop serves all).
+
+        Thread-safe.
+        """
+        return self._io_threads
+
+    @property
+    def io_loops(self):
+        """The io loops (EventLoop), in thread order, while they run: from start() until
+        stop() has released the last connection (or the server's loop closed); else an
+        empty list.
+
+        Thread-safe.
+        """
+        cdef EventLoopThreadPool pool
+        with cython.critical_section(self):
+            pool = self._pool
+        return pool.loops if pool is not None else []
+
+    def stats(self):
+        """Return a dict of the server's counters (a snapshot).
+
+        ``connections_per_loop``: open connections on each io loop in thread order, or
+        ``[connection_count]`` with ``io_threads=0``.
+
+        Thread-safe.
+        """
+        cdef EventLoopThreadPool pool
+        with cython.critical_section(self):
+            pool = self._pool
+        n = cppnp_relaxed_load(&self._n_connections)
+        return {
+            "connections": n,
+            "accepted": self.accepted,
+            "accept_errors": self.accept_errors,
+            "shed_connections": self.shed_connections,
+            "io_threads": self._io_threads,
+            "connections_per_loop": pool.connection_counts() if pool is not None
+            else ([] if self._io_threads else [n]),
+        }
+
     def connections(self):
         """Return a list of the open connections.
 
@@ -179,7 +241,14 @@ cdef class TcpServer(ConnectionOwner):
             try:
                 self._bound = self._acceptor.listen(self._address, self._reuse_port,
                                                     self._backlog)
+                if self._io_threads:
+                    pool = EventLoopThreadPool(self._loop, self._io_threads, self._name)
+                    pool.start(self)
+                    with cython.critical_section(self):
+                        self._pool = pool
             except BaseException:
+                self._acceptor.close()
+                self._stop_io_loops()
                 self._loop.detach(self)
                 raise
             cppnp_atomic_store(&self._acceptor.enabled, 1)
@@ -257,22 +326,49 @@ cdef class TcpServer(ConnectionOwner):
         if self._acceptor.fd < 0 and not self._connections \
                 and cppnp_atomic_load(&self._state) >= SERVER_NOT_ACCEPTING:
             self._loop.detach(self)
+            self._stop_io_loops()
+        return 0
+
+    cdef int _stop_io_loops(self) except -1:
+        """Quit and join the io loop threads (no-op without them, or once done)."""
+        cdef EventLoopThreadPool pool
+        with cython.critical_section(self):     # stats() reads it from other threads
+            pool = self._pool
+            self._pool = None
+        if pool is not None:
+            pool.stop()
         return 0
 
     def _stop_in_loop(self):
+        if self._pool is not None:
+            self._pool.close_all()      # before the table is read: see IoLoop.run_functor
         self._close_listener()
         if not self._loop.closed:
             for conn in list(self._connections.values()):
                 conn.force_close()
 
     cdef int _new_connection(self, int fd, const sockaddr_storage* peer) except -1:
-        """A new connection: the Acceptor accepted *fd* (loop thread).  Create the
-        TcpConnection, register it with the server and start it on its loop."""
-        cdef TcpConnection conn = new_connection(self._loop, fd, self, self._handlers, peer,
-                                                 self._name)
+        """A new connection: the Acceptor accepted *fd* (base loop thread).  Create the
+        TcpConnection, register it with the server and start it on its loop: this one, or
+        with io_threads an io loop, which starts it there."""
+        cdef TcpConnection conn
+        cdef IoLoop io
+        if self._pool is None:
+            conn = new_connection(self._loop, fd, self, self._handlers, peer, self._name)
+            self._connections[conn._id] = conn
+            cppnp_relaxed_store(&self._n_connections, len(self._connections))
+            conn.start()
+            return 0
+        # io_threads > 0: the connection lives on an io loop; its release there hands
+        # remove_connection() back to this loop (IoLoop).
+        io = self._pool.next_loop()
+        conn = new_connection(io._loop, fd, io, self._handlers, peer, self._name)
         self._connections[conn._id] = conn
         cppnp_relaxed_store(&self._n_connections, len(self._connections))
-        conn.start()
+        if not io.adopt(conn):
+            # The io loop is closed (the server's loop is closing): drop the connection.
+            self._connections.pop(conn._id, None)
+            cppnp_relaxed_store(&self._n_connections, len(self._connections))
         return 0
 
     cdef int remove_connection(self, TcpConnection conn) except -1:
@@ -285,6 +381,9 @@ cdef class TcpServer(ConnectionOwner):
         cdef TcpConnection conn
         with self._lock:
             cppnp_atomic_store(&self._state, SERVER_STOPPED)
+        # The io loops first: each closes in its own thread, releasing its connections
+        # without callbacks; once they are joined the table below is ours alone.
+        self._stop_io_loops()
         self._close_listener()
         for conn in list(self._connections.values()):
             conn.on_loop_closed()

@@ -30,6 +30,11 @@ cdef extern from *:
     #define CPPNP_LOOP_SLICE 0.0002
     #define CPPNP_WORKER_SLICE 0.001
     enum { CPPNP_HAND_OVER_SPINS = 200, CPPNP_YIELD_SPINS = 1000 };
+    /* TcpServer(io_threads=N): the most io loop threads (a sanity bound); the seconds
+       EventLoopThreadPool waits for an io loop to start, and to join one. */
+    enum { CPPNP_MAX_IO_THREADS = 1024 };
+    #define CPPNP_IO_START_TIMEOUT 10.0
+    #define CPPNP_IO_JOIN_TIMEOUT 30.0
     /* EventLoop.run_every(): the monotonic clock's resolution. */
     #define CPPNP_MIN_INTERVAL 1e-9
     /* TimerQueue: compact the heap once this many entries (and over half) are dead. */
@@ -54,10 +59,13 @@ cdef extern from *:
         HAND_OVER_SPINS "CPPNP_HAND_OVER_SPINS"
         YIELD_SPINS "CPPNP_YIELD_SPINS"
         MIN_COMPACT "CPPNP_MIN_COMPACT"
+        MAX_IO_THREADS "CPPNP_MAX_IO_THREADS"
     const long long DEFAULT_HIGH_WATER_MARK "CPPNP_DEFAULT_HIGH_WATER_MARK"
     const double ACCEPT_RETRY_DELAY "CPPNP_ACCEPT_RETRY_DELAY"
     const double ACCEPT_LOG_INTERVAL "CPPNP_ACCEPT_LOG_INTERVAL"
     const double LOOP_SLICE "CPPNP_LOOP_SLICE"
     const double WORKER_SLICE "CPPNP_WORKER_SLICE"
     const double MIN_INTERVAL "CPPNP_MIN_INTERVAL"
+    const double IO_START_TIMEOUT "CPPNP_IO_START_TIMEOUT"
+    const double IO_JOIN_TIMEOUT "CPPNP_IO_JOIN_TIMEOUT"
     size_t grown_capacity "cppnp_grown_capacity"(size_t cap) noexcept nogil
