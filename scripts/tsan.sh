@@ -39,6 +39,7 @@ CC="${CC:-gcc}"
 # The files where threads meet: the pool and its hand-off to the loop, cross-thread sends,
 # connection lifetime across threads, the fault suite's thread rows, and the stress tests.
 DEFAULT_TESTS="test_thread_pool.py test_handoff.py test_faults_threads.py test_lifetime.py test_stress.py \
+test_io_threads.py \
 test_tcp_connection.py test_event_loop.py"
 
 say() { printf '[tsan] %s\n' "$*" >&2; }

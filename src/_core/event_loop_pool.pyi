@@ -1,5 +1,8 @@
+from typing import final
+
 from _core.event_loop import EventLoop
 
+@final
 class IoLoop:
     @property
     def index(self) -> int: ...
@@ -8,6 +11,7 @@ class IoLoop:
     @property
     def connection_count(self) -> int: ...
 
+@final
 class EventLoopThreadPool:
     def __init__(self, base: EventLoop, nthreads: int, name: str) -> None: ...
     @property
