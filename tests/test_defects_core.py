@@ -801,6 +801,9 @@ def test_d13_sends_after_shutdown_from_a_worker_are_dropped(serve: Serve) -> Non
             assert recv_until_eof(s) == b"hello"
             conn = h.conns[0]
             wait_for(lambda: conn.dropped_sends == 1)
+        # Our close is the peer's close: the connection is released once its task has
+        # returned; wait for on_close, which would otherwise record it after the clear().
+        wait_for(lambda: h.closed == [conn])
     finally:
         pool.stop()
         h.conns.clear()
