@@ -748,7 +748,9 @@ def test_d13_every_method_while_disconnected_and_waiting_for_tasks(
         s.sendall(b"hold")
         conn = wait_for(lambda: h.conns and h.conns[0])
         if nthreads:
-            wait_for(lambda: conn.pending_tasks == 1)
+            # Running (waiting at the gate), not just queued: a queued task of a reset
+            # connection would be discarded before it ran (item 19).
+            wait_for(lambda: conn.pending_tasks == 1 and pool.running == 1)
         else:
             assert recv_exact(s, 4) == b"hold"
         rst_close(s)  # peer reset: Disconnected
