@@ -575,7 +575,10 @@ def test_d10_idle_workers_take_tasks_queued_behind_a_slow_one() -> None:
                 wait_for(lambda: pool.running == 0 and pool.queued == 0, TIMEOUT)
                 call_in_loop(loop, queue_all)
                 wait_for(lambda: len(fast_done) == 15, TIMEOUT)
-                assert not gate.is_set() and pool.running == 1
+                # The worker that took the slow task may still be waiting for the GIL
+                # (it counts as queued until it starts): wait for it to be running.
+                wait_for(lambda: pool.running == 1, TIMEOUT)
+                assert not gate.is_set() and len(fast_done) == 15
                 gate.set()
         finally:
             gate.set()
