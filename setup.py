@@ -21,6 +21,8 @@ MODULES = [
     "acceptor",
     "event_loop_pool",
     "tcp_server",
+    "connector",
+    "tcp_client",
     "thread_pool",
     "codec",
 ]

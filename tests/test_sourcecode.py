@@ -145,6 +145,14 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
         "_core.timer_queue",
     },
     "_core.acceptor": {"_core.channel", "_core.event_loop", "_core.socket_ops"},
+    "_core.connector": {"_core.channel", "_core.event_loop", "_core.socket_ops"},
+    "_core.tcp_client": {
+        "_core.connector",
+        "_core.event_loop",
+        "_core.handler",
+        "_core.socket_ops",
+        "_core.tcp_connection",
+    },
     "_core.codec": {"_core.buffer", "_core.event_loop"},
     "_core.tcp_connection": {
         "_core.buffer",

@@ -18,6 +18,7 @@ from cppnp.event_loop import EventLoop, EventLoopThread
 from cppnp.handler import ICppnpUsr
 from cppnp.prefork import PreforkError, serve
 from cppnp.task import IRun0, IRun2, Task
+from cppnp.tcp_client import TcpClient
 from cppnp.tcp_connection import TcpConnection
 from cppnp.tcp_server import TcpServer
 from cppnp.thread_pool import QueueFull, ThreadPool
@@ -32,6 +33,7 @@ __all__ = [
     "PreforkError",
     "QueueFull",
     "Task",
+    "TcpClient",
     "TcpConnection",
     "TcpServer",
     "ThreadPool",

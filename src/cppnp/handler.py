@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from typing import TYPE_CHECKING, Any
 
 from _core.handler import mark_discard, mark_noop
 
@@ -15,6 +16,7 @@ __all__ = ["ICppnpUsr"]
 # The core (_core.handler) skips callbacks marked no-op instead of calling them, and
 # drops input without a call while on_message is the discarding default.
 _noop = mark_noop
+_logger = logging.getLogger("cppnp")
 
 
 class ICppnpUsr:
@@ -78,6 +80,15 @@ class ICppnpUsr:
 
         Loop thread only.
         """
+
+    def on_connect_error(self, client: Any, exc: BaseException) -> None:
+        """Called by a TcpClient for each failed connect attempt (refused, unreachable,
+        timed out, a name that does not resolve); *exc* says why.  The default logs it
+        at WARNING on the ``cppnp`` logger.  With retry on, the next attempt follows.
+
+        Loop thread only.
+        """
+        _logger.warning("%s: connect failed: %s", getattr(client, "name", client), exc)
 
     # -- seed-compatible names (the seed's EchoServer overrides OnMessage) --
     # Subclasses override the snake_case names; these aliases only make the seed's

@@ -93,6 +93,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int getsockopt(int sockfd, int level, int optname, void* optval, socklen_t* optlen)
     int setsockopt(int sockfd, int level, int optname, const void* optval, socklen_t optlen)
     int getsockname(int sockfd, sockaddr* addr, socklen_t* addrlen)
+    int getpeername(int sockfd, sockaddr* addr, socklen_t* addrlen)
 
 cdef extern from "<netinet/in.h>" nogil:
     enum:
