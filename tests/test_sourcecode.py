@@ -174,6 +174,7 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
         "_core.event_loop",
         "_core.event_loop_pool",
         "_core.handler",
+        "_core.socket_ops",
         "_core.tcp_connection",
     },
 }

@@ -305,7 +305,7 @@ def test_bad_arguments() -> None:
     lp = EventLoop()
     try:
         with pytest.raises(TypeError):
-            TcpClient(lp, "127.0.0.1:80", Echo())  # type: ignore[arg-type]
+            TcpClient(lp, 8080, Echo())  # type: ignore[arg-type]
         with pytest.raises(ValueError):
             TcpClient(lp, ("127.0.0.1", 0), Echo())
         with pytest.raises(ValueError):

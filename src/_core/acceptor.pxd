@@ -7,6 +7,12 @@
 # as configured) is handed to its owner through on_accept(owner, fd, peer): TcpServer
 # makes the connection.  The acceptor knows nothing of connections.
 #
+# Unix domain sockets: listen() takes a path (str/bytes/os.PathLike) or an abstract name
+# (leading NUL).  A socket file left by a dead process (a connect is refused) is removed
+# first; a live one or a file that is not a socket makes listen() raise.  unix_mode (if
+# >= 0) is chmod()ed on the file before listen(); close() unlinks the file if it is still
+# the one we bound (same device and inode).  TCP options are not set on AF_UNIX sockets.
+#
 # Threads: listen() and close() run under the owner's lock, from any thread (close() on
 # the loop thread, or any thread once the loop is closed); everything else is the loop
 # thread's.  The counters are written by the loop and read anywhere (relaxed atomics).
@@ -28,6 +34,9 @@ cdef class Acceptor(Channel):
         str _name                       # for log lines
         bint _tcp_nodelay
         bint _keepalive
+        bint _unix                      # listening on an AF_UNIX socket
+        int unix_mode                   # chmod the socket file to this, or -1
+        object _unix_file               # (path, st_dev, st_ino) of our socket file, or None
         int _idle_fd                    # /dev/null, spent to shed a connection on EMFILE
         bint _paused                    # listener unpolled after an accept error
         int64_t _retry_timer            # the timer that resumes accepting, or 0
@@ -40,6 +49,7 @@ cdef class Acceptor(Channel):
 
     # Bind and listen on *address* now (errors raise); returns the bound address.
     cdef object listen(self, object address, bint reuse_port, int backlog)
+    cdef object _listen_unix(self, object path, int backlog)
     # Start polling the listener (loop thread).
     cdef int start_polling(self) except -1
     # Close the listener and the spare fd, cancel a retry; idempotent.

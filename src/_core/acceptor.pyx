@@ -18,13 +18,25 @@ from _core.includes.linux cimport close as close_fd
 from _core.includes.sys cimport (
     cppnp_atomic_load, cppnp_atomic_store, cppnp_counter_add, cppnp_monotonic,
 )
-from _core.socket_ops cimport accept_nonblocking, set_bool_opt
+from _core.socket_ops cimport accept_nonblocking, clear_stale_unix, set_bool_opt, unix_path
 
 import logging
 import os
 import socket
 
 cdef object _logger = logging.getLogger("cppnp")
+
+
+cdef int _unlink_if_ours(object made) except -1:
+    # Remove our socket file, unless another server replaced it meanwhile.
+    path, dev, ino = made
+    try:
+        st = os.lstat(path)
+        if st.st_dev == dev and st.st_ino == ino:
+            os.unlink(path)
+    except OSError:
+        pass
+    return 0
 
 
 cdef inline int _open_spare() noexcept:
@@ -49,6 +61,9 @@ cdef class Acceptor(Channel):
         return "<Acceptor %s fd=%d>" % (self._name, self.fd)
 
     cdef object listen(self, object address, bint reuse_port, int backlog):
+        path = unix_path(address)
+        if path is not None:
+            return self._listen_unix(path, backlog)
         host, port = address
         infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC,
                                    socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
@@ -71,6 +86,33 @@ cdef class Acceptor(Channel):
         self._idle_fd = _open_spare()
         return bound
 
+    cdef object _listen_unix(self, object path, int backlog):
+        abstract = path[0] in (0, "\0")
+        clear_stale_unix(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        made = None
+        try:
+            sock.bind(path)
+            if not abstract:
+                st = os.stat(path)
+                made = (path, st.st_dev, st.st_ino)
+                if self.unix_mode >= 0:
+                    os.chmod(path, self.unix_mode)
+            sock.listen(backlog)
+            sock.setblocking(False)
+            bound = sock.getsockname()
+        except BaseException:
+            sock.close()
+            if made is not None:
+                _unlink_if_ours(made)
+            raise
+        self._unix = True
+        self._unix_file = made
+        self.fd = sock.detach()
+        cppnp_atomic_store(&self.listening, 1)
+        self._idle_fd = _open_spare()
+        return bound
+
     cdef int start_polling(self) except -1:
         if self.fd >= 0 and cppnp_atomic_load(&self.enabled) and not self._paused:
             self._loop.update_channel(self, EPOLLIN)
@@ -83,6 +125,10 @@ cdef class Acceptor(Channel):
             close_fd(self.fd)
             self.fd = -1
             cppnp_atomic_store(&self.listening, 0)
+            if self._unix_file is not None:
+                made = self._unix_file
+                self._unix_file = None
+                _unlink_if_ours(made)
         if self._idle_fd >= 0:
             close_fd(self._idle_fd)
             self._idle_fd = -1
@@ -125,7 +171,9 @@ cdef class Acceptor(Channel):
                 return 0
             cppnp_counter_add(&self.accepted, 1)
             try:
-                if self._tcp_nodelay:
+                if self._unix:
+                    pass        # no TCP options on a Unix socket
+                elif self._tcp_nodelay:
                     set_bool_opt(connfd, IPPROTO_TCP, TCP_NODELAY, True)
                 if self._keepalive:
                     set_bool_opt(connfd, SOL_SOCKET, SO_KEEPALIVE, True)
@@ -189,4 +237,5 @@ cdef Acceptor new_acceptor(EventLoop loop, object owner, AcceptFn on_accept, str
     a._name = name
     a._tcp_nodelay = tcp_nodelay
     a._keepalive = keepalive
+    a.unix_mode = -1
     return a

@@ -3,7 +3,8 @@
 # A non-blocking connect() on the loop thread: the socket is polled for EPOLLOUT and
 # SO_ERROR says how it went.  A host name is resolved by getaddrinfo() in a short-lived
 # worker thread (the loop never blocks on DNS; an IP literal needs no resolution); the
-# result comes back to the loop as a functor, tagged with the attempt's generation so a
+# result comes back to the loop as a functor (a Unix socket path is given as host with
+# port None), tagged with the attempt's generation so a
 # result that arrives after stop() is ignored.  A failed attempt (refused, unreachable,
 # timed out after connect_timeout, DNS) is reported to the owner through on_error; with
 # retry on, the next attempt is made after a delay that starts at retry_initial and

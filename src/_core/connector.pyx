@@ -19,7 +19,10 @@ import threading
 
 
 cdef object _literal_address(object host, object port):
-    """(family, sockaddr) if *host* is an IP literal, else None (needs resolution)."""
+    """(family, sockaddr) if *host* is an IP literal (or *port* is None: *host* is a Unix
+    socket path or abstract name), else None (needs resolution)."""
+    if port is None:
+        return (socket.AF_UNIX, host)
     try:
         socket.inet_pton(socket.AF_INET, host)
         return (socket.AF_INET, (host, port))

@@ -1,3 +1,4 @@
+from os import PathLike
 from typing import Any, final
 
 from _core.event_loop import EventLoop
@@ -8,7 +9,7 @@ class TcpClient:
     def __init__(
         self,
         loop: EventLoop,
-        address: tuple[str, int],
+        address: tuple[str, int] | str | bytes | PathLike[str] | PathLike[bytes],
         handler: Any,
         *,
         name: str | None = ...,
@@ -21,7 +22,7 @@ class TcpClient:
         tcp_nodelay: bool = ...,
     ) -> None: ...
     @property
-    def address(self) -> tuple[str, int]: ...
+    def address(self) -> Any: ...
     @property
     def name(self) -> str: ...
     @property

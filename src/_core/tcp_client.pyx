@@ -12,10 +12,11 @@ from _core.includes.linux cimport close as close_fd
 from _core.includes.sys cimport (
     cppnp_atomic_load32, cppnp_atomic_store32, cppnp_counter_add, cppnp_relaxed_load,
 )
-from _core.socket_ops cimport set_bool_opt
+from _core.socket_ops cimport set_bool_opt, unix_path
 from _core.tcp_connection cimport ConnectionOwner, TcpConnection, new_connection
 
 import logging
+import os
 
 cdef object _logger = logging.getLogger("cppnp")
 
@@ -60,6 +61,9 @@ cdef class TcpClient(ConnectionOwner):
     disconnect() or stop().  With ``retry=False`` one attempt is made per connect().
     *connect_timeout* (seconds, or None: the kernel's) bounds each attempt.
 
+    *address* may also be a Unix socket path (str, bytes, os.PathLike) or an abstract
+    name (a leading NUL); TCP_NODELAY then does not apply.
+
     ``ssl=`` and ``server_hostname=`` are reserved for TLS, which is not implemented yet:
     passing ``ssl`` raises NotImplementedError.
     """
@@ -67,7 +71,8 @@ cdef class TcpClient(ConnectionOwner):
     def __init__(self, EventLoop loop not None, address, handler, *, name=None,
                  bint retry=True, retry_initial=0.5, retry_max=30.0, connect_timeout=None,
                  ssl=None, server_hostname=None, bint tcp_nodelay=True):
-        """Prepare a client for *address*, a (host, port) tuple; nothing happens until
+        """Prepare a client for *address*, a (host, port) tuple or a Unix socket path
+        (see the class docstring); nothing happens until
         connect().  ``__init__`` runs once (RuntimeError if called again).
 
         Thread-safe to construct.
@@ -78,15 +83,22 @@ cdef class TcpClient(ConnectionOwner):
         if ssl is not None or server_hostname is not None:
             raise NotImplementedError("TcpClient: TLS (ssl=, server_hostname=) is not "
                                       "implemented yet")
-        if not isinstance(address, tuple) or len(address) != 2:
-            raise TypeError("address must be a (host, port) tuple, got %r" % (address,))
-        host, port = address
-        if not isinstance(host, str) or not host:
-            raise TypeError("host must be a non-empty str, got %r" % (host,))
-        if not isinstance(port, int) or isinstance(port, bool):
-            raise TypeError("port must be an int, got %r" % (type(port).__name__,))
-        if not 1 <= port <= 65535:
-            raise ValueError("port must be in 1..65535, got %d" % port)
+        path = unix_path(address)
+        if path is not None:
+            if not path:
+                raise ValueError("a Unix socket path must not be empty")
+            host, port = path, None
+        else:
+            if not isinstance(address, tuple) or len(address) != 2:
+                raise TypeError("address must be a (host, port) tuple or a Unix socket "
+                                "path, got %r" % (address,))
+            host, port = address
+            if not isinstance(host, str) or not host:
+                raise TypeError("host must be a non-empty str, got %r" % (host,))
+            if not isinstance(port, int) or isinstance(port, bool):
+                raise TypeError("port must be an int, got %r" % (type(port).__name__,))
+            if not 1 <= port <= 65535:
+                raise ValueError("port must be in 1..65535, got %d" % port)
         if handler is None:
             raise TypeError("handler must be an ICppnpUsr (or an object with its methods)")
         initial = _seconds(retry_initial, "retry_initial", False)
@@ -99,13 +111,19 @@ cdef class TcpClient(ConnectionOwner):
         if on_error is not None and not callable(on_error):
             raise TypeError("handler.on_connect_error must be callable")
         self._loop = loop
-        self._address = (host, port)
+        self._address = path if path is not None else (host, port)
         self._handler = handler
         self._handlers = resolve_handlers(handler)
         self._on_connect_error = on_error
-        self._name = name if name is not None else "TcpClient-%s:%d" % (host, port)
+        if name is not None:
+            self._name = name
+        elif path is not None:
+            self._name = "TcpClient-unix:%s" % (
+                os.fsdecode(path) if isinstance(path, bytes) else path).replace("\0", "@")
+        else:
+            self._name = "TcpClient-%s:%d" % (host, port)
         self._retry = retry
-        self._tcp_nodelay = tcp_nodelay
+        self._tcp_nodelay = tcp_nodelay and path is None
         self._connector = new_connector(loop, self, _on_connected, _on_error, host, port,
                                         retry, initial, maximum, timeout)
         self._initialized = True
@@ -121,7 +139,7 @@ cdef class TcpClient(ConnectionOwner):
 
     @property
     def address(self):
-        """The (host, port) the client connects to.
+        """The (host, port) the client connects to (or the Unix socket path).
 
         Thread-safe.
         """

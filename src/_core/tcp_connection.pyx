@@ -177,6 +177,8 @@ cdef class TcpConnection(Channel):
                 peer = self._peer_tuple()
                 if peer is None:
                     where = "?"
+                elif not isinstance(peer, tuple):
+                    where = "unix"      # an AF_UNIX peer: usually unnamed
                 elif ":" in peer[0]:
                     where = "[%s]:%d" % (peer[0], peer[1])
                 else:
@@ -193,7 +195,8 @@ cdef class TcpConnection(Channel):
 
     @property
     def peer_address(self):
-        """The peer's address: ``(host, port)`` (IPv6: ``(host, port, flow, scope)``).
+        """The peer's address: ``(host, port)`` (IPv6: ``(host, port, flow, scope)``); for a
+        Unix socket its path (str, ``""`` if unnamed; bytes for an abstract name).
 
         Thread-safe.
         """

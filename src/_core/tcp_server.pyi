@@ -1,3 +1,4 @@
+from os import PathLike
 from typing import Any, final
 
 from _core.event_loop import EventLoop
@@ -16,7 +17,7 @@ class TcpServer:
     def __init__(
         self,
         loop: EventLoop,
-        address: tuple[str, int],
+        address: tuple[str, int] | str | bytes | PathLike[str] | PathLike[bytes],
         handler: Any,
         *,
         name: str | None = ...,
@@ -25,9 +26,10 @@ class TcpServer:
         tcp_nodelay: bool = ...,
         keepalive: bool = ...,
         io_threads: int = ...,
+        unix_mode: int | None = ...,
     ) -> None: ...
     @property
-    def address(self) -> tuple[str, int]: ...
+    def address(self) -> Any: ...
     @property
     def loop(self) -> EventLoop: ...
     @property

@@ -12,6 +12,7 @@ from _core.includes.linux cimport sockaddr_storage
 from _core.includes.sys cimport (
     cppnp_atomic_load, cppnp_atomic_store, cppnp_relaxed_load, cppnp_relaxed_store,
 )
+from _core.socket_ops cimport unix_path
 from _core.tcp_connection cimport ConnectionOwner, TcpConnection, new_connection
 
 import threading
@@ -40,6 +41,13 @@ cdef class TcpServer(ConnectionOwner):
     the handler is called from N threads at once: guard state shared between connections.
     stop() and the base loop's close() quit and join the io threads (stop() once the last
     connection is released).
+
+    Unix domain sockets: *address* may be a filesystem path (str, bytes, os.PathLike) or
+    an abstract name (a leading NUL).  start() removes a socket file left by a dead
+    process (a connect to it is refused), and raises for a live one (OSError EADDRINUSE)
+    or for an existing file that is not a socket (FileExistsError); *unix_mode* (e.g.
+    0o660) is set on the file before listening; stop() (once the listener closes)
+    removes the file if it is still ours.  TCP_NODELAY and keepalive do not apply.
     """
 
     def __cinit__(self):
@@ -48,8 +56,9 @@ cdef class TcpServer(ConnectionOwner):
 
     def __init__(self, EventLoop loop not None, address, handler, *, name=None,
                  bint reuse_port=False, backlog=1024, bint tcp_nodelay=True,
-                 bint keepalive=False, io_threads=0):
+                 bint keepalive=False, io_threads=0, unix_mode=None):
         """Prepare a server on (host, port); port 0 picks a free port (see ``address``).
+        Or on a Unix socket path / abstract name (see the class docstring).
 
         *io_threads*: an int >= 0, the number of io loop threads (see the class
         docstring; 0 serves everything on *loop*).  Nothing is bound and no thread is
@@ -59,15 +68,28 @@ cdef class TcpServer(ConnectionOwner):
         if self._initialized:
             raise RuntimeError("TcpServer.__init__ called twice: a server is initialised "
                                "once (make a new TcpServer)")
-        if not isinstance(address, tuple) or len(address) != 2:
-            raise TypeError("address must be a (host, port) tuple, got %r" % (address,))
-        host, port = address
-        if not isinstance(host, str):
-            raise TypeError("host must be a str, got %r" % (type(host).__name__,))
-        if not isinstance(port, int) or isinstance(port, bool):
-            raise TypeError("port must be an int, got %r" % (type(port).__name__,))
-        if not 0 <= port <= 65535:
-            raise ValueError("port must be in 0..65535, got %d" % port)
+        path = unix_path(address)
+        if path is not None:
+            if not path:
+                raise ValueError("a Unix socket path must not be empty")
+        else:
+            if not isinstance(address, tuple) or len(address) != 2:
+                raise TypeError("address must be a (host, port) tuple or a Unix socket "
+                                "path, got %r" % (address,))
+            host, port = address
+            if not isinstance(host, str):
+                raise TypeError("host must be a str, got %r" % (type(host).__name__,))
+            if not isinstance(port, int) or isinstance(port, bool):
+                raise TypeError("port must be an int, got %r" % (type(port).__name__,))
+            if not 0 <= port <= 65535:
+                raise ValueError("port must be in 0..65535, got %d" % port)
+        if unix_mode is not None:
+            if path is None:
+                raise ValueError("unix_mode applies to a Unix socket path only")
+            if not isinstance(unix_mode, int) or isinstance(unix_mode, bool) \
+                    or not 0 <= unix_mode <= 0o7777:
+                raise ValueError("unix_mode must be a file mode int (e.g. 0o660), got %r"
+                                 % (unix_mode,))
         if not isinstance(backlog, int) or isinstance(backlog, bool):
             raise TypeError("backlog must be an int, got %r" % (type(backlog).__name__,))
         if backlog < 1:
@@ -81,14 +103,22 @@ cdef class TcpServer(ConnectionOwner):
                              "got %d" % (MAX_IO_THREADS, io_threads))
         self._io_threads = io_threads
         self._loop = loop
-        self._address = (host, port)
         self._handler = handler
         self._handlers = resolve_handlers(handler)
-        self._name = name if name is not None else "TcpServer-%s:%d" % (host, port)
+        if path is not None:
+            self._address = path
+            self._name = name if name is not None else "TcpServer-unix:%s" % (
+                path.decode("utf-8", "backslashreplace").replace("\0", "@")
+                if isinstance(path, bytes) else path.replace("\0", "@"),)
+        else:
+            self._address = (host, port)
+            self._name = name if name is not None else "TcpServer-%s:%d" % (host, port)
         self._reuse_port = reuse_port
         self._backlog = backlog
         self._acceptor = new_acceptor(loop, self, _on_accept, self._name, tcp_nodelay,
                                       keepalive)
+        if unix_mode is not None:
+            self._acceptor.unix_mode = unix_mode
         self._initialized = True
 
     def __repr__(self):
@@ -98,11 +128,13 @@ cdef class TcpServer(ConnectionOwner):
     @property
     def address(self):
         """The bound (host, port) after start() (the real port if 0 was asked), else the
-        requested address.
+        requested address; a Unix socket server's path (or abstract name) as given.
 
         Thread-safe.
         """
         bound = self._bound
+        if isinstance(self._address, (str, bytes)):
+            return self._address
         if bound is not None:
             return bound[:2]
         return self._address

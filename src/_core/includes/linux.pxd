@@ -69,6 +69,7 @@ cdef extern from "<string.h>" nogil:
     void* memmem(const void* haystack, size_t hl, const void* needle, size_t nl)
     void* memcpy(void* dest, const void* src, size_t n)
     void* memmove(void* dest, const void* src, size_t n)
+    size_t strnlen(const char* s, size_t maxlen)
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
@@ -78,6 +79,7 @@ cdef extern from "<sys/socket.h>" nogil:
     struct sockaddr_storage:
         sa_family_t ss_family
     enum:
+        AF_UNIX
         AF_INET
         AF_INET6
         SOCK_NONBLOCK
@@ -122,3 +124,8 @@ cdef extern from "<arpa/inet.h>" nogil:
     enum:
         INET6_ADDRSTRLEN
     const char* inet_ntop(int af, const void* src, char* dst, socklen_t size)
+
+cdef extern from "<sys/un.h>" nogil:
+    struct sockaddr_un:
+        sa_family_t sun_family
+        char sun_path[108]

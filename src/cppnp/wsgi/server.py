@@ -126,7 +126,8 @@ class WsgiServer(ICppnpUsr):
     @property
     def address(self) -> tuple[str, int]:
         """The bound (host, port) after start().  Thread-safe."""
-        return self._tcp.address
+        addr: tuple[str, int] = self._tcp.address
+        return addr
 
     @property
     def connection_count(self) -> int:
