@@ -18,7 +18,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         return run_wsgi(args)
     except OSError as exc:
-        raise CliError("%s:%s: %s" % (args.host, args.port, exc.strerror or exc), 1) from None
+        unix = getattr(args, "unix", None)
+        where = "unix:%s" % unix if unix is not None else "%s:%s" % (args.host, args.port)
+        raise CliError("%s: %s" % (where, exc.strerror or exc), 1) from None
 
 
 def add_parsers(sub: Any) -> None:

@@ -70,6 +70,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--port", type=int, default=8000, help="port to listen on (default: %(default)s)"
     )
     parser.add_argument(
+        "--unix",
+        default=None,
+        metavar="PATH",
+        help="serve on this Unix socket path instead of --host/--port (a leading '@' "
+        "means the abstract namespace); a stale socket file is replaced, a live one "
+        "refused, the file removed on exit (default: none)",
+    )
+    parser.add_argument(
         "--processes",
         type=_processes,
         default=1,
@@ -129,6 +137,13 @@ def run(args: argparse.Namespace) -> int:
     }
     threads = options.pop("threads")
     processes = getattr(args, "processes", 1)
+    unix = getattr(args, "unix", None)
+    if unix is not None:
+        if processes > 1:
+            logging.getLogger("cppnp.wsgi").error("cannot serve: --unix needs --processes 1")
+            return 2
+        path = "\0" + unix[1:] if unix.startswith("@") else unix
+        return serve(app, args.host, args.port, threads=threads, unix=path, **options)
     if processes > 1:
         from cppnp.prefork import EXIT_BOOT_FAILED, PreforkError
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import email.utils
 import logging
+import os
 import signal
 import socket
 import threading
@@ -61,9 +62,12 @@ class WsgiServer(ICppnpUsr):
         config: Config | None = None,
         pool: ThreadPool | None = None,
         name: str | None = None,
+        unix: str | bytes | os.PathLike[str] | None = None,
         **options: Any,
     ) -> None:
-        """Prepare the server (nothing is bound until start()).  Thread-safe."""
+        """Prepare the server (nothing is bound until start()).  *unix*: serve on this
+        Unix socket path (or abstract name) instead of (host, port): a stale socket file
+        is replaced, a live one refused, the file removed on stop.  Thread-safe."""
         httptools = _httptools()
         if config is None:
             config = Config(**options)
@@ -76,11 +80,14 @@ class WsgiServer(ICppnpUsr):
         self.app = app
         self._parser_cls = httptools.HttpRequestParser
         self.parser_errors = (httptools.HttpParserError, httptools.HttpParserUpgrade)
+        self.unix = os.fspath(unix) if unix is not None else None
         self._tcp = TcpServer(
             loop,
-            (host, port),
+            self.unix if self.unix is not None else (host, port),
             self,
-            name=name or "wsgi-%s:%d" % (host, port),
+            name=name
+            or ("wsgi-unix:%s" % (os.fsdecode(self.unix),) if self.unix is not None else None)
+            or "wsgi-%s:%d" % (host, port),
             reuse_port=config.reuse_port,
             backlog=config.backlog,
         )
@@ -125,7 +132,8 @@ class WsgiServer(ICppnpUsr):
 
     @property
     def address(self) -> tuple[str, int]:
-        """The bound (host, port) after start().  Thread-safe."""
+        """The bound (host, port) after start() (a Unix socket server: see ``unix``).
+        Thread-safe."""
         addr: tuple[str, int] = self._tcp.address
         return addr
 
@@ -144,7 +152,10 @@ class WsgiServer(ICppnpUsr):
         if self.pool is not None:
             self.pool.start()
         self._tcp.start()
-        host, port = self._tcp.address[:2]
+        if self.unix is not None:
+            host, port = os.fsdecode(self.unix).replace("\0", "@"), 0
+        else:
+            host, port = self._tcp.address[:2]
         self._wildcard = host in ("", "0.0.0.0", "::")
         self._base = make_base_environ(
             server_name=socket.gethostname() if self._wildcard else host,
@@ -155,6 +166,8 @@ class WsgiServer(ICppnpUsr):
             multiprocess=bool(self.cfg.extra.get("multiprocess", False)),
             file_wrapper=FileWrapper,
         )
+        if self.unix is not None:
+            self._base["SERVER_PORT"] = ""  # no port: SERVER_NAME is the socket path
         tick = self._tick = min(1.0, max(0.02, self.cfg.min_timeout() / 4))
         self._timer = self.loop.run_every(tick, self._sweep)
 
@@ -239,12 +252,12 @@ class WsgiServer(ICppnpUsr):
         """A new connection: its HTTP state goes in conn.context.  Loop thread only."""
         base = self._base.copy()
         peer = conn.peer_address
-        if peer is not None:
+        if isinstance(peer, tuple):  # not a Unix socket's peer (a path, usually "")
             base["REMOTE_ADDR"] = peer[0]
             base["REMOTE_PORT"] = str(peer[1])
         if self._wildcard:
             local = conn.local_address
-            if local is not None:
+            if isinstance(local, tuple):
                 base["SERVER_NAME"] = local[0]
         st = HttpConn(self, conn, base, self._parser_cls)
         conn.context = st
@@ -333,6 +346,7 @@ def serve(
     threads: int = 4,
     processes: int = 1,
     ready: Callable[[Any], Any] | None = None,
+    unix: str | bytes | os.PathLike[str] | None = None,
     **options: Any,
 ) -> int:
     """Serve *app* on (host, port) until SIGTERM or SIGINT (a graceful stop: in-flight
@@ -351,13 +365,18 @@ def serve(
     be killed or exited with an error).  Raises :class:`cppnp.prefork.PreforkError` if a
     child cannot start (e.g. the address is in use).  Call it from the main thread to
     get the signal handling (required with several processes).
+
+    *unix*: serve on this Unix socket path (or abstract name) instead of (host, port),
+    in one process (ValueError with ``processes`` > 1).
     """
     if type(processes) is not int or processes < 1:
         raise ValueError("processes must be an int >= 1, got %r" % (processes,))
+    if unix is not None and processes > 1:
+        raise ValueError("unix= serves in one process: processes must be 1")
     if processes > 1:
         return _serve_prefork(app, host, port, threads, processes, ready, options)
     with EventLoop() as loop:
-        server = WsgiServer(loop, app, host, port, threads=threads, **options)
+        server = WsgiServer(loop, app, host, port, threads=threads, unix=unix, **options)
         server.start()
         stopping: list[int] = []
 
@@ -378,9 +397,10 @@ def serve(
                 previous[sig] = signal.signal(sig, on_signal)
         try:
             log.info(
-                "serving on http://%s:%d with %s",
-                server.address[0],
-                server.address[1],
+                "serving on %s with %s",
+                "unix:%s" % (os.fsdecode(server.unix),)
+                if server.unix is not None
+                else "http://%s:%d" % (server.address[0], server.address[1]),
                 "%d threads" % server.pool.num_threads
                 if server.pool is not None
                 else "the loop thread (threads=0)",
