@@ -48,6 +48,9 @@ EXAMPLE_TESTS = {
     "seed_echo.py": "test_example_seed_echo",
     "timers.py": "test_example_timers",
     "resp_server.py": "test_example_resp.py::test_strings_counters_and_keys",
+    "tcprelay.py": "test_example_tcprelay",
+    "unix_echo.py": "test_example_unix_echo",
+    "rpc.py": "test_example_rpc",
 }
 
 
@@ -129,6 +132,76 @@ def test_example_seed_echo(threads: str) -> None:
     finally:
         reap(proc)
     assert (rc, err) == (0, "")
+
+
+def test_example_tcprelay() -> None:
+    """echo.py behind tcprelay.py: bytes both ways, large payloads (flow control), and
+    a half-close passed on (the echo server closes, the relay closes the client)."""
+    backend, backend_address = _example("echo.py")
+    relay: subprocess.Popen[str] | None = None
+    try:
+        relay, address = _example("tcprelay.py", *map(str, backend_address))
+        with socket.create_connection(address, timeout=10) as s:
+            for msg in (b"through the relay\r\n", bytes(range(256)) * 8192):
+                s.sendall(msg)
+                assert recv_exact(s, len(msg)) == msg
+            s.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(s) == b""
+        rc, _, err = finish(relay, TIMEOUT, sig=signal.SIGINT)
+        assert (rc, err) == (0, "")
+        rc, _, err = finish(backend, TIMEOUT, sig=signal.SIGINT)
+        assert (rc, err) == (0, "")
+    finally:
+        if relay is not None:
+            reap(relay)
+        reap(backend)
+
+
+def test_example_unix_echo(tmp_path: Path) -> None:
+    path = str(tmp_path / "echo.sock")
+    proc = _spawn(str(EXAMPLES / "unix_echo.py"), path)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "listening on unix:%s\n" % path
+        assert oct(Path(path).stat().st_mode & 0o777) == oct(0o600)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(path)
+            for msg in (b"hello, unix\n", bytes(range(256)) * 400):
+                s.sendall(msg)
+                assert recv_exact(s, len(msg)) == msg
+        rc, out, err = finish(proc, TIMEOUT, sig=signal.SIGINT)
+    finally:
+        reap(proc)
+    assert (rc, out, err) == (0, "", "")
+    assert not Path(path).exists()
+
+
+def test_example_rpc() -> None:
+    proc = _spawn(str(EXAMPLES / "rpc.py"), "serve", "0", "4")
+    try:
+        _, port = _listening(proc)
+        child = run_python(
+            str(EXAMPLES / "rpc.py"), "call", str(port), "6", timeout=TIMEOUT, env=user_env()
+        )
+        assert (child.returncode, child.stderr) == (0, "")
+        assert child.stdout.splitlines() == [
+            "0 add(0, 0) -> 0",
+            "1 upper('call 1',) -> 'CALL 1'",
+            "2 add(2, 2) -> 4",
+            "3 upper('call 3',) -> 'CALL 3'",
+            "4 add(4, 4) -> 8",
+            "5 upper('call 5',) -> 'CALL 5'",
+        ]
+        rc, _, err = finish(proc, TIMEOUT, sig=signal.SIGINT)
+    finally:
+        reap(proc)
+    assert (rc, err) == (0, "")
+    # Nothing listens any more: the client reports the refused connect and exits 1.
+    child = run_python(
+        str(EXAMPLES / "rpc.py"), "call", str(port), "1", timeout=TIMEOUT, env=user_env()
+    )
+    assert child.returncode == 1 and "cannot connect" in child.stderr
 
 
 def test_example_timers() -> None:

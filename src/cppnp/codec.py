@@ -4,8 +4,8 @@ A codec is the ICppnpUsr handler you give to a TcpServer.  Its ``on_message`` ru
 compiled core (``_core.codec``): one C loop over the connection's input Buffer extracts
 every complete frame of a read and calls ``handler.on_frame(conn, frame)`` (``bytes``,
 header or delimiter removed) for each, on the loop thread.  ``on_connection``,
-``on_write_complete``, ``on_high_water_mark`` and ``on_close`` are forwarded to the
-handler when it defines them (bound directly: no extra call layer).
+``on_write_complete``, ``on_high_water_mark``, ``on_close`` (and a TcpClient's
+``on_connect_error``) are forwarded to the handler when it defines them (bound directly: no extra call layer).
 
 ``codec.send(conn, payload)`` frames on the way out with one ``conn.send`` (thread-safe,
 so workers may reply and frames never interleave).  A frame over the limit -- a header
@@ -35,7 +35,13 @@ from cppnp.handler import ICppnpUsr
 
 __all__ = ["FrameHandler", "LengthFieldCodec", "LineCodec"]
 
-_FORWARDED = ("on_connection", "on_write_complete", "on_high_water_mark", "on_close")
+_FORWARDED = (
+    "on_connection",
+    "on_write_complete",
+    "on_high_water_mark",
+    "on_close",
+    "on_connect_error",  # a codec given to a TcpClient
+)
 
 
 class FrameHandler(Protocol):
