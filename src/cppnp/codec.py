@@ -5,7 +5,8 @@ compiled core (``_core.codec``): one C loop over the connection's input Buffer e
 every complete frame of a read and calls ``handler.on_frame(conn, frame)`` (``bytes``,
 header or delimiter removed) for each, on the loop thread.  ``on_connection``,
 ``on_write_complete``, ``on_high_water_mark``, ``on_close`` (and a TcpClient's
-``on_connect_error``) are forwarded to the handler when it defines them (bound directly: no extra call layer).
+``on_connect_error``) are forwarded to the handler when it defines them (bound
+directly: no extra call layer).
 
 ``codec.send(conn, payload)`` frames on the way out with one ``conn.send`` (thread-safe,
 so workers may reply and frames never interleave).  A frame over the limit -- a header
