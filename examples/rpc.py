@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from cppnp import EventLoop, IRun2, Task, TcpClient, TcpConnection, TcpServer, ThreadPool
 from cppnp.codec import LengthFieldCodec
 
-METHODS = {
+METHODS: dict[str, Callable[..., Any]] = {
     "add": lambda a, b: a + b,
     "mul": lambda a, b: a * b,
     "upper": lambda s: s.upper(),
