@@ -78,9 +78,10 @@ cdef inline bint _socket_open(int64_t state) noexcept nogil:
 @cython.auto_pickle(False)
 @cython.final
 cdef class TcpConnection(Channel):
-    """One TCP connection accepted by a TcpServer (muduo's TcpConnection).
+    """One TCP connection accepted by a TcpServer, or made by a TcpClient (muduo's
+    TcpConnection).
 
-    Created by the server, never by users.  Call order of the handler's callbacks:
+    Created by the server or the client, never by users.  Call order of the handler's callbacks:
     ``on_connection -> [on_message | on_write_complete | on_high_water_mark]* -> on_close``,
     all on the loop thread.  ``send``, ``shutdown``, ``force_close`` and the reading and
     option switches are thread-safe: from another thread they are queued to the loop.
