@@ -48,6 +48,7 @@ EXAMPLE_TESTS = {
     "seed_echo.py": "test_example_seed_echo",
     "timers.py": "test_example_timers",
     "resp_server.py": "test_example_resp.py::test_strings_counters_and_keys",
+    "tls_echo.py": "test_tls.py::test_example_tls_echo",
 }
 
 

@@ -5,6 +5,7 @@ way, sends from worker threads, io_threads=2.  Certificates are made by trustme.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -217,7 +218,9 @@ def python_tls_server(cert: Any, serve: Any) -> tuple[Any, threading.Thread, soc
     return lst.getsockname(), t, lst
 
 
-def test_client_to_python_ssl_server_with_hostname_check(loop_thread: EventLoop, ca: Any, cert: Any) -> None:
+def test_client_to_python_ssl_server_with_hostname_check(
+    loop_thread: EventLoop, ca: Any, cert: Any
+) -> None:
     def serve(s: ssl.SSLSocket) -> None:
         s.sendall(b"greeting\n")
         got = recv_n(s, 4)
@@ -373,7 +376,9 @@ class WorkerSender(ICppnpUsr):
             self.threads.append(t)
 
 
-def test_sends_from_worker_threads_encrypted_in_order(servers: Any, ca: Any, cert: Any, io: int) -> None:
+def test_sends_from_worker_threads_encrypted_in_order(
+    servers: Any, ca: Any, cert: Any, io: int
+) -> None:
     handler = WorkerSender(4, 2000)
     srv = servers(handler, ssl=server_ctx(cert), io_threads=io)
     line = len(b"0:000000\n")
@@ -390,7 +395,9 @@ def test_sends_from_worker_threads_encrypted_in_order(servers: Any, ca: Any, cer
     wait_for(lambda: srv.connection_count == 0)
 
 
-def test_tcpclient_to_tcpserver_both_tls(loop_thread: EventLoop, servers: Any, ca: Any, cert: Any) -> None:
+def test_tcpclient_to_tcpserver_both_tls(
+    loop_thread: EventLoop, servers: Any, ca: Any, cert: Any
+) -> None:
     srv = servers(Echo(), ssl=server_ctx(cert), io_threads=2)
     rec = Client()
     client = make_client(
@@ -464,7 +471,9 @@ def test_openssl_s_client_against_server(servers: Any, ca: Any, tmp_path: Path, 
 
 
 @needs_openssl
-def test_client_against_openssl_s_server(loop_thread: EventLoop, ca: Any, cert: Any, tmp_path: Path) -> None:
+def test_client_against_openssl_s_server(
+    loop_thread: EventLoop, ca: Any, cert: Any, tmp_path: Path
+) -> None:
     cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.cert_chain_pems[0].write_to_path(str(cert_file))
     cert.private_key_pem.write_to_path(str(key_file))
@@ -507,3 +516,34 @@ def _port_open(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def test_example_tls_echo(ca: Any, cert: Any, tmp_path: Path) -> None:
+    """examples/tls_echo.py: its server with trustme-made files, a Python ssl client and
+    the example's own TcpClient mode against it."""
+    from faults_support import finish, reap, run_python, spawn_python, user_env
+
+    example = str(Path(__file__).resolve().parents[1] / "examples" / "tls_echo.py")
+    cert_file, key_file, ca_file = (tmp_path / n for n in ("cert.pem", "key.pem", "ca.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    proc = spawn_python(example, "0", "--certfile", str(cert_file), "--keyfile", str(key_file),
+                        env=user_env())  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on 127.0.0.1:"), line
+        port = int(line.rsplit(":", 1)[1])
+        with tls_connect(("127.0.0.1", port), ca) as s:
+            s.sendall(b"hello example")
+            assert recv_n(s, 13) == b"hello example"
+        done = run_python(example, str(port), "--connect", "--cafile", str(ca_file),
+                          env=user_env())  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "echo: hello over TLS" in done.stdout
+        assert "connected with TLSv1." in done.stdout
+        rc, _out, err = finish(proc, 20.0, sig=signal.SIGINT)
+    finally:
+        reap(proc)
+    assert (rc, err) == (0, "")

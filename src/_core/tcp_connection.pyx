@@ -444,9 +444,11 @@ cdef class TcpConnection(Channel):
     def ssl_object(self):
         """The ssl.SSLObject of a TLS connection (peer certificate: ``getpeercert()``,
         ``selected_alpn_protocol()``, ``version()``...), or None for a plain connection.
-        Complete from on_connection on (it runs after the handshake).
+        Complete from on_connection on (it runs after the handshake).  Read the property
+        from any thread; call the SSLObject's methods on the loop thread (the loop drives
+        it).
 
-        Thread-safe to read; call its methods on the loop thread.
+        Thread-safe.
         """
         cdef TlsSession tls = self._tls
         return tls.obj if tls is not None else None

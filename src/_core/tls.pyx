@@ -4,7 +4,6 @@
 
 cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.stdint cimport int64_t
 
 from _core.buffer cimport Buffer
 from _core.includes.sys cimport cppnp_atomic_add, cppnp_atomic_load
