@@ -1,9 +1,11 @@
 """TLS (issue 10 item 3): ssl= on TcpServer and TcpClient, against Python's ssl sockets
 and the openssl binary; certificate checks, handshake timeout, close_notify, 10 MB each
-way, sends from worker threads, io_threads=2.  Certificates are made by trustme."""
+way, sends from worker threads, io_threads=2.  Certificates are made by trustme (or, where
+it cannot be installed, e.g. on 3.13t, by the openssl binary)."""
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import signal
 import socket
@@ -20,14 +22,83 @@ from conftest import call_in_loop, wait_for
 from cppnp import Buffer, EventLoop, ICppnpUsr, TcpClient, TcpConnection, TcpServer
 from handlers import Echo
 
-trustme = pytest.importorskip("trustme")
+try:
+    trustme: Any = importlib.import_module("trustme")
+except ImportError:  # e.g. free-threaded 3.13t, where cryptography has no wheel
+    trustme = None
+
+OPENSSL = shutil.which("openssl")
+if trustme is None and OPENSSL is None:
+    pytest.skip("neither trustme nor the openssl binary", allow_module_level=True)
+
+
+class _Pem:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write_to_path(self, path: str) -> None:
+        shutil.copyfile(self.path, path)
+
+
+class _OpensslCert:
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.cert_chain_pems = [_Pem(cert)]
+        self.private_key_pem = _Pem(key)
+
+    def configure_cert(self, ctx: ssl.SSLContext) -> None:
+        ctx.load_cert_chain(str(self.cert_chain_pems[0].path), str(self.private_key_pem.path))
+
+
+class _OpensslCA:
+    """trustme.CA's few methods used here, made with the openssl binary (where trustme
+    cannot be installed)."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="cppnp-ca-"))
+        self.cert_pem = _Pem(self.dir / "ca.pem")
+        self._run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                  "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+                  "-subj", "/CN=cppnp test CA", "-addext",
+                  "basicConstraints=critical,CA:TRUE", "-addext",
+                  "keyUsage=critical,keyCertSign,cRLSign", "-addext",
+                  "subjectKeyIdentifier=hash")  # fmt: skip
+
+    def _run(self, *args: str) -> None:
+        assert OPENSSL is not None
+        subprocess.run([OPENSSL, *args], cwd=self.dir, check=True, capture_output=True)
+
+    def configure_trust(self, ctx: ssl.SSLContext) -> None:
+        ctx.load_verify_locations(cafile=str(self.cert_pem.path))
+
+    def issue_cert(self, *names: str) -> _OpensslCert:
+        sans = ",".join(("IP:" if n[0].isdigit() else "DNS:") + n for n in names)
+        (self.dir / "ext.cnf").write_text(
+            "subjectAltName=%s\nbasicConstraints=critical,CA:FALSE\n"
+            "keyUsage=critical,digitalSignature,keyEncipherment\n"
+            "extendedKeyUsage=serverAuth,clientAuth\nsubjectKeyIdentifier=hash\n"
+            "authorityKeyIdentifier=keyid\n" % sans
+        )
+        self._run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                  "-nodes", "-keyout", "leaf.key", "-out", "leaf.csr", "-subj",
+                  "/CN=%s" % names[0])  # fmt: skip
+        self._run("x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                  "-CAcreateserial", "-out", "leaf.pem", "-days", "2",
+                  "-extfile", "ext.cnf")  # fmt: skip
+        return _OpensslCert(self.dir / "leaf.pem", self.dir / "leaf.key")
+
+
+def new_ca() -> Any:
+    return trustme.CA() if trustme is not None else _OpensslCA()
+
 
 BIG = 10 << 20
 
 
 @pytest.fixture(scope="module")
 def ca() -> Any:
-    return trustme.CA()
+    return new_ca()
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +327,7 @@ def test_client_rejects_bad_certificate(
     if case == "wrong-hostname":
         kw: dict[str, Any] = {"ssl": client_ctx(ca), "server_hostname": "wrong.example"}
     else:
-        kw = {"ssl": client_ctx(trustme.CA())}  # another CA: the chain does not verify
+        kw = {"ssl": client_ctx(new_ca())}  # another CA: the chain does not verify
     client = make_client(loop_thread, address, rec, retry=True, retry_initial=0.05, **kw)
     try:
         wait_for(lambda: rec.errors)
@@ -278,7 +349,7 @@ def test_server_counts_untrusting_client_and_keeps_serving(
     rec = Recorder()
     srv = servers(rec, ssl=server_ctx(cert))
     with pytest.raises(ssl.SSLCertVerificationError):
-        tls_connect(srv.address, trustme.CA())  # the client rejects our certificate
+        tls_connect(srv.address, new_ca())  # the client rejects our certificate
     wait_for(lambda: srv.stats()["tls_errors"] == 1)
     with socket.create_connection(srv.address, timeout=10) as s:  # not TLS at all
         s.sendall(b"GET / HTTP/1.0\r\n\r\n")
@@ -428,7 +499,6 @@ def test_arguments_are_checked(loop: EventLoop, cert: Any) -> None:
 
 # -- the openssl binary ----------------------------------------------------------------
 
-OPENSSL = shutil.which("openssl")
 needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="no openssl binary")
 
 

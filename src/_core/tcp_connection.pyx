@@ -886,6 +886,12 @@ cdef class TcpConnection(Channel):
         """The socket failed (reset, EPIPE, hang-up...): close it, drop queued output."""
         if not _socket_open(cppnp_atomic_load32(&self._state)):
             return 0
+        if self._tls is not None and not self._tls.handshake_done:
+            # A failed handshake: counted, logged, reported to a client's owner.
+            self._tls_fail(ConnectionResetError(
+                err, os.strerror(err) if err else "connection lost during the TLS handshake"),
+                False)
+            return 0
         if err and _logger.isEnabledFor(logging.DEBUG):
             try:
                 _logger.debug("connection %s: %s", self.name, os.strerror(err))
