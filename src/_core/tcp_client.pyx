@@ -214,7 +214,8 @@ cdef class TcpClient(ConnectionOwner):
 
     def stats(self):
         """Return a dict of the client's counters (a snapshot): ``attempts`` (connects
-        tried), ``connect_errors`` (failed attempts), ``connections`` (made).
+        tried), ``connect_errors`` (failed attempts), ``connections`` (made),
+        ``tls_errors`` and ``handshake_timeouts`` (0 without ``ssl``).
 
         Thread-safe.
         """

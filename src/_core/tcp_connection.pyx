@@ -99,6 +99,11 @@ cdef class TcpConnection(Channel):
     task that refers to it is still in flight.  After a half-close (peer ``SHUT_WR``) the
     replies of those tasks are still written, in order.  Replies after the socket failed
     or closed are dropped and counted in ``dropped_sends`` / ``dropped_bytes``.
+
+    TLS (the server's or client's ``ssl=``): on_connection runs after the handshake, so
+    user code never sends before it; on_message gets plaintext; send() from any thread
+    is encrypted on the loop thread, in order; shutdown() sends close_notify, then the
+    FIN.  ``bytes_sent``/``bytes_received`` and the output size count ciphertext.
     """
 
     def __cinit__(self):

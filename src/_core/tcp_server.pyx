@@ -243,7 +243,8 @@ cdef class TcpServer(ConnectionOwner):
         """Return a dict of the server's counters (a snapshot).
 
         ``connections_per_loop``: open connections on each io loop in thread order, or
-        ``[connection_count]`` with ``io_threads=0``.
+        ``[connection_count]`` with ``io_threads=0``.  ``tls_errors`` (connections closed
+        by a TLS error or a failed handshake) and ``handshake_timeouts`` (0 without ``ssl``).
 
         Thread-safe.
         """
