@@ -495,6 +495,8 @@ def test_arguments_are_checked(loop: EventLoop, cert: Any) -> None:
         TcpClient(loop, ("127.0.0.1", 1), Echo(), server_hostname="x")
     with pytest.raises(TypeError):
         TcpClient(loop, ("127.0.0.1", 1), Echo(), ssl=client_ctx(None), server_hostname=b"x")
+    with pytest.raises(ValueError, match="server_hostname"):  # a Unix path has no host name
+        TcpClient(loop, "/tmp/cppnp-no-such.sock", Echo(), ssl=client_ctx(None))
 
 
 # -- the openssl binary ----------------------------------------------------------------

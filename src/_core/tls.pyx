@@ -36,6 +36,9 @@ cdef class TlsConfig:
                 or not 0 < handshake_timeout < float("inf"):
             raise ValueError("ssl_handshake_timeout must be a number of seconds > 0, got %r"
                              % (handshake_timeout,))
+        if not server_side and context.check_hostname and not server_hostname:
+            raise ValueError("this ssl context checks the host name: give server_hostname "
+                             "(needed for a Unix socket address)")
         no_reneg = getattr(_ssl, "OP_NO_RENEGOTIATION", 0)
         if no_reneg:
             context.options |= no_reneg
