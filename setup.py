@@ -14,6 +14,7 @@ MODULES = [
     "timer_queue",
     "blocking_queue",
     "socket_ops",
+    "tls",
     "gil_share",
     "handler",
     "event_loop",

@@ -51,6 +51,7 @@ EXAMPLE_TESTS = {
     "tcprelay.py": "test_example_tcprelay",
     "unix_echo.py": "test_example_unix_echo",
     "rpc.py": "test_example_rpc",
+    "tls_echo.py": "test_tls.py::test_example_tls_echo",
 }
 
 

@@ -136,6 +136,7 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
     "_core.socket_ops": set(),
     "_core.task": set(),
     "_core.timer_queue": set(),
+    "_core.tls": {"_core.buffer"},
     "_core.channel": {"_core.task"},
     "_core.event_loop": {
         "_core.channel",
@@ -152,6 +153,7 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
         "_core.handler",
         "_core.socket_ops",
         "_core.tcp_connection",
+        "_core.tls",
     },
     "_core.codec": {"_core.buffer", "_core.event_loop"},
     "_core.tcp_connection": {
@@ -160,6 +162,7 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
         "_core.event_loop",
         "_core.handler",
         "_core.socket_ops",
+        "_core.tls",
     },
     "_core.thread_pool": {
         "_core.blocking_queue",
@@ -176,6 +179,7 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
         "_core.handler",
         "_core.socket_ops",
         "_core.tcp_connection",
+        "_core.tls",
     },
 }
 

@@ -14,6 +14,7 @@ from _core.event_loop cimport EventLoop
 from _core.handler cimport Handlers
 from _core.includes.linux cimport sockaddr_storage
 from _core.tcp_connection cimport ConnectionOwner, TcpConnection
+from _core.tls cimport TlsConfig
 
 
 cdef class TcpClient(ConnectionOwner):
@@ -28,6 +29,7 @@ cdef class TcpClient(ConnectionOwner):
         bint _tcp_nodelay
         bint _initialized
         Connector _connector
+        TlsConfig _tls                  # ssl=: read-only after __init__, or None
         TcpConnection _connection
         int32_t _wanted                 # atomic: connect() asked, no disconnect()/stop()
         int64_t _connections_made       # relaxed counters
@@ -36,4 +38,5 @@ cdef class TcpClient(ConnectionOwner):
     cdef int _check_created(self) except -1
     cdef int _new_connection(self, int fd, const sockaddr_storage* peer) except -1
     cdef int _connect_error(self, object exc, bint will_retry) except -1
+    cdef int tls_failed(self, TcpConnection conn, object exc) except -1
     cdef int _maybe_detach(self) except -1

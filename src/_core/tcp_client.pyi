@@ -1,4 +1,5 @@
 from os import PathLike
+from ssl import SSLContext
 from typing import Any, final
 
 from _core.event_loop import EventLoop
@@ -17,9 +18,10 @@ class TcpClient:
         retry_initial: float = ...,
         retry_max: float = ...,
         connect_timeout: float | None = ...,
-        ssl: Any = ...,
+        ssl: SSLContext | None = ...,
         server_hostname: str | None = ...,
         tcp_nodelay: bool = ...,
+        ssl_handshake_timeout: float | None = ...,
     ) -> None: ...
     @property
     def address(self) -> Any: ...

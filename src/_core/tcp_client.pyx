@@ -14,9 +14,11 @@ from _core.includes.sys cimport (
 )
 from _core.socket_ops cimport set_bool_opt, unix_path
 from _core.tcp_connection cimport ConnectionOwner, TcpConnection, new_connection
+from _core.tls cimport TlsConfig
 
 import logging
 import os
+import ssl as _ssl
 
 cdef object _logger = logging.getLogger("cppnp")
 
@@ -64,13 +66,20 @@ cdef class TcpClient(ConnectionOwner):
     *address* may also be a Unix socket path (str, bytes, os.PathLike) or an abstract
     name (a leading NUL); TCP_NODELAY then does not apply.
 
-    ``ssl=`` and ``server_hostname=`` are reserved for TLS, which is not implemented yet:
-    passing ``ssl`` raises NotImplementedError.
+    TLS: ``ssl=`` an ``ssl.SSLContext`` (e.g. ``ssl.create_default_context()``);
+    *server_hostname* (default: the host of *address*) is sent as SNI and checked against
+    the certificate when the context's ``check_hostname`` is on (its ``verify_mode``
+    decides the chain check).  ``on_connection`` runs after the handshake; a failed
+    handshake (certificate rejected, TLS alert, *ssl_handshake_timeout* seconds passed,
+    default 60) is reported to ``on_connect_error(client, exc)`` (``exc`` an
+    ``ssl.SSLError``, ``TimeoutError`` or ``ConnectionError``) and logged; a certificate
+    error is not retried.  See TcpServer for the rest (close_notify, errors, counters).
     """
 
     def __init__(self, EventLoop loop not None, address, handler, *, name=None,
                  bint retry=True, retry_initial=0.5, retry_max=30.0, connect_timeout=None,
-                 ssl=None, server_hostname=None, bint tcp_nodelay=True):
+                 ssl=None, server_hostname=None, bint tcp_nodelay=True,
+                 ssl_handshake_timeout=None):
         """Prepare a client for *address*, a (host, port) tuple or a Unix socket path
         (see the class docstring); nothing happens until
         connect().  ``__init__`` runs once (RuntimeError if called again).
@@ -80,9 +89,6 @@ cdef class TcpClient(ConnectionOwner):
         cdef double initial, maximum, timeout
         if self._initialized:
             raise RuntimeError("TcpClient.__init__ called twice: make a new TcpClient")
-        if ssl is not None or server_hostname is not None:
-            raise NotImplementedError("TcpClient: TLS (ssl=, server_hostname=) is not "
-                                      "implemented yet")
         path = unix_path(address)
         if path is not None:
             if not path:
@@ -110,6 +116,15 @@ cdef class TcpClient(ConnectionOwner):
         on_error = getattr(handler, "on_connect_error", None)
         if on_error is not None and not callable(on_error):
             raise TypeError("handler.on_connect_error must be callable")
+        if ssl is not None:
+            self._tls = TlsConfig(
+                ssl, False,
+                server_hostname if server_hostname is not None
+                else (host if path is None else None),
+                60.0 if ssl_handshake_timeout is None else ssl_handshake_timeout)
+        elif server_hostname is not None or ssl_handshake_timeout is not None:
+            raise ValueError("server_hostname and ssl_handshake_timeout are only "
+                             "meaningful with ssl")
         self._loop = loop
         self._address = path if path is not None else (host, port)
         self._handler = handler
@@ -199,7 +214,8 @@ cdef class TcpClient(ConnectionOwner):
 
     def stats(self):
         """Return a dict of the client's counters (a snapshot): ``attempts`` (connects
-        tried), ``connect_errors`` (failed attempts), ``connections`` (made).
+        tried), ``connect_errors`` (failed attempts), ``connections`` (made),
+        ``tls_errors`` and ``handshake_timeouts`` (0 without ``ssl``).
 
         Thread-safe.
         """
@@ -208,6 +224,8 @@ cdef class TcpClient(ConnectionOwner):
             "attempts": cppnp_relaxed_load(&self._connector.attempts),
             "connect_errors": cppnp_relaxed_load(&self._connect_errors),
             "connections": cppnp_relaxed_load(&self._connections_made),
+            "tls_errors": self._tls.counters()[0] if self._tls is not None else 0,
+            "handshake_timeouts": self._tls.counters()[1] if self._tls is not None else 0,
         }
 
     def connect(self):
@@ -284,6 +302,8 @@ cdef class TcpClient(ConnectionOwner):
             except OSError:
                 pass        # the peer may already be gone; the first read will tell
         conn = new_connection(self._loop, fd, self, self._handlers, peer, self._name)
+        if self._tls is not None:
+            conn._tls = self._tls.new_session()
         with cython.critical_section(self):
             self._connection = conn
         cppnp_counter_add(&self._connections_made, 1)
@@ -299,6 +319,13 @@ cdef class TcpClient(ConnectionOwner):
         elif cppnp_atomic_load32(&self._wanted):
             cppnp_atomic_store32(&self._wanted, 0)      # retry off: one connection
         self._maybe_detach()
+        return 0
+
+    cdef int tls_failed(self, TcpConnection conn, object exc) except -1:
+        # The handshake failed or timed out: an attempt that failed (a certificate that
+        # does not verify is not retried).  remove_connection() follows.
+        self._connect_error(exc, self._retry
+                            and not isinstance(exc, _ssl.SSLCertVerificationError))
         return 0
 
     cdef int _connect_error(self, object exc, bint will_retry) except -1:

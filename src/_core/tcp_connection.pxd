@@ -64,6 +64,7 @@ from _core.channel cimport Channel
 from _core.event_loop cimport EventLoop
 from _core.handler cimport Handlers
 from _core.includes.linux cimport sockaddr_storage
+from _core.tls cimport TlsSession
 
 
 cdef enum ConnState:
@@ -87,6 +88,9 @@ cdef enum CloseReason:
 cdef class ConnectionOwner(Channel):
     # Called by a connection when it is released (loop thread).
     cdef int remove_connection(self, TcpConnection conn) except -1
+    # A TLS connection failed before its handshake completed (loop thread): *exc* is the
+    # ssl.SSLError, TimeoutError or ConnectionError.  The default does nothing.
+    cdef int tls_failed(self, TcpConnection conn, object exc) except -1
 
 
 cdef class TcpConnection(Channel):
@@ -124,6 +128,11 @@ cdef class TcpConnection(Channel):
         object _context             # the user's; read and replaced in a critical section
         object _prefix
         int64_t _id                 # unique in the process (the id property)
+        # TLS (tls.pxd), or None for a plain connection.  Set by the owner before start(),
+        # then used on the loop thread only; _shown: on_connection was called (a TLS
+        # connection that fails its handshake gets neither on_connection nor on_close).
+        TlsSession _tls
+        bint _shown
         object __weakref__
 
     cdef int start(self) except -1
@@ -137,6 +146,13 @@ cdef class TcpConnection(Channel):
     # gets all its replies.
     cdef bint _release_wanted(self) noexcept
     cdef int _write(self, const char* p, Py_ssize_t n) except -1
+    cdef int _write_raw(self, const char* p, Py_ssize_t n) except -1
+    cdef int _show(self) except -1
+    # TLS hooks (loop thread): ciphertext in -> plaintext before on_message; plaintext
+    # from send() -> ciphertext appended to the output; close_notify before the FIN.
+    cdef int _tls_step(self) except -1
+    cdef int _tls_flush(self) except -1
+    cdef int _tls_fail(self, object exc, bint timeout) except -1
     cdef int _write_bytes(self, object data) except -1
     cdef int _hold(self, object data, int64_t target) except -1
     cdef int _arm_held(self) except -1

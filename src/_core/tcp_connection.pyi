@@ -1,3 +1,4 @@
+from ssl import SSLObject
 from typing import Any, final
 
 from typing_extensions import Buffer as _BufferLike
@@ -28,6 +29,8 @@ class TcpConnection:
     def closed(self) -> bool: ...
     @property
     def name(self) -> str: ...
+    @property
+    def ssl_object(self) -> SSLObject | None: ...
     @property
     def peer_address(self) -> Any: ...
     @property

@@ -23,9 +23,11 @@ from _core.includes.sys cimport (
     cppnp_relaxed_store,
 )
 from _core.socket_ops cimport set_bool_opt, sockaddr_to_tuple, socket_error
+from _core.tls cimport TlsSession, count_handshake_timeout, count_tls_error
 
 import logging
 import os
+import ssl as _ssl
 
 cdef object _logger = logging.getLogger("cppnp")
 cdef int64_t _live_connections = 0
@@ -53,6 +55,9 @@ def live_connections():
 @cython.auto_pickle(False)
 cdef class ConnectionOwner(Channel):
     cdef int remove_connection(self, TcpConnection conn) except -1:
+        return 0
+
+    cdef int tls_failed(self, TcpConnection conn, object exc) except -1:
         return 0
 
 
@@ -95,6 +100,11 @@ cdef class TcpConnection(Channel):
     task that refers to it is still in flight.  After a half-close (peer ``SHUT_WR``) the
     replies of those tasks are still written, in order.  Replies after the socket failed
     or closed are dropped and counted in ``dropped_sends`` / ``dropped_bytes``.
+
+    TLS (the server's or client's ``ssl=``): on_connection runs after the handshake, so
+    user code never sends before it; on_message gets plaintext; send() from any thread
+    is encrypted on the loop thread, in order; shutdown() sends close_notify, then the
+    FIN.  ``bytes_sent``/``bytes_received`` and the output size count ciphertext.
     """
 
     def __cinit__(self):
@@ -117,9 +127,20 @@ cdef class TcpConnection(Channel):
         return "<TcpConnection %s %s peer=%r>" % (self.name, state, self.peer_address)
 
     cdef int start(self) except -1:
-        """CONNECTING -> CONNECTED: register with the loop, call on_connection (loop thread)."""
+        """CONNECTING -> CONNECTED: register with the loop, call on_connection (loop thread).
+        A TLS connection starts its handshake: on_connection runs once it completes."""
         cppnp_atomic_store32(&self._state, CONNECTED)
         self._update_interest()
+        if self._tls is not None:
+            self._tls.timer_id = self._loop.run_after(self._tls.config.handshake_timeout,
+                                                      self._tls_timeout_in_loop)
+            self._tls_step()        # the client's hello
+            return 0
+        self._show()
+        return 0
+
+    cdef int _show(self) except -1:
+        self._shown = True
         if self._handlers.on_connection is not None:
             try:
                 self._handlers.on_connection(self)
@@ -423,6 +444,98 @@ cdef class TcpConnection(Channel):
         if not queued:
             cppnp_atomic_add(&self._queued_sends, -1)   # the loop is closed: dropped
 
+    # -- TLS (tls.pxd): loop thread only ---------------------------------------------------
+
+    @property
+    def ssl_object(self):
+        """The ssl.SSLObject of a TLS connection (peer certificate: ``getpeercert()``,
+        ``selected_alpn_protocol()``, ``version()``...), or None for a plain connection.
+        Complete from on_connection on (it runs after the handshake).  Read the property
+        from any thread; call the SSLObject's methods on the loop thread (the loop drives
+        it).
+
+        Thread-safe.
+        """
+        cdef TlsSession tls = self._tls
+        return tls.obj if tls is not None else None
+
+    cdef int _tls_step(self) except -1:
+        """New ciphertext arrived (or the handshake starts): advance the handshake,
+        decrypt into the input buffer, send what OpenSSL wants sent, then call
+        on_connection (handshake complete) and on_message (plaintext)."""
+        cdef TlsSession tls = self._tls
+        cdef bint was_done = tls.handshake_done
+        cdef Py_ssize_t got = 0
+        cdef list pending
+        try:
+            tls.feed_raw()
+            if tls.handshake():
+                got = tls.read_plain(self._input)
+        except _ssl.SSLError as exc:
+            self._tls_flush()       # an alert for the peer, if any
+            self._tls_fail(exc, False)
+            return 0
+        self._tls_flush()
+        if not _socket_open(cppnp_atomic_load32(&self._state)):
+            return 0
+        if tls.handshake_done and not was_done:
+            if tls.timer_id:
+                self._loop.cancel_timer(tls.timer_id)
+                tls.timer_id = 0
+            pending = tls.pending
+            tls.pending = None
+            if pending:
+                for data in pending:
+                    self._write_bytes(data)
+            self._show()
+        if got > 0 and _socket_open(cppnp_atomic_load32(&self._state)):
+            if self._handlers.discard_input:
+                self._input.clear()
+            elif cppnp_atomic_load32(&self._reading):
+                self._deliver()
+        if tls.peer_close_notify and not cppnp_atomic_load32(&self._peer_closed) \
+                and _socket_open(cppnp_atomic_load32(&self._state)):
+            cppnp_atomic_store32(&self._peer_closed, 1)     # the peer's TLS-level EOF
+            self._update_interest()
+            self._try_finish()
+        return 0
+
+    cdef int _tls_flush(self) except -1:
+        """Append the ciphertext OpenSSL produced to the output (in order)."""
+        cdef bytes data = self._tls.take_output()
+        if data:
+            self._write_raw(<const char*>data, len(data))
+        return 0
+
+    cdef int _tls_fail(self, object exc, bint timeout) except -1:
+        """A TLS error or handshake timeout: log, count, close this connection only."""
+        cdef TlsSession tls = self._tls
+        if not _socket_open(cppnp_atomic_load32(&self._state)):
+            return 0
+        if timeout:
+            count_handshake_timeout(tls.config)
+        else:
+            count_tls_error(tls.config)
+        try:
+            _logger.warning("connection %s: %s: %s", self.name,
+                            "TLS handshake failed" if not tls.handshake_done else "TLS error",
+                            exc)
+        except Exception:
+            pass            # a failing log handler must not stop the teardown
+        if not tls.handshake_done and self._owner is not None:
+            self._owner.tls_failed(self, exc)
+        self._close_socket(CLOSE_RESET)
+        self._try_finish()
+        return 0
+
+    def _tls_timeout_in_loop(self):
+        # The handshake timer fired (it is cancelled when the handshake completes).
+        cdef TlsSession tls = self._tls
+        tls.timer_id = 0
+        if not tls.handshake_done:
+            self._tls_fail(TimeoutError("TLS handshake timed out after %gs"
+                                        % tls.config.handshake_timeout), True)
+
     cdef int _drop(self, Py_ssize_t nbytes) noexcept:
         cppnp_counter_add(&self._dropped_sends, 1)
         cppnp_counter_add(&self._dropped_bytes, nbytes)
@@ -430,7 +543,31 @@ cdef class TcpConnection(Channel):
         return 0
 
     cdef int _write(self, const char* p, Py_ssize_t n) except -1:
-        """Write accepted data now; queue what the kernel does not take (loop thread)."""
+        """Write accepted data now (encrypted first on a TLS connection); queue what the
+        kernel does not take (loop thread)."""
+        cdef TlsSession tls = self._tls
+        cdef int64_t state
+        if tls is None:
+            return self._write_raw(p, n)
+        state = cppnp_atomic_load32(&self._state)
+        if state != CONNECTED and state != DISCONNECTING:
+            self._drop(n)
+            return 0
+        if not tls.handshake_done:
+            if tls.pending is None:
+                tls.pending = []
+            tls.pending.append(PyBytes_FromStringAndSize(p, n))
+            return 0
+        try:
+            tls.encrypt(p, n)
+        except _ssl.SSLError as exc:
+            self._drop(n)
+            self._tls_fail(exc, False)
+            return 0
+        return self._tls_flush()
+
+    cdef int _write_raw(self, const char* p, Py_ssize_t n) except -1:
+        """Write bytes as they are now; queue what the kernel does not take."""
         cdef Py_ssize_t written = 0, old, mark
         cdef int fd = self.fd
         cdef int64_t state = cppnp_atomic_load32(&self._state)
@@ -685,7 +822,19 @@ cdef class TcpConnection(Channel):
 
     cdef int _handle_read(self) except -1:
         cdef int err = 0
-        cdef Py_ssize_t n = self._input.read_fd(self.fd, &err)
+        cdef Py_ssize_t n
+        if self._tls is not None:
+            n = self._tls.raw.read_fd(self.fd, &err)
+            if n > 0:
+                cppnp_counter_add(&self._bytes_received, n)
+                self._tls_step()
+                return 0
+            if n == 0 and not self._tls.handshake_done:
+                self._tls_fail(ConnectionAbortedError(
+                    "the peer closed the connection during the TLS handshake"), False)
+                return 0
+        else:
+            n = self._input.read_fd(self.fd, &err)
         if n > 0:
             cppnp_counter_add(&self._bytes_received, n)
             if self._handlers.discard_input:
@@ -743,6 +892,12 @@ cdef class TcpConnection(Channel):
         """The socket failed (reset, EPIPE, hang-up...): close it, drop queued output."""
         if not _socket_open(cppnp_atomic_load32(&self._state)):
             return 0
+        if self._tls is not None and not self._tls.handshake_done:
+            # A failed handshake: counted, logged, reported to a client's owner.
+            self._tls_fail(ConnectionResetError(
+                err, os.strerror(err) if err else "connection lost during the TLS handshake"),
+                False)
+            return 0
         if err and _logger.isEnabledFor(logging.DEBUG):
             try:
                 _logger.debug("connection %s: %s", self.name, os.strerror(err))
@@ -777,6 +932,9 @@ cdef class TcpConnection(Channel):
             for i in range(1, len(held), 2):
                 self._drop(len(held[i]))
             cppnp_atomic_add(&self._queued_sends, -(len(held) // 2))
+        if self._tls is not None and self._tls.timer_id:
+            self._loop.cancel_timer(self._tls.timer_id)
+            self._tls.timer_id = 0
         self._loop.remove_channel(self)
         with cython.critical_section(self):
             if self.fd >= 0:
@@ -791,7 +949,14 @@ cdef class TcpConnection(Channel):
         if state == DISCONNECTING and len(self._output) == 0 \
                 and cppnp_atomic_load(&self._queued_sends) == 0 \
                 and cppnp_atomic_load32(&self._close_reason) == CLOSE_NONE:
-            self._send_fin()
+            if self._tls is not None and self._tls.handshake_done \
+                    and not self._tls.close_notify_sent:
+                # TLS: our close_notify goes out before the FIN (_handle_write calls
+                # back here once it is written).
+                self._tls.close_notify()
+                self._tls_flush()
+            if cppnp_atomic_load32(&self._state) == DISCONNECTING and len(self._output) == 0:
+                self._send_fin()
         if not self._finish_queued and self._release_wanted():
             self._finish_queued = True
             self._loop.queue(self._finish_in_loop)
@@ -812,6 +977,10 @@ cdef class TcpConnection(Channel):
         if cppnp_atomic_load(&self._queued_sends) > 0:
             return 0            # replies still queued or held: the last one calls back
         if state != DISCONNECTED:
+            if self._tls is not None and self._tls.handshake_done \
+                    and not self._tls.close_notify_sent:
+                self._tls.close_notify()    # TLS: our close_notify before the close
+                self._tls_flush()
             self._close_socket(CLOSE_PEER)
         self._release()
         return 0
@@ -824,7 +993,7 @@ cdef class TcpConnection(Channel):
         self._input.release_storage()
         cppnp_relaxed_store(&self._input_len, 0)
         try:
-            if handlers.on_close is not None:
+            if handlers.on_close is not None and self._shown:
                 try:
                     handlers.on_close(self)
                 except Exception:
@@ -861,7 +1030,7 @@ cdef class TcpConnection(Channel):
         # on high water, start_reading on write complete" bound the output with a worker
         # pool too.
         if _socket_open(cppnp_atomic_load32(&self._state)) and len(self._output) == 0 \
-                and cppnp_atomic_load(&self._queued_sends) <= 0 \
+                and self._shown and cppnp_atomic_load(&self._queued_sends) <= 0 \
                 and self._handlers.on_write_complete is not None:
             try:
                 self._handlers.on_write_complete(self)

@@ -22,6 +22,7 @@ from _core.event_loop_pool cimport EventLoopThreadPool
 from _core.handler cimport Handlers
 from _core.includes.linux cimport sockaddr_storage
 from _core.tcp_connection cimport ConnectionOwner, TcpConnection
+from _core.tls cimport TlsConfig
 
 
 cdef enum ServerState:
@@ -49,6 +50,7 @@ cdef class TcpServer(ConnectionOwner):
         int64_t _n_connections         # len(_connections), readable from any thread
         int _io_threads                # io loop threads asked for (0: serve on _loop)
         EventLoopThreadPool _pool      # the io loops from start() until stopped, or None
+        TlsConfig _tls                 # ssl=: read-only after __init__, or None
         object __weakref__
 
     # The Acceptor accepted *fd* from *peer* (loop thread): make and start its connection.

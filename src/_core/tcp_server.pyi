@@ -1,4 +1,5 @@
 from os import PathLike
+from ssl import SSLContext
 from typing import Any, final
 
 from _core.event_loop import EventLoop
@@ -27,6 +28,8 @@ class TcpServer:
         keepalive: bool = ...,
         io_threads: int = ...,
         unix_mode: int | None = ...,
+        ssl: SSLContext | None = ...,
+        ssl_handshake_timeout: float | None = ...,
     ) -> None: ...
     @property
     def address(self) -> Any: ...

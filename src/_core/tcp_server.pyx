@@ -14,6 +14,7 @@ from _core.includes.sys cimport (
 )
 from _core.socket_ops cimport unix_path
 from _core.tcp_connection cimport ConnectionOwner, TcpConnection, new_connection
+from _core.tls cimport TlsConfig
 
 import threading
 
@@ -48,6 +49,20 @@ cdef class TcpServer(ConnectionOwner):
     or for an existing file that is not a socket (FileExistsError); *unix_mode* (e.g.
     0o660) is set on the file before listening; stop() (once the listener closes)
     removes the file if it is still ours.  TCP_NODELAY and keepalive do not apply.
+
+    TLS: ``ssl=`` an ``ssl.SSLContext`` (server side, with its certificate chain loaded)
+    makes every connection TLS.  The standard library's ``ssl.SSLObject`` over memory
+    BIOs does the protocol (OpenSSL the crypto); the connection's loop thread drives it.
+    ``on_connection`` runs once the handshake has completed (so user code never sends
+    before it; ``conn.ssl_object`` then gives the peer certificate, ALPN protocol,
+    version); a handshake not complete after *ssl_handshake_timeout* seconds (default 60,
+    as asyncio) closes the connection.  A TLS error closes that connection only, with a
+    warning on the "cppnp" logger, counted in ``stats()`` (``tls_errors``,
+    ``handshake_timeouts``); a connection that fails its handshake gets neither
+    ``on_connection`` nor ``on_close``.  Sends from any thread are encrypted on the loop
+    thread in order; shutdown() sends close_notify, then the FIN; the peer's close_notify
+    is its EOF.  TLS 1.2 renegotiation is refused (``OP_NO_RENEGOTIATION`` is set on the
+    context); ALPN, ciphers and versions come from the context.
     """
 
     def __cinit__(self):
@@ -56,7 +71,8 @@ cdef class TcpServer(ConnectionOwner):
 
     def __init__(self, EventLoop loop not None, address, handler, *, name=None,
                  bint reuse_port=False, backlog=1024, bint tcp_nodelay=True,
-                 bint keepalive=False, io_threads=0, unix_mode=None):
+                 bint keepalive=False, io_threads=0, unix_mode=None, ssl=None,
+                 ssl_handshake_timeout=None):
         """Prepare a server on (host, port); port 0 picks a free port (see ``address``).
         Or on a Unix socket path / abstract name (see the class docstring).
 
@@ -101,6 +117,12 @@ cdef class TcpServer(ConnectionOwner):
         if not 0 <= io_threads <= MAX_IO_THREADS:
             raise ValueError("io_threads must be in 0..%d (0: serve on the server's loop), "
                              "got %d" % (MAX_IO_THREADS, io_threads))
+        if ssl is not None:
+            self._tls = TlsConfig(ssl, True, None,
+                                  60.0 if ssl_handshake_timeout is None
+                                  else ssl_handshake_timeout)
+        elif ssl_handshake_timeout is not None:
+            raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
         self._io_threads = io_threads
         self._loop = loop
         self._handler = handler
@@ -221,7 +243,8 @@ cdef class TcpServer(ConnectionOwner):
         """Return a dict of the server's counters (a snapshot).
 
         ``connections_per_loop``: open connections on each io loop in thread order, or
-        ``[connection_count]`` with ``io_threads=0``.
+        ``[connection_count]`` with ``io_threads=0``.  ``tls_errors`` (connections closed
+        by a TLS error or a failed handshake) and ``handshake_timeouts`` (0 without ``ssl``).
 
         Thread-safe.
         """
@@ -237,6 +260,8 @@ cdef class TcpServer(ConnectionOwner):
             "io_threads": self._io_threads,
             "connections_per_loop": pool.connection_counts() if pool is not None
             else ([] if self._io_threads else [n]),
+            "tls_errors": self._tls.counters()[0] if self._tls is not None else 0,
+            "handshake_timeouts": self._tls.counters()[1] if self._tls is not None else 0,
         }
 
     def connections(self):
@@ -387,6 +412,8 @@ cdef class TcpServer(ConnectionOwner):
         cdef IoLoop io
         if self._pool is None:
             conn = new_connection(self._loop, fd, self, self._handlers, peer, self._name)
+            if self._tls is not None:
+                conn._tls = self._tls.new_session()
             self._connections[conn._id] = conn
             cppnp_relaxed_store(&self._n_connections, len(self._connections))
             conn.start()
@@ -395,6 +422,8 @@ cdef class TcpServer(ConnectionOwner):
         # remove_connection() back to this loop (IoLoop).
         io = self._pool.next_loop()
         conn = new_connection(io._loop, fd, io, self._handlers, peer, self._name)
+        if self._tls is not None:
+            conn._tls = self._tls.new_session()     # used on the io loop from start()
         self._connections[conn._id] = conn
         cppnp_relaxed_store(&self._n_connections, len(self._connections))
         if not io.adopt(conn):
