@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import threading
 
     from cppnp import TcpConnection
-    from cppnp.wsgi.server import WsgiServer
+    from cppnp.wsgi.server import LoopState
 
 __all__ = ["HttpConn", "Reject"]
 
@@ -96,7 +96,7 @@ class HttpConn:
     )
 
     def __init__(
-        self, server: WsgiServer, conn: TcpConnection, base: dict[str, Any], parser_cls: Any
+        self, server: LoopState, conn: TcpConnection, base: dict[str, Any], parser_cls: Any
     ) -> None:
         self.server = server
         self.conn = conn
