@@ -379,7 +379,9 @@ class WsgiServer(ICppnpUsr):
         done = threading.Event()
         self.drain(timeout, done.set)
         wait = (timeout if timeout is not None else self.cfg.graceful_timeout) + 1.0
-        ok = done.wait(wait) and self._tcp.connection_count == 0
+        # _live, not the listener's count: with io_threads an io loop's release reaches
+        # the listener's table (on this loop) just after on_close, so it may lag.
+        ok = done.wait(wait) and self._live_count() == 0
         if not ok:
             self.stop()
         return ok
