@@ -87,6 +87,12 @@ class LoopState:
         self.update_date()
         self.draining = False
         self.timer: int | None = None
+        # Per-loop lookup caches (http.py, response.py): on free-threaded CPython a lookup
+        # in a dict with non-str keys locks the dict, so loops must not share them.
+        self.keys: dict[bytes, str] = {}
+        self.methods: dict[bytes, str] = {}
+        self.targets: dict[bytes, tuple[str, str, str]] = {}
+        self.heads: dict[Any, tuple[bytes, int | None, bool, bool]] = {}
 
     # Declared for mypy (set from _SETTINGS above).
     app: WsgiApp
