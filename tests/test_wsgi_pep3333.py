@@ -70,7 +70,9 @@ def test_environ_is_pep3333(wsgi: Serve, threads: int) -> None:
     assert env["REMOTE_ADDR"] == "127.0.0.1"
     assert env["HTTP_HOST"] == "127.0.0.1:%d" % w.port and env["HTTP_X_MULTI"] == "1"
     assert env["wsgi.version"] == (1, 0) and env["wsgi.url_scheme"] == "http"
-    assert env["wsgi.multithread"] is (threads > 0) and env["wsgi.multiprocess"] is False
+    assert w.server is not None
+    multithread = threads > 0 or w.server.io_threads > 0  # CPPNP_TEST_IO_THREADS
+    assert env["wsgi.multithread"] is multithread and env["wsgi.multiprocess"] is False
     assert env["wsgi.run_once"] is False and env["wsgi.input_terminated"] is True
     errors = env["wsgi.errors"]
     assert getattr(errors, "errors", errors) is sys.stderr  # validator wraps it
@@ -80,6 +82,8 @@ def test_environ_is_pep3333(wsgi: Serve, threads: int) -> None:
             assert type(value) is str, key
     if threads:
         assert env["test.thread"].startswith("cppnp-wsgi")
+    elif w.server.io_threads:
+        assert env["test.thread"].startswith("wsgi-127.0.0.1:0-io")  # on its io loop
     else:
         assert env["test.thread"] == "wsgi-loop"
 

@@ -147,9 +147,21 @@ def test_requests_are_answered_by_n_distinct_child_processes(prefork: Any, threa
     wait_for(lambda: not any(_alive(pid) for pid in srv.pids), timeout=10)
 
 
-def test_sigterm_drains_every_process_and_loses_no_in_flight_request(prefork: Any) -> None:
+@pytest.mark.parametrize("io_threads", ["0", "2"], ids=["io0", "io2"])
+def test_sigterm_drains_every_process_and_loses_no_in_flight_request(
+    prefork: Any, io_threads: str
+) -> None:
     marks = tempfile.mkdtemp(prefix="cppnp-wsgi-marks-")
-    srv = prefork(2, "--threads", "4", "--graceful-timeout", "20", env={"WSGI_MARK_DIR": marks})
+    srv = prefork(
+        2,
+        "--threads",
+        "4",
+        "--io-threads",
+        io_threads,
+        "--graceful-timeout",
+        "20",
+        env={"WSGI_MARK_DIR": marks},
+    )
     conns: dict[int, list[socket.socket]] = {pid: [] for pid in srv.pids}
     idle: list[socket.socket] = []
     try:
@@ -200,6 +212,36 @@ def test_sigterm_drains_every_process_and_loses_no_in_flight_request(prefork: An
         for name in os.listdir(marks):
             os.unlink(os.path.join(marks, name))
         os.rmdir(marks)
+
+
+def test_processes_with_io_threads_run_the_app_on_each_childs_io_loops(prefork: Any) -> None:
+    # --threads 0: the app runs on the io loop that owns the connection, in each child.
+    srv = prefork(2, "--threads", "0", "--io-threads", "2")
+    seen: dict[int, set[str]] = {pid: set() for pid in srv.pids}
+    socks: list[socket.socket] = []
+    try:
+        # Keep the connections open so that each child's least-connections choice moves
+        # on to its other io loop (bounded: 400 connections).
+        for _ in range(400):
+            if all(len(v) == 2 for v in seen.values()):
+                break
+            s = socket.create_connection(srv.address, timeout=30)
+            socks.append(s)
+            s.sendall(get("/procinfo"))
+            with s.makefile("rb") as f:
+                info = json.loads(read_response(f).body)
+            assert info["multiprocess"] is True and info["multithread"] is True
+            seen[info["pid"]].add(info["thread"])
+        assert all(
+            v == {"wsgi-127.0.0.1:%d-io0" % srv.port, "wsgi-127.0.0.1:%d-io1" % srv.port}
+            for v in seen.values()
+        ), seen
+    finally:
+        for s in socks:
+            s.close()
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.wait() == 0, srv.stderr()
+    wait_for(lambda: not any(_alive(pid) for pid in srv.pids), timeout=10)
 
 
 def test_processes_must_be_a_positive_int() -> None:

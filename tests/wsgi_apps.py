@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -76,10 +77,12 @@ def pid(environ: dict[str, Any], start_response: Start) -> list[bytes]:
 
 
 def procinfo(environ: dict[str, Any], start_response: Start) -> list[bytes]:
-    """JSON: this process's pid, wsgi.multiprocess and wsgi.multithread."""
+    """JSON: this process's pid, the thread that runs the app, wsgi.multiprocess and
+    wsgi.multithread."""
     data = json.dumps(
         {
             "pid": os.getpid(),
+            "thread": threading.current_thread().name,
             "multiprocess": environ["wsgi.multiprocess"],
             "multithread": environ["wsgi.multithread"],
         }

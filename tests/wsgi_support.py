@@ -26,6 +26,10 @@ class WsgiThread:
 
     def __init__(self, app: Any, **options: Any) -> None:
         self.server: WsgiServer | None = None
+        # CPPNP_TEST_IO_THREADS=N (conftest) serves every WSGI test with io_threads=N too.
+        env_io = os.environ.get("CPPNP_TEST_IO_THREADS")
+        if env_io:
+            options.setdefault("io_threads", int(env_io))
 
         def init(loop: EventLoop) -> None:
             self.server = WsgiServer(loop, app, "127.0.0.1", 0, **options)

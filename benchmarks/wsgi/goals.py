@@ -23,6 +23,8 @@ def goal_rows(cells: list[dict[str, Any]]) -> list[tuple[str, str, str, bool | N
     by: dict[tuple[str, str, int, int], dict[str, Any]] = {}
     for c in cells:
         k = c["cell"]
+        if k.get("io_threads", 0):
+            continue  # the goals are for one server core
         by[(k["app"], k["server"], k["threads"], k["conns"])] = c
 
     def m(app: str, server: str, threads: int, key: str, conns: int = 50) -> float | None:

@@ -7,6 +7,10 @@ hits all servers alike; the report gives medians.  Server CPU per request is rea
 /proc (utime+stime of the server's process tree over the measured run).
 
     python benchmarks/wsgi/run.py [--rounds 3] [--duration 5] [--quick] [--only cppnp,granian]
+                                  [--io-threads 0,2]
+
+``--io-threads 0,2`` adds, for every cppnp cell, a variant with ``--io-threads 2``; such a
+server is not pinned (its io loops need more than one core), wrk stays on CPU 1.
 
 Writes benchmarks/results/wsgi-<date>.md and .json.
 """
@@ -14,6 +18,7 @@ Writes benchmarks/results/wsgi-<date>.md and .json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -38,9 +43,10 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 APPS = {"hello": "apps:hello", "flask": "apps:flask_app", "block2ms": "apps:block2ms"}
 
 
-def server_argv(kind: str, app: str, threads: int, port: int) -> list[str]:
+def server_argv(kind: str, app: str, threads: int, port: int, io_threads: int = 0) -> list[str]:
     target = APPS[app]
     if kind == "cppnp":
+        io = ["--io-threads", str(io_threads)] if io_threads else []
         return [
             PY,
             "-m",
@@ -54,6 +60,7 @@ def server_argv(kind: str, app: str, threads: int, port: int) -> list[str]:
             "warning",
             "--backlog",
             "4096",
+            *io,
         ]
     if kind == "granian":
         return [
@@ -136,10 +143,12 @@ class Cell:
     server: str
     threads: int
     conns: int = 50
+    io_threads: int = 0
 
     @property
     def key(self) -> str:
-        return "%s|%s|%d|c%d" % (self.app, self.server, self.threads, self.conns)
+        io = "|io%d" % self.io_threads if self.io_threads else ""
+        return "%s|%s|%d|c%d%s" % (self.app, self.server, self.threads, self.conns, io)
 
     @property
     def label(self) -> str:
@@ -155,6 +164,8 @@ class Cell:
         name = names[self.server]
         if self.server in ("cppnp", "granian", "waitress", "gthread"):
             name += " (%d thr)" % self.threads if self.threads else " (--threads 0)"
+        if self.io_threads:
+            name += " --io-threads %d, not pinned" % self.io_threads
         return name
 
 
@@ -278,7 +289,9 @@ def parse_wrk(out: str) -> dict[str, Any]:
 
 def run_cell(cell: Cell, duration: float) -> dict[str, Any]:
     port = free_port()
-    argv = ["taskset", "-c", "0", *server_argv(cell.server, cell.app, cell.threads, port)]
+    # With io threads the server needs both cores: not pinned (wrk stays on CPU 1).
+    pin = ["taskset", "-c", "0"] if not cell.io_threads else []
+    argv = [*pin, *server_argv(cell.server, cell.app, cell.threads, port, cell.io_threads)]
     env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
     # Output to a file, never to an unread pipe: a server that logs (waitress warns about
     # its task queue under load) would block on a full pipe.
@@ -366,7 +379,9 @@ def report(summaries: dict[str, Summary], meta: dict[str, Any]) -> str:
             "| server | req/s | server CPU / req | p99 | errors | conns mid-run |",
             "| :--- | ---: | ---: | ---: | ---: | ---: |",
         ]
-        rows.sort(key=lambda s: (s.cell["threads"], -(s.median("rps") or 0)))
+        rows.sort(
+            key=lambda s: (s.cell["threads"], s.cell.get("io_threads", 0), -(s.median("rps") or 0))
+        )
         for s in rows:
             cpu = s.median("cpu_us_per_req")
             p99 = s.median("p99_ms")
@@ -407,6 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--apps", default="", help="comma-separated apps (hello,flask,block2ms)")
     ap.add_argument("--conns", default="", help="comma-separated connection counts")
     ap.add_argument("--out", default="", help="results file stem (default wsgi-<date>)")
+    ap.add_argument(
+        "--io-threads",
+        default="0",
+        help="comma-separated io_threads values for the cppnp cells (default 0; "
+        "0,2 adds an --io-threads 2 variant of each)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.duration = 1, 2.0
@@ -423,6 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.conns:
         keep_n = {int(x) for x in args.conns.split(",")}
         todo = [c for c in todo if c.conns in keep_n]
+    ios = [int(x) for x in args.io_threads.split(",")]
+    todo = [
+        dataclasses.replace(c, io_threads=n) if c.server == "cppnp" else c
+        for c in todo
+        for n in (ios if c.server == "cppnp" else [0])
+    ]
     summaries = {c.key: Summary(dict(asdict(c), label=c.label)) for c in todo}
     for rnd in range(args.rounds):
         order = todo[rnd % len(todo) :] + todo[: rnd % len(todo)]

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cppnp.wsgi",
         description="Serve a WSGI application with cppnp: HTTP/1.1, the app on a worker "
-        "pool, all I/O on one loop thread.",
+        "pool, the I/O on one loop thread (or --io-threads N loops).",
     )
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -8,12 +8,15 @@ from typing import Any
 
 __all__ = ["HELP", "Config"]
 
+MAX_IO_THREADS = 1024  # TcpServer's limit (src/_core/includes/consts.pxd)
+
 
 @dataclass
 class Config:
     """Limits, timeouts and switches of a WsgiServer (every field has a CLI flag)."""
 
     threads: int = 4
+    io_threads: int = 0
     backlog: int = 2048
     reuse_port: bool = False
     access_log: bool = False
@@ -37,8 +40,12 @@ class Config:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("threads", "max_headers") and (not isinstance(value, int) or value < 0):
+            if f.name in ("threads", "io_threads", "max_headers") and (
+                not isinstance(value, int) or value < 0
+            ):
                 raise ValueError("%s must be an int >= 0, got %r" % (f.name, value))
+            if f.name == "io_threads" and value > MAX_IO_THREADS:
+                raise ValueError("io_threads must be at most %d, got %r" % (MAX_IO_THREADS, value))
             if f.name.startswith(("max_", "spool", "send_buffer", "backlog")) and (
                 not isinstance(value, int) or isinstance(value, bool) or value < 1
             ):
@@ -65,6 +72,8 @@ class Config:
 HELP: dict[str, str] = {
     "threads": "worker threads that run the app; 0 runs it on the loop thread "
     "(for apps that never block)",
+    "io_threads": "io loop threads that do the sockets and HTTP parsing, each connection on "
+    "one of them; 0 does all I/O on the accepting loop's thread",
     "backlog": "listen() backlog",
     "reuse_port": "set SO_REUSEPORT on the listener",
     "access_log": "log one line per request on the 'cppnp.wsgi.access' logger (stderr)",

@@ -17,14 +17,14 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from cppnp.wsgi.body import EMPTY_INPUT, BodyCollector
-from cppnp.wsgi.environ import _KEYS, header_key, split_target, valid_host
+from cppnp.wsgi.environ import _MAX_KEYS, header_key, split_target, valid_host
 from cppnp.wsgi.response import Exchange, error_response
 
 if TYPE_CHECKING:
     import threading
 
     from cppnp import TcpConnection
-    from cppnp.wsgi.server import WsgiServer
+    from cppnp.wsgi.server import LoopState
 
 __all__ = ["HttpConn", "Reject"]
 
@@ -39,13 +39,14 @@ P_CLOSING = 5  # answered and shut down; waiting for the peer's FIN (linger)
 # Seconds a closing connection waits for the client's FIN after our output drained.
 LINGER = 2.0
 
-_METHODS: dict[bytes, str] = {}
 _SINGLE = frozenset(("HTTP_HOST", "CONTENT_LENGTH", "CONTENT_TYPE", "HTTP_TRANSFER_ENCODING"))
 # Headers that need more than a copy into the environ (checked once headers are complete).
 _SPECIAL = frozenset(("CONTENT_LENGTH", "HTTP_TRANSFER_ENCODING", "HTTP_EXPECT"))
-# Request target -> (PATH_INFO, QUERY_STRING, REQUEST_URI) for origin-form targets seen
+# The caches of raw header names, methods and request targets are per loop (LoopState:
+# keys, methods, targets): on free-threaded CPython a lookup in a dict with bytes keys
+# takes the dict's lock, and io loops sharing one dict would contend for it on every
+# request.  Targets: (PATH_INFO, QUERY_STRING, REQUEST_URI) of origin-form targets seen
 # recently (bounded; cleared when full).
-_TARGETS: dict[bytes, tuple[str, str, str]] = {}
 _MAX_TARGETS = 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -96,7 +97,7 @@ class HttpConn:
     )
 
     def __init__(
-        self, server: WsgiServer, conn: TcpConnection, base: dict[str, Any], parser_cls: Any
+        self, server: LoopState, conn: TcpConnection, base: dict[str, Any], parser_cls: Any
     ) -> None:
         self.server = server
         self.conn = conn
@@ -157,9 +158,12 @@ class HttpConn:
         self.hbytes -= len(name) + len(value) + 4
         if self.nheaders < 0 or self.hbytes < 0:
             self._fail(431)
-        key = _KEYS.get(name)
+        keys = self.server.keys
+        key = keys.get(name)
         if key is None:
             key = header_key(name)
+            if len(keys) < _MAX_KEYS:
+                keys[name] = key
         if not key:
             return
         env = self.env
@@ -195,14 +199,16 @@ class HttpConn:
             self.http11 = True
             self._fail(505)
         raw_method = parser.get_method()
-        method = _METHODS.get(raw_method)
+        methods = server.methods
+        method = methods.get(raw_method)
         if method is None:
             method = raw_method.decode("ascii")
-            if len(_METHODS) < 64:
-                _METHODS[raw_method] = method
+            if len(methods) < 64:
+                methods[raw_method] = method
         env["REQUEST_METHOD"] = method
         self.keep_alive = parser.should_keep_alive()
-        cached = _TARGETS.get(url)
+        targets = server.targets
+        cached = targets.get(url)
         if cached is not None:
             path, query, uri = cached
         else:
@@ -216,9 +222,9 @@ class HttpConn:
             if authority is not None:
                 env["HTTP_HOST"] = authority  # absolute-form: the target's authority wins
             elif url[:1] == b"/":
-                if len(_TARGETS) >= _MAX_TARGETS:
-                    _TARGETS.clear()
-                _TARGETS[url] = (path, query, uri)
+                if len(targets) >= _MAX_TARGETS:
+                    targets.clear()
+                targets[url] = (path, query, uri)
         host = env.get("HTTP_HOST")
         if host is None:
             if self.http11:

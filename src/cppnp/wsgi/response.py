@@ -87,8 +87,9 @@ def error_response(code: int, date_line: str, close: bool = True) -> bytes:
     return head.encode("latin-1") + body
 
 
-# (status, *headers) -> _head_info() of them (bounded: cleared when full).
-_HEADS: dict[Any, tuple[bytes, int | None, bool, bool]] = {}
+# Bound of the head cache, (status, *headers) -> _head_info() of them, kept per loop
+# (LoopState.heads: a shared dict with tuple keys would be locked on every lookup on
+# free-threaded CPython); cleared when full.
 _MAX_HEADS = 256
 
 
@@ -280,16 +281,17 @@ class Exchange:
         # encoded) is cached by content: most apps send the same few heads again and again.
         try:
             key: Any = (status, *headers)
-            info = _HEADS.get(key)
+            heads = self.st.server.heads  # per loop (see LoopState)
+            info = heads.get(key)
         except TypeError:  # an unhashable header: the slow path says what is wrong
             key = None
             info = None
         if info is None:
             info = _head_info(status, headers)
             if key is not None:
-                if len(_HEADS) >= _MAX_HEADS:
-                    _HEADS.clear()
-                _HEADS[key] = info
+                if len(heads) >= _MAX_HEADS:
+                    heads.clear()
+                heads[key] = info
         block, cl, no_body, app_close = info
         if app_close:
             self.keep_alive = False
