@@ -138,7 +138,7 @@ def test_order_and_counts_under_batching(serve: Any, make_pool: Any) -> None:
     nclients, per = 8, 400
     socks = [srv.connect() for _ in range(nclients)]
     expected = []
-    for c, s in enumerate(socks):
+    for c in range(nclients):
         payload = b"".join(b"%d:%06d\n" % (c, i) for i in range(per))
         expected.append(payload)
     errors: list[BaseException] = []

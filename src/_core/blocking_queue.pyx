@@ -50,12 +50,12 @@ cdef class BlockingQueue:
         # Under _mutex: wake up to n waiting workers that have no wakeup on its way;
         # returns how many were signalled.
         cdef Py_ssize_t idle = self._waiters - self._signalled
-        cdef Py_ssize_t i
+        cdef Py_ssize_t _i
         if n > idle:
             n = idle
         if n <= 0:
             return 0
-        for i in range(n):
+        for _i in range(n):
             pthread_cond_signal(&self._not_empty)
         self._signalled += n
         self._signals += n
