@@ -4,7 +4,9 @@
 cimport cython
 from libc.stdint cimport int64_t, uint64_t
 
-from _core.includes.sys cimport cppnp_relaxed_load, cppnp_relaxed_store
+from _core.includes.sys cimport (
+    cppnp_atomic_load, cppnp_atomic_store, cppnp_relaxed_load, cppnp_relaxed_store,
+)
 
 from _core.includes.linux cimport (
     EFD_CLOEXEC, EFD_NONBLOCK, EINTR, errno, eventfd, read, write,
@@ -46,7 +48,7 @@ cdef class PendingFunctors:
             # polls, once per swap at most.  The write happens under the lock so that
             # close() can never race it onto a reused fd number.
             if not from_loop_thread:
-                if self._polling and not self._wake_outstanding:
+                if cppnp_atomic_load(&self._polling) and not self._wake_outstanding:
                     self._wake_outstanding = True
                     self._write_wakeup()
                     self._wakeups += 1
@@ -83,12 +85,14 @@ cdef class PendingFunctors:
         with self._lock:
             if len(self._items) != 0:
                 return True
-            self._polling = True
+            cppnp_atomic_store(&self._polling, 1)
         return False
 
     cdef int end_poll(self) except -1:
-        with self._lock:
-            self._polling = False
+        # Without the lock (the loop would contend with the appender that just woke it):
+        # an append that still sees 1 only writes one needless wakeup; one that sees 0
+        # leaves its functor to the loop, which is awake and checks before it polls.
+        cppnp_atomic_store(&self._polling, 0)
         return 0
 
     cdef tuple counters(self):
