@@ -17,8 +17,9 @@ cdef class PendingFunctors:
         readonly int wakeup_fd
         bint _closed
         int64_t _dropped        # functors refused or discarded by close() (under _lock)
-        int64_t _polling        # atomic: the loop is (about to be) blocked in epoll_wait;
-                                # set under _lock, cleared without it (end_poll)
+        # Atomic: the loop is (about to be) blocked in epoll_wait; set under _lock (so an
+        # append either sees it or is seen by begin_poll), cleared without it (end_poll).
+        int64_t _polling
         # Counters (written under _lock, read from any thread):
         int64_t _wakeups        # eventfd writes by append()
         int64_t _wakeups_skipped  # appends from other threads that needed no write
