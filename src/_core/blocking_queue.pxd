@@ -12,6 +12,7 @@
 # workers take items one at a time and wait only when the queue is empty.  So an idle
 # worker never watches a queued task wait behind a busy one.
 from cpython.ref cimport PyObject
+from libc.stdint cimport int64_t
 
 
 cdef extern from "<pthread.h>" nogil:
@@ -42,6 +43,13 @@ cdef class BlockingQueue:
         Py_ssize_t _signalled       # wakeups sent to them and not consumed yet
         bint _closed
         bint _ready
+        # Counters (under _mutex): items pushed, condition signals sent, and wakeup calls
+        # (a push with notify, or notify()) that found items queued but signalled nobody:
+        # every idle worker already had a wakeup on its way, or none was idle (the busy
+        # ones take the items with try_take/take).
+        int64_t _pushes
+        int64_t _signals
+        int64_t _skipped
 
     # Append *item* (never blocks, never raises, no Python allocation: callable under
     # another core lock).  Returns 0 when stored, 1 when refused because the queue is
@@ -60,5 +68,7 @@ cdef class BlockingQueue:
     cdef int close(self) noexcept
     cdef bint closed(self) noexcept
     cdef Py_ssize_t size(self) noexcept
-    cdef void _wake(self, Py_ssize_t n) noexcept nogil
+    # A snapshot of (pushes, signals, skipped).
+    cdef int counters(self, int64_t* out) noexcept
+    cdef Py_ssize_t _wake(self, Py_ssize_t n) noexcept nogil
     cdef PyObject* _pop(self) noexcept nogil

@@ -4,6 +4,7 @@
 cimport cython
 from cpython.mem cimport PyMem_RawFree, PyMem_RawRealloc
 from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
+from libc.stdint cimport int64_t
 
 from _core.includes.consts cimport grown_capacity
 
@@ -45,15 +46,20 @@ cdef class BlockingQueue:
         pthread_mutex_unlock(&self._mutex)
         return c
 
-    cdef void _wake(self, Py_ssize_t n) noexcept nogil:
-        # Under _mutex: wake up to n waiting workers that have no wakeup on its way.
+    cdef Py_ssize_t _wake(self, Py_ssize_t n) noexcept nogil:
+        # Under _mutex: wake up to n waiting workers that have no wakeup on its way;
+        # returns how many were signalled.
         cdef Py_ssize_t idle = self._waiters - self._signalled
+        cdef Py_ssize_t _i
         if n > idle:
             n = idle
-        while n > 0:
+        if n <= 0:
+            return 0
+        for _i in range(n):
             pthread_cond_signal(&self._not_empty)
-            self._signalled += 1
-            n -= 1
+        self._signalled += n
+        self._signals += n
+        return n
 
     cdef int push(self, PyObject* item, bint notify, bint internal) noexcept:
         cdef PyObject** grown
@@ -76,14 +82,24 @@ cdef class BlockingQueue:
         Py_INCREF(<object>item)
         self._ring[(self._head + self._count) % self._cap] = item
         self._count += 1
-        if notify:
-            self._wake(1)
+        self._pushes += 1
+        if notify and self._wake(1) == 0:
+            self._skipped += 1
         pthread_mutex_unlock(&self._mutex)
         return 0
 
     cdef int notify(self) noexcept:
         pthread_mutex_lock(&self._mutex)
-        self._wake(self._count)
+        if self._count and self._wake(self._count) == 0:
+            self._skipped += 1
+        pthread_mutex_unlock(&self._mutex)
+        return 0
+
+    cdef int counters(self, int64_t* out) noexcept:
+        pthread_mutex_lock(&self._mutex)
+        out[0] = self._pushes
+        out[1] = self._signals
+        out[2] = self._skipped
         pthread_mutex_unlock(&self._mutex)
         return 0
 

@@ -253,20 +253,29 @@ cdef class EventLoop:
         cdef int timeout, n, i
         cdef void* p
         cdef Channel ch
-        cdef bint sharing
+        cdef bint sharing, polling
         timeout = self._timers.timeout_ms(cppnp_monotonic())
         if max_timeout >= 0 and (timeout < 0 or timeout > max_timeout):
             timeout = max_timeout
-        if timeout != 0 and (self._pending.has_items() or cppnp_atomic_load(&self._quit)):
+        if timeout != 0 and cppnp_atomic_load(&self._quit):
             timeout = 0
         self._run_before_poll()
         # A signal that arrived while Python code ran is handled before we block.
         PyErr_CheckSignals()
+        # Last: functors queued so far (also by the before-poll hooks) mean no blocking;
+        # from here on, one queued by another thread writes the eventfd (pending.pxd).
+        polling = timeout != 0 and not self._pending.begin_poll()
+        if not polling:
+            timeout = 0
         sharing = self._gil_sharing
-        with nogil:
-            n = epoll_wait(self._epfd, self._events, MAX_EVENTS, timeout)
-            loop_wants_gil(sharing)     # ask workers to let us have the GIL first
-        loop_has_gil(sharing)
+        try:
+            with nogil:
+                n = epoll_wait(self._epfd, self._events, MAX_EVENTS, timeout)
+                loop_wants_gil(sharing)     # ask workers to let us have the GIL first
+            loop_has_gil(sharing)
+        finally:
+            if polling:
+                self._pending.end_poll()
         if n < 0:
             if errno != EINTR:
                 raise OSError(errno, "epoll_wait() failed: " + os.strerror(errno))
@@ -596,8 +605,16 @@ cdef class EventLoop:
     def stats(self):
         """Return a dict of the loop's counters (a snapshot).
 
+        The hand-off from other threads: ``pending_wakeups`` (eventfd writes that woke the
+        polling loop), ``pending_wakeups_skipped`` (functors queued from other threads that
+        needed no write: the loop was busy, or already woken), ``pending_batches`` (loop
+        passes that ran queued functors), ``pending_batch_items`` (functors they ran) and
+        ``pending_batch_max`` (the most in one pass).
+
         Thread-safe.
         """
+        w, ws, b, bi, bm = (self._pending.counters() if self._pending is not None
+                            else (0, 0, 0, 0, 0))
         return {
             "channels": cppnp_relaxed_load(&self._n_channels),
             "timers": self._timers.live_count(),
@@ -607,6 +624,11 @@ cdef class EventLoop:
             "dropped_bytes": self.dropped_bytes,
             "dropped_functors": self.dropped_functors,
             "iterations": self.iterations,
+            "pending_wakeups": w,
+            "pending_wakeups_skipped": ws,
+            "pending_batches": b,
+            "pending_batch_items": bi,
+            "pending_batch_max": bm,
         }
 
     # -- closing ------------------------------------------------------------------------

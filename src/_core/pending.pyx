@@ -4,7 +4,9 @@
 cimport cython
 from libc.stdint cimport int64_t, uint64_t
 
-from _core.includes.sys cimport cppnp_relaxed_load, cppnp_relaxed_store
+from _core.includes.sys cimport (
+    cppnp_atomic_load, cppnp_atomic_store, cppnp_relaxed_load, cppnp_relaxed_store,
+)
 
 from _core.includes.linux cimport (
     EFD_CLOEXEC, EFD_NONBLOCK, EINTR, errno, eventfd, read, write,
@@ -41,20 +43,32 @@ cdef class PendingFunctors:
                 return 0
             self._items.append(fn)
             self._items.append(arg)
-            # The loop thread itself never needs a wakeup: it checks has_items() before
-            # it polls.  Another thread wakes it once per swap at most.  The write happens
-            # under the lock so that close() can never race it onto a reused fd number.
-            if not from_loop_thread and not self._wake_outstanding:
-                self._wake_outstanding = True
-                self._write_wakeup()
+            # The loop thread itself never needs a wakeup: it checks for items (under this
+            # lock, begin_poll) before it polls.  Another thread wakes it only while it
+            # polls, once per swap at most.  The write happens under the lock so that
+            # close() can never race it onto a reused fd number.
+            if not from_loop_thread:
+                if cppnp_atomic_load(&self._polling) and not self._wake_outstanding:
+                    self._wake_outstanding = True
+                    self._write_wakeup()
+                    self._wakeups += 1
+                else:
+                    self._wakeups_skipped += 1
         return 1
 
     cdef list swap(self):
         cdef list items
+        cdef Py_ssize_t n
         with self._lock:
             items = self._items
             self._items = []
             self._wake_outstanding = False
+            n = len(items) // 2
+            if n:
+                self._batches += 1
+                self._batch_items += n
+                if n > self._batch_max:
+                    self._batch_max = n
         return items
 
     cdef int put_back(self, list items) except -1:
@@ -66,6 +80,30 @@ cdef class PendingFunctors:
     cdef bint has_items(self) except -1:
         with self._lock:
             return len(self._items) != 0
+
+    cdef bint begin_poll(self) except -1:
+        with self._lock:
+            if len(self._items) != 0:
+                return True
+            cppnp_atomic_store(&self._polling, 1)
+        return False
+
+    cdef int end_poll(self) except -1:
+        # Without the lock (the loop would contend with the appender that just woke it):
+        # an append that still sees 1 only writes one needless wakeup; one that sees 0
+        # leaves its functor to the loop, which is awake and checks before it polls.
+        cppnp_atomic_store(&self._polling, 0)
+        return 0
+
+    cdef tuple counters(self):
+        cdef int64_t w, ws, b, bi, bm
+        with self._lock:
+            w = self._wakeups
+            ws = self._wakeups_skipped
+            b = self._batches
+            bi = self._batch_items
+            bm = self._batch_max
+        return (w, ws, b, bi, bm)
 
     cdef int wakeup(self) except -1:
         with self._lock:

@@ -70,10 +70,14 @@ cdef class ThreadPool:
         int64_t _discarded      # atomic
         int64_t _cancelled      # atomic: discarded because the connection was reset/closed
         int64_t _peak_running   # atomic
+        int64_t _batches        # atomic: worker GIL acquisitions that ran at least one job
+        int64_t _batch_jobs     # atomic: jobs run (or discarded) in those batches
+        int64_t _batch_max      # atomic: the most jobs one batch ran
         int64_t* _per_worker    # atomic slots: tasks run by each worker (+1: callers)
         int _nslots
 
     cdef int _check_open(self) except -1
+    cdef int _count_batch(self, int64_t ran) noexcept nogil
     cdef int _hand_over_keyed(self, _Job job, Py_hash_t h) except -1
     cdef int _insert_locked(self, _Strand s) noexcept
     cdef int _unlink_locked(self, _Strand s) noexcept

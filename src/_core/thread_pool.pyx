@@ -657,6 +657,15 @@ cdef class ThreadPool:
             self._finish_job(job, J_DONE)
         return 0
 
+    cdef int _count_batch(self, int64_t ran) noexcept nogil:
+        cdef int64_t peak
+        cppnp_atomic_add(&self._batches, 1)
+        cppnp_atomic_add(&self._batch_jobs, ran)
+        peak = cppnp_atomic_load(&self._batch_max)
+        while ran > peak and not cppnp_atomic_cas(&self._batch_max, peak, ran):
+            peak = cppnp_atomic_load(&self._batch_max)
+        return 0
+
     cdef int _finish_job(self, _Job job, int how) except -1:
         if how == J_DONE:
             cppnp_atomic_add(&self._completed, 1)
@@ -833,9 +842,19 @@ cdef class ThreadPool:
         or running) and ``per_worker``: tasks run by each worker (``caller``: in the
         caller's thread).
 
+        The hand-off to the workers: ``handoffs`` (tasks put on the shared queue; a task
+        waiting behind its key's running task is queued when its turn comes),
+        ``wakeups_sent`` (sleeping workers woken), ``wakeups_skipped`` (wakeup calls that
+        found tasks queued but woke nobody: the idle workers were already woken, or all
+        workers were busy and take the tasks when they finish), ``batches`` (a worker took
+        the GIL and ran tasks), ``batch_tasks`` (tasks run in them) and ``batch_max`` (the
+        most in one).
+
         Thread-safe.
         """
         cdef int i
+        cdef int64_t q[3]
+        self._queue.counters(q)
         per_worker = {}
         threads = list(self._threads)
         for i in range(self._nthreads):
@@ -854,6 +873,12 @@ cdef class ThreadPool:
             "peak_running": self.peak_running,
             "strands": cppnp_atomic_load(&self._nstrands),
             "per_worker": per_worker,
+            "handoffs": q[0],
+            "wakeups_sent": q[1],
+            "wakeups_skipped": q[2],
+            "batches": cppnp_atomic_load(&self._batches),
+            "batch_tasks": cppnp_atomic_load(&self._batch_jobs),
+            "batch_max": cppnp_atomic_load(&self._batch_max),
         }
 
     # -- seed-compatible names: same objects as the snake_case methods --
@@ -892,3 +917,4 @@ def _worker_main(ThreadPool pool, int index):
             # One at a time from the shared queue: what we do not take yet, an idle worker
             # can (the queue wakes one when an item is left behind).
             p = queue.try_take()
+        pool._count_batch(ran)
