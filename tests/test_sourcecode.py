@@ -144,6 +144,7 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
         "_core.task",
         "_core.timer_queue",
     },
+    "_core.idle_wheel": {"_core.channel", "_core.event_loop"},
     "_core.acceptor": {"_core.channel", "_core.event_loop", "_core.socket_ops"},
     "_core.codec": {"_core.buffer", "_core.event_loop"},
     "_core.tcp_connection": {
@@ -151,6 +152,7 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
         "_core.channel",
         "_core.event_loop",
         "_core.handler",
+        "_core.idle_wheel",
         "_core.socket_ops",
     },
     "_core.thread_pool": {
@@ -166,6 +168,7 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
         "_core.event_loop",
         "_core.event_loop_pool",
         "_core.handler",
+        "_core.idle_wheel",
         "_core.tcp_connection",
     },
 }

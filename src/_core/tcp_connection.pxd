@@ -63,6 +63,7 @@ from _core.buffer cimport Buffer
 from _core.channel cimport Channel
 from _core.event_loop cimport EventLoop
 from _core.handler cimport Handlers
+from _core.idle_wheel cimport IdleWheel
 from _core.includes.linux cimport sockaddr_storage
 
 
@@ -123,10 +124,15 @@ cdef class TcpConnection(Channel):
         object _name
         object _context             # the user's; read and replaced in a critical section
         object _prefix
+        IdleWheel _idle             # loop thread: the wheel watching us, or None
         int64_t _id                 # unique in the process (the id property)
         object __weakref__
 
     cdef int start(self) except -1
+    # Close the connection when it receives nothing for the wheel's timeout (idle_wheel.pxd).
+    # Before start() (any thread that owns the new connection), or on the loop thread.
+    cdef int set_idle_wheel(self, IdleWheel wheel) except -1
+    cdef int _leave_idle(self) except -1
     cdef int _check_created(self) except -1
     cdef object _peer_tuple(self)
     # Pool accounting: the WorkOwner interface (task.pxd), any thread.  counts_work() is

@@ -11,6 +11,7 @@ from _core.buffer cimport Buffer
 from _core.channel cimport Channel
 from _core.event_loop cimport EventLoop
 from _core.handler cimport Handlers, no_handlers
+from _core.idle_wheel cimport IdleWheel
 from _core.includes.consts cimport DEFAULT_HIGH_WATER_MARK, KEEP_INPUT_CAPACITY
 from _core.includes.linux cimport (
     EAGAIN, EINTR, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLPRI, IPPROTO_TCP,
@@ -119,11 +120,46 @@ cdef class TcpConnection(Channel):
         """CONNECTING -> CONNECTED: register with the loop, call on_connection (loop thread)."""
         cppnp_atomic_store32(&self._state, CONNECTED)
         self._update_interest()
+        if self._idle is not None:
+            self._idle.watch(self)
         if self._handlers.on_connection is not None:
             try:
                 self._handlers.on_connection(self)
             except Exception:
                 self._loop.report_error("on_connection of %r" % (self,))
+        return 0
+
+    cdef int set_idle_wheel(self, IdleWheel wheel) except -1:
+        if cppnp_atomic_load32(&self._state) == CONNECTING:
+            self._idle = wheel              # start() watches
+            return 0
+        self._loop.assert_in_loop_thread("TcpConnection.set_idle_wheel")
+        self._leave_idle()
+        if wheel is not None and _socket_open(cppnp_atomic_load32(&self._state)):
+            self._idle = wheel
+            wheel.watch(self)
+        return 0
+
+    cdef int _leave_idle(self) except -1:
+        cdef IdleWheel wheel = self._idle
+        if wheel is not None:
+            self._idle = None
+            wheel.leave(self)
+        return 0
+
+    cdef int idle_expired(self, double timeout) except -1:
+        # The wheel no longer watches us.  Receive-idle: also with a task in flight (its
+        # replies are dropped and counted; on_close waits for it as after any force_close).
+        self._idle = None
+        if not _socket_open(cppnp_atomic_load32(&self._state)):
+            return 0
+        if _logger.isEnabledFor(logging.DEBUG):
+            try:
+                _logger.debug("connection %s: nothing received for %g s, closing",
+                              self.name, timeout)
+            except Exception:
+                pass
+        self.force_close()
         return 0
 
     cdef int _check_created(self) except -1:
@@ -684,6 +720,8 @@ cdef class TcpConnection(Channel):
         cdef Py_ssize_t n = self._input.read_fd(self.fd, &err)
         if n > 0:
             cppnp_counter_add(&self._bytes_received, n)
+            if self._idle is not None:
+                self._idle.touch(self)
             if self._handlers.discard_input:
                 self._input.clear()
             else:
@@ -816,6 +854,7 @@ cdef class TcpConnection(Channel):
         """DISCONNECTED -> RELEASED: on_close, and the server forgets the connection."""
         cdef Handlers handlers = self._handlers
         cppnp_atomic_store32(&self._state, RELEASED)
+        self._leave_idle()
         self._input.clear()
         self._input.release_storage()
         cppnp_relaxed_store(&self._input_len, 0)
@@ -929,6 +968,7 @@ cdef class TcpConnection(Channel):
         else:
             cppnp_atomic_cas32(&self._close_reason, CLOSE_NONE, CLOSE_LOOP)
         cppnp_atomic_store32(&self._state, RELEASED)
+        self._idle = None           # the loop's timers are gone: nothing to leave
         self._owner = None
         self._handlers = no_handlers()     # break cycles through the user's handler
         self._held = None
