@@ -57,6 +57,16 @@
 # _tasks_finished).  A task that finishes queues _flush_held_in_loop after its replies
 # (they are queued before its work_released), so held data goes out after them.  Held data counts as
 # queued sends; while some is held, later loop-thread sends queue behind it.
+#
+# Write coalescing (redis's handleClientsWithPendingWrites): a send on the loop thread
+# (a callback's, or a worker's drained in the functor pass) of at most COALESCE_MAX bytes,
+# with no output queued, is appended to the output buffer and the connection is put on the
+# loop's WriteFlusher (_flush_queued); later sends of the same iteration append behind it.
+# Just before the loop polls again the flusher writes each connection's output with one
+# send() (_flush); what the kernel does not take waits for EPOLLOUT as usual.  Same bytes,
+# same order; the FIN (shutdown) and the release wait for the flush as for any queued
+# output; force_close() flushes first (one attempt), so what was sent before it is still
+# offered to the kernel.  A larger send with nothing queued is written at once (no copy).
 from libc.stdint cimport int32_t, int64_t, uint32_t
 
 from _core.buffer cimport Buffer
@@ -101,6 +111,7 @@ cdef class TcpConnection(Channel):
         int32_t _reading            # atomic: the user wants input (stop/start_reading)
         bint _finish_queued         # loop thread: a _finish_in_loop is queued
         bint _delivery_queued       # loop thread: a _deliver_in_loop is queued
+        bint _flush_queued          # loop thread: on the loop's WriteFlusher (see below)
         Buffer _input
         Buffer _output
         list _held                  # loop thread: [target, bytes, ...] or None
@@ -143,6 +154,7 @@ cdef class TcpConnection(Channel):
     # gets all its replies.
     cdef bint _release_wanted(self) noexcept
     cdef int _write(self, const char* p, Py_ssize_t n) except -1
+    cdef int _flush(self) except -1
     cdef int _write_bytes(self, object data) except -1
     cdef int _hold(self, object data, int64_t target) except -1
     cdef int _arm_held(self) except -1
