@@ -10,7 +10,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
-import resp_server  # noqa: E402
+import resp_server
 
 
 def _run(self: Any, conn: Any, cmds: list[list[bytes]], failure: Any) -> None:
