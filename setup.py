@@ -18,6 +18,7 @@ MODULES = [
     "gil_share",
     "handler",
     "event_loop",
+    "idle_wheel",
     "tcp_connection",
     "acceptor",
     "event_loop_pool",

@@ -253,7 +253,9 @@ class BatchReuse(Tracked):
         if data == b"trigger":
             b = self.conns[self.b_id]
             before = b.connected
-            b.send(b"x" * 100)  # loop thread: written (and failing) right now
+            # Loop thread, above the coalescing size (16 KiB): written (and failing) right
+            # now, not at the end of the iteration.
+            b.send(b"x" * 65536)
             self.rounds.append(
                 {
                     "b_connected_before": before,

@@ -145,6 +145,7 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
         "_core.task",
         "_core.timer_queue",
     },
+    "_core.idle_wheel": {"_core.channel", "_core.event_loop"},
     "_core.acceptor": {"_core.channel", "_core.event_loop", "_core.socket_ops"},
     "_core.connector": {"_core.channel", "_core.event_loop", "_core.socket_ops"},
     "_core.tcp_client": {
@@ -161,6 +162,7 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
         "_core.channel",
         "_core.event_loop",
         "_core.handler",
+        "_core.idle_wheel",
         "_core.socket_ops",
         "_core.tls",
     },
@@ -178,6 +180,7 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
         "_core.event_loop_pool",
         "_core.handler",
         "_core.socket_ops",
+        "_core.idle_wheel",
         "_core.tcp_connection",
         "_core.tls",
     },

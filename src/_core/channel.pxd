@@ -9,7 +9,7 @@
 #
 # A Channel is a WorkOwner (task.pxd): a ThreadPool can count work against it.  Only a
 # channel whose counts_work() says so (TcpConnection) is treated as an owner.
-from libc.stdint cimport uint32_t
+from libc.stdint cimport int64_t, uint32_t
 
 from _core.task cimport WorkOwner
 
@@ -19,6 +19,9 @@ cdef class Channel(WorkOwner):
         int fd
         uint32_t interest         # EPOLL* bits currently registered
         bint registered           # in the loop's epoll set
+        # IdleWheel (idle_wheel.pxd), loop thread: the wheel tick of the last input while
+        # a wheel watches the channel, else -1.
+        int64_t idle_tick
 
     # Called by the loop thread with the returned epoll events.
     cdef int handle_event(self, uint32_t revents) except -1
@@ -28,6 +31,9 @@ cdef class Channel(WorkOwner):
     cdef int run_functor(self, object arg) except -1
     # Called when the loop closes while the channel is still registered.
     cdef int on_loop_closed(self) except -1
+    # Called by the loop thread when an IdleWheel found no input for *timeout* seconds
+    # (the wheel no longer watches the channel).  TcpConnection: force_close().
+    cdef int idle_expired(self, double timeout) except -1
 
 
 # Something the loop runs once just before it next blocks in epoll_wait

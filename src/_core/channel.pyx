@@ -16,6 +16,7 @@ cdef class Channel(WorkOwner):
         self.fd = -1
         self.interest = 0
         self.registered = False
+        self.idle_tick = -1
 
     cdef int handle_event(self, uint32_t revents) except -1:
         return 0
@@ -24,6 +25,9 @@ cdef class Channel(WorkOwner):
         return 0
 
     cdef int on_loop_closed(self) except -1:
+        return 0
+
+    cdef int idle_expired(self, double timeout) except -1:
         return 0
 
 

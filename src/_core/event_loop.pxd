@@ -6,6 +6,7 @@
 from libc.stdint cimport int64_t, uint32_t
 
 from _core.channel cimport Channel, PollHook
+from _core.includes.sys cimport cppnp_counter_add
 from _core.includes.linux cimport epoll_event
 from _core.pending cimport PendingFunctors
 from _core.timer_queue cimport TimerQueue
@@ -40,6 +41,11 @@ cdef class EventLoop:
         int64_t _dropped_sends
         int64_t _dropped_bytes
         int64_t _iterations
+        int64_t _write_calls            # send() calls for connection output
+        int64_t _coalesced_sends        # sends that joined a pending flush (no own call)
+        # tcp_connection's per-loop WriteFlusher (a PollHook), made on first use by the
+        # loop thread; opaque to the loop (it keeps it alive and shows its counters).
+        object _write_flusher
         object __weakref__
 
     cdef inline bint in_loop_thread(self) noexcept
@@ -60,6 +66,11 @@ cdef class EventLoop:
     cdef int run_or_queue(self, object fn, object arg=*) except -1
     cdef int report_error(self, str where) except -1
     cdef int count_drop(self, Py_ssize_t nbytes) noexcept
+    # Connection output counters (loop thread): one send() call; one coalesced send.
+    cdef inline void count_write_call(self) noexcept:
+        cppnp_counter_add(&self._write_calls, 1)
+    cdef inline void count_coalesced(self) noexcept:
+        cppnp_counter_add(&self._coalesced_sends, 1)
     # Run hook.before_poll() once, just before the loop next blocks in epoll_wait (or
     # when the run ends); the same hook added twice runs once (loop thread only).  The
     # ThreadPool wakes its workers this way: one wakeup for a batch of tasks.

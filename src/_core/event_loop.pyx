@@ -254,12 +254,14 @@ cdef class EventLoop:
         cdef void* p
         cdef Channel ch
         cdef bint sharing, polling
+        # Before-poll hooks first (write flushes, pool wakeups): a functor they queue
+        # (a write-complete, a release) makes this poll not block.
+        self._run_before_poll()
         timeout = self._timers.timeout_ms(cppnp_monotonic())
         if max_timeout >= 0 and (timeout < 0 or timeout > max_timeout):
             timeout = max_timeout
         if timeout != 0 and cppnp_atomic_load(&self._quit):
             timeout = 0
-        self._run_before_poll()
         # A signal that arrived while Python code ran is handled before we block.
         PyErr_CheckSignals()
         # Last: functors queued so far (also by the before-poll hooks) mean no blocking;
@@ -599,7 +601,6 @@ cdef class EventLoop:
         if self._before_poll:
             for hook in self._before_poll:
                 hook.before_poll()
-            del self._before_poll[:]
         return 0
 
     def stats(self):
@@ -629,6 +630,8 @@ cdef class EventLoop:
             "pending_batches": b,
             "pending_batch_items": bi,
             "pending_batch_max": bm,
+            "write_calls": cppnp_relaxed_load(&self._write_calls),
+            "coalesced_sends": cppnp_relaxed_load(&self._coalesced_sends),
         }
 
     # -- closing ------------------------------------------------------------------------
@@ -673,6 +676,7 @@ cdef class EventLoop:
             if self._pending is not None:
                 self._pending.close()
             self._timers.clear()
+            self._write_flusher = None      # it refers to the loop and to connections
             if self._epfd >= 0:
                 close(self._epfd)
                 self._epfd = -1

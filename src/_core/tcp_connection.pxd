@@ -57,12 +57,23 @@
 # _tasks_finished).  A task that finishes queues _flush_held_in_loop after its replies
 # (they are queued before its work_released), so held data goes out after them.  Held data counts as
 # queued sends; while some is held, later loop-thread sends queue behind it.
+#
+# Write coalescing (redis's handleClientsWithPendingWrites): a send on the loop thread
+# (a callback's, or a worker's drained in the functor pass) of at most COALESCE_MAX bytes,
+# with no output queued, is appended to the output buffer and the connection is put on the
+# loop's WriteFlusher (_flush_queued); later sends of the same iteration append behind it.
+# Just before the loop polls again the flusher writes each connection's output with one
+# send() (_flush); what the kernel does not take waits for EPOLLOUT as usual.  Same bytes,
+# same order; the FIN (shutdown) and the release wait for the flush as for any queued
+# output; force_close() flushes first (one attempt), so what was sent before it is still
+# offered to the kernel.  A larger send with nothing queued is written at once (no copy).
 from libc.stdint cimport int32_t, int64_t, uint32_t
 
 from _core.buffer cimport Buffer
 from _core.channel cimport Channel
 from _core.event_loop cimport EventLoop
 from _core.handler cimport Handlers
+from _core.idle_wheel cimport IdleWheel
 from _core.includes.linux cimport sockaddr_storage
 from _core.tls cimport TlsSession
 
@@ -104,6 +115,7 @@ cdef class TcpConnection(Channel):
         int32_t _reading            # atomic: the user wants input (stop/start_reading)
         bint _finish_queued         # loop thread: a _finish_in_loop is queued
         bint _delivery_queued       # loop thread: a _deliver_in_loop is queued
+        bint _flush_queued          # loop thread: on the loop's WriteFlusher (see below)
         Buffer _input
         Buffer _output
         list _held                  # loop thread: [target, bytes, ...] or None
@@ -127,6 +139,7 @@ cdef class TcpConnection(Channel):
         object _name
         object _context             # the user's; read and replaced in a critical section
         object _prefix
+        IdleWheel _idle             # loop thread: the wheel watching us, or None
         int64_t _id                 # unique in the process (the id property)
         # TLS (tls.pxd), or None for a plain connection.  Set by the owner before start(),
         # then used on the loop thread only; _shown: on_connection was called (a TLS
@@ -136,6 +149,10 @@ cdef class TcpConnection(Channel):
         object __weakref__
 
     cdef int start(self) except -1
+    # Close the connection when it receives nothing for the wheel's timeout (idle_wheel.pxd).
+    # Before start() (any thread that owns the new connection), or on the loop thread.
+    cdef int set_idle_wheel(self, IdleWheel wheel) except -1
+    cdef int _leave_idle(self) except -1
     cdef int _check_created(self) except -1
     cdef object _peer_tuple(self)
     # Pool accounting: the WorkOwner interface (task.pxd), any thread.  counts_work() is
@@ -153,6 +170,7 @@ cdef class TcpConnection(Channel):
     cdef int _tls_step(self) except -1
     cdef int _tls_flush(self) except -1
     cdef int _tls_fail(self, object exc, bint timeout) except -1
+    cdef int _flush(self) except -1
     cdef int _write_bytes(self, object data) except -1
     cdef int _hold(self, object data, int64_t target) except -1
     cdef int _arm_held(self) except -1

@@ -8,10 +8,13 @@ from libc.stdint cimport int64_t, uint32_t
 from libc.string cimport memcpy
 
 from _core.buffer cimport Buffer
-from _core.channel cimport Channel
+from _core.channel cimport Channel, PollHook
 from _core.event_loop cimport EventLoop
 from _core.handler cimport Handlers, no_handlers
-from _core.includes.consts cimport DEFAULT_HIGH_WATER_MARK, KEEP_INPUT_CAPACITY
+from _core.idle_wheel cimport IdleWheel
+from _core.includes.consts cimport (
+    COALESCE_MAX, DEFAULT_HIGH_WATER_MARK, KEEP_INPUT_CAPACITY,
+)
 from _core.includes.linux cimport (
     EAGAIN, EINTR, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLPRI, IPPROTO_TCP,
     MSG_NOSIGNAL, SHUT_WR, SO_KEEPALIVE, SOL_SOCKET, TCP_NODELAY, close, errno,
@@ -76,6 +79,43 @@ cdef TcpConnection new_connection(EventLoop loop, int fd, ConnectionOwner owner,
     return c
 
 
+@cython.auto_pickle(False)
+@cython.final
+cdef class WriteFlusher(PollHook):
+    """The loop's connections with coalesced output to write before it polls (internal,
+    loop thread only; see "Write coalescing" in tcp_connection.pxd)."""
+    cdef EventLoop _loop
+    cdef list _conns
+
+    cdef int before_poll(self) except -1:
+        cdef list conns = self._conns
+        cdef TcpConnection conn
+        self._conns = []
+        for conn in conns:
+            if conn._flush_queued:
+                try:
+                    conn._flush()
+                except Exception:
+                    self._loop.report_error("writing the output of %r" % (conn,))
+        return 0
+
+
+cdef int _queue_flush(TcpConnection conn) except -1:
+    """Put *conn* on its loop's WriteFlusher (loop thread)."""
+    cdef EventLoop loop = conn._loop
+    cdef WriteFlusher f = loop._write_flusher
+    if f is None:
+        f = WriteFlusher.__new__(WriteFlusher)
+        f._loop = loop
+        f._conns = []
+        loop._write_flusher = f
+    if not f._conns:
+        loop.add_before_poll(f)
+    f._conns.append(conn)
+    conn._flush_queued = True
+    return 0
+
+
 cdef inline bint _socket_open(int64_t state) noexcept nogil:
     return state == CONNECTED or state == DISCONNECTING or state == FIN_SENT
 
@@ -131,6 +171,8 @@ cdef class TcpConnection(Channel):
         A TLS connection starts its handshake: on_connection runs once it completes."""
         cppnp_atomic_store32(&self._state, CONNECTED)
         self._update_interest()
+        if self._idle is not None:
+            self._idle.watch(self)
         if self._tls is not None:
             self._tls.timer_id = self._loop.run_after(self._tls.config.handshake_timeout,
                                                       self._tls_timeout_in_loop)
@@ -146,6 +188,39 @@ cdef class TcpConnection(Channel):
                 self._handlers.on_connection(self)
             except Exception:
                 self._loop.report_error("on_connection of %r" % (self,))
+        return 0
+
+    cdef int set_idle_wheel(self, IdleWheel wheel) except -1:
+        if cppnp_atomic_load32(&self._state) == CONNECTING:
+            self._idle = wheel              # start() watches
+            return 0
+        self._loop.assert_in_loop_thread("TcpConnection.set_idle_wheel")
+        self._leave_idle()
+        if wheel is not None and _socket_open(cppnp_atomic_load32(&self._state)):
+            self._idle = wheel
+            wheel.watch(self)
+        return 0
+
+    cdef int _leave_idle(self) except -1:
+        cdef IdleWheel wheel = self._idle
+        if wheel is not None:
+            self._idle = None
+            wheel.leave(self)
+        return 0
+
+    cdef int idle_expired(self, double timeout) except -1:
+        # The wheel no longer watches us.  Receive-idle: also with a task in flight (its
+        # replies are dropped and counted; on_close waits for it as after any force_close).
+        self._idle = None
+        if not _socket_open(cppnp_atomic_load32(&self._state)):
+            return 0
+        if _logger.isEnabledFor(logging.DEBUG):
+            try:
+                _logger.debug("connection %s: nothing received for %g s, closing",
+                              self.name, timeout)
+            except Exception:
+                pass
+        self.force_close()
         return 0
 
     cdef int _check_created(self) except -1:
@@ -375,10 +450,15 @@ cdef class TcpConnection(Channel):
     def send(self, data, *, bint after_tasks=False):
         """Send *data* (bytes-like; str is encoded as UTF-8).
 
-        Never blocks: what the kernel does not take now is queued in the output buffer
-        and written when the socket is writable.  Only a connected connection accepts
-        data: after shutdown() or force_close(), or once the socket is closed, the data
-        is dropped and counted in ``dropped_sends`` / ``dropped_bytes`` (no exception).
+        Never blocks.  On the loop thread a send of up to 16 KiB is coalesced: appended
+        to the output buffer and written, with the other sends of the same loop
+        iteration, by one send() call just before the loop polls again (a larger one is
+        written at once if nothing is queued before it); ``EventLoop.stats()`` counts
+        ``write_calls`` and ``coalesced_sends``.  What the kernel does not take is queued
+        in the output buffer and written when the socket is writable.  Only a connected
+        connection accepts data: after shutdown() or force_close(), or once the socket
+        is closed, the data is dropped and counted in ``dropped_sends`` /
+        ``dropped_bytes`` (no exception).
         From a non-loop thread the data is copied and the write is queued to the loop;
         what one thread sends goes out in the order it sent it.
 
@@ -576,7 +656,18 @@ cdef class TcpConnection(Channel):
         if state != CONNECTED and state != DISCONNECTING:
             self._drop(n)
             return 0
-        if len(self._output) == 0:
+        old = len(self._output)
+        if self._flush_queued or (old == 0 and n <= COALESCE_MAX):
+            # Coalesce: written by _flush() before the loop polls again.
+            if self._flush_queued:
+                self._loop.count_coalesced()
+            else:
+                _queue_flush(self)
+            self._output.append_ptr(p, n)
+            cppnp_relaxed_store(&self._output_len, old + n)
+            return 0
+        if old == 0:
+            self._loop.count_write_call()
             while True:     # non-blocking: never waits, so the GIL is kept
                 written = send(fd, p, n, MSG_NOSIGNAL)
                 if written >= 0 or errno != EINTR:
@@ -599,6 +690,36 @@ cdef class TcpConnection(Channel):
             self._loop.queue(self._high_water_in_loop, old + (n - written))
         if not (self.interest & EPOLLOUT):
             self._update_interest()
+        return 0
+
+    cdef int _flush(self) except -1:
+        """Write the coalesced output with one send() (the WriteFlusher, loop thread)."""
+        cdef int err = 0
+        cdef Py_ssize_t n, left, mark
+        self._flush_queued = False
+        if not _socket_open(cppnp_atomic_load32(&self._state)) or len(self._output) == 0:
+            return 0        # closed meanwhile (the output was dropped and counted)
+        self._loop.count_write_call()
+        n = self._output.write_fd(self.fd, &err)
+        if n < 0:
+            if err != EAGAIN and err != EINTR:
+                self._fault(err)
+                return 0
+            n = 0
+        cppnp_counter_add(&self._bytes_sent, n)
+        left = len(self._output)
+        cppnp_relaxed_store(&self._output_len, left)
+        if left == 0:
+            if self._output._cap > KEEP_INPUT_CAPACITY:
+                self._output.release_storage()
+            self._queue_write_complete()
+            self._try_finish()
+            return 0
+        # As if it had been one send: the output went from empty to *left* queued bytes.
+        mark = cppnp_atomic_load(&self._high_water_mark)
+        if self._handlers.on_high_water_mark is not None and left >= mark:
+            self._loop.queue(self._high_water_in_loop, left)
+        self._update_interest()
         return 0
 
     cdef int _write_bytes(self, object data) except -1:
@@ -783,8 +904,8 @@ cdef class TcpConnection(Channel):
             return 0
         if cppnp_atomic_load32(&self._reading) and not cppnp_atomic_load32(&self._peer_closed):
             interest |= EPOLLIN
-        if len(self._output):
-            interest |= EPOLLOUT
+        if len(self._output) and not self._flush_queued:
+            interest |= EPOLLOUT        # (coalesced output: _flush() writes it first)
         self._loop.update_channel(self, interest)
         return 0
 
@@ -827,6 +948,8 @@ cdef class TcpConnection(Channel):
             n = self._tls.raw.read_fd(self.fd, &err)
             if n > 0:
                 cppnp_counter_add(&self._bytes_received, n)
+                if self._idle is not None:
+                    self._idle.touch(self)
                 self._tls_step()
                 return 0
             if n == 0 and not self._tls.handshake_done:
@@ -837,6 +960,8 @@ cdef class TcpConnection(Channel):
             n = self._input.read_fd(self.fd, &err)
         if n > 0:
             cppnp_counter_add(&self._bytes_received, n)
+            if self._idle is not None:
+                self._idle.touch(self)
             if self._handlers.discard_input:
                 self._input.clear()
             else:
@@ -874,7 +999,9 @@ cdef class TcpConnection(Channel):
 
     cdef int _handle_write(self) except -1:
         cdef int err = 0
-        cdef Py_ssize_t n = self._output.write_fd(self.fd, &err)
+        cdef Py_ssize_t n
+        self._loop.count_write_call()
+        n = self._output.write_fd(self.fd, &err)
         if n < 0:
             if err != EAGAIN and err != EINTR:
                 self._fault(err)
@@ -989,6 +1116,7 @@ cdef class TcpConnection(Channel):
         """DISCONNECTED -> RELEASED: on_close, and the server forgets the connection."""
         cdef Handlers handlers = self._handlers
         cppnp_atomic_store32(&self._state, RELEASED)
+        self._leave_idle()
         self._input.clear()
         self._input.release_storage()
         cppnp_relaxed_store(&self._input_len, 0)
@@ -1080,6 +1208,8 @@ cdef class TcpConnection(Channel):
         self._try_finish()
 
     def _force_close_in_loop(self):
+        if self._flush_queued:
+            self._flush()       # what was sent before force_close() gets its one attempt
         if _socket_open(cppnp_atomic_load32(&self._state)):
             self._close_socket(CLOSE_FORCED)
             self._try_finish()
@@ -1102,6 +1232,7 @@ cdef class TcpConnection(Channel):
         else:
             cppnp_atomic_cas32(&self._close_reason, CLOSE_NONE, CLOSE_LOOP)
         cppnp_atomic_store32(&self._state, RELEASED)
+        self._idle = None           # the loop's timers are gone: nothing to leave
         self._owner = None
         self._handlers = no_handlers()     # break cycles through the user's handler
         self._held = None

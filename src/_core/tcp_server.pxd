@@ -51,6 +51,9 @@ cdef class TcpServer(ConnectionOwner):
         int _io_threads                # io loop threads asked for (0: serve on _loop)
         EventLoopThreadPool _pool      # the io loops from start() until stopped, or None
         TlsConfig _tls                 # ssl=: read-only after __init__, or None
+        double _idle_timeout           # seconds; 0: off
+        # loop -> IdleWheel: made on the base loop thread, read in a critical section
+        dict _wheels
         object __weakref__
 
     # The Acceptor accepted *fd* from *peer* (loop thread): make and start its connection.
@@ -58,6 +61,7 @@ cdef class TcpServer(ConnectionOwner):
     cdef bint _stop_to(self, int64_t state) except -1
     cdef int _in_loop_or_closed(self, object fn) except -1
     cdef int _stop_io_loops(self) except -1
+    cdef int _watch_idle(self, TcpConnection conn, EventLoop loop) except -1
     cdef int _close_listener(self) except -1
     cdef int _check_created(self) except -1
     cdef int _maybe_detach(self) except -1

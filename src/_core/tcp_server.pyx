@@ -7,6 +7,7 @@ from _core.acceptor cimport new_acceptor
 from _core.event_loop cimport EventLoop
 from _core.event_loop_pool cimport EventLoopThreadPool, IoLoop
 from _core.handler cimport resolve_handlers
+from _core.idle_wheel cimport IdleWheel, new_idle_wheel
 from _core.includes.consts cimport MAX_IO_THREADS
 from _core.includes.linux cimport sockaddr_storage
 from _core.includes.sys cimport (
@@ -67,19 +68,27 @@ cdef class TcpServer(ConnectionOwner):
 
     def __cinit__(self):
         self._connections = {}
+        self._wheels = {}
         self._lock = threading.Lock()
 
     def __init__(self, EventLoop loop not None, address, handler, *, name=None,
                  bint reuse_port=False, backlog=1024, bint tcp_nodelay=True,
                  bint keepalive=False, io_threads=0, unix_mode=None, ssl=None,
-                 ssl_handshake_timeout=None):
+                 ssl_handshake_timeout=None, idle_timeout=None):
         """Prepare a server on (host, port); port 0 picks a free port (see ``address``).
         Or on a Unix socket path / abstract name (see the class docstring).
 
         *io_threads*: an int >= 0, the number of io loop threads (see the class
         docstring; 0 serves everything on *loop*).  Nothing is bound and no thread is
-        started until start().  ``__init__`` runs once: calling it again raises
-        RuntimeError.  Thread-safe to construct.
+        started until start().  *idle_timeout*: None (the default: off) or seconds > 0:
+        a connection that receives nothing for that long is closed (``force_close()``;
+        on_close runs as usual; counted in ``stats()["idle_closed"]``, logged at DEBUG).
+        It is closed between *idle_timeout* and 9/8 of it after its last input (a timing
+        wheel of 8 ticks per loop: O(1) per message).  Only input counts: a connection
+        that only sends, or whose ThreadPool task runs longer, is closed too (the task's
+        replies are then dropped and counted, and on_close waits for the task).
+        ``__init__`` runs once: calling it again raises RuntimeError.  Thread-safe to
+        construct.
         """
         if self._initialized:
             raise RuntimeError("TcpServer.__init__ called twice: a server is initialised "
@@ -123,6 +132,14 @@ cdef class TcpServer(ConnectionOwner):
                                   else ssl_handshake_timeout)
         elif ssl_handshake_timeout is not None:
             raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
+        if idle_timeout is not None:
+            if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float)):
+                raise TypeError("idle_timeout must be None or a number of seconds, got %r"
+                                % (type(idle_timeout).__name__,))
+            if not 0 < idle_timeout < float("inf"):
+                raise ValueError("idle_timeout must be > 0 seconds and finite (None: off), "
+                                 "got %r" % (idle_timeout,))
+            self._idle_timeout = idle_timeout
         self._io_threads = io_threads
         self._loop = loop
         self._handler = handler
@@ -262,7 +279,43 @@ cdef class TcpServer(ConnectionOwner):
             else ([] if self._io_threads else [n]),
             "tls_errors": self._tls.counters()[0] if self._tls is not None else 0,
             "handshake_timeouts": self._tls.counters()[1] if self._tls is not None else 0,
+            "idle_closed": self.idle_closed,
         }
+
+    @property
+    def idle_timeout(self):
+        """The idle timeout in seconds, or None (off).
+
+        Thread-safe.
+        """
+        return self._idle_timeout if self._idle_timeout > 0 else None
+
+    @property
+    def idle_closed(self):
+        """Connections closed because they received nothing for ``idle_timeout``.
+
+        Thread-safe.
+        """
+        cdef IdleWheel w
+        cdef long total = 0
+        with cython.critical_section(self):
+            wheels = list(self._wheels.values())
+        for w in wheels:
+            total += w.expired_count()
+        return total
+
+    cdef int _watch_idle(self, TcpConnection conn, EventLoop loop) except -1:
+        # Base loop thread, before the connection starts.
+        cdef IdleWheel w
+        if self._idle_timeout <= 0:
+            return 0
+        with cython.critical_section(self):
+            w = self._wheels.get(loop)
+            if w is None:
+                w = new_idle_wheel(loop, self._idle_timeout)
+                self._wheels[loop] = w
+        conn.set_idle_wheel(w)
+        return 0
 
     def connections(self):
         """Return a list of the open connections.
@@ -414,6 +467,7 @@ cdef class TcpServer(ConnectionOwner):
             conn = new_connection(self._loop, fd, self, self._handlers, peer, self._name)
             if self._tls is not None:
                 conn._tls = self._tls.new_session()
+            self._watch_idle(conn, self._loop)
             self._connections[conn._id] = conn
             cppnp_relaxed_store(&self._n_connections, len(self._connections))
             conn.start()
@@ -424,6 +478,7 @@ cdef class TcpServer(ConnectionOwner):
         conn = new_connection(io._loop, fd, io, self._handlers, peer, self._name)
         if self._tls is not None:
             conn._tls = self._tls.new_session()     # used on the io loop from start()
+        self._watch_idle(conn, io._loop)
         self._connections[conn._id] = conn
         cppnp_relaxed_store(&self._n_connections, len(self._connections))
         if not io.adopt(conn):

@@ -35,6 +35,13 @@ cdef extern from *:
     enum { CPPNP_MAX_IO_THREADS = 1024 };
     #define CPPNP_IO_START_TIMEOUT 10.0
     #define CPPNP_IO_JOIN_TIMEOUT 30.0
+    /* IdleWheel: ticks per idle timeout (an idle connection is closed within one tick,
+       timeout / ticks seconds, after its deadline). */
+    enum { CPPNP_IDLE_WHEEL_TICKS = 8 };
+    /* TcpConnection: loop-thread sends up to this size are coalesced (appended to the
+       output and written once before the loop polls again); larger ones are written at
+       once when nothing is queued before them (no copy). */
+    enum { CPPNP_COALESCE_MAX = 16384 };
     /* EventLoop.run_every(): the monotonic clock's resolution. */
     #define CPPNP_MIN_INTERVAL 1e-9
     /* TimerQueue: compact the heap once this many entries (and over half) are dead. */
@@ -60,6 +67,8 @@ cdef extern from *:
         YIELD_SPINS "CPPNP_YIELD_SPINS"
         MIN_COMPACT "CPPNP_MIN_COMPACT"
         MAX_IO_THREADS "CPPNP_MAX_IO_THREADS"
+        IDLE_WHEEL_TICKS "CPPNP_IDLE_WHEEL_TICKS"
+        COALESCE_MAX "CPPNP_COALESCE_MAX"
     const long long DEFAULT_HIGH_WATER_MARK "CPPNP_DEFAULT_HIGH_WATER_MARK"
     const double ACCEPT_RETRY_DELAY "CPPNP_ACCEPT_RETRY_DELAY"
     const double ACCEPT_LOG_INTERVAL "CPPNP_ACCEPT_LOG_INTERVAL"
