@@ -12,7 +12,7 @@ from _core.channel cimport Channel, PollHook
 from _core.gil_share cimport (
     loop_has_gil, loop_share_begin, loop_share_end, loop_share_slice, loop_wants_gil,
 )
-from _core.includes.consts cimport MAX_EVENTS, MIN_INTERVAL
+from _core.includes.consts cimport BEFORE_POLL_ROUNDS, MAX_EVENTS, MIN_INTERVAL
 from _core.includes.linux cimport (
     EINTR, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN, close,
     epoll_create1, epoll_ctl, epoll_event, epoll_wait, errno,
@@ -253,14 +253,14 @@ cdef class EventLoop:
         cdef int timeout, n, i
         cdef void* p
         cdef Channel ch
-        cdef bint sharing, polling
+        cdef bint sharing, polling, more
         # Before-poll hooks first (write flushes, pool wakeups): a functor they queue
         # (a write-complete, a release) makes this poll not block.
-        self._run_before_poll()
+        more = self._run_before_poll()
         timeout = self._timers.timeout_ms(cppnp_monotonic())
         if max_timeout >= 0 and (timeout < 0 or timeout > max_timeout):
             timeout = max_timeout
-        if timeout != 0 and cppnp_atomic_load(&self._quit):
+        if timeout != 0 and (more or cppnp_atomic_load(&self._quit)):
             timeout = 0
         # A signal that arrived while Python code ran is handled before we block.
         PyErr_CheckSignals()
@@ -597,11 +597,20 @@ cdef class EventLoop:
         return 0
 
     cdef int _run_before_poll(self) except -1:
+        """Run the hooks registered since the last poll, once each; a hook registered by
+        a hook (a write flush that queued more output, e.g. a TLS close_notify) runs in the
+        next round.  Returns 1 if hooks are still registered after a few rounds: the poll
+        must then not block (they run before the next one)."""
         cdef PollHook hook
-        if self._before_poll:
-            for hook in self._before_poll:
+        cdef list hooks
+        cdef int rounds = 0
+        while self._before_poll and rounds < BEFORE_POLL_ROUNDS:
+            hooks = self._before_poll
+            self._before_poll = []
+            for hook in hooks:
                 hook.before_poll()
-        return 0
+            rounds += 1
+        return 1 if self._before_poll else 0
 
     def stats(self):
         """Return a dict of the loop's counters (a snapshot).

@@ -1091,6 +1091,8 @@ cdef class TcpConnection(Channel):
 
     cdef int _finish(self) except -1:
         cdef int64_t state = cppnp_atomic_load32(&self._state)
+        cdef int err = 0
+        cdef Py_ssize_t n
         self._finish_queued = False
         if state == RELEASED:
             return 0
@@ -1108,6 +1110,10 @@ cdef class TcpConnection(Channel):
                     and not self._tls.close_notify_sent:
                 self._tls.close_notify()    # TLS: our close_notify before the close
                 self._tls_flush()
+                if len(self._output):       # coalesced: write it now, the close is next
+                    n = self._output.write_fd(self.fd, &err)
+                    if n > 0:
+                        cppnp_counter_add(&self._bytes_sent, n)
             self._close_socket(CLOSE_PEER)
         self._release()
         return 0

@@ -11,6 +11,9 @@ cdef extern from *:
     enum { CPPNP_CHEAP_PREPEND = 8, CPPNP_INITIAL_SIZE = 1024, CPPNP_EXTRA_BUF = 65536 };
     /* EventLoop: epoll events taken per epoll_wait. */
     enum { CPPNP_MAX_EVENTS = 1024 };
+    /* EventLoop: rounds of before-poll hooks per iteration (a hook may register another,
+       e.g. a write flush that queued a TLS close_notify); any left make the poll not block. */
+    enum { CPPNP_BEFORE_POLL_ROUNDS = 4 };
     /* LengthHeaderCodec: the widest length header (bytes). */
     enum { CPPNP_MAX_HEADER = 8 };
     /* TcpConnection: input buffers above this are given back once drained; the default
@@ -58,6 +61,7 @@ cdef extern from *:
         INITIAL_SIZE "CPPNP_INITIAL_SIZE"
         EXTRA_BUF "CPPNP_EXTRA_BUF"
         MAX_EVENTS "CPPNP_MAX_EVENTS"
+        BEFORE_POLL_ROUNDS "CPPNP_BEFORE_POLL_ROUNDS"
         MAX_HEADER "CPPNP_MAX_HEADER"
         KEEP_INPUT_CAPACITY "CPPNP_KEEP_INPUT_CAPACITY"
         MAX_ACCEPTS_PER_EVENT "CPPNP_MAX_ACCEPTS_PER_EVENT"
