@@ -152,6 +152,7 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
         "_core.connector",
         "_core.event_loop",
         "_core.handler",
+        "_core.idle_wheel",
         "_core.socket_ops",
         "_core.tcp_connection",
         "_core.tls",

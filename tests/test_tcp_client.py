@@ -331,3 +331,35 @@ def test_default_on_connect_error_logs(
     with caplog.at_level("WARNING", logger="cppnp"):
         client.connect()
         wait_for(lambda: any("connect failed" in r.getMessage() for r in caplog.records))
+
+
+def test_idle_timeout_closes_a_silent_connection(loop_thread: EventLoop, serve: Any) -> None:
+    """A connection that receives nothing for idle_timeout is closed (on_close runs,
+    counted); one that keeps receiving stays open."""
+    srv = serve(Echo())
+    quiet = ClientRecorder()
+    busy = ClientRecorder()
+    c1 = make_client(loop_thread, srv.address, quiet, retry=False, idle_timeout=0.3)
+    c2 = make_client(loop_thread, srv.address, busy, retry=False, idle_timeout=0.3)
+    assert c1.idle_timeout == 0.3
+    t0 = time.monotonic()
+    c1.connect()
+    c2.connect()
+    wait_for(lambda: c1.connected and c2.connected)
+    conn2 = c2.connection
+    assert conn2 is not None
+    for i in range(10):  # the echo keeps c2's connection receiving
+        conn2.send(b"%d" % i)
+        time.sleep(0.1)
+    wait_for(lambda: len(quiet.closed) == 1)
+    assert time.monotonic() - t0 >= 0.3
+    assert c1.stats()["idle_closed"] == 1 and c1.connection is None
+    assert busy.closed == [] and c2.connected and c2.stats()["idle_closed"] == 0
+    stop_client(loop_thread, c2)
+
+
+def test_idle_timeout_argument_checks(loop: EventLoop) -> None:
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="idle_timeout"):
+            TcpClient(loop, ("127.0.0.1", 1), ICppnpUsr(), idle_timeout=bad)
+    assert TcpClient(loop, ("127.0.0.1", 1), ICppnpUsr()).idle_timeout is None

@@ -12,6 +12,7 @@ from libc.stdint cimport int32_t, int64_t
 from _core.connector cimport Connector
 from _core.event_loop cimport EventLoop
 from _core.handler cimport Handlers
+from _core.idle_wheel cimport IdleWheel
 from _core.includes.linux cimport sockaddr_storage
 from _core.tcp_connection cimport ConnectionOwner, TcpConnection
 from _core.tls cimport TlsConfig
@@ -30,6 +31,8 @@ cdef class TcpClient(ConnectionOwner):
         bint _initialized
         Connector _connector
         TlsConfig _tls                  # ssl=: read-only after __init__, or None
+        double _idle_timeout            # seconds, read-only after __init__; 0: off
+        IdleWheel _idle                 # loop thread: made at the first connection, or None
         TcpConnection _connection
         int32_t _wanted                 # atomic: connect() asked, no disconnect()/stop()
         int64_t _connections_made       # relaxed counters

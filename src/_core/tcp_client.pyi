@@ -22,7 +22,10 @@ class TcpClient:
         server_hostname: str | None = ...,
         tcp_nodelay: bool = ...,
         ssl_handshake_timeout: float | None = ...,
+        idle_timeout: float | None = ...,
     ) -> None: ...
+    @property
+    def idle_timeout(self) -> float | None: ...
     @property
     def address(self) -> Any: ...
     @property

@@ -7,6 +7,7 @@ from libc.math cimport isnan
 from _core.connector cimport new_connector
 from _core.event_loop cimport EventLoop
 from _core.handler cimport resolve_handlers
+from _core.idle_wheel cimport IdleWheel, new_idle_wheel
 from _core.includes.linux cimport IPPROTO_TCP, TCP_NODELAY, sockaddr_storage
 from _core.includes.linux cimport close as close_fd
 from _core.includes.sys cimport (
@@ -74,12 +75,17 @@ cdef class TcpClient(ConnectionOwner):
     default 60) is reported to ``on_connect_error(client, exc)`` (``exc`` an
     ``ssl.SSLError``, ``TimeoutError`` or ``ConnectionError``) and logged; a certificate
     error is not retried.  See TcpServer for the rest (close_notify, errors, counters).
+
+    *idle_timeout* (seconds, or None: off): a connection that receives nothing for that
+    long is closed (force_close; ``on_close`` runs, and with ``retry`` the client
+    reconnects), counted in ``stats()["idle_closed"]``; as TcpServer's, an idle wheel
+    (idle_wheel.pxd), O(1) per message.
     """
 
     def __init__(self, EventLoop loop not None, address, handler, *, name=None,
                  bint retry=True, retry_initial=0.5, retry_max=30.0, connect_timeout=None,
                  ssl=None, server_hostname=None, bint tcp_nodelay=True,
-                 ssl_handshake_timeout=None):
+                 ssl_handshake_timeout=None, idle_timeout=None):
         """Prepare a client for *address*, a (host, port) tuple or a Unix socket path
         (see the class docstring); nothing happens until
         connect().  ``__init__`` runs once (RuntimeError if called again).
@@ -113,6 +119,8 @@ cdef class TcpClient(ConnectionOwner):
             raise ValueError("retry_max (%r) must be >= retry_initial (%r)"
                              % (retry_max, retry_initial))
         timeout = _seconds(connect_timeout, "connect_timeout", True)
+        if idle_timeout is not None:
+            self._idle_timeout = _seconds(idle_timeout, "idle_timeout", False)
         on_error = getattr(handler, "on_connect_error", None)
         if on_error is not None and not callable(on_error):
             raise TypeError("handler.on_connect_error must be callable")
@@ -151,6 +159,14 @@ cdef class TcpClient(ConnectionOwner):
         if not self._initialized:
             raise RuntimeError("TcpClient.__init__ was not called")
         return 0
+
+    @property
+    def idle_timeout(self):
+        """The idle timeout in seconds, or None (off).
+
+        Thread-safe.
+        """
+        return self._idle_timeout if self._idle_timeout > 0 else None
 
     @property
     def address(self):
@@ -215,17 +231,22 @@ cdef class TcpClient(ConnectionOwner):
     def stats(self):
         """Return a dict of the client's counters (a snapshot): ``attempts`` (connects
         tried), ``connect_errors`` (failed attempts), ``connections`` (made),
-        ``tls_errors`` and ``handshake_timeouts`` (0 without ``ssl``).
+        ``tls_errors`` and ``handshake_timeouts`` (0 without ``ssl``), ``idle_closed``
+        (connections closed by *idle_timeout*).
 
         Thread-safe.
         """
+        cdef IdleWheel wheel
         self._check_created()
+        with cython.critical_section(self):
+            wheel = self._idle
         return {
             "attempts": cppnp_relaxed_load(&self._connector.attempts),
             "connect_errors": cppnp_relaxed_load(&self._connect_errors),
             "connections": cppnp_relaxed_load(&self._connections_made),
             "tls_errors": self._tls.counters()[0] if self._tls is not None else 0,
             "handshake_timeouts": self._tls.counters()[1] if self._tls is not None else 0,
+            "idle_closed": wheel.expired_count() if wheel is not None else 0,
         }
 
     def connect(self):
@@ -292,6 +313,7 @@ cdef class TcpClient(ConnectionOwner):
 
     cdef int _new_connection(self, int fd, const sockaddr_storage* peer) except -1:
         cdef TcpConnection conn
+        cdef IdleWheel wheel
         if not cppnp_atomic_load32(&self._wanted):
             close_fd(fd)          # disconnect()/stop() raced with the connect
             self._maybe_detach()
@@ -304,6 +326,12 @@ cdef class TcpClient(ConnectionOwner):
         conn = new_connection(self._loop, fd, self, self._handlers, peer, self._name)
         if self._tls is not None:
             conn._tls = self._tls.new_session()
+        if self._idle_timeout > 0:
+            if self._idle is None:      # the loop thread's, made at the first connection
+                wheel = new_idle_wheel(self._loop, self._idle_timeout)
+                with cython.critical_section(self):     # stats() reads it anywhere
+                    self._idle = wheel
+            conn.set_idle_wheel(self._idle)
         with cython.critical_section(self):
             self._connection = conn
         cppnp_counter_add(&self._connections_made, 1)
