@@ -152,7 +152,7 @@ def run_client(
         t1 = time.perf_counter()
         for t in transports:
             t.close()
-        return {"bytes": n, "seconds": t1 - t0}
+        return {"bytes": n, "seconds": t1 - t0, "total_bytes": state["bytes"]}
 
     return uvloop.run(main())
 
@@ -203,6 +203,7 @@ def measure(name: str, backend_port: int, args: argparse.Namespace, pin: bool) -
     import benchlib
 
     relay, port = start_relay(name, backend_port, pin)
+    cpu0 = benchlib.proc_cpu_seconds(relay.pid)
     try:
         argv = [
             *benchlib.pin_prefix(1 if pin else None),
@@ -223,11 +224,14 @@ def measure(name: str, backend_port: int, args: argparse.Namespace, pin: bool) -
             str(args.warmup),
         ]
         out = subprocess.run(argv, capture_output=True, text=True, timeout=60 + args.duration * 2)
+        cpu1 = benchlib.proc_cpu_seconds(relay.pid)
     finally:
         stop(relay)
     if out.returncode != 0:
         raise SystemExit("client through %s relay failed: %s" % (name, out.stderr))
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    # relay CPU per byte relayed, over the whole client run (warm-up included)
+    result["relay_cpu_us_per_mb"] = (cpu1 - cpu0) * 1e6 / (result["total_bytes"] / 1e6)
     return result
 
 
@@ -274,6 +278,7 @@ def main() -> int:
         "c_echo",
     )
     rates: dict[str, list[float]] = {}
+    cpu_cost: dict[str, list[float]] = {}
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     try:
         for rnd in range(args.rounds):
@@ -282,11 +287,17 @@ def main() -> int:
                 r = measure(name, backend_port, args, pin)
                 rate = r["bytes"] / r["seconds"]
                 rates.setdefault(name, []).append(rate)
-                print("round %d %-7s %8.1f MB/s" % (rnd + 1, name, rate / 1e6), flush=True)
+                cpu_cost.setdefault(name, []).append(r["relay_cpu_us_per_mb"])
+                print(
+                    "round %d %-7s %8.1f MB/s  relay CPU %6.0f us/MB"
+                    % (rnd + 1, name, rate / 1e6, r["relay_cpu_us_per_mb"]),
+                    flush=True,
+                )
     finally:
         stop(backend)
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     med = {name: statistics.median(rates[name]) for name in relays}
+    med_cpu = {name: statistics.median(cpu_cost[name]) for name in relays}
     lines = [
         "# TCP relay throughput (%s)" % time.strftime("%Y-%m-%d"),
         "",
@@ -310,22 +321,32 @@ def main() -> int:
             " ".join(load_after),
         ),
         "",
-        "| relay | median MB/s | rounds (MB/s) | vs uvloop | vs asyncio |",
-        "| --- | ---: | --- | ---: | ---: |",
+        "| relay | median MB/s | rounds (MB/s) | vs uvloop | vs asyncio"
+        " | relay CPU µs/MB (median) | CPU/MB vs uvloop |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for name in relays:
         r_uv = med[name] / med["uvloop"] if "uvloop" in med else float("nan")
         r_aio = med[name] / med["asyncio"] if "asyncio" in med else float("nan")
+        c_uv = med_cpu[name] / med_cpu["uvloop"] if "uvloop" in med_cpu else float("nan")
         lines.append(
-            "| %s | %.1f | %s | %.2fx | %.2fx |"
+            "| %s | %.1f | %s | %.2fx | %.2fx | %.0f | %.2fx |"
             % (
                 name,
                 med[name] / 1e6,
                 ", ".join("%.1f" % (x / 1e6) for x in rates[name]),
                 r_uv,
                 r_aio,
+                med_cpu[name],
+                c_uv,
             )
         )
+    lines += [
+        "",
+        "Relay CPU µs/MB: the relay process's CPU time over the whole client run (warm-up"
+        " included) per MB echoed back; lower is better, and it is less sensitive to other"
+        " load on the machine than MB/s.",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
@@ -338,6 +359,7 @@ def main() -> int:
                     "python": sys.version.split()[0],
                     "loadavg": [load_before, load_after],
                     "bytes_per_s": rates,
+                    "relay_cpu_us_per_mb": cpu_cost,
                     "median_bytes_per_s": med,
                 },
                 indent=1,
