@@ -170,12 +170,14 @@ def start_listening(argv: list[str], what: str) -> tuple[subprocess.Popen[str], 
     return proc, int(line.rsplit(":", 1)[1])
 
 
-def start_relay(name: str, backend_port: int, pin: bool) -> tuple[subprocess.Popen[str], int]:
+def start_relay(
+    name: str, backend_port: int, pin: bool, cppnp_script: str | None = None
+) -> tuple[subprocess.Popen[str], int]:
     import benchlib
 
     prefix = benchlib.pin_prefix(0 if pin else None)
     if name == "cppnp":
-        script = HERE.parent / "examples" / "tcprelay.py"
+        script = Path(cppnp_script) if cppnp_script else HERE.parent / "examples" / "tcprelay.py"
         argv = [*prefix, sys.executable, str(script), "0", "127.0.0.1", str(backend_port)]
     else:
         argv = [
@@ -202,7 +204,7 @@ def stop(proc: subprocess.Popen[str]) -> None:
 def measure(name: str, backend_port: int, args: argparse.Namespace, pin: bool) -> dict[str, Any]:
     import benchlib
 
-    relay, port = start_relay(name, backend_port, pin)
+    relay, port = start_relay(name, backend_port, pin, args.cppnp_script)
     cpu0 = benchlib.proc_cpu_seconds(relay.pid)
     try:
         argv = [
@@ -251,6 +253,10 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--relays", default="cppnp,asyncio,uvloop")
     p.add_argument("--no-pin", action="store_true")
+    p.add_argument(
+        "--cppnp-script",
+        help="the cppnp relay to run (default examples/tcprelay.py), to try a variant",
+    )
     p.add_argument("--out")
     args = p.parse_args()
     if args.relay:
