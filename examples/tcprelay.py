@@ -29,7 +29,8 @@ class Backend(ICppnpUsr):
         self.inbound.start_reading()  # what arrived meanwhile is delivered now
 
     def on_message(self, conn: TcpConnection, buf: Buffer) -> None:
-        self.inbound.send(buf.retrieve_all())
+        self.inbound.send(buf)  # copied into the output here (loop thread): no bytes made
+        buf.retrieve(len(buf))
 
     def on_high_water_mark(self, conn: TcpConnection, queued: int) -> None:
         self.inbound.stop_reading()  # the backend is slow: stop reading the client
@@ -62,7 +63,8 @@ class Relay(ICppnpUsr):
     def on_message(self, conn: TcpConnection, buf: Buffer) -> None:
         backend = conn.context
         if backend is not None:
-            backend.send(buf.retrieve_all())
+            backend.send(buf)
+            buf.retrieve(len(buf))
 
     def on_high_water_mark(self, conn: TcpConnection, queued: int) -> None:
         backend = conn.context
