@@ -12,7 +12,7 @@ LINT_STAMP := $(VENV)/.lint-tools
 PY_SOURCES := src tests benchmarks examples scripts
 export CPPNP_STRICT ?= 1
 
-.PHONY: demo test check test-ft tsan venv install build debug sanitize lint lint-tools pre-commit format \
+.PHONY: demo test test-tools check test-ft tsan venv install build debug sanitize lint lint-tools pre-commit format \
 	wheel bench bench-quick bench-scaling bench-resp bench-wsgi soak clean distclean
 
 $(PY):
@@ -41,7 +41,14 @@ lint-tools: $(PY)
 	rm -f $(LINT_STAMP)
 	$(MAKE) $(LINT_STAMP)
 
-test: install $(LINT_STAMP)
+# Command-line tools the suite drives: test_tls.py runs openssl (s_client, s_server, and
+# certificates where trustme cannot be installed); installed from the distribution if missing.
+test-tools:
+	@command -v openssl >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y openssl; \
+	  else sudo apt-get install -y openssl; fi; }
+
+test: install $(LINT_STAMP) test-tools
 	cd tests && ../$(PY) -m pytest -q -p no:cacheprovider .
 
 # Everything CI runs (.ci/run): the suite; the suite again under ASan+UBSan; a 30 s soak;
@@ -130,7 +137,7 @@ bench-wsgi: install
 
 # ASan+UBSan build (CPPNP_SANITIZE=1, own venv .venv-asan), whole suite with the runtimes
 # preloaded; fails on a test failure or any sanitizer report.
-sanitize:
+sanitize: test-tools
 	PYTHON=$(PYTHON) scripts/sanitize.sh
 
 # Mixed-load soak against a server in a child process (not part of `make test`).
@@ -151,7 +158,7 @@ distclean: clean
 # that importing cppnp leaves the GIL disabled (without PYTHON_GIL, which would force it).
 FT_VENV ?= .venv-ft
 FT_PY := $(FT_VENV)/bin/python
-test-ft:
+test-ft: test-tools
 	@set -e; if [ ! -x $(FT_PY) ]; then \
 	  py=$$(bash tools/free-threaded-python.sh); $$py -m venv $(FT_VENV); fi
 	@# trustme needs cryptography, which has no free-threaded wheel: test_tls.py makes its

@@ -4,10 +4,12 @@
 # SO_ERROR says how it went.  A host name is resolved by getaddrinfo() in a short-lived
 # worker thread (the loop never blocks on DNS; an IP literal needs no resolution); the
 # result comes back to the loop as a functor (a Unix socket path is given as host with
-# port None), tagged with the attempt's generation so a
-# result that arrives after stop() is ignored.  A failed attempt (refused, unreachable,
-# timed out after connect_timeout, DNS) is reported to the owner through on_error; with
-# retry on, the next attempt is made after a delay that starts at retry_initial and
+# port None), tagged with the attempt's generation so a result that arrives after stop()
+# is ignored.  A name's addresses are tried in getaddrinfo's order within one attempt (as
+# asyncio's create_connection does): the attempt fails, with the last address's error,
+# only when every address failed.  A failed attempt (refused, unreachable, timed out
+# after connect_timeout, DNS) is reported to the owner through on_error; with retry on,
+# the next attempt is made after a delay that starts at retry_initial and
 # doubles up to retry_max, with jitter (each delay is drawn from [0.75 d, d], never
 # below retry_initial).  A connected socket is handed to the owner (on_connected), which
 # owns the fd from then on; the Connector is then idle until start() or restart().
@@ -43,6 +45,7 @@ cdef class Connector(Channel):
         object _host
         object _port
         object _literal                 # (family, sockaddr) for an IP literal, else None
+        list _addrs                     # the resolved addresses not tried yet, or None
         bint _retry
         double _retry_initial
         double _retry_max

@@ -62,6 +62,7 @@ cdef class Connector(Channel):
 
     cdef int stop(self) except -1:
         self._generation += 1
+        self._addrs = None
         if self._retry_timer:
             self._loop.cancel_timer(self._retry_timer)
             self._retry_timer = 0
@@ -92,8 +93,9 @@ cdef class Connector(Channel):
         # result to the loop.  Touches no Connector state.
         try:
             infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM)
-            result = (infos[0][0], infos[0][4]) if infos else socket.gaierror(
-                socket.EAI_NONAME, "no address for %r" % (host,))
+            result = list(dict.fromkeys((info[0], info[4]) for info in infos))
+            if not result:
+                result = socket.gaierror(socket.EAI_NONAME, "no address for %r" % (host,))
         except Exception as exc:
             result = exc
         self._loop.queue(self._resolved_in_loop, (generation, result))
@@ -105,7 +107,8 @@ cdef class Connector(Channel):
         if isinstance(result, BaseException):
             self._failed(result)
         else:
-            self._connect(result[0], result[1])
+            self._addrs = result[1:]    # tried in order if the first fails
+            self._connect(result[0][0], result[0][1])
 
     cdef int _connect(self, int family, object addr) except -1:
         cdef int err
@@ -185,6 +188,12 @@ cdef class Connector(Channel):
     cdef int _failed(self, object exc) except -1:
         cdef bint again
         self._close_sock()
+        if self._addrs:
+            # The name has another address (e.g. localhost: ::1, then 127.0.0.1): try it
+            # now, as part of the same attempt; the error reported is the last one's.
+            family, addr = self._addrs.pop(0)
+            self._connect(family, addr)
+            return 0
         cppnp_counter_add(&self.failures, 1)
         again = self._retry
         if again:
