@@ -70,13 +70,18 @@ def _example(name: str, *args: str) -> tuple[subprocess.Popen[str], tuple[str, i
     return proc, _listening(proc)
 
 
+def assert_echoes(s: socket.socket, greeting: bytes) -> None:
+    """A short message, then 100 KiB, each echoed back byte for byte."""
+    for msg in (greeting, bytes(range(256)) * 400):
+        s.sendall(msg)
+        assert recv_exact(s, len(msg)) == msg
+
+
 def test_example_echo() -> None:
     proc, address = _example("echo.py")
     try:
         with socket.create_connection(address, timeout=10) as s:
-            for msg in (b"hello, echo\r\n", bytes(range(256)) * 400):
-                s.sendall(msg)
-                assert recv_exact(s, len(msg)) == msg
+            assert_echoes(s, b"hello, echo\r\n")
         rc, out, err = finish(proc, TIMEOUT, sig=signal.SIGINT)
     finally:
         reap(proc)
@@ -168,9 +173,7 @@ def test_example_unix_echo(tmp_path: Path) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(10)
             s.connect(path)
-            for msg in (b"hello, unix\n", bytes(range(256)) * 400):
-                s.sendall(msg)
-                assert recv_exact(s, len(msg)) == msg
+            assert_echoes(s, b"hello, unix\n")
         rc, out, err = finish(proc, TIMEOUT, sig=signal.SIGINT)
     finally:
         reap(proc)

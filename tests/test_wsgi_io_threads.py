@@ -206,22 +206,8 @@ def test_file_wrapper_sendfile_on_every_io_loop(wsgi: Serve, threads: int) -> No
                 s.close()
 
 
-def test_client_that_stops_reading_is_dropped_on_its_io_loop(wsgi: Serve) -> None:
-    w = wsgi(wsgi_apps.dispatch, threads=1, io_threads=IO, send_timeout=1.0, send_buffer=1 << 16)
-    with w.connect() as stalled:
-        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stalled.sendall(get("/stream?size=100000000&chunk=65536"))
-        # The only worker waits for the stalled client (backpressure) until the send
-        # timeout drops it; then it serves the next client, on the other io loop.
-        with w.connect() as s:
-            s.sendall(get("/hello"))
-            assert read_response(s.makefile("rb")).body == b"Hello, World!"
-        stalled.settimeout(10)
-        with pytest.raises(ConnectionResetError):
-            for _ in range(10_000):
-                if not stalled.recv(1 << 16):
-                    break
-    wait_for(lambda: w.connection_count() == 0)
+# The send-timeout drop on an io loop: test_wsgi_load.py's
+# test_client_that_stops_reading_is_dropped_after_the_send_timeout[io2].
 
 
 @pytest.mark.parametrize("threads", ["0", "4"])

@@ -205,8 +205,13 @@ def test_1gb_streamed_to_a_slow_reader_keeps_rss_flat(threads: str) -> None:
     assert code == 0, err
 
 
-def test_client_that_stops_reading_is_dropped_after_the_send_timeout(wsgi: Serve) -> None:
-    w = wsgi(wsgi_apps.dispatch, threads=1, send_timeout=1.0, send_buffer=1 << 16)
+@pytest.mark.parametrize("io_threads", [0, 2], ids=["io0", "io2"])
+def test_client_that_stops_reading_is_dropped_after_the_send_timeout(
+    wsgi: Serve, io_threads: int
+) -> None:
+    w = wsgi(
+        wsgi_apps.dispatch, threads=1, send_timeout=1.0, send_buffer=1 << 16, io_threads=io_threads
+    )
     with socket.create_connection(w.address, timeout=10) as stalled:
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stalled.sendall(get("/stream?size=100000000&chunk=65536"))

@@ -31,7 +31,6 @@ cdef class PendingFunctors:
     cdef int append(self, object fn, object arg, bint from_loop_thread) except -1
     cdef list swap(self)
     cdef int put_back(self, list items) except -1
-    cdef bint has_items(self) except -1
     # The loop thread, just before epoll_wait with a timeout: returns True (and stays
     # "not polling") if functors are queued, else marks the loop polling, so that the next
     # append from another thread writes the eventfd.  end_poll() once epoll_wait returned.

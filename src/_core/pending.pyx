@@ -77,10 +77,6 @@ cdef class PendingFunctors:
             self._items[:0] = items
         return 0
 
-    cdef bint has_items(self) except -1:
-        with self._lock:
-            return len(self._items) != 0
-
     cdef bint begin_poll(self) except -1:
         with self._lock:
             if len(self._items) != 0:

@@ -3,7 +3,8 @@
 (thread rules: see tls.pxd)."""
 
 cimport cython
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.buffer cimport PyBUF_READ
+from cpython.memoryview cimport PyMemoryView_FromMemory
 
 from _core.buffer cimport Buffer
 from _core.includes.sys cimport cppnp_atomic_add, cppnp_atomic_load
@@ -77,6 +78,17 @@ cdef int count_handshake_timeout(TlsConfig config) noexcept:
     return 0
 
 
+cdef int _write_view(object write, const char* p, Py_ssize_t n) except -1:
+    """write(memoryview of p[:n]): MemoryBIO.write and SSLObject.write copy what they
+    are given before they return; the view is released after, so nothing keeps *p*."""
+    cdef memoryview view = PyMemoryView_FromMemory(<char*>p, n, PyBUF_READ)
+    try:
+        write(view)
+    finally:
+        view.release()
+    return 0
+
+
 @cython.auto_pickle(False)
 @cython.final
 cdef class TlsSession:
@@ -98,10 +110,11 @@ cdef class TlsSession:
         return True
 
     cdef int feed_raw(self) except -1:
-        """Move the ciphertext read from the socket (raw) into the SSLObject."""
+        """Move the ciphertext read from the socket (raw) into the SSLObject (one copy:
+        the BIO reads it through a memoryview of the buffer)."""
         cdef Py_ssize_t n = self.raw.readable()
         if n:
-            self.incoming.write(PyBytes_FromStringAndSize(self.raw.begin_read(), n))
+            _write_view(self.incoming.write, self.raw.begin_read(), n)
             self.raw.clear()
         return 0
 
@@ -126,8 +139,9 @@ cdef class TlsSession:
         return total
 
     cdef int encrypt(self, const char* p, Py_ssize_t n) except -1:
-        """Encrypt plaintext into the outgoing BIO (take_output() collects it)."""
-        self.obj.write(PyBytes_FromStringAndSize(p, n))
+        """Encrypt plaintext into the outgoing BIO (take_output() collects it); OpenSSL
+        reads *p* through a memoryview, no intermediate bytes."""
+        _write_view(self.obj.write, p, n)
         return 0
 
     cdef object take_output(self):
