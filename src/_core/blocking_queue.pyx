@@ -6,7 +6,9 @@ from cpython.mem cimport PyMem_RawFree, PyMem_RawRealloc
 from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from libc.stdint cimport int64_t
 
-from _core.includes.consts cimport grown_capacity
+from _core.includes.sys cimport cppnp_monotonic
+
+from _core.includes.consts cimport WAKE_RECHECK_MS, WAKE_STALL, grown_capacity
 
 
 @cython.auto_pickle(False)
@@ -81,6 +83,8 @@ cdef class BlockingQueue:
             self._cap = newcap
         Py_INCREF(<object>item)
         self._ring[(self._head + self._count) % self._cap] = item
+        if self._count == 0:
+            self._nonempty_since = cppnp_monotonic()
         self._count += 1
         self._pushes += 1
         if notify and self._wake(1) == 0:
@@ -88,10 +92,36 @@ cdef class BlockingQueue:
         pthread_mutex_unlock(&self._mutex)
         return 0
 
-    cdef int notify(self) noexcept:
+    cdef int notify(self, Py_ssize_t keep) noexcept:
         pthread_mutex_lock(&self._mutex)
-        if self._count and self._wake(self._count) == 0:
+        if self._count > keep and self._wake(self._count - keep) == 0:
             self._skipped += 1
+        pthread_mutex_unlock(&self._mutex)
+        return 0
+
+    cdef int notify_lazy(self, double now) noexcept nogil:
+        cdef Py_ssize_t idle, awake
+        cdef int recheck = -1
+        pthread_mutex_lock(&self._mutex)
+        if self._count:
+            idle = self._waiters - self._signalled
+            awake = self._workers - idle
+            if awake <= 0:
+                self._wake(1)
+            elif now - self._nonempty_since >= WAKE_STALL and idle > 0:
+                self._wake(1)
+                self._stall_wakeups += 1
+                self._nonempty_since = now      # the next one needs another stall
+            else:
+                self._lazy_skipped += 1
+            if self._waiters - self._signalled > 0:
+                recheck = WAKE_RECHECK_MS
+        pthread_mutex_unlock(&self._mutex)
+        return recheck
+
+    cdef int add_worker(self, int delta) noexcept nogil:
+        pthread_mutex_lock(&self._mutex)
+        self._workers += delta
         pthread_mutex_unlock(&self._mutex)
         return 0
 
@@ -100,6 +130,8 @@ cdef class BlockingQueue:
         out[0] = self._pushes
         out[1] = self._signals
         out[2] = self._skipped
+        out[3] = self._lazy_skipped
+        out[4] = self._stall_wakeups
         pthread_mutex_unlock(&self._mutex)
         return 0
 
@@ -121,8 +153,6 @@ cdef class BlockingQueue:
                 self._signalled -= 1
         if self._count:
             item = self._pop()
-            if self._count:
-                self._wake(1)   # one more, in case the pushes woke fewer than they queued
         pthread_mutex_unlock(&self._mutex)
         return item
 

@@ -39,5 +39,12 @@ cdef class Channel(WorkOwner):
 # Something the loop runs once just before it next blocks in epoll_wait
 # (EventLoop.add_before_poll): the reactor's generic hook, e.g. the ThreadPool's "wake
 # the workers for the tasks added in this iteration".
+#
+# A hook added with EventLoop.add_release_hook instead runs released(now) with the GIL
+# released, just before epoll_wait (so a thread it wakes finds the GIL free): C data only,
+# no Python objects.  It returns -1, or the milliseconds after which it must run again
+# (the poll's timeout is capped to that and the hook stays registered).  before_poll() is
+# its fallback when the loop stops running with the hook still registered.
 cdef class PollHook:
     cdef int before_poll(self) except -1
+    cdef int released(self, double now) noexcept nogil

@@ -37,3 +37,6 @@ cdef class PollHook:
 
     cdef int before_poll(self) except -1:
         return 0
+
+    cdef int released(self, double now) noexcept nogil:
+        return -1

@@ -35,6 +35,7 @@ cdef class EventLoop:
         double _slice_start             # when the loop last (re)took the GIL
         bint _gil_sharing               # loop_share_begin() said yes (gil_share.pxd)
         list _before_poll               # PollHooks to run once before the next poll
+        list _release_hooks             # PollHooks to run with the GIL released, ditto
         int64_t _n_channels             # len(_channels), readable from any thread
         # Counters: written on the loop thread only, read anywhere (relaxed atomics).
         int64_t _callback_errors
@@ -75,6 +76,10 @@ cdef class EventLoop:
     # when the run ends); the same hook added twice runs once (loop thread only).  The
     # ThreadPool wakes its workers this way: one wakeup for a batch of tasks.
     cdef int add_before_poll(self, PollHook hook) except -1
+    # Run hook.released(now) with the GIL released just before the loop next blocks in
+    # epoll_wait (channel.pxd); the same hook added twice runs once (loop thread only).
+    # The ThreadPool wakes its workers this way, so a woken worker finds the GIL free.
+    cdef int add_release_hook(self, PollHook hook) except -1
     cdef int _run_before_poll(self) except -1
     cdef int _run_once(self, int max_timeout) except -1
     cdef int _run_timers(self) except -1

@@ -12,7 +12,9 @@ from _core.channel cimport Channel, PollHook
 from _core.gil_share cimport (
     loop_has_gil, loop_share_begin, loop_share_end, loop_share_slice, loop_wants_gil,
 )
-from _core.includes.consts cimport BEFORE_POLL_ROUNDS, MAX_EVENTS, MIN_INTERVAL
+from _core.includes.consts cimport (
+    BEFORE_POLL_ROUNDS, MAX_EVENTS, MAX_RELEASE_HOOKS, MIN_INTERVAL,
+)
 from _core.includes.linux cimport (
     EINTR, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN, close,
     epoll_create1, epoll_ctl, epoll_event, epoll_wait, errno,
@@ -77,6 +79,7 @@ cdef class EventLoop:
         self._next_timer_id = 0
         self._quit = 0
         self._before_poll = []
+        self._release_hooks = []
         # Until __init__ succeeds the loop counts as closed, so an object made with
         # EventLoop.__new__ raises RuntimeError instead of touching missing state.
         self._closed = 1
@@ -238,6 +241,12 @@ cdef class EventLoop:
         loop_share_end(self._gil_sharing)
         self._gil_sharing = False
         self._run_before_poll()
+        # Release hooks left registered get their fallback (e.g. an eager worker wakeup):
+        # no poll follows that would run them.
+        hooks = self._release_hooks
+        self._release_hooks = []
+        for hook in hooks:
+            (<PollHook>hook).before_poll()
         return 0
 
     def quit(self):
@@ -250,10 +259,14 @@ cdef class EventLoop:
             self._pending.wakeup()
 
     cdef int _run_once(self, int max_timeout) except -1:
-        cdef int timeout, n, i
+        cdef int timeout, n, i, k, nrel
         cdef void* p
         cdef Channel ch
         cdef bint sharing, polling, more
+        cdef list released
+        cdef PyObject* rel[MAX_RELEASE_HOOKS]
+        cdef int caps[MAX_RELEASE_HOOKS]
+        cdef double now
         # Before-poll hooks first (write flushes, pool wakeups): a functor they queue
         # (a write-complete, a release) makes this poll not block.
         more = self._run_before_poll()
@@ -270,14 +283,35 @@ cdef class EventLoop:
         if not polling:
             timeout = 0
         sharing = self._gil_sharing
+        # Release hooks (worker wakeups) run with the GIL released, so that a woken
+        # thread finds it free instead of blocking on it while we go to poll.
+        released = self._release_hooks
+        nrel = 0
+        if released:
+            self._release_hooks = []
+            for hook in released:
+                if nrel < MAX_RELEASE_HOOKS:
+                    rel[nrel] = <PyObject*>hook
+                    nrel += 1
+                else:
+                    (<PollHook>hook).before_poll()      # (never expected: the fallback)
         try:
             with nogil:
+                if nrel:
+                    now = cppnp_monotonic()
+                    for k in range(nrel):
+                        caps[k] = (<PollHook>rel[k]).released(now)
+                        if caps[k] >= 0 and (timeout < 0 or timeout > caps[k]):
+                            timeout = caps[k]
                 n = epoll_wait(self._epfd, self._events, MAX_EVENTS, timeout)
                 loop_wants_gil(sharing)     # ask workers to let us have the GIL first
             loop_has_gil(sharing)
         finally:
             if polling:
                 self._pending.end_poll()
+        for k in range(nrel):
+            if caps[k] >= 0:
+                self.add_release_hook(<PollHook>rel[k])
         if n < 0:
             if errno != EINTR:
                 raise OSError(errno, "epoll_wait() failed: " + os.strerror(errno))
@@ -594,6 +628,14 @@ cdef class EventLoop:
             if item is hook:
                 return 0
         self._before_poll.append(hook)
+        return 0
+
+    cdef int add_release_hook(self, PollHook hook) except -1:
+        cdef object item
+        for item in self._release_hooks:
+            if item is hook:
+                return 0
+        self._release_hooks.append(hook)
         return 0
 
     cdef int _run_before_poll(self) except -1:

@@ -83,11 +83,11 @@ cdef class ThreadPool:
     cdef int _unlink_locked(self, _Strand s) noexcept
     cdef int _remove_locked(self, _Strand s) noexcept
     cdef _Strand _adopt_orphan(self)
-    cdef int _wake_workers(self) except -1
+    cdef int _wake_workers(self, bint on_worker) except -1
     cdef int _run_job(self, _Job job, int index) except -1
     cdef int _finish_job(self, _Job job, int how) except -1
     cdef int _advance(self, _Job job, int index, bint discard) except -1
-    cdef _Job _strand_next(self, _Strand s)
+    cdef _Job _strand_next(self, _Strand s, bint on_worker)
     cdef _Job _strand_pop(self, _Strand s, bint orphan)
     cdef _Job _take_head_locked(self, _Strand s)
     cdef int _run_strand_inline(self, _Strand s, _Job first) except -1

@@ -157,8 +157,11 @@ cdef _Job _make_job(object task, tuple args, object key, bint run_if_closed):
 @cython.final
 cdef class _WakeWorkers(PollHook):
     cdef int before_poll(self) except -1:
-        self.queue.notify()
+        self.queue.notify(0)    # the fallback: the loop stopped before it polled
         return 0
+
+    cdef int released(self, double now) noexcept nogil:
+        return self.queue.notify_lazy(now)
 
 
 @cython.auto_pickle(False)
@@ -455,11 +458,12 @@ cdef class ThreadPool:
             raise
         if how == H_QUEUED:
             if job.key is not None:
-                self._wake_workers()
+                self._wake_workers(False)
             elif loop is not None:
-                # On a loop thread: wake workers once, just before the loop polls, so a
-                # batch of messages costs one wakeup instead of one per task.
-                loop.add_before_poll(self._wake)
+                # On a loop thread: wake workers once, just before the loop polls (with
+                # the GIL released), so a batch of messages costs one wakeup -- of one
+                # worker, more only if the queue stalls (BlockingQueue.notify_lazy).
+                loop.add_release_hook(self._wake)
         elif how == H_RUN_HERE:
             if job.strand is None:
                 self._run_job(job, 0)
@@ -612,12 +616,16 @@ cdef class ThreadPool:
             Py_DECREF(s)
         return 0
 
-    cdef int _wake_workers(self) except -1:
+    cdef int _wake_workers(self, bint on_worker) except -1:
         cdef EventLoop loop = running_loop()
-        if loop is None:
-            self._queue.notify()
+        if on_worker:
+            # A worker passing its strand on: it takes the queue's next item itself when
+            # it finishes, so only the items beyond that one need another worker.
+            self._queue.notify(1)
+        elif loop is None:
+            self._queue.notify(0)
         else:
-            loop.add_before_poll(self._wake)
+            loop.add_release_hook(self._wake)
         return 0
 
     # -- running ------------------------------------------------------------------------
@@ -681,7 +689,7 @@ cdef class ThreadPool:
         """After *job* -- queued as its strand's head -- ran or was discarded, pass the
         strand on (a job that could not be queued is run, or discarded, right here)."""
         while job is not None and job.strand is not None:
-            job = self._strand_next(job.strand)
+            job = self._strand_next(job.strand, index < self._nthreads)
             if job is not None:
                 if discard:
                     cppnp_atomic_add(&self._queued, -1)
@@ -690,7 +698,7 @@ cdef class ThreadPool:
                     self._run_job(job, index)
         return 0
 
-    cdef _Job _strand_next(self, _Strand s):
+    cdef _Job _strand_next(self, _Strand s, bint on_worker):
         """Pool mode: queue the next job of *s* (its new head), or retire *s* if none waits.
         Returns that job only if it could not be queued (out of memory)."""
         cdef _Job nxt
@@ -704,7 +712,7 @@ cdef class ThreadPool:
         if nxt is None:
             return None
         if r == 0:
-            self._wake_workers()
+            self._wake_workers(on_worker)
             return None
         return nxt
 
@@ -853,7 +861,7 @@ cdef class ThreadPool:
         Thread-safe.
         """
         cdef int i
-        cdef int64_t q[3]
+        cdef int64_t q[5]
         self._queue.counters(q)
         per_worker = {}
         threads = list(self._threads)
@@ -875,7 +883,9 @@ cdef class ThreadPool:
             "per_worker": per_worker,
             "handoffs": q[0],
             "wakeups_sent": q[1],
-            "wakeups_skipped": q[2],
+            "wakeups_skipped": q[2] + q[3],
+            "wakeups_lazy_skipped": q[3],
+            "stall_wakeups": q[4],
             "batches": cppnp_atomic_load(&self._batches),
             "batch_tasks": cppnp_atomic_load(&self._batch_jobs),
             "batch_max": cppnp_atomic_load(&self._batch_max),
@@ -888,8 +898,16 @@ cdef class ThreadPool:
 
 def _worker_main(ThreadPool pool, int index):
     """A worker: wait (GIL released) for a job, then run jobs while the queue has some."""
-    cdef PyObject* p
     cdef BlockingQueue queue = pool._queue
+    queue.add_worker(1)
+    try:
+        _work(pool, queue, index)
+    finally:
+        queue.add_worker(-1)
+
+
+cdef int _work(ThreadPool pool, BlockingQueue queue, int index) except -1:
+    cdef PyObject* p
     cdef double slice_start
     cdef int ran
     cdef bint counted
@@ -900,7 +918,7 @@ def _worker_main(ThreadPool pool, int index):
             counted = worker_wants_gil()    # gil_share.pxd
         worker_has_gil(counted)
         if p == NULL:
-            return
+            return 0
         slice_start = cppnp_monotonic()
         ran = 0
         while p != NULL:
@@ -915,6 +933,6 @@ def _worker_main(ThreadPool pool, int index):
                 break       # round through take(), which releases the GIL
             worker_share_slice(&slice_start)   # a waiting loop thread gets the GIL
             # One at a time from the shared queue: what we do not take yet, an idle worker
-            # can (the queue wakes one when an item is left behind).
+            # can (woken when the queue stalls: BlockingQueue.notify_lazy).
             p = queue.try_take()
         pool._count_batch(ran)

@@ -14,6 +14,9 @@ cdef extern from *:
     /* EventLoop: rounds of before-poll hooks per iteration (a hook may register another,
        e.g. a write flush that queued a TLS close_notify); any left make the poll not block. */
     enum { CPPNP_BEFORE_POLL_ROUNDS = 4 };
+    /* EventLoop: release hooks (run with the GIL released before epoll_wait) per pass;
+       more fall back to their before_poll (one per ThreadPool used from the loop). */
+    enum { CPPNP_MAX_RELEASE_HOOKS = 16 };
     /* LengthHeaderCodec: the widest length header (bytes). */
     enum { CPPNP_MAX_HEADER = 8 };
     /* TcpConnection: input buffers above this are given back once drained; the default
@@ -33,6 +36,11 @@ cdef extern from *:
     #define CPPNP_LOOP_SLICE 0.0002
     #define CPPNP_WORKER_SLICE 0.001
     enum { CPPNP_HAND_OVER_SPINS = 200, CPPNP_YIELD_SPINS = 1000 };
+    /* ThreadPool wakeups from a loop thread (BlockingQueue.notify_lazy): one more worker
+       is woken once the queue has stayed non-empty this long (seconds); the loop rechecks
+       at least this often (ms) while tasks wait and a worker is idle. */
+    #define CPPNP_WAKE_STALL 0.001
+    enum { CPPNP_WAKE_RECHECK_MS = 1 };
     /* TcpServer(io_threads=N): the most io loop threads (a sanity bound); the seconds
        EventLoopThreadPool waits for an io loop to start, and to join one. */
     enum { CPPNP_MAX_IO_THREADS = 1024 };
@@ -62,6 +70,7 @@ cdef extern from *:
         EXTRA_BUF "CPPNP_EXTRA_BUF"
         MAX_EVENTS "CPPNP_MAX_EVENTS"
         BEFORE_POLL_ROUNDS "CPPNP_BEFORE_POLL_ROUNDS"
+        MAX_RELEASE_HOOKS "CPPNP_MAX_RELEASE_HOOKS"
         MAX_HEADER "CPPNP_MAX_HEADER"
         KEEP_INPUT_CAPACITY "CPPNP_KEEP_INPUT_CAPACITY"
         MAX_ACCEPTS_PER_EVENT "CPPNP_MAX_ACCEPTS_PER_EVENT"
@@ -69,6 +78,7 @@ cdef extern from *:
         INITIAL_BUCKETS "CPPNP_INITIAL_BUCKETS"
         HAND_OVER_SPINS "CPPNP_HAND_OVER_SPINS"
         YIELD_SPINS "CPPNP_YIELD_SPINS"
+        WAKE_RECHECK_MS "CPPNP_WAKE_RECHECK_MS"
         MIN_COMPACT "CPPNP_MIN_COMPACT"
         MAX_IO_THREADS "CPPNP_MAX_IO_THREADS"
         IDLE_WHEEL_TICKS "CPPNP_IDLE_WHEEL_TICKS"
@@ -78,6 +88,7 @@ cdef extern from *:
     const double ACCEPT_LOG_INTERVAL "CPPNP_ACCEPT_LOG_INTERVAL"
     const double LOOP_SLICE "CPPNP_LOOP_SLICE"
     const double WORKER_SLICE "CPPNP_WORKER_SLICE"
+    const double WAKE_STALL "CPPNP_WAKE_STALL"
     const double MIN_INTERVAL "CPPNP_MIN_INTERVAL"
     const double IO_START_TIMEOUT "CPPNP_IO_START_TIMEOUT"
     const double IO_JOIN_TIMEOUT "CPPNP_IO_JOIN_TIMEOUT"
