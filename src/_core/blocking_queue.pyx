@@ -1,5 +1,5 @@
 # cython: language_level=3, embedsignature=True, cdivision=True
-"""BlockingQueue: mutex + condition variable queue for the worker pool (internal)."""
+"""BlockingQueue: the worker pool's mutex-guarded queue, idle workers parked (internal)."""
 
 cimport cython
 from cpython.mem cimport PyMem_RawFree, PyMem_RawRealloc
@@ -18,7 +18,6 @@ cdef class BlockingQueue:
 
     def __cinit__(self):
         pthread_mutex_init(&self._mutex, NULL)
-        pthread_cond_init(&self._not_empty, NULL)
         self._ready = True
 
     def __dealloc__(self):
@@ -28,7 +27,6 @@ cdef class BlockingQueue:
         for i in range(self._count):
             Py_DECREF(<object>self._ring[(self._head + i) % self._cap])
         PyMem_RawFree(self._ring)
-        pthread_cond_destroy(&self._not_empty)
         pthread_mutex_destroy(&self._mutex)
 
     def __len__(self):
@@ -48,22 +46,26 @@ cdef class BlockingQueue:
         pthread_mutex_unlock(&self._mutex)
         return c
 
-    cdef Py_ssize_t _wake(self, Py_ssize_t n) noexcept nogil:
-        # Under _mutex: wake up to n waiting workers that have no wakeup on its way;
-        # returns how many were signalled.
-        cdef Py_ssize_t idle = self._waiters - self._signalled
-        cdef Py_ssize_t _i
-        if n > idle:
-            n = idle
-        if n <= 0:
-            return 0
-        for _i in range(n):
-            pthread_cond_signal(&self._not_empty)
-        self._signalled += n
-        self._signals += n
-        return n
+    cdef Parker* _detach(self, Py_ssize_t n) noexcept nogil:
+        cdef Parker* chain = NULL
+        cdef Parker* tail = NULL
+        cdef Parker* p
+        while n > 0 and self._idle != NULL:
+            p = self._idle
+            self._idle = p.next
+            p.next = NULL
+            if tail == NULL:
+                chain = p
+            else:
+                tail.next = p
+            tail = p
+            self._nidle -= 1
+            self._signals += 1
+            n -= 1
+        return chain
 
     cdef int push(self, PyObject* item, bint notify, bint internal) noexcept:
+        cdef Parker* woken = NULL
         cdef PyObject** grown
         cdef Py_ssize_t i, newcap
         pthread_mutex_lock(&self._mutex)
@@ -87,36 +89,44 @@ cdef class BlockingQueue:
             self._nonempty_since = cppnp_monotonic()
         self._count += 1
         self._pushes += 1
-        if notify and self._wake(1) == 0:
-            self._skipped += 1
+        if notify:
+            woken = self._detach(1)
+            if woken == NULL:
+                self._skipped += 1
         pthread_mutex_unlock(&self._mutex)
+        _unpark_all(woken)
         return 0
 
     cdef int notify(self, Py_ssize_t keep) noexcept:
+        cdef Parker* woken = NULL
         pthread_mutex_lock(&self._mutex)
-        if self._count > keep and self._wake(self._count - keep) == 0:
-            self._skipped += 1
+        if self._count > keep:
+            woken = self._detach(self._count - keep)
+            if woken == NULL:
+                self._skipped += 1
         pthread_mutex_unlock(&self._mutex)
+        _unpark_all(woken)
         return 0
 
-    cdef int notify_lazy(self, double now) noexcept nogil:
-        cdef Py_ssize_t idle, awake
+    cdef int notify_lazy(self, double now, bint while_busy) noexcept nogil:
+        cdef Parker* woken = NULL
         cdef int recheck = -1
         pthread_mutex_lock(&self._mutex)
         if self._count:
-            idle = self._waiters - self._signalled
-            awake = self._workers - idle
-            if awake <= 0:
-                self._wake(1)
-            elif now - self._nonempty_since >= WAKE_STALL and idle > 0:
-                self._wake(1)
+            if self._workers - self._nidle <= 0:
+                woken = self._detach(1)             # nobody is awake
+            elif now - self._nonempty_since >= WAKE_STALL and self._nidle > 0:
+                woken = self._detach(1)             # the awake ones are not keeping up
                 self._stall_wakeups += 1
-                self._nonempty_since = now      # the next one needs another stall
+                self._nonempty_since = now          # the next one needs another stall
             else:
                 self._lazy_skipped += 1
-            if self._waiters - self._signalled > 0:
+            if self._nidle > 0:
                 recheck = WAKE_RECHECK_MS
+        if while_busy and self._workers > self._nidle:
+            recheck = WAKE_RECHECK_MS
         pthread_mutex_unlock(&self._mutex)
+        _unpark_all(woken)
         return recheck
 
     cdef int add_worker(self, int delta) noexcept nogil:
@@ -144,13 +154,16 @@ cdef class BlockingQueue:
 
     cdef PyObject* take(self) noexcept nogil:
         cdef PyObject* item = NULL
+        cdef Parker me
         pthread_mutex_lock(&self._mutex)
         while self._count == 0 and not self._closed:
-            self._waiters += 1
-            pthread_cond_wait(&self._not_empty, &self._mutex)
-            self._waiters -= 1
-            if self._signalled > 0:
-                self._signalled -= 1
+            me.woken = 0
+            me.next = self._idle
+            self._idle = &me
+            self._nidle += 1
+            pthread_mutex_unlock(&self._mutex)
+            park(&me)           # until a wakeup took us off the idle stack
+            pthread_mutex_lock(&self._mutex)
         if self._count:
             item = self._pop()
         pthread_mutex_unlock(&self._mutex)
@@ -165,9 +178,18 @@ cdef class BlockingQueue:
         return item
 
     cdef int close(self) noexcept:
+        cdef Parker* woken
         pthread_mutex_lock(&self._mutex)
         self._closed = True
-        self._signalled = self._waiters
-        pthread_cond_broadcast(&self._not_empty)
+        woken = self._detach(self._nidle)
         pthread_mutex_unlock(&self._mutex)
+        _unpark_all(woken)
         return 0
+
+
+cdef void _unpark_all(Parker* chain) noexcept nogil:
+    cdef Parker* nxt
+    while chain != NULL:
+        nxt = chain.next        # read before the unpark: the parker's frame may then go
+        unpark(chain)
+        chain = nxt

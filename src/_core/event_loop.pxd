@@ -3,6 +3,7 @@
 # One iteration: poll (epoll_wait, GIL released) -> dispatch I/O events -> run expired
 # timers -> run pending functors.  Timers run before functors so a functor queued by a
 # timer callback (a send, a write-complete) runs in the same iteration.
+from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint32_t
 
 from _core.channel cimport Channel, PollHook
@@ -82,6 +83,8 @@ cdef class EventLoop:
     cdef int add_release_hook(self, PollHook hook) except -1
     cdef int _run_before_poll(self) except -1
     cdef int _run_once(self, int max_timeout) except -1
+    cdef int _wait(self, int timeout, bint polling, PyObject** rel, int* caps,
+                   int nrel) noexcept nogil
     cdef int _run_timers(self) except -1
     cdef int _run_pending(self) except -1
     cdef int64_t _add_timer(self, double when, double interval, object cb) except -1
