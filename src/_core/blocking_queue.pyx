@@ -108,7 +108,7 @@ cdef class BlockingQueue:
         _unpark_all(woken)
         return 0
 
-    cdef int notify_lazy(self, double now, bint while_busy) noexcept nogil:
+    cdef int notify_lazy(self, double now) noexcept nogil:
         cdef Parker* woken = NULL
         cdef int recheck = -1
         pthread_mutex_lock(&self._mutex)
@@ -123,8 +123,6 @@ cdef class BlockingQueue:
                 self._lazy_skipped += 1
             if self._nidle > 0:
                 recheck = WAKE_RECHECK_MS
-        if while_busy and self._workers > self._nidle:
-            recheck = WAKE_RECHECK_MS
         pthread_mutex_unlock(&self._mutex)
         _unpark_all(woken)
         return recheck

@@ -83,8 +83,7 @@ cdef class EventLoop:
     cdef int add_release_hook(self, PollHook hook) except -1
     cdef int _run_before_poll(self) except -1
     cdef int _run_once(self, int max_timeout) except -1
-    cdef int _wait(self, int timeout, bint polling, PyObject** rel, int* caps,
-                   int nrel) noexcept nogil
+    cdef int _wait(self, int timeout, PyObject** rel, int* caps, int nrel) noexcept nogil
     cdef int _run_timers(self) except -1
     cdef int _run_pending(self) except -1
     cdef int64_t _add_timer(self, double when, double interval, object cb) except -1

@@ -23,7 +23,7 @@ from _core.includes.sys cimport (
     cppnp_atomic_add, cppnp_atomic_cas, cppnp_atomic_load, cppnp_atomic_store, cppnp_counter_add,
     cppnp_monotonic, cppnp_relaxed_load, cppnp_relaxed_store,
 )
-from _core.pending cimport POLL_SLICED, POLL_WAKE, PendingFunctors
+from _core.pending cimport PendingFunctors
 from _core.task cimport as_callback
 from _core.timer_queue cimport TimerQueue
 
@@ -296,7 +296,7 @@ cdef class EventLoop:
                     (<PollHook>hook).before_poll()      # (never expected: the fallback)
         try:
             with nogil:
-                n = self._wait(timeout, polling, rel, caps, nrel)
+                n = self._wait(timeout, rel, caps, nrel)
                 loop_wants_gil(sharing)     # ask workers to let us have the GIL first
             loop_has_gil(sharing)
         finally:
@@ -333,15 +333,13 @@ cdef class EventLoop:
         self._run_pending()
         return 0
 
-    cdef int _wait(self, int timeout, bint polling, PyObject** rel, int* caps,
-                   int nrel) noexcept nogil:
+    cdef int _wait(self, int timeout, PyObject** rel, int* caps, int nrel) noexcept nogil:
         """epoll_wait for at most *timeout* ms (-1: no limit), without the GIL.
 
         The release hooks *rel* run first (caps[k]: what hook k returned).  While one
-        asks to run again within some ms (a pool with tasks in flight), the wait is cut
-        into slices that long: between two, the hooks run again, and a wakeup deferred by
-        a worker (pending.pxd) ends the wait -- so a worker may skip writing the eventfd
-        while it holds the GIL we would only block on.
+        asks to run again within some ms (a pool whose queued tasks wait while a worker is
+        idle), the wait is cut into slices that long and the hooks run again between two,
+        still without the GIL.
         """
         cdef double deadline = 0.0, now
         cdef int cap, wait_ms, k, n
@@ -352,9 +350,6 @@ cdef class EventLoop:
         while True:
             cap = -1
             if nrel:
-                # Sliced while the hooks run: a worker they wake may send before we poll.
-                if polling and self._pending.set_poll_mode(POLL_SLICED):
-                    return 0
                 now = cppnp_monotonic()
                 for k in range(nrel):
                     if caps[k] >= 0:
@@ -364,14 +359,9 @@ cdef class EventLoop:
             wait_ms = timeout
             if cap >= 0 and (wait_ms < 0 or wait_ms > cap):
                 wait_ms = cap
-            if polling and self._pending.set_poll_mode(POLL_SLICED if cap >= 0
-                                                       else POLL_WAKE):
-                return 0        # a worker deferred its wakeup: functors are waiting
             n = epoll_wait(self._epfd, self._events, MAX_EVENTS, wait_ms)
-            if n != 0 or wait_ms == timeout or cap < 0:
+            if n != 0 or wait_ms == timeout:
                 return n
-            if polling and self._pending.deferred():
-                return 0
             if timeout > 0:
                 timeout = <int>((deadline - cppnp_monotonic()) * 1000.0 + 0.999)
                 if timeout <= 0:
@@ -698,15 +688,12 @@ cdef class EventLoop:
         polling loop), ``pending_wakeups_skipped`` (functors queued from other threads that
         needed no write: the loop was busy, or already woken), ``pending_batches`` (loop
         passes that ran queued functors), ``pending_batch_items`` (functors they ran),
-        ``pending_batch_max`` (the most in one pass) and ``pending_wakeups_deferred``
-        (wakeups a ThreadPool worker holding the GIL left to the end of its batch, written
-        then unless the loop had already taken the functors; those written count in
-        ``pending_wakeups`` too).
+        ``pending_batch_max`` (the most in one pass).
 
         Thread-safe.
         """
-        w, ws, b, bi, bm, wd = (self._pending.counters() if self._pending is not None
-                                else (0, 0, 0, 0, 0, 0))
+        w, ws, b, bi, bm = (self._pending.counters() if self._pending is not None
+                            else (0, 0, 0, 0, 0))
         return {
             "channels": cppnp_relaxed_load(&self._n_channels),
             "timers": self._timers.live_count(),
@@ -721,7 +708,6 @@ cdef class EventLoop:
             "pending_batches": b,
             "pending_batch_items": bi,
             "pending_batch_max": bm,
-            "pending_wakeups_deferred": wd,
             "write_calls": cppnp_relaxed_load(&self._write_calls),
             "coalesced_sends": cppnp_relaxed_load(&self._coalesced_sends),
         }

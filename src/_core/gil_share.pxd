@@ -34,6 +34,3 @@ cdef void worker_has_gil(bint counted) noexcept nogil
 # Between two tasks: after WORKER_SLICE seconds since *slice_start* while a loop waits,
 # hand the GIL to it, then reset the slice.
 cdef int worker_share_slice(double* slice_start) except -1
-# Some loop runs with a GIL to share (workers holding the GIL may defer loop wakeups:
-# pending.pxd).
-cdef bint gil_is_shared() noexcept nogil

@@ -102,7 +102,3 @@ cdef int worker_share_slice(double* slice_start) except -1:
         worker_has_gil(counted)
         slice_start[0] = cppnp_monotonic()
     return 0
-
-
-cdef bint gil_is_shared() noexcept nogil:
-    return cppnp_atomic_load(&_sharing_loops) > 0

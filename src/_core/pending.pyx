@@ -4,24 +4,9 @@
 cimport cython
 from libc.stdint cimport int64_t, uint64_t
 
-from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
-
 from _core.includes.sys cimport (
     cppnp_atomic_load, cppnp_atomic_store, cppnp_relaxed_load, cppnp_relaxed_store,
 )
-
-cdef extern from *:
-    """
-    /* This thread's deferred loop wakeups (pending.pxd): on while a worker runs a batch. */
-    #define CPPNP_MAX_DEFERRED 8
-    static __thread int cppnp_tls_defer_on = 0;
-    static __thread int cppnp_tls_ndeferred = 0;
-    static __thread PyObject *cppnp_tls_deferred[CPPNP_MAX_DEFERRED];
-    """
-    int MAX_DEFERRED "CPPNP_MAX_DEFERRED"
-    int cppnp_tls_defer_on
-    int cppnp_tls_ndeferred
-    PyObject** cppnp_tls_deferred
 
 from _core.includes.linux cimport (
     EFD_CLOEXEC, EFD_NONBLOCK, EINTR, errno, eventfd, read, write,
@@ -51,8 +36,6 @@ cdef class PendingFunctors:
             return len(self._items) // 2
 
     cdef int append(self, object fn, object arg, bint from_loop_thread) except -1:
-        global cppnp_tls_ndeferred
-        cdef int64_t mode
         with self._lock:
             if self._closed:
                 # The loop is gone: nothing will ever run it.
@@ -65,19 +48,10 @@ cdef class PendingFunctors:
             # polls, once per swap at most.  The write happens under the lock so that
             # close() can never race it onto a reused fd number.
             if not from_loop_thread:
-                mode = cppnp_atomic_load(&self._polling)
-                if mode != POLL_OFF and not self._wake_outstanding:
+                if cppnp_atomic_load(&self._polling) and not self._wake_outstanding:
                     self._wake_outstanding = True
-                    if mode == POLL_SLICED and cppnp_tls_defer_on \
-                            and cppnp_tls_ndeferred < MAX_DEFERRED:
-                        Py_INCREF(self)     # defer_release() drops it
-                        cppnp_tls_deferred[cppnp_tls_ndeferred] = <PyObject*>self
-                        cppnp_tls_ndeferred += 1
-                        cppnp_atomic_store(&self._deferred, 1)
-                        self._wakeups_deferred += 1
-                    else:
-                        self._write_wakeup()
-                        self._wakeups += 1
+                    self._write_wakeup()
+                    self._wakeups += 1
                 else:
                     self._wakeups_skipped += 1
         return 1
@@ -89,7 +63,6 @@ cdef class PendingFunctors:
             items = self._items
             self._items = []
             self._wake_outstanding = False
-            cppnp_atomic_store(&self._deferred, 0)
             n = len(items) // 2
             if n:
                 self._batches += 1
@@ -108,22 +81,8 @@ cdef class PendingFunctors:
         with self._lock:
             if len(self._items) != 0:
                 return True
-            cppnp_atomic_store(&self._polling, POLL_WAKE)
+            cppnp_atomic_store(&self._polling, 1)
         return False
-
-    cdef bint set_poll_mode(self, int64_t mode) noexcept nogil:
-        cdef bint deferred
-        with self._lock:
-            cppnp_atomic_store(&self._polling, mode)
-            deferred = cppnp_atomic_load(&self._deferred) != 0
-        return deferred
-
-    cdef void flush_deferred(self) noexcept nogil:
-        with self._lock:
-            if cppnp_atomic_load(&self._deferred) and not self._closed:
-                cppnp_atomic_store(&self._deferred, 0)
-                self._write_wakeup()
-                self._wakeups += 1
 
     cdef int end_poll(self) except -1:
         # Without the lock (the loop would contend with the appender that just woke it):
@@ -133,22 +92,21 @@ cdef class PendingFunctors:
         return 0
 
     cdef tuple counters(self):
-        cdef int64_t w, ws, b, bi, bm, wd
+        cdef int64_t w, ws, b, bi, bm
         with self._lock:
             w = self._wakeups
             ws = self._wakeups_skipped
             b = self._batches
             bi = self._batch_items
             bm = self._batch_max
-            wd = self._wakeups_deferred
-        return (w, ws, b, bi, bm, wd)
+        return (w, ws, b, bi, bm)
 
     cdef int wakeup(self) except -1:
         with self._lock:
             self._write_wakeup()
         return 0
 
-    cdef void _write_wakeup(self) noexcept nogil:
+    cdef void _write_wakeup(self) noexcept:
         # Caller holds the lock.  A non-blocking 8-byte eventfd write: it cannot block, so
         # the GIL is kept.  EAGAIN means the counter is saturated: the loop is awake anyway.
         cdef uint64_t one = 1
@@ -177,30 +135,3 @@ cdef class PendingFunctors:
 
     cdef int64_t dropped_count(self) noexcept:
         return cppnp_relaxed_load(&self._dropped)
-
-
-cdef void defer_begin() noexcept nogil:
-    global cppnp_tls_defer_on
-    cppnp_tls_defer_on = 1
-
-
-cdef void defer_stop() noexcept nogil:
-    global cppnp_tls_defer_on
-    cppnp_tls_defer_on = 0
-
-
-cdef void defer_flush() noexcept nogil:
-    cdef int i
-    for i in range(cppnp_tls_ndeferred):
-        (<PendingFunctors>cppnp_tls_deferred[i]).flush_deferred()
-
-
-cdef void defer_release() noexcept:
-    global cppnp_tls_ndeferred
-    cdef int i, n = cppnp_tls_ndeferred
-    cdef PyObject* p
-    cppnp_tls_ndeferred = 0
-    for i in range(n):
-        p = cppnp_tls_deferred[i]
-        cppnp_tls_deferred[i] = NULL
-        Py_DECREF(<object>p)

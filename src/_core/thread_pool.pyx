@@ -10,9 +10,7 @@ from libc.stdint cimport int64_t
 from _core.blocking_queue cimport BlockingQueue
 from _core.channel cimport PollHook
 from _core.event_loop cimport EventLoop, log_exception, running_loop
-from _core.gil_share cimport (
-    gil_is_shared, worker_has_gil, worker_share_slice, worker_wants_gil,
-)
+from _core.gil_share cimport worker_has_gil, worker_share_slice, worker_wants_gil
 # MAX_BATCH: tasks a worker runs per GIL acquisition.  It takes them from the shared
 # queue one at a time (so an idle worker can take the next one: no task waits behind a
 # slow one while a worker is idle), and after this many goes round through take() once.
@@ -20,7 +18,6 @@ from _core.includes.consts cimport INITIAL_BUCKETS, MAX_BATCH
 from _core.includes.sys cimport (
     cppnp_atomic_add, cppnp_atomic_cas, cppnp_atomic_load, cppnp_monotonic,
 )
-from _core.pending cimport defer_begin, defer_flush, defer_release, defer_stop
 from _core.task cimport Task, WorkOwner
 
 import threading
@@ -164,9 +161,7 @@ cdef class _WakeWorkers(PollHook):
         return 0
 
     cdef int released(self, double now) noexcept nogil:
-        # With a GIL, the loop also wakes every few ms while a worker is awake: a worker
-        # defers its sends' loop wakeups to the end of its batch (pending.pxd).
-        return self.queue.notify_lazy(now, gil_is_shared())
+        return self.queue.notify_lazy(now)
 
 
 @cython.auto_pickle(False)
@@ -908,10 +903,6 @@ def _worker_main(ThreadPool pool, int index):
     try:
         _work(pool, queue, index)
     finally:
-        defer_stop()
-        with nogil:
-            defer_flush()
-        defer_release()
         queue.add_worker(-1)
 
 
@@ -920,33 +911,16 @@ cdef int _work(ThreadPool pool, BlockingQueue queue, int index) except -1:
     cdef double slice_start
     cdef int ran
     cdef bint counted
+    cdef _Job job
     while True:
         with nogil:
-            # The loop wakeups our last batch's sends deferred: the GIL is free now.
-            defer_flush()
             p = queue.take()
             counted = worker_wants_gil()    # gil_share.pxd
         worker_has_gil(counted)
-        defer_release()
         if p == NULL:
             return 0
         slice_start = cppnp_monotonic()
         ran = 0
-        if counted:
-            defer_begin()       # a loop shares the GIL with us: see pending.pxd
-        try:
-            _run_batch(pool, queue, index, p, &ran, &slice_start)
-        finally:
-            defer_stop()
-        pool._count_batch(ran)
-
-
-cdef int _run_batch(ThreadPool pool, BlockingQueue queue, int index, PyObject* p,
-                    int* ran_out, double* slice_start) except -1:
-    """Run *p* and what the queue holds after it, up to MAX_BATCH tasks (GIL held)."""
-    cdef _Job job
-    cdef int ran = 0
-    try:
         while p != NULL:
             job = <_Job>p
             Py_DECREF(job)          # take() handed over the queue's reference
@@ -957,10 +931,8 @@ cdef int _run_batch(ThreadPool pool, BlockingQueue queue, int index, PyObject* p
             ran += 1
             if ran == MAX_BATCH:
                 break       # round through take(), which releases the GIL
-            worker_share_slice(slice_start)    # a waiting loop thread gets the GIL
+            worker_share_slice(&slice_start)   # a waiting loop thread gets the GIL
             # One at a time from the shared queue: what we do not take yet, an idle worker
             # can (woken when the queue stalls: BlockingQueue.notify_lazy).
             p = queue.try_take()
-    finally:
-        ran_out[0] = ran
-    return 0
+        pool._count_batch(ran)
