@@ -77,8 +77,8 @@ cdef class BlockingQueue:
         Parker* _idle           # parked workers nobody has woken (a stack)
         Py_ssize_t _nidle       # how many
         Py_ssize_t _workers     # threads that consume the queue (add_worker)
-        double _nonempty_since  # monotonic: the queue last became non-empty, or the last
-                                # stall wakeup (notify_lazy)
+        # Monotonic: when the queue last became non-empty, or the last stall wakeup.
+        double _nonempty_since
         bint _closed
         bint _ready
         # Counters (under _mutex): items pushed, workers woken, wakeup calls (a push with
@@ -116,7 +116,7 @@ cdef class BlockingQueue:
     cdef int close(self) noexcept
     cdef bint closed(self) noexcept
     cdef Py_ssize_t size(self) noexcept
-    # A snapshot of (pushes, signals, skipped, lazy_skipped, stall_wakeups).
+    # A snapshot of (pushes, signals, skipped, lazy_skipped, stall_wakeups, idle workers).
     cdef int counters(self, int64_t* out) noexcept
     # Under _mutex: take up to n parkers off the idle stack (counted); returns the chain,
     # to pass to _unpark_all() once _mutex is released.

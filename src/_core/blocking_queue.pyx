@@ -140,6 +140,7 @@ cdef class BlockingQueue:
         out[2] = self._skipped
         out[3] = self._lazy_skipped
         out[4] = self._stall_wakeups
+        out[5] = self._nidle
         pthread_mutex_unlock(&self._mutex)
         return 0
 

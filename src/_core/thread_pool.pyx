@@ -852,16 +852,19 @@ cdef class ThreadPool:
 
         The hand-off to the workers: ``handoffs`` (tasks put on the shared queue; a task
         waiting behind its key's running task is queued when its turn comes),
-        ``wakeups_sent`` (sleeping workers woken), ``wakeups_skipped`` (wakeup calls that
-        found tasks queued but woke nobody: the idle workers were already woken, or all
-        workers were busy and take the tasks when they finish), ``batches`` (a worker took
-        the GIL and ran tasks), ``batch_tasks`` (tasks run in them) and ``batch_max`` (the
-        most in one).
+        ``wakeups_sent`` (parked workers woken), ``wakeups_skipped`` (wakeup calls that
+        found tasks queued but woke nobody: a worker was already awake for them, or all
+        were busy and take the tasks when they finish), ``wakeups_lazy_skipped`` (the part
+        of those made by a loop thread, which wakes one worker for a pass's tasks),
+        ``stall_wakeups`` (workers a loop woke because the queue had stayed non-empty for
+        1 ms: the awake ones were not keeping up), ``idle_workers`` (parked right now),
+        ``batches`` (a worker took the GIL and ran tasks), ``batch_tasks`` (tasks run in
+        them) and ``batch_max`` (the most in one).
 
         Thread-safe.
         """
         cdef int i
-        cdef int64_t q[5]
+        cdef int64_t q[6]
         self._queue.counters(q)
         per_worker = {}
         threads = list(self._threads)
@@ -886,6 +889,7 @@ cdef class ThreadPool:
             "wakeups_skipped": q[2] + q[3],
             "wakeups_lazy_skipped": q[3],
             "stall_wakeups": q[4],
+            "idle_workers": q[5],
             "batches": cppnp_atomic_load(&self._batches),
             "batch_tasks": cppnp_atomic_load(&self._batch_jobs),
             "batch_max": cppnp_atomic_load(&self._batch_max),
