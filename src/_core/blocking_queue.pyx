@@ -116,9 +116,11 @@ cdef class BlockingQueue:
             if self._workers - self._nidle <= 0:
                 woken = self._detach(1)             # nobody is awake
             elif now - self._nonempty_since >= WAKE_STALL and self._nidle > 0:
-                woken = self._detach(1)             # the awake ones are not keeping up
+                # The awake workers are not keeping up (a slow task, or work that runs in
+                # parallel): wake one for every queued item.
+                woken = self._detach(self._count)
                 self._stall_wakeups += 1
-                self._nonempty_since = now          # the next one needs another stall
+                self._nonempty_since = now          # the next ones need another stall
             else:
                 self._lazy_skipped += 1
             if self._nidle > 0:

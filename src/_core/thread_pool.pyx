@@ -856,8 +856,8 @@ cdef class ThreadPool:
         found tasks queued but woke nobody: a worker was already awake for them, or all
         were busy and take the tasks when they finish), ``wakeups_lazy_skipped`` (the part
         of those made by a loop thread, which wakes one worker for a pass's tasks),
-        ``stall_wakeups`` (workers a loop woke because the queue had stayed non-empty for
-        1 ms: the awake ones were not keeping up), ``idle_workers`` (parked right now),
+        ``stall_wakeups`` (times a loop woke more workers because the queue had stayed
+        non-empty for 1 ms: the awake ones were not keeping up), ``idle_workers`` (parked right now),
         ``batches`` (a worker took the GIL and ran tasks), ``batch_tasks`` (tasks run in
         them) and ``batch_max`` (the most in one).
 

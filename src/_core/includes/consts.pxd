@@ -36,9 +36,9 @@ cdef extern from *:
     #define CPPNP_LOOP_SLICE 0.0002
     #define CPPNP_WORKER_SLICE 0.001
     enum { CPPNP_HAND_OVER_SPINS = 200, CPPNP_YIELD_SPINS = 1000 };
-    /* ThreadPool wakeups from a loop thread (BlockingQueue.notify_lazy): one more worker
-       is woken once the queue has stayed non-empty this long (seconds); the loop rechecks
-       at least this often (ms) while tasks wait and a worker is idle. */
+    /* ThreadPool wakeups from a loop thread (BlockingQueue.notify_lazy): more workers
+       are woken once the queue has stayed non-empty this long (seconds); the loop
+       rechecks at least this often (ms) while tasks wait and a worker is idle. */
     #define CPPNP_WAKE_STALL 0.001
     enum { CPPNP_WAKE_RECHECK_MS = 1 };
     /* TcpServer(io_threads=N): the most io loop threads (a sanity bound); the seconds
