@@ -651,18 +651,24 @@ cdef class EventLoop:
 
     cdef int add_before_poll(self, PollHook hook) except -1:
         cdef object item
-        for item in self._before_poll:
+        cdef list hooks = self._before_poll
+        if hooks and hooks[len(hooks) - 1] is hook:
+            return 0        # the common case: the same hook, send after send
+        for item in hooks:
             if item is hook:
                 return 0
-        self._before_poll.append(hook)
+        hooks.append(hook)
         return 0
 
     cdef int add_release_hook(self, PollHook hook) except -1:
         cdef object item
-        for item in self._release_hooks:
+        cdef list hooks = self._release_hooks
+        if hooks and hooks[len(hooks) - 1] is hook:
+            return 0        # the common case: the same pool, task after task
+        for item in hooks:
             if item is hook:
                 return 0
-        self._release_hooks.append(hook)
+        hooks.append(hook)
         return 0
 
     cdef int _run_before_poll(self) except -1:
