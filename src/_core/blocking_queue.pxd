@@ -103,8 +103,8 @@ cdef class BlockingQueue:
     cdef int notify(self, Py_ssize_t keep) noexcept
     # The loop's wakeup (call without the GIL, just before polling; *now* is monotonic):
     # wake one worker if items are queued and no worker is awake, or one per queued item
-    # if the queue has been non-empty for WAKE_STALL.  Returns the milliseconds within which the caller
-    # must call again (items wait and a worker is idle), or -1.
+    # if the queue has been non-empty for WAKE_STALL.  Returns the milliseconds within
+    # which the caller must call again (items wait and a worker is idle), or -1.
     cdef int notify_lazy(self, double now) noexcept nogil
     # A consuming thread starts (+1) / stops (-1): workers count as awake unless parked.
     cdef int add_worker(self, int delta) noexcept nogil

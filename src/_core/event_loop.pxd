@@ -35,6 +35,10 @@ cdef class EventLoop:
         int _pid                        # the process that created the loop (fork check)
         double _slice_start             # when the loop last (re)took the GIL
         bint _gil_sharing               # loop_share_begin() said yes (gil_share.pxd)
+        # The loop runs on the main thread, where Python runs signal handlers: a signal
+        # caught while release hooks run (not in epoll_wait: no EINTR) is seen only by the
+        # next pass's PyErr_CheckSignals, so a pass that ran them ends within one recheck.
+        bint _signals_here
         list _before_poll               # PollHooks to run once before the next poll
         list _release_hooks             # PollHooks to run with the GIL released, ditto
         int64_t _n_channels             # len(_channels), readable from any thread

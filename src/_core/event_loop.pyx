@@ -13,7 +13,7 @@ from _core.gil_share cimport (
     loop_has_gil, loop_share_begin, loop_share_end, loop_share_slice, loop_wants_gil,
 )
 from _core.includes.consts cimport (
-    BEFORE_POLL_ROUNDS, MAX_EVENTS, MAX_RELEASE_HOOKS, MIN_INTERVAL,
+    BEFORE_POLL_ROUNDS, MAX_EVENTS, MAX_RELEASE_HOOKS, MIN_INTERVAL, WAKE_RECHECK_MS,
 )
 from _core.includes.linux cimport (
     EINTR, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN, close,
@@ -230,6 +230,7 @@ cdef class EventLoop:
         if cppnp_atomic_load(&self._looping):
             raise RuntimeError("%s while the loop runs (no nested loops)" % what)
         self._gil_sharing = loop_share_begin()
+        self._signals_here = threading.main_thread().ident == self._thread_id
         cppnp_atomic_store(&self._looping, 1)
         cppnp_tls_running_loop = <PyObject*>self
         return 0
@@ -339,7 +340,9 @@ cdef class EventLoop:
         The release hooks *rel* run first (caps[k]: what hook k returned).  While one
         asks to run again within some ms (a pool whose queued tasks wait while a worker is
         idle), the wait is cut into slices that long and the hooks run again between two,
-        still without the GIL.
+        still without the GIL.  On the main thread a wait after hooks ran lasts at most
+        WAKE_RECHECK_MS (then the pass ends): a signal caught while they ran is raised by
+        the next pass instead of waiting for the next event.
         """
         cdef double deadline = 0.0, now
         cdef int cap, wait_ms, k, n
@@ -359,6 +362,11 @@ cdef class EventLoop:
             wait_ms = timeout
             if cap >= 0 and (wait_ms < 0 or wait_ms > cap):
                 wait_ms = cap
+            if nrel and self._signals_here and (wait_ms < 0 or wait_ms > WAKE_RECHECK_MS):
+                # Main thread: a signal caught while the hooks ran (they wake threads: the
+                # CPU may go to them) did not interrupt a syscall; end the pass soon, so
+                # that the next one's PyErr_CheckSignals raises it (Ctrl-C).
+                return epoll_wait(self._epfd, self._events, MAX_EVENTS, WAKE_RECHECK_MS)
             n = epoll_wait(self._epfd, self._events, MAX_EVENTS, wait_ms)
             if n != 0 or wait_ms == timeout:
                 return n

@@ -857,8 +857,8 @@ cdef class ThreadPool:
         were busy and take the tasks when they finish), ``wakeups_lazy_skipped`` (the part
         of those made by a loop thread, which wakes one worker for a pass's tasks),
         ``stall_wakeups`` (times a loop woke more workers because the queue had stayed
-        non-empty for 1 ms: the awake ones were not keeping up), ``idle_workers`` (parked right now),
-        ``batches`` (a worker took the GIL and ran tasks), ``batch_tasks`` (tasks run in
+        non-empty for 1 ms: the awake ones were not keeping up), ``idle_workers`` (parked
+        right now), ``batches`` (a worker took the GIL and ran tasks), ``batch_tasks`` (tasks run in
         them) and ``batch_max`` (the most in one).
 
         Thread-safe.
