@@ -241,13 +241,16 @@ cdef class EventLoop:
         cppnp_atomic_store(&self._looping, 0)
         loop_share_end(self._gil_sharing)
         self._gil_sharing = False
-        self._run_before_poll()
-        # Release hooks left registered get their fallback (e.g. an eager worker wakeup):
-        # no poll follows that would run them.
-        hooks = self._release_hooks
-        self._release_hooks = []
-        for hook in hooks:
-            (<PollHook>hook).before_poll()
+        try:
+            self._run_before_poll()
+        finally:
+            # Release hooks left registered get their fallback (e.g. an eager worker
+            # wakeup): no poll follows that would run them -- also when a flush above
+            # raised (a second Ctrl-C).
+            hooks = self._release_hooks
+            self._release_hooks = []
+            for hook in hooks:
+                (<PollHook>hook).before_poll()
         return 0
 
     def quit(self):
