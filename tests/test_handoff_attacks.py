@@ -9,8 +9,9 @@ under stress, the release hooks' limits, and signals while the loop polls in sli
   must wake every worker, keyed or not, round after round;
 - more pools used from one loop pass than the loop has release-hook slots;
 - timers still fire (never early) while the loop polls in recheck slices, and run_once()
-  with a timeout returns;
-- a loop left by an exception right after queueing still wakes the workers.
+  with a timeout returns.
+A loop left by an exception right after queueing is in test_handoff_wakeups.py (with the
+loop that quits).
 
 Counts and orders only; every wait is bounded.
 """
@@ -269,29 +270,4 @@ def test_timers_fire_and_run_once_returns_while_the_loop_rechecks(make_pool: Any
             wait_for(lambda: pool.running == 0 and pool.queued == 0, TIMEOUT)
     finally:
         gate.set()
-        loop.close()
-
-
-def test_a_loop_left_by_an_exception_after_queueing_still_wakes_the_workers(
-    make_pool: Any,
-) -> None:
-    """A callback queues tasks (the wakeup waits for the poll) and then raises
-    KeyboardInterrupt out of loop(): the loop's exit path wakes the workers for them."""
-    pool = make_pool(2)
-    done = threading.Semaphore(0)
-    loop = EventLoop()
-    try:
-        for _ in range(20):
-
-            def queue_and_raise() -> None:
-                for _ in range(5):
-                    pool.add_task(done.release, key=False)
-                raise KeyboardInterrupt
-
-            loop.queue_in_loop(queue_and_raise)
-            with pytest.raises(KeyboardInterrupt):
-                loop.loop()
-            for _ in range(5):
-                assert done.acquire(timeout=TIMEOUT), "tasks of an interrupted loop never ran"
-    finally:
         loop.close()

@@ -16,6 +16,8 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from conftest import call_in_loop, wait_for
 from cppnp import EventLoop, EventLoopThread, ThreadPool
 
@@ -146,11 +148,13 @@ def test_no_lost_wakeup_under_bursts_from_loops_and_threads_at_once(make_pool: A
     assert pool.completed == 6 * per
 
 
-def test_a_loop_that_stops_right_after_queueing_still_wakes_the_workers(
-    make_pool: Any,
+@pytest.mark.parametrize("leave", ["quit", "raise"])
+def test_a_loop_left_right_after_queueing_still_wakes_the_workers(
+    make_pool: Any, leave: str
 ) -> None:
-    """Tasks queued by the loop's last pass (the loop quits before it would poll): the
-    loop's exit wakes the workers for them (the fallback of the wakeup hook)."""
+    """Tasks queued by the loop's last pass -- the loop quits, or a callback raises
+    KeyboardInterrupt out of loop(), before it would poll: the loop's exit path wakes the
+    workers for them (the fallback of the wakeup hook)."""
     pool = make_pool(2)
     done = threading.Semaphore(0)
     loop = EventLoop()
@@ -160,12 +164,18 @@ def test_a_loop_that_stops_right_after_queueing_still_wakes_the_workers(
             def last_pass() -> None:
                 for _ in range(5):
                     pool.add_task(done.release, key=False)
+                if leave == "raise":
+                    raise KeyboardInterrupt
                 loop.quit()
 
             loop.queue_in_loop(last_pass)
-            loop.loop()
+            if leave == "raise":
+                with pytest.raises(KeyboardInterrupt):
+                    loop.loop()
+            else:
+                loop.loop()
             for _ in range(5):
-                assert done.acquire(timeout=TIMEOUT), "tasks of a stopped loop never ran"
+                assert done.acquire(timeout=TIMEOUT), "tasks of a loop it left never ran"
     finally:
         loop.close()
 

@@ -661,26 +661,10 @@ cdef class EventLoop:
         return cppnp_relaxed_load(&self._iterations)
 
     cdef int add_before_poll(self, PollHook hook) except -1:
-        cdef object item
-        cdef list hooks = self._before_poll
-        if hooks and hooks[len(hooks) - 1] is hook:
-            return 0        # the common case: the same hook, send after send
-        for item in hooks:
-            if item is hook:
-                return 0
-        hooks.append(hook)
-        return 0
+        return _add_once(self._before_poll, hook)
 
     cdef int add_release_hook(self, PollHook hook) except -1:
-        cdef object item
-        cdef list hooks = self._release_hooks
-        if hooks and hooks[len(hooks) - 1] is hook:
-            return 0        # the common case: the same pool, task after task
-        for item in hooks:
-            if item is hook:
-                return 0
-        hooks.append(hook)
-        return 0
+        return _add_once(self._release_hooks, hook)
 
     cdef int _run_before_poll(self) except -1:
         """Run the hooks registered since the last poll, once each; a hook registered by
@@ -802,3 +786,15 @@ cdef EventLoop running_loop():
     if cppnp_tls_running_loop == NULL:
         return None
     return <EventLoop>cppnp_tls_running_loop
+
+
+cdef int _add_once(list hooks, PollHook hook) except -1:
+    """Append *hook* to *hooks* unless it is there (by identity)."""
+    cdef object item
+    if hooks and hooks[len(hooks) - 1] is hook:
+        return 0        # the common case: the same hook, send after send / task after task
+    for item in hooks:
+        if item is hook:
+            return 0
+    hooks.append(hook)
+    return 0
