@@ -1013,6 +1013,9 @@ def test_d20_held_send_with_shutdown_and_with_a_reset(serve: Serve) -> None:
         s2.sendall(b"reset")
         conn = wait_for(lambda: h2.conns and h2.conns[0])
         wait_for(lambda: call_in_loop(st2.loop, lambda: conn.pending_tasks) == 1)
+        # The task must be running (blocked on the gate) before the reset: one still
+        # queued is discarded when its turn comes (cancelled), and sends no reply to drop.
+        wait_for(lambda: pool.running == 1)
         rst_close(s2)
         wait_for(lambda: not conn.connected)
         gate.set()
