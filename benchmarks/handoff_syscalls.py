@@ -87,34 +87,19 @@ def measure(args: argparse.Namespace, threads: int, conns: int) -> dict[str, Any
         )
         try:
             time.sleep(0.5)  # attached
-            load = subprocess.run(
-                [
-                    *benchlib.pin_prefix(1),
-                    str(loadgen),
-                    "--host",
-                    benchlib.HOST,
-                    "--port",
-                    str(port),
-                    "--conns",
-                    str(conns),
-                    "--size",
-                    "64",
-                    "--duration",
-                    str(args.duration),
-                    "--warmup",
-                    "0.2",
-                    "--mode",
-                    "pingpong",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=args.duration + 60,
-                check=False,
+            result, _rc, _err = benchlib.run_loadgen(
+                loadgen,
+                port,
+                conns=conns,
+                size=64,
+                duration=args.duration,
+                warmup=0.2,
+                client_cpu=1,
+                on_window=lambda _edge, _pid: None,
             )
         finally:
             counter.send_signal(signal.SIGINT)
             counter.wait(timeout=30)
-    result = json.loads([ln for ln in load.stdout.splitlines() if ln.startswith("{")][-1])
     counts = _parse(args.tool, out.read_text(errors="replace"))
     msgs = max(counts.get("readv", 0), 1)
     row: dict[str, Any] = {

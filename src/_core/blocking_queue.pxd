@@ -18,9 +18,9 @@
 # idle workers as there are queued items.  A loop thread wakes lazily instead
 # (notify_lazy(), called with the GIL released just before it polls): one worker when none
 # is awake, and more -- one per queued item -- only when the queue has stayed non-empty
-# for WAKE_STALL seconds: the awake workers are not keeping up (a slow task, or real
-# parallel work).  The loop rechecks every WAKE_RECHECK_MS while items wait and a worker
-# is idle.  Workers take
+# for WAKE_STALL seconds (counted from the first such call that saw it non-empty): the
+# awake workers are not keeping up (a slow task, or real parallel work).  The loop
+# rechecks every WAKE_RECHECK_MS while items wait and a worker is idle.  Workers take
 # items one at a time and park only when the queue is empty.  So no queued task waits
 # behind a busy worker for longer than WAKE_STALL (plus one recheck) while another worker
 # is idle, and a batch of instant tasks wakes one worker instead of all of them.
@@ -78,7 +78,9 @@ cdef class BlockingQueue:
         Parker* _idle           # parked workers nobody has woken (a stack)
         Py_ssize_t _nidle       # how many
         Py_ssize_t _workers     # threads that consume the queue (add_worker)
-        # Monotonic: when the queue last became non-empty, or the last stall wakeup.
+        # Monotonic: when a loop's notify_lazy() first saw the queue non-empty since it
+        # was last empty (0: not seen yet), or the last stall wakeup.  Set by the loops'
+        # wakeup, not by push(): no clock read on the push path.
         double _nonempty_since
         bint _closed
         bint _ready

@@ -6,8 +6,6 @@ from cpython.mem cimport PyMem_RawFree, PyMem_RawRealloc
 from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from libc.stdint cimport int64_t
 
-from _core.includes.sys cimport cppnp_monotonic
-
 from _core.includes.consts cimport WAKE_RECHECK_MS, WAKE_STALL, grown_capacity
 
 
@@ -85,8 +83,6 @@ cdef class BlockingQueue:
             self._cap = newcap
         Py_INCREF(<object>item)
         self._ring[(self._head + self._count) % self._cap] = item
-        if self._count == 0:
-            self._nonempty_since = cppnp_monotonic()
         self._count += 1
         self._pushes += 1
         if notify:
@@ -113,6 +109,8 @@ cdef class BlockingQueue:
         cdef int recheck = -1
         pthread_mutex_lock(&self._mutex)
         if self._count:
+            if self._nonempty_since == 0.0:
+                self._nonempty_since = now      # the first loop pass to see it queued
             if self._workers - self._nidle <= 0:
                 woken = self._detach(1)             # nobody is awake
             elif now - self._nonempty_since >= WAKE_STALL and self._nidle > 0:
@@ -151,6 +149,8 @@ cdef class BlockingQueue:
         cdef PyObject* item = self._ring[self._head]
         self._head = (self._head + 1) % self._cap
         self._count -= 1
+        if self._count == 0:
+            self._nonempty_since = 0.0      # emptied: a stall starts over
         return item
 
     cdef PyObject* take(self) noexcept nogil:
